@@ -1,0 +1,64 @@
+# sdsweep — run `make help` for the list of targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Offline by default: the demo and tests never reach a model hub.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+export TOKENIZERS_PARALLELISM ?= false
+
+STUDY ?= demo
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install sdsweep with dev tools
+	@echo "venv ready: $(VENV)"
+
+demo: $(STAMP) ## Offline lr x steps sweep on the tiny model (CPU, a few minutes)
+	$(PY) -m sdsweep +experiment=demo $(ARGS)
+	$(PY) -m sdsweep.report experiments/demo
+
+sweep: $(STAMP) ## Run a sweep: make sweep ARGS="+sweep=lr_steps model=sd15 data=imagefolder data.path=..."
+	$(PY) -m sdsweep $(ARGS)
+
+test: $(STAMP) ## Run the test suite (tiny models, offline)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## Run the tests not marked slow
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## Ruff lint and format check
+	$(PY) -m ruff check sdsweep tests
+	$(PY) -m ruff format --check sdsweep tests
+
+bench: $(STAMP) ## Benchmark sweep cost, step overhead and eval speed; writes bench/results.json
+	$(PY) -m sdsweep.bench --out bench/results.json $(ARGS)
+
+report: $(STAMP) ## Build the HTML/markdown report: make report STUDY=demo
+	$(PY) -m sdsweep.report experiments/$(STUDY)
+
+export: $(STAMP) ## Export the best trial: make export STUDY=demo TO=exported/demo
+	$(PY) -m sdsweep.export experiments/$(STUDY) --to $(or $(TO),exported/$(STUDY))
+
+clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info outputs multirun
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+distclean: clean ## Also remove .venv
+	rm -rf $(VENV)
+
+.PHONY: help setup demo sweep test test-fast lint bench report export clean distclean

@@ -1,0 +1,375 @@
+"""Typed configuration schemas.
+
+Every YAML file under ``conf/`` is merged onto these dataclasses, so a misspelt key or a value of
+the wrong type fails when Hydra composes the config, before any model is loaded. Value checks that
+types cannot express (positive learning rates, known scheduler names, ...) live in ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible. The message names the key and the fix."""
+
+
+@dataclass
+class PathsConfig:
+    root: str = "experiments"  # every study writes to <root>/<study>/
+    cache: Optional[str] = None  # None: $SDSWEEP_CACHE or ~/.cache/sdsweep (tiny models, demo data)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # Hub ID (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local folder, or ``tiny:sd15`` /
+    # ``tiny:sd21`` for the offline random-weight models.
+    pretrained: str = "tiny:sd15"
+    path: Optional[str] = None  # a local diffusers folder; wins over ``pretrained``
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    resolution: int = 32  # the model's native training resolution
+    prediction_type: str = "auto"  # auto (read from the scheduler) | epsilon | v_prediction
+
+
+@dataclass
+class MethodConfig:
+    """One schema for all methods; each ``conf/method/*.yaml`` sets the options that apply to it."""
+
+    name: str = "full"
+    learning_rate: float = 1e-5
+    scale_lr: bool = False  # multiply lr by batch size x grad accumulation
+    train_text_encoder: bool = False
+    # full
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    use_8bit_adam: bool = False
+    # dreambooth
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 50
+    class_prompt: Optional[str] = None
+    # textual_inversion
+    placeholder_token: str = "<sks>"
+    initializer_token: str = "person"
+    num_vectors: int = 1
+    template: str = "object"  # object | style | none (use the dataset captions)
+    # lora
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_rank: int = 4
+
+
+@dataclass
+class DataConfig:
+    kind: str = "demo"  # demo | imagefolder | instances
+    path: Optional[str] = None
+    image_column: Optional[str] = None  # None: detect file_name / image / image_file / path
+    caption_column: Optional[str] = None  # None: detect text / caption / prompt
+    instance_prompt: Optional[str] = None  # the single prompt for kind=instances (and DreamBooth)
+    trigger_word: Optional[str] = None  # the token bound to the subject, e.g. "sks"
+    resolution: Optional[int] = None  # None: the model's resolution
+    center_crop: bool = True
+    random_flip: bool = True
+    num_heldout: int = 2  # images kept out of training for val_loss and FID/KID references
+    demo_num_images: int = 10  # size of the generated demo set (kind=demo)
+
+
+@dataclass
+class TrainConfig:
+    max_train_steps: int = 400
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"  # constant | constant_with_warmup | cosine | linear
+    lr_warmup_steps: int = 0
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    compile: bool = False  # torch.compile the UNet (GPU only)
+    snr_gamma: Optional[float] = None  # min-SNR-gamma weighting; 5.0 is the paper's value
+    noise_offset: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_latent_cache: bool = True
+    loss_explosion_factor: float = 100.0  # fail the trial when loss > factor x its first value
+    log_every: int = 1
+    checkpoint_at_milestones: bool = True  # lets an interrupted run resume from the last milestone
+
+
+@dataclass
+class EvalConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a photo of sks"])
+    num_images_per_prompt: int = 2
+    seed: int = 1234  # image i of every prompt uses seed + i
+    num_inference_steps: int = 25
+    scheduler: str = "dpmsolver++"  # dpmsolver++ | pndm | ddim | euler
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    resolution: Optional[int] = None  # None: the model's resolution
+    metrics: list[str] = field(
+        default_factory=lambda: ["clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss"]
+    )
+    clip_model: str = "openai/clip-vit-large-patch14"  # or "tiny" for the offline CLIP
+    reference_dir: Optional[str] = None  # None: the held-out training images
+    fid_features: str = "auto"  # auto (inception if available, else clip) | inception | clip
+    kid_subset_size: int = 50
+    min_reliable_fid_images: int = 200
+    safety_checker: Optional[str] = None  # e.g. CompVis/stable-diffusion-safety-checker
+    val_loss_timesteps: int = 8  # fixed timesteps per held-out image for eval/val_loss
+    baseline: bool = True  # evaluate the untuned base model once per study
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "wandb"  # wandb | none
+    project: str = "sdsweep"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    dir: Optional[str] = None  # None: <study>/wandb
+    tags: list[str] = field(default_factory=list)
+    log_images: bool = True
+
+
+@dataclass
+class ParamSpec:
+    """One search dimension. Give ``choices`` for a grid/categorical, or ``low``/``high``."""
+
+    choices: Optional[list[Any]] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    type: str = "float"  # float | int (for low/high ranges)
+
+
+@dataclass
+class ObjectiveSpec:
+    metric: str = "eval/clip_score"
+    direction: str = "maximize"  # maximize | minimize
+
+
+@dataclass
+class SweepConfig:
+    name: str = "lr_steps"
+    sampler: str = "grid"  # grid | tpe | random
+    # Dotted config keys -> search dimension, e.g. ``method.learning_rate: {choices: [1e-5, 1e-4]}``.
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
+    constraints: list[str] = field(default_factory=list)  # e.g. "eval/appropriate_rate >= 0.75"
+    pruner: str = "none"  # none | median | hyperband
+    n_trials: Optional[int] = None  # None: the whole grid (grid) or 20 (tpe/random)
+    timeout: Optional[float] = None  # seconds
+    storage: Optional[str] = None  # None: sqlite under the study folder; any Optuna RDB URL or *.journal
+    share_milestones: bool = True  # one training run serves every step count of a grid row
+    keep_best_k: int = 3  # trials outside the best k lose their weights (-1 keeps all)
+    isolation: str = "subprocess"  # subprocess (crash-proof) | inprocess (faster, for tests)
+    retry_failed: bool = False  # re-run grid points that failed on a previous invocation
+    seed: int = 0  # sampler seed
+
+
+@dataclass
+class Config:
+    study: str = "default"  # the folder under paths.root and the W&B group
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: Optional[SweepConfig] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+ALLOWED = {
+    "model.prediction_type": {"auto", "epsilon", "v_prediction"},
+    "method.name": {"full", "dreambooth", "textual_inversion", "lora"},
+    "method.template": {"object", "style", "none"},
+    "data.kind": {"demo", "imagefolder", "instances"},
+    "train.lr_scheduler": {"constant", "constant_with_warmup", "cosine", "linear"},
+    "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
+    "eval.scheduler": {"dpmsolver++", "pndm", "ddim", "euler"},
+    "eval.fid_features": {"auto", "inception", "clip"},
+    "tracking.backend": {"wandb", "none"},
+    "tracking.mode": {"offline", "online", "disabled"},
+    "sweep.sampler": {"grid", "tpe", "random"},
+    "sweep.pruner": {"none", "median", "hyperband"},
+    "sweep.isolation": {"subprocess", "inprocess"},
+}
+KNOWN_METRICS = {"clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss"}
+POSITIVE = [
+    "method.learning_rate",
+    "train.max_train_steps",
+    "train.train_batch_size",
+    "train.gradient_accumulation_steps",
+    "model.resolution",
+    "eval.num_images_per_prompt",
+    "eval.num_inference_steps",
+    "eval.batch_size",
+    "method.num_vectors",
+    "method.rank",
+]
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def set_key(cfg: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    if not hasattr(node, last):
+        raise ConfigError(f"Unknown config key '{dotted}'. Check the spelling against conf/ or sdsweep/config.py.")
+    setattr(node, last, value)
+
+
+def _fail(key: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"Invalid config value {key}={value!r}: {fix}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible values with a message naming the key and what is allowed."""
+    for key, allowed in ALLOWED.items():
+        if key.startswith("sweep.") and cfg.sweep is None:
+            continue
+        value = get_key(cfg, key)
+        if value not in allowed:
+            _fail(key, value, f"allowed values are {sorted(allowed)}.")
+    for key in POSITIVE:
+        value = get_key(cfg, key)
+        if value is None or not value > 0:
+            _fail(key, value, "it must be greater than zero.")
+    for key in ("model.resolution", "data.resolution", "eval.resolution"):
+        value = get_key(cfg, key)
+        if value is not None and (value <= 0 or value % 8 != 0):
+            _fail(key, value, "the resolution must be a positive multiple of 8 (the VAE downsamples by 8).")
+    if cfg.train.lr_warmup_steps < 0:
+        _fail("train.lr_warmup_steps", cfg.train.lr_warmup_steps, "it must be 0 or more.")
+    if cfg.data.num_heldout < 0:
+        _fail("data.num_heldout", cfg.data.num_heldout, "it must be 0 or more.")
+    if not cfg.eval.prompts or any(not str(p).strip() for p in cfg.eval.prompts):
+        _fail("eval.prompts", cfg.eval.prompts, "give at least one non-empty validation prompt.")
+    unknown = set(cfg.eval.metrics) - KNOWN_METRICS
+    if unknown:
+        _fail("eval.metrics", cfg.eval.metrics, f"unknown metric(s) {sorted(unknown)}; allowed are {sorted(KNOWN_METRICS)}.")
+    if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
+        _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
+    if cfg.method.name == "dreambooth" and not (cfg.data.instance_prompt or cfg.data.kind == "demo"):
+        _fail(
+            "data.instance_prompt",
+            None,
+            "DreamBooth needs an instance prompt with a rare identifier, e.g. data.instance_prompt='a photo of sks dog'.",
+        )
+    if cfg.method.name == "dreambooth" and cfg.method.with_prior_preservation and not cfg.method.class_prompt:
+        _fail(
+            "method.class_prompt",
+            None,
+            "prior preservation needs a class prompt, e.g. method.class_prompt='a photo of a dog' "
+            "(or set method.with_prior_preservation=false).",
+        )
+    if not 0.0 < cfg.method.ema_decay < 1.0:
+        _fail("method.ema_decay", cfg.method.ema_decay, "it must lie strictly between 0 and 1.")
+    if cfg.sweep is not None:
+        _validate_sweep(cfg)
+    return cfg
+
+
+def _validate_sweep(cfg: Config) -> None:
+    sweep = cfg.sweep
+    assert sweep is not None
+    if not sweep.params:
+        _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
+    for key, spec in sweep.params.items():
+        try:
+            get_key(cfg, key)
+        except (AttributeError, KeyError):
+            _fail(f"sweep.params.{key}", key, "that config key does not exist; use dotted keys such as train.max_train_steps.")
+        if spec.choices is None and (spec.low is None or spec.high is None):
+            _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "give either choices: [...] or low and high.")
+        if spec.choices is not None and not spec.choices:
+            _fail(f"sweep.params.{key}.choices", [], "give at least one choice.")
+        if spec.choices is None and sweep.sampler == "grid":
+            _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "the grid sampler needs choices: [...] for every parameter.")
+        if spec.low is not None and spec.high is not None and spec.low > spec.high:
+            _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "low must not exceed high.")
+        if spec.log and spec.low is not None and spec.low <= 0:
+            _fail(f"sweep.params.{key}.low", spec.low, "a log-scale range needs low > 0.")
+        if key in POSITIVE:
+            values = spec.choices if spec.choices is not None else [spec.low, spec.high]
+            if any(v is None or not isinstance(v, (int, float)) or v <= 0 for v in values):
+                _fail(f"sweep.params.{key}", values, "every value must be a number greater than zero.")
+    if not sweep.objectives:
+        _fail("sweep.objectives", [], "give at least one objective, e.g. {metric: eval/clip_score, direction: maximize}.")
+    for obj in sweep.objectives:
+        if obj.direction not in ("maximize", "minimize"):
+            _fail("sweep.objectives.direction", obj.direction, "allowed values are ['maximize', 'minimize'].")
+        if not obj.metric.startswith(("eval/", "train/")):
+            _fail("sweep.objectives.metric", obj.metric, "name a logged metric such as eval/clip_score or eval/fid.")
+    from sdsweep.constraints import parse_constraint  # local import keeps config free of cycles
+
+    for text in sweep.constraints:
+        parse_constraint(text)
+    if sweep.n_trials is not None and sweep.n_trials <= 0:
+        _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
+
+
+def to_typed(cfg: DictConfig | Config) -> Config:
+    """A composed DictConfig -> a validated ``Config`` dataclass with interpolations resolved."""
+    if isinstance(cfg, Config):
+        return validate(cfg)
+    typed = OmegaConf.to_object(cfg)
+    if not isinstance(typed, Config):  # composed without the schema (e.g. a saved trial config)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        typed = OmegaConf.to_object(merged)
+    return validate(typed)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_yaml(path: str) -> Config:
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    return validate(OmegaConf.to_object(merged))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """A flat {dotted.key: value} view, for W&B config and result tables."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", container)
+    return out
+
+
+def resolved_resolution(cfg: Config) -> int:
+    return cfg.data.resolution or cfg.model.resolution

@@ -1,0 +1,182 @@
+"""Load Stable Diffusion components from a hub ID, a local folder or the offline tiny model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdsweep import tiny
+from sdsweep.config import Config, ModelConfig
+
+
+class ModelUnavailableError(RuntimeError):
+    """The weights could not be found locally or downloaded."""
+
+
+@dataclass
+class SDComponents:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # DDPMScheduler with the model's training betas and prediction type
+    source: str  # the folder the weights came from
+    prediction_type: str  # epsilon | v_prediction
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scaling(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """auto -> bf16 on GPUs that support it (fp16 otherwise), no on CPU."""
+    if device.type != "cuda":
+        return "no"
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
+    """The local folder holding the model's diffusers files, downloading only when allowed.
+
+    Raises ``ModelUnavailableError`` with the fix when a hub ID cannot be reached (offline, gated, typo).
+    """
+    if model.path:
+        path = Path(os.path.expanduser(model.path))
+        if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
+            raise ModelUnavailableError(
+                f"model.path={model.path!r} is not a diffusers model folder (no model_index.json or unet/ inside). "
+                "Point model.path at a folder saved with StableDiffusionPipeline.save_pretrained or downloaded "
+                "with `huggingface-cli download <model id> --local-dir <folder>`."
+            )
+        return str(path)
+    flavour = tiny.parse_tiny_id(model.pretrained)
+    if flavour is not None:
+        return str(tiny.ensure_tiny_model(flavour, cache))
+    local = Path(os.path.expanduser(model.pretrained))
+    if local.is_dir():
+        return str(local)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            model.pretrained,
+            revision=model.revision,
+            allow_patterns=[
+                "model_index.json",
+                "scheduler/*",
+                "tokenizer/*",
+                "text_encoder/*.json",
+                "text_encoder/*.safetensors",
+                "unet/*.json",
+                "unet/*.safetensors",
+                "vae/*.json",
+                "vae/*.safetensors",
+                "feature_extractor/*",
+            ],
+        )
+    except Exception as error:  # offline, gated, renamed or misspelt: all need the same fix
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(error).__name__}"
+        raise ModelUnavailableError(
+            f"Model {model.pretrained!r} could not be downloaded ({why}). Download it once on a machine with "
+            f"network access (`huggingface-cli download {model.pretrained} --local-dir /models/{model.name}`) "
+            f"and run with model.path=/models/{model.name}; or use model=tiny for the offline demo model."
+        ) from None
+
+
+def load_components(cfg: Config, device: torch.device | None = None, weight_dtype: torch.dtype = torch.float32) -> SDComponents:
+    """UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, with VAE and text encoder frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_model_source(cfg.model, cfg.paths.cache)
+    device = device or torch.device("cpu")
+    variant = cfg.model.variant
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    prediction_type = cfg.model.prediction_type
+    if prediction_type == "auto":
+        prediction_type = noise_scheduler.config.prediction_type
+    else:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant)
+    for module in (vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device)
+    return SDComponents(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        source=source,
+        prediction_type=prediction_type,
+    )
+
+
+def make_inference_scheduler(name: str, base_config: dict):
+    """The sampler used for evaluation; DPM-Solver++ gives PNDM-50 quality in about 25 steps."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++")
+    if name == "ddim":
+        return DDIMScheduler.from_config(base_config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(base_config)
+    return PNDMScheduler.from_config(base_config, skip_prk_steps=True)
+
+
+def build_pipeline(components: SDComponents, scheduler: str = "dpmsolver++", device: torch.device | None = None):
+    """A StableDiffusionPipeline sharing the (possibly training) modules, without a safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=components.unet,
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        scheduler=make_inference_scheduler(scheduler, components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def load_pipeline(source: str, scheduler: str = "dpmsolver++", device: torch.device | None = None, dtype=None):
+    """Load a saved pipeline folder (base model or a full/DreamBooth trial's weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        source, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=dtype
+    )
+    pipe.scheduler = make_inference_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe

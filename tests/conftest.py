@@ -1,0 +1,75 @@
+"""Shared fixtures: offline environment, composed configs and tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Set before anything imports huggingface_hub / wandb: tests never touch the network.
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="sdsweep-test-cache-"))
+os.environ.setdefault("SDSWEEP_CACHE", str(_SESSION_CACHE))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+def compose(overrides: list[str] | None = None, typed: bool = True):
+    """Compose the real conf/ exactly as the CLI does; returns the validated Config dataclass."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sdsweep.config import register_configs, to_typed
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return to_typed(raw) if typed else raw
+
+
+# The smallest config that runs every stage: tiny model, demo data, cheap evaluation, no W&B.
+TINY_OVERRIDES = [
+    "model=tiny",
+    "data=demo",
+    "eval=tiny",
+    "tracking=none",
+    "train.max_train_steps=4",
+    "train.train_batch_size=2",
+    "eval.num_images_per_prompt=1",
+    "eval.num_inference_steps=2",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A fresh tiny config writing under tmp_path."""
+    return compose(TINY_OVERRIDES + [f"paths.root={tmp_path / 'experiments'}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs():
+    from sdsweep import tiny
+
+    return {flavour: tiny.ensure_tiny_model(flavour) for flavour in tiny.FLAVOURS}
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir():
+    from sdsweep import tiny
+
+    return tiny.ensure_demo_dataset()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir():
+    from sdsweep import tiny
+
+    return tiny.ensure_tiny_clip()
