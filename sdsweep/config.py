@@ -177,6 +177,10 @@ class SweepConfig:
     isolation: str = "subprocess"  # subprocess (crash-proof) | inprocess (faster, for tests)
     retry_failed: bool = False  # re-run grid points that failed on a previous invocation
     seed: int = 0  # sampler seed
+    # Command-line shortcuts for the common grid (dotted dict keys cannot be overridden from a shell):
+    # sweep.learning_rates=[1e-5,1e-4] sweep.steps=[400,800] replace those two params' choices.
+    learning_rates: Optional[list[float]] = None
+    steps: Optional[list[int]] = None
 
 
 @dataclass
@@ -299,6 +303,10 @@ def validate(cfg: Config) -> Config:
 def _validate_sweep(cfg: Config) -> None:
     sweep = cfg.sweep
     assert sweep is not None
+    if sweep.learning_rates is not None:
+        sweep.params["method.learning_rate"] = ParamSpec(choices=list(sweep.learning_rates))
+    if sweep.steps is not None:
+        sweep.params["train.max_train_steps"] = ParamSpec(choices=list(sweep.steps), type="int")
     if not sweep.params:
         _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
     for key, spec in sweep.params.items():

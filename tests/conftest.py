@@ -73,3 +73,26 @@ def tiny_clip_dir():
     from sdsweep import tiny
 
     return tiny.ensure_tiny_clip()
+
+
+# A finished tiny study (2 learning rates x 2 step counts, full fine-tune), run once per session
+# through the real sweep driver. Report, export and generate tests read it.
+FINISHED_STUDY_OVERRIDES = TINY_OVERRIDES + [
+    "+sweep=lr_steps",
+    "sweep.learning_rates=[1e-4,1e-2]",
+    "sweep.steps=[2,4]",
+    "sweep.isolation=inprocess",
+    "sweep.keep_best_k=-1",
+    "tracking=wandb",
+    "study=finished",
+]
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory):
+    from sdsweep.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("finished-study")
+    outcome = run_sweep(FINISHED_STUDY_OVERRIDES + [f"paths.root={root}"])
+    assert outcome.finished
+    return outcome.study_dir

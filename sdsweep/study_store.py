@@ -1,0 +1,138 @@
+"""The Optuna side of a study: storage, samplers, pruners, and telling results.
+
+Both the sweep driver and the trial worker (another process) open the same study through here, so
+results reach the storage even when the driver is killed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from sdsweep.config import Config
+
+# User attributes the sweep records on every trial.
+FAIL_REASON = "fail_reason"
+VIOLATIONS = "constraint_violations"
+INTERRUPTED = "interrupted"
+SUPERSEDED = "superseded"  # an interrupted trial whose grid point was queued again
+GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_key)
+RUN_KEY = "run_key"
+
+
+def storage_url(cfg: Config, study_root: Path) -> str:
+    if cfg.sweep and cfg.sweep.storage:
+        return cfg.sweep.storage
+    return f"sqlite:///{(study_root / 'study.db').resolve()}"
+
+
+def open_storage(url: str):
+    if url.endswith(".journal") or url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = url.removeprefix("journal:")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite under concurrent writers (driver + worker) needs a busy timeout.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def _constraints_from_attrs(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return list(trial.user_attrs.get(VIOLATIONS, [0.0]))
+
+
+def make_sampler(cfg: Config):
+    sweep = cfg.sweep
+    assert sweep is not None
+    constraints = _constraints_from_attrs if sweep.constraints else None
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    # Grid studies enqueue every point, so the sampler never samples; TPE still records feasibility.
+    return optuna.samplers.TPESampler(seed=sweep.seed, constraints_func=constraints, multivariate=True)
+
+
+def make_pruner(cfg: Config):
+    name = cfg.sweep.pruner if cfg.sweep else "none"
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.max_train_steps)
+    return optuna.pruners.NopPruner()
+
+
+def directions(cfg: Config) -> list[str]:
+    return [o.direction for o in cfg.sweep.objectives] if cfg.sweep else ["maximize"]
+
+
+def open_study(cfg: Config, url: str, study_name: str) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        study_name=study_name,
+        storage=open_storage(url),
+        load_if_exists=True,
+        directions=directions(cfg),
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+    )
+
+
+def objective_values(cfg: Config, metrics: dict[str, Any]) -> list[float] | str:
+    """The values to tell Optuna, or the reason they cannot be computed."""
+    values = []
+    for objective in cfg.sweep.objectives if cfg.sweep else []:
+        value = metrics.get(objective.metric)
+        if value is None or not math.isfinite(float(value)):
+            return f"objective {objective.metric} is missing or not finite"
+        values.append(float(value))
+    return values or [float(metrics.get("eval/clip_score", float("nan")))]
+
+
+class TrialLink:
+    """Report and tell one Optuna trial from whichever process trains it."""
+
+    def __init__(self, study: optuna.Study, number: int, trial_id: int):
+        self.study = study
+        self.number = number
+        self.trial = optuna.trial.Trial(study, trial_id)
+
+    def state(self) -> TrialState:
+        return self.study._storage.get_trial(self.trial._trial_id).state
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.trial.set_user_attr(key, value)
+
+    def report(self, value: float, step: int) -> None:
+        if len(self.study.directions) == 1 and math.isfinite(value):
+            self.trial.report(value, step)
+
+    def should_prune(self) -> bool:
+        return len(self.study.directions) == 1 and self.trial.should_prune()
+
+    def complete(self, values: list[float], violations: list[float]) -> None:
+        self.set_attr(VIOLATIONS, violations)
+        self.study.tell(self.number, values=values if len(values) > 1 else values[0])
+
+    def fail(self, reason: str) -> None:
+        self.set_attr(FAIL_REASON, reason[:2000])
+        self.study.tell(self.number, state=TrialState.FAIL)
+
+    def prune(self, reason: str) -> None:
+        self.set_attr(FAIL_REASON, reason[:2000])
+        self.study.tell(self.number, state=TrialState.PRUNED)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

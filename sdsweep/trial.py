@@ -1,0 +1,372 @@
+"""Execute one training run and record the trial(s) it serves.
+
+A run is described by a JSON-serialisable ``RunSpec`` so the same code runs in-process or in an
+isolated worker process (``python -m sdsweep.worker``). The training loop is given hooks; this module
+decides what happens at each milestone: evaluate, save weights, tell Optuna, log to tracking.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdsweep import io
+from sdsweep.config import Config, to_yaml
+from sdsweep.constraints import parse_constraint
+from sdsweep.plan import STEP_KEY, short_params
+from sdsweep.study_store import RUN_KEY, TrialLink, objective_values, open_study
+
+
+@dataclass
+class TrialSlot:
+    """A grid point served by a run: its Optuna trial and the step at which it is evaluated."""
+
+    number: int
+    trial_id: int
+    step: int
+    params: dict[str, Any]
+
+
+@dataclass
+class RunSpec:
+    kind: str  # "train" | "baseline"
+    study: str
+    study_root: str
+    storage: str
+    overrides: list[str]  # Hydra overrides that rebuild this run's config from conf/
+    run_key: str = ""
+    slots: list[TrialSlot] = field(default_factory=list)
+    shared: bool = False  # one run evaluated at several milestones
+    report_every: int = 0  # extra val-loss points for pruning (0: only at milestones)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        raw = json.loads(text)
+        raw["slots"] = [TrialSlot(**s) for s in raw["slots"]]
+        return cls(**raw)
+
+
+class TrialRecorder:
+    """Writes a trial's folder and tells Optuna and tracking, in that order, so files exist first."""
+
+    def __init__(self, cfg: Config, spec: RunSpec, paths: io.StudyPaths, baseline: dict[str, float]):
+        self.cfg = cfg
+        self.spec = spec
+        self.paths = paths
+        self.baseline = baseline
+        self.constraints = [parse_constraint(c) for c in (cfg.sweep.constraints if cfg.sweep else [])]
+        self.study = open_study(cfg, spec.storage, spec.study)
+
+    def link(self, slot: TrialSlot) -> TrialLink:
+        link = TrialLink(self.study, slot.number, slot.trial_id)
+        link.set_attr(RUN_KEY, self.spec.run_key)
+        return link
+
+    def base_record(self, slot: TrialSlot) -> dict[str, Any]:
+        return {
+            "trial": slot.number,
+            "params": slot.params,
+            "step": slot.step,
+            "model": self.cfg.model.name,
+            "pretrained": self.cfg.model.path or self.cfg.model.pretrained,
+            "method": self.cfg.method.name,
+            "learning_rate": self.cfg.method.learning_rate,
+            "max_train_steps": slot.step,
+            "metrics": {},
+            "delta": {},
+            "missing": {},
+            "warnings": [],
+            "feasible": None,
+            "violations": {},
+            "fail_reason": None,
+            "weights": None,
+            "run_key": self.spec.run_key,
+        }
+
+    def write_config(self, slot: TrialSlot) -> None:
+        trial_dir = self.paths.trial(slot.number)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        text = to_yaml(self.cfg)
+        # The saved config reproduces this grid point exactly (a shared run trains further).
+        text = text.replace(f"max_train_steps: {self.cfg.train.max_train_steps}\n", f"max_train_steps: {slot.step}\n", 1)
+        io.atomic_write_text(trial_dir / io.TRIAL_CONFIG, text)
+
+    def complete(self, slot: TrialSlot, record: dict[str, Any], link: TrialLink) -> None:
+        metrics = record["metrics"]
+        record["delta"] = {
+            f"delta/{k}": metrics[k] - v
+            for k, v in self.baseline.items()
+            if k in metrics and isinstance(v, (int, float)) and metrics[k] is not None
+        }
+        violations = [c.violation(metrics) for c in self.constraints]
+        record["violations"] = {str(c): v for c, v in zip(self.constraints, violations)}
+        record["feasible"] = all(v <= 0 for v in violations)
+        values = objective_values(self.cfg, metrics)
+        if isinstance(values, str):
+            reason = f"{values}: {record['missing'].get(self.cfg.sweep.objectives[0].metric.split('/', 1)[-1], '')}".rstrip(": ")
+            self.fail(slot, record, link, reason)
+            return
+        record["state"] = "COMPLETE"
+        record["objective"] = values[0]
+        io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
+        link.complete(values, violations or [0.0])
+
+    def fail(self, slot: TrialSlot, record: dict[str, Any], link: TrialLink, reason: str, state: str = "FAIL") -> None:
+        record["state"] = state
+        record["fail_reason"] = reason
+        io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
+        if state == "PRUNED":
+            link.prune(reason)
+        else:
+            link.fail(reason)
+
+    def track(self, slot: TrialSlot, record: dict[str, Any], images: dict) -> None:
+        from sdsweep import tracking
+
+        run_id = tracking.record_trial(
+            self.cfg, self.spec.study, slot.number, slot.params, record, images, self.paths.wandb
+        )
+        if run_id:
+            record["wandb_run_id"] = run_id
+            io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
+
+
+def compose_config(overrides: list[str]) -> Config:
+    from sdsweep.compose import compose_typed
+
+    return compose_typed(overrides)
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_baseline(paths: io.StudyPaths) -> dict[str, float]:
+    record = io.read_json(paths.baseline / io.TRIAL_METRICS, {}) or {}
+    return {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
+
+
+class _Setup:
+    """Everything a run needs before its first step; built once per run."""
+
+    def __init__(self, cfg: Config, paths: io.StudyPaths):
+        from sdsweep.cache import build_training_dataset
+        from sdsweep.data import ImageCaptionDataset, collate, load_examples, load_pil_images, split_examples
+        from sdsweep.evaluate import Evaluator
+        from sdsweep.methods import get_method
+        from sdsweep.models import load_components, select_device
+
+        self.device = select_device(cfg.device)
+        examples = load_examples(cfg)
+        self.train_examples, heldout = split_examples(examples, cfg.data.num_heldout)
+        self.components = load_components(cfg, self.device)
+        self.method = get_method(cfg.method.name)(cfg, self.components, self.device, cache_dir=paths.cache)
+        self.method.prepare()
+        self.dataset = build_training_dataset(cfg, self.components, self.method, self.train_examples, paths.cache)
+        from sdsweep.config import resolved_resolution
+
+        validation_examples = heldout or self.train_examples[:2]
+        val_set = ImageCaptionDataset(
+            validation_examples,
+            resolved_resolution(cfg),
+            center_crop=True,
+            random_flip=False,
+            caption_transform=self.method.transform_caption,
+        )
+        self.heldout_batch = collate([val_set[i] for i in range(len(val_set))])
+        self.heldout_batch = {
+            k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in self.heldout_batch.items()
+        }
+        self.evaluator = Evaluator(
+            cfg,
+            paths,
+            self.device,
+            reference_images=load_pil_images(heldout or self.train_examples),
+            instance_images=load_pil_images(self.train_examples),
+        )
+
+
+def execute_baseline(spec: RunSpec) -> dict[str, Any]:
+    """Evaluate the untuned model once per study, with the trials' prompts, seeds and metrics."""
+    paths = io.StudyPaths(Path(spec.study_root))
+    existing = io.read_json(paths.baseline / io.TRIAL_METRICS)
+    if existing and existing.get("state") == "COMPLETE":
+        return existing
+    cfg = compose_config(spec.overrides)
+    setup = _Setup(cfg, paths)
+    pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
+    result = setup.evaluator.evaluate(pipeline, setup.method, setup.heldout_batch, out_dir=paths.baseline, label="baseline")
+    record = {
+        "trial": None,
+        "state": "COMPLETE",
+        "step": 0,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "metrics": result.metrics,
+        "missing": result.missing,
+        "warnings": result.warnings,
+        "eval_seconds": result.seconds,
+    }
+    io.atomic_write_text(paths.baseline / io.TRIAL_CONFIG, to_yaml(cfg))
+    io.atomic_write_json(paths.baseline / io.TRIAL_METRICS, record)
+    del setup, pipeline
+    release_memory()
+    return record
+
+
+def execute_run(spec: RunSpec) -> None:
+    """Train once and record every trial slot of the run; failures are recorded, never raised."""
+    from sdsweep.train import TrainHooks, TrainingDiverged, train
+
+    paths = io.StudyPaths(Path(spec.study_root))
+    cfg = compose_config(spec.overrides)
+    baseline = _load_baseline(paths)
+    recorder = TrialRecorder(cfg, spec, paths, baseline)
+    slots = sorted(spec.slots, key=lambda s: s.step)
+    links = {s.number: recorder.link(s) for s in slots}
+    records = {s.number: recorder.base_record(s) for s in slots}
+    for slot in slots:
+        recorder.write_config(slot)
+    open_slots = list(slots)
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    grids: list[tuple[int, Any]] = []
+    direction_sign = -1.0 if recorder.study.directions[0].name == "MAXIMIZE" else 1.0
+    t_start = time.perf_counter()
+    setup = None
+
+    def finish_slot(slot: TrialSlot, state: str, reason: str | None = None) -> None:
+        record = records[slot.number]
+        record["history"] = [h for h in history if h["step"] <= slot.step]
+        record["evals"] = [e for e in evals if e["step"] <= slot.step]
+        record["train_seconds"] = round(time.perf_counter() - t_start, 3)
+        if state == "COMPLETE":
+            recorder.complete(slot, record, links[slot.number])
+        else:
+            recorder.fail(slot, record, links[slot.number], reason or "unknown", state=state)
+        images = {"eval/grid": [g for g in grids if g[0] <= slot.step]}
+        recorder.track(slot, record, images)
+        _enforce_keep_best_k(cfg, paths, recorder)
+        open_slots.remove(slot)
+
+    def on_step(step: int, logs: dict[str, float]) -> None:
+        history.append({"step": step, **logs})
+
+    def on_milestone(step: int) -> bool:
+        """Evaluate the slot ending here; report val_loss to the still-open slots; decide to stop."""
+        nonlocal setup
+        ending = [s for s in open_slots if s.step == step]
+        val_loss = None
+        for slot in ending:
+            trial_dir = paths.trial(slot.number)
+            pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
+            result = setup.evaluator.evaluate(
+                pipeline, setup.method, setup.heldout_batch, out_dir=trial_dir, label=f"trial {slot.number} step {step}"
+            )
+            del pipeline
+            record = records[slot.number]
+            record.update(metrics=result.metrics, missing=result.missing, warnings=result.warnings)
+            record["eval_seconds"] = round(result.seconds, 3)
+            evals.append({"step": step, **result.metrics})
+            grids.append((step, result.grid))
+            weights = trial_dir / io.TRIAL_WEIGHTS
+            staging = io.staging_dir(weights)
+            setup.method.save(staging)
+            io.replace_dir(staging, weights)
+            record["weights"] = io.TRIAL_WEIGHTS
+            val_loss = result.metrics.get("eval/val_loss")
+            finish_slot(slot, "COMPLETE")
+            rate = result.metrics.get("eval/appropriate_rate")
+            if rate is not None and rate == 0.0 and open_slots:
+                reason = f"stopped: eval/appropriate_rate collapsed to 0 at step {step} (every image degenerate or unsafe)"
+                for other in list(open_slots):
+                    finish_slot(other, "PRUNED", reason)
+                return True
+        if not open_slots:
+            return True
+        if val_loss is None:
+            val_loss = setup.evaluator.val_loss_only(setup.method, setup.heldout_batch)
+        representative = links[open_slots[-1].number]
+        for slot in open_slots:
+            links[slot.number].report(direction_sign * float(val_loss), step)
+        if representative.should_prune():
+            reason = f"pruned at step {step} by the {cfg.sweep.pruner if cfg.sweep else 'none'} pruner (val_loss {val_loss:.4g})"
+            for other in list(open_slots):
+                finish_slot(other, "PRUNED", reason)
+            return True
+        return False
+
+    try:
+        setup = _Setup(cfg, paths)
+        milestones = sorted({s.step for s in slots})
+        if spec.report_every:
+            milestones = sorted(set(milestones) | set(range(spec.report_every, max(milestones), spec.report_every)))
+        checkpoint_dir = paths.runs / spec.run_key if spec.shared and cfg.train.checkpoint_at_milestones else None
+        train(cfg, setup.method, setup.dataset, milestones, TrainHooks(on_step=on_step, on_milestone=on_milestone), checkpoint_dir)
+        if not open_slots and checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # every milestone is recorded: nothing to resume
+    except TrainingDiverged as error:
+        for slot in list(open_slots):
+            finish_slot(slot, "FAIL", f"training diverged: {error}")
+    except torch.OutOfMemoryError:
+        for slot in list(open_slots):
+            finish_slot(
+                slot,
+                "FAIL",
+                "out of memory: lower train.train_batch_size, enable train.gradient_checkpointing=true, "
+                "or use method=lora",
+            )
+    except Exception as error:  # a trial's bug must not stop the sweep
+        reason = f"{type(error).__name__}: {error}"
+        for slot in list(open_slots):
+            trial_dir = paths.trial(slot.number)
+            io.atomic_write_text(trial_dir / "error.txt", traceback.format_exc())
+            finish_slot(slot, "FAIL", reason)
+    finally:
+        for slot in list(open_slots):  # the loop ended before this milestone (should not happen)
+            finish_slot(slot, "FAIL", f"training stopped before step {slot.step}")
+        del setup
+        release_memory()
+
+
+def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, recorder: TrialRecorder) -> None:
+    """Keep weights only for the best k complete trials (feasible first), so disk use stays bounded."""
+    k = cfg.sweep.keep_best_k if cfg.sweep else -1
+    if k is None or k < 0:
+        return
+    sign = 1.0 if (cfg.sweep and cfg.sweep.objectives[0].direction == "maximize") else -1.0
+    ranked = []
+    for trial_dir in paths.trial_dirs():
+        record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        if not record or record.get("state") != "COMPLETE" or not record.get("weights"):
+            continue
+        objective = record.get("objective")
+        score = sign * objective if objective is not None and math.isfinite(objective) else -math.inf
+        ranked.append((not record.get("feasible", True), -score, record["trial"], trial_dir, record))
+    ranked.sort(key=lambda r: r[:3])
+    for _, _, _, trial_dir, record in ranked[k:]:
+        shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+        record["weights"] = None
+        record["weights_removed"] = f"not among the best {k} (sweep.keep_best_k)"
+        io.atomic_write_json(trial_dir / io.TRIAL_METRICS, record)
+
+
+def describe(slot: TrialSlot) -> str:
+    return f"trial {slot.number} ({short_params(slot.params)})"
+
+
+__all__ = ["RunSpec", "TrialSlot", "execute_run", "execute_baseline", "STEP_KEY"]
