@@ -35,8 +35,17 @@ demo: $(STAMP) ## Offline lr x steps sweep on the tiny model (CPU, a few minutes
 sweep: $(STAMP) ## Run a sweep: make sweep ARGS="+sweep=lr_steps model=sd15 data=imagefolder data.path=..."
 	$(PY) -m sdsweep $(ARGS)
 
-test: $(STAMP) ## Run the test suite (tiny models, offline)
+test: $(STAMP) browser ## Run the test suite (tiny models, offline)
 	$(PY) -m pytest -q $(ARGS)
+
+# The report test renders report.html in headless Chromium (Debian's package). Best effort: without
+# it that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the report render test"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+	  echo "chromium could not be installed; the render test will be skipped"; }
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
@@ -61,4 +70,4 @@ clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup demo sweep test test-fast lint bench report export clean distclean
+.PHONY: help setup browser demo sweep test test-fast lint bench report export clean distclean

@@ -46,7 +46,10 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
         return 2
     except MissingMandatoryValue as error:
         key = getattr(error, "full_key", "") or str(error)
-        print(f"sdsweep: error: the config value {key} is required but not set; add {key}=<value> to the command line.", file=sys.stderr)
+        print(
+            f"sdsweep: error: the config value {key} is required but not set; add {key}=<value> to the command line.",
+            file=sys.stderr,
+        )
         return 2
     except OmegaConfBaseException as error:
         print(f"sdsweep: error: invalid configuration: {error}", file=sys.stderr)
@@ -62,5 +65,7 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
         log(
             f"best trial: {best.get('trial')} (objective {best.get('objective')}) weights: {best.get('weights_dir') or 'removed'}"
         )
-    log(f"report: python -m sdsweep.report {outcome.study_dir}   W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*")
+    log(
+        f"report: python -m sdsweep.report {outcome.study_dir}   W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*"
+    )
     return 0

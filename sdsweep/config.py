@@ -180,6 +180,9 @@ class SweepConfig:
     # Command-line shortcuts for the common grid (dotted dict keys cannot be overridden from a shell):
     # sweep.learning_rates=[1e-5,1e-4] sweep.steps=[400,800] replace those two params' choices.
     learning_rates: Optional[list[float]] = None
+    # Search samplers: when the method itself is swept, each method samples its lr from its own range
+    # (textual inversion wants ~100x the lr of a full fine-tune).
+    learning_rate_by_method: dict[str, ParamSpec] = field(default_factory=dict)
     steps: Optional[list[int]] = None
 
 
@@ -245,7 +248,9 @@ def set_key(cfg: Any, dotted: str, value: Any) -> None:
     for part in parents:
         node = getattr(node, part)
     if not hasattr(node, last):
-        raise ConfigError(f"Unknown config key '{dotted}'. Check the spelling against conf/ or sdsweep/config.py.")
+        raise ConfigError(
+            f"Unknown config key '{dotted}'. Check the spelling against conf/ or sdsweep/config.py."
+        )
     setattr(node, last, value)
 
 
@@ -277,7 +282,11 @@ def validate(cfg: Config) -> Config:
         _fail("eval.prompts", cfg.eval.prompts, "give at least one non-empty validation prompt.")
     unknown = set(cfg.eval.metrics) - KNOWN_METRICS
     if unknown:
-        _fail("eval.metrics", cfg.eval.metrics, f"unknown metric(s) {sorted(unknown)}; allowed are {sorted(KNOWN_METRICS)}.")
+        _fail(
+            "eval.metrics",
+            cfg.eval.metrics,
+            f"unknown metric(s) {sorted(unknown)}; allowed are {sorted(KNOWN_METRICS)}.",
+        )
     if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
     if cfg.method.name == "dreambooth" and not (cfg.data.instance_prompt or cfg.data.kind == "demo"):
@@ -313,13 +322,23 @@ def _validate_sweep(cfg: Config) -> None:
         try:
             get_key(cfg, key)
         except (AttributeError, KeyError):
-            _fail(f"sweep.params.{key}", key, "that config key does not exist; use dotted keys such as train.max_train_steps.")
+            _fail(
+                f"sweep.params.{key}",
+                key,
+                "that config key does not exist; use dotted keys such as train.max_train_steps.",
+            )
         if spec.choices is None and (spec.low is None or spec.high is None):
-            _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "give either choices: [...] or low and high.")
+            _fail(
+                f"sweep.params.{key}", dataclasses.asdict(spec), "give either choices: [...] or low and high."
+            )
         if spec.choices is not None and not spec.choices:
             _fail(f"sweep.params.{key}.choices", [], "give at least one choice.")
         if spec.choices is None and sweep.sampler == "grid":
-            _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "the grid sampler needs choices: [...] for every parameter.")
+            _fail(
+                f"sweep.params.{key}",
+                dataclasses.asdict(spec),
+                "the grid sampler needs choices: [...] for every parameter.",
+            )
         if spec.low is not None and spec.high is not None and spec.low > spec.high:
             _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "low must not exceed high.")
         if spec.log and spec.low is not None and spec.low <= 0:
@@ -329,12 +348,20 @@ def _validate_sweep(cfg: Config) -> None:
             if any(v is None or not isinstance(v, (int, float)) or v <= 0 for v in values):
                 _fail(f"sweep.params.{key}", values, "every value must be a number greater than zero.")
     if not sweep.objectives:
-        _fail("sweep.objectives", [], "give at least one objective, e.g. {metric: eval/clip_score, direction: maximize}.")
+        _fail(
+            "sweep.objectives",
+            [],
+            "give at least one objective, e.g. {metric: eval/clip_score, direction: maximize}.",
+        )
     for obj in sweep.objectives:
         if obj.direction not in ("maximize", "minimize"):
             _fail("sweep.objectives.direction", obj.direction, "allowed values are ['maximize', 'minimize'].")
         if not obj.metric.startswith(("eval/", "train/")):
-            _fail("sweep.objectives.metric", obj.metric, "name a logged metric such as eval/clip_score or eval/fid.")
+            _fail(
+                "sweep.objectives.metric",
+                obj.metric,
+                "name a logged metric such as eval/clip_score or eval/fid.",
+            )
     from sdsweep.constraints import parse_constraint  # local import keeps config free of cycles
 
     for text in sweep.constraints:

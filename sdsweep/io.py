@@ -165,7 +165,9 @@ class StudyPaths:
 
     def trial_dirs(self) -> list[Path]:
         folder = self.root / "trials"
-        return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.exists() else []
+        return (
+            sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.exists() else []
+        )
 
 
 # Inside each trial folder (and the baseline folder):

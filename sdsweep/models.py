@@ -92,7 +92,9 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
         )
     except Exception as error:  # offline, gated, renamed or misspelt: all need the same fix
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(error).__name__}"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(error).__name__}"
+        )
         raise ModelUnavailableError(
             f"Model {model.pretrained!r} could not be downloaded ({why}). Download it once on a machine with "
             f"network access (`huggingface-cli download {model.pretrained} --local-dir /models/{model.name}`) "
@@ -100,7 +102,9 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
         ) from None
 
 
-def load_components(cfg: Config, device: torch.device | None = None, weight_dtype: torch.dtype = torch.float32) -> SDComponents:
+def load_components(
+    cfg: Config, device: torch.device | None = None, weight_dtype: torch.dtype = torch.float32
+) -> SDComponents:
     """UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, with VAE and text encoder frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -148,7 +152,9 @@ def make_inference_scheduler(name: str, base_config: dict):
     return PNDMScheduler.from_config(base_config, skip_prk_steps=True)
 
 
-def build_pipeline(components: SDComponents, scheduler: str = "dpmsolver++", device: torch.device | None = None):
+def build_pipeline(
+    components: SDComponents, scheduler: str = "dpmsolver++", device: torch.device | None = None
+):
     """A StableDiffusionPipeline sharing the (possibly training) modules, without a safety checker."""
     from diffusers import StableDiffusionPipeline
 
@@ -168,7 +174,9 @@ def build_pipeline(components: SDComponents, scheduler: str = "dpmsolver++", dev
     return pipe
 
 
-def load_pipeline(source: str, scheduler: str = "dpmsolver++", device: torch.device | None = None, dtype=None):
+def load_pipeline(
+    source: str, scheduler: str = "dpmsolver++", device: torch.device | None = None, dtype=None
+):
     """Load a saved pipeline folder (base model or a full/DreamBooth trial's weights)."""
     from diffusers import StableDiffusionPipeline
 

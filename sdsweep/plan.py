@@ -108,5 +108,7 @@ def short_params(point: dict[str, Any]) -> str:
     for key in sorted(point, key=lambda k: (k not in names, k)):
         value = point[key]
         label = names.get(key, key.split(".")[-1])
-        parts.append(f"{label}={value:.0e}" if key == LR_KEY and isinstance(value, float) else f"{label}={value}")
+        parts.append(
+            f"{label}={value:.0e}" if key == LR_KEY and isinstance(value, float) else f"{label}={value}"
+        )
     return " ".join(parts)

@@ -28,7 +28,9 @@ def trial_rows(paths: io.StudyPaths, optuna_trials: list[Any] | None = None) -> 
         if frozen.user_attrs.get(SUPERSEDED):
             superseded.add(frozen.number)
             continue
-        row = rows.setdefault(frozen.number, {"trial": frozen.number, "trial_dir": str(paths.trial(frozen.number))})
+        row = rows.setdefault(
+            frozen.number, {"trial": frozen.number, "trial_dir": str(paths.trial(frozen.number))}
+        )
         row["state"] = frozen.state.name  # the storage is the source of truth for the state
         for key, value in frozen.params.items():
             row.setdefault(key, value)
@@ -83,7 +85,9 @@ def write_results(paths: io.StudyPaths, optuna_trials: list[Any] | None = None) 
     io.atomic_write_dataframe(paths.results_csv, frame)
     try:
         # Mixed-type object columns (None + str) are fine for CSV but pyarrow wants one type.
-        io.atomic_write_dataframe(paths.results_parquet, frame.astype({c: "string" for c in _object_columns(frame)}))
+        io.atomic_write_dataframe(
+            paths.results_parquet, frame.astype({c: "string" for c in _object_columns(frame)})
+        )
     except Exception as error:  # parquet is a convenience; the CSV is the record
         print(f"[sdsweep] warning: results.parquet not written ({error})")
     return frame

@@ -109,7 +109,7 @@ class SweepDriver:
             )
             self.study.tell(frozen.number, state=TrialState.FAIL)
             recovered += 1
-        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        for _waiting in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             trial = self.study.ask()  # a queued point from a killed driver: retire it, it is re-planned
             trial.set_user_attr(SUPERSEDED, True)
             self.study.tell(trial.number, state=TrialState.FAIL)
@@ -150,6 +150,11 @@ class SweepDriver:
         point: dict[str, Any] = {}
         for key, spec in sorted(self.sweep.params.items()):
             point[key] = suggest(trial, key, spec)
+        method = point.get("method")
+        if method in self.sweep.learning_rate_by_method:
+            # A separate Optuna parameter per method: each keeps its own distribution.
+            spec = self.sweep.learning_rate_by_method[method]
+            point["method.learning_rate"] = suggest(trial, f"method.learning_rate[{method}]", spec)
         trial.set_user_attr(GRID_POINT, point_key(point))
         trial.set_user_attr(DRIVER, self.me)
         step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
@@ -191,7 +196,11 @@ class SweepDriver:
             )
         if proc.returncode != 0:
             tail = _tail(log_path)
-            how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            how = (
+                f"killed by signal {-proc.returncode}"
+                if proc.returncode < 0
+                else f"exit code {proc.returncode}"
+            )
             reason = f"worker process {how}; last output: {tail}"
             if spec.kind == "baseline":
                 raise RuntimeError(f"The baseline evaluation failed ({reason}). Full log: {log_path}")
@@ -204,7 +213,13 @@ class SweepDriver:
             if frozen.state == TrialState.RUNNING:
                 self.study._storage.set_trial_user_attr(slot.trial_id, FAIL_REASON, reason[:2000])
                 self.study.tell(slot.number, state=TrialState.FAIL)
-                record = {"trial": slot.number, "state": "FAIL", "params": slot.params, "fail_reason": reason, "step": slot.step}
+                record = {
+                    "trial": slot.number,
+                    "state": "FAIL",
+                    "params": slot.params,
+                    "fail_reason": reason,
+                    "step": slot.step,
+                }
                 io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -222,7 +237,9 @@ class SweepDriver:
             "pretrained": cfg.model.path or cfg.model.pretrained,
             "method": cfg.method.name,
             "trigger_word": cfg.data.trigger_word,
-            "placeholder_token": cfg.method.placeholder_token if cfg.method.name == "textual_inversion" else None,
+            "placeholder_token": cfg.method.placeholder_token
+            if cfg.method.name == "textual_inversion"
+            else None,
             "eval": {
                 "prompts": list(cfg.eval.prompts),
                 "seeds": [cfg.eval.seed + i for i in range(cfg.eval.num_images_per_prompt)],
@@ -283,7 +300,11 @@ class SweepDriver:
                 return
             default_step = self.cfg.train.max_train_steps
             slots = [self.new_slot(p, int(p.get(STEP_KEY, default_step))) for p in run.points]
-            what = f"milestones {'/'.join(str(s.step) for s in slots)}" if run.shared else f"{slots[0].step} steps"
+            what = (
+                f"milestones {'/'.join(str(s.step) for s in slots)}"
+                if run.shared
+                else f"{slots[0].step} steps"
+            )
             log(f"run {index}/{len(runs)}: {short_params(run.base) or 'config as given'} ({what})")
             self.execute(self.spec_for(run, slots))
             self.after_run(slots)
@@ -320,7 +341,11 @@ class SweepDriver:
                 if k.count("/") == 1 and isinstance(v, (int, float))
             )
             reason = record.get("fail_reason")
-            log(f"  trial {slot.number} [{short_params(slot.params)}]: {state}" + (f" {shown}" if shown else "") + (f" ({reason})" if reason else ""))
+            log(
+                f"  trial {slot.number} [{short_params(slot.params)}]: {state}"
+                + (f" {shown}" if shown else "")
+                + (f" ({reason})" if reason else "")
+            )
         write_results(self.paths, self.study.get_trials(deepcopy=False))
 
     def finish(self) -> SweepOutcome:
@@ -330,7 +355,11 @@ class SweepDriver:
         self.outcome.states = {str(k): int(v) for k, v in states.items()}
         complete = frame[(frame.get("state") == "COMPLETE")] if "state" in frame else frame
         if not complete.empty and "objective" in complete:
-            feasible = complete[complete["feasible"].fillna(True).astype(bool)] if "feasible" in complete else complete
+            feasible = (
+                complete[complete["feasible"].fillna(True).astype(bool)]
+                if "feasible" in complete
+                else complete
+            )
             pool = feasible if not feasible.empty else complete
             ascending = self.sweep.objectives[0].direction == "minimize"
             best = pool.sort_values(["objective", "trial"], ascending=[ascending, True]).iloc[0]
@@ -361,8 +390,12 @@ def suggest(trial: optuna.Trial, key: str, spec: ParamSpec) -> Any:
     assert spec.low is not None and spec.high is not None
     if spec.type == "int":
         step = int(spec.step or 1)
-        return trial.suggest_int(key, int(spec.low), int(spec.high), step=step if not spec.log else 1, log=spec.log)
-    return trial.suggest_float(key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step)
+        return trial.suggest_int(
+            key, int(spec.low), int(spec.high), step=step if not spec.log else 1, log=spec.log
+        )
+    return trial.suggest_float(
+        key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step
+    )
 
 
 def _isnan(value: Any) -> bool:
@@ -383,4 +416,6 @@ def run_sweep(overrides: list[str]) -> SweepOutcome:
 
 
 def dumps_outcome(outcome: SweepOutcome) -> str:
-    return json.dumps({"study_dir": str(outcome.study_dir), "states": outcome.states, "best": outcome.best}, default=str)
+    return json.dumps(
+        {"study_dir": str(outcome.study_dir), "states": outcome.states, "best": outcome.best}, default=str
+    )

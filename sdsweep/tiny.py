@@ -97,7 +97,9 @@ def build_tiny_pipeline(flavour: str = "sd15", seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if flavour not in FLAVOURS:
-        raise ValueError(f"Unknown tiny flavour {flavour!r}; use one of {FLAVOURS} (e.g. model.pretrained=tiny:sd15).")
+        raise ValueError(
+            f"Unknown tiny flavour {flavour!r}; use one of {FLAVOURS} (e.g. model.pretrained=tiny:sd15)."
+        )
     sd21 = flavour == "sd21"
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
@@ -187,7 +189,9 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
 def ensure_tiny_model(flavour: str = "sd15", cache: str | os.PathLike | None = None) -> Path:
     """A saved diffusers folder for the tiny model, so it loads through ``from_pretrained`` like a real one."""
     target = cache_root(cache) / "tiny" / f"{flavour}-v{TINY_VERSION}"
-    return _atomic_dir(target, lambda d: build_tiny_pipeline(flavour).save_pretrained(d, safe_serialization=True))
+    return _atomic_dir(
+        target, lambda d: build_tiny_pipeline(flavour).save_pretrained(d, safe_serialization=True)
+    )
 
 
 def build_tiny_clip(seed: int = 0):
@@ -267,7 +271,9 @@ def _draw_demo_image(index: int, size: int, rng: np.random.Generator) -> tuple[I
     return image, f"a photo of sks {shape} on a {background} background"
 
 
-def write_demo_dataset(directory: str | os.PathLike, num_images: int = 10, size: int = 64, seed: int = 0) -> Path:
+def write_demo_dataset(
+    directory: str | os.PathLike, num_images: int = 10, size: int = 64, seed: int = 0
+) -> Path:
     """An imagefolder (PNG files + metadata.jsonl) of synthetic subjects captioned with the trigger word ``sks``."""
     directory = Path(directory)
 

@@ -100,7 +100,9 @@ class TrialRecorder:
         trial_dir.mkdir(parents=True, exist_ok=True)
         text = to_yaml(self.cfg)
         # The saved config reproduces this grid point exactly (a shared run trains further).
-        text = text.replace(f"max_train_steps: {self.cfg.train.max_train_steps}\n", f"max_train_steps: {slot.step}\n", 1)
+        text = text.replace(
+            f"max_train_steps: {self.cfg.train.max_train_steps}\n", f"max_train_steps: {slot.step}\n", 1
+        )
         io.atomic_write_text(trial_dir / io.TRIAL_CONFIG, text)
 
     def complete(self, slot: TrialSlot, record: dict[str, Any], link: TrialLink) -> None:
@@ -115,7 +117,9 @@ class TrialRecorder:
         record["feasible"] = all(v <= 0 for v in violations)
         values = objective_values(self.cfg, metrics)
         if isinstance(values, str):
-            reason = f"{values}: {record['missing'].get(self.cfg.sweep.objectives[0].metric.split('/', 1)[-1], '')}".rstrip(": ")
+            reason = f"{values}: {record['missing'].get(self.cfg.sweep.objectives[0].metric.split('/', 1)[-1], '')}".rstrip(
+                ": "
+            )
             self.fail(slot, record, link, reason)
             return
         record["state"] = "COMPLETE"
@@ -123,7 +127,9 @@ class TrialRecorder:
         io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
         link.complete(values, violations or [0.0])
 
-    def fail(self, slot: TrialSlot, record: dict[str, Any], link: TrialLink, reason: str, state: str = "FAIL") -> None:
+    def fail(
+        self, slot: TrialSlot, record: dict[str, Any], link: TrialLink, reason: str, state: str = "FAIL"
+    ) -> None:
         record["state"] = state
         record["fail_reason"] = reason
         io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
@@ -176,7 +182,9 @@ class _Setup:
         self.components = load_components(cfg, self.device)
         self.method = get_method(cfg.method.name)(cfg, self.components, self.device, cache_dir=paths.cache)
         self.method.prepare()
-        self.dataset = build_training_dataset(cfg, self.components, self.method, self.train_examples, paths.cache)
+        self.dataset = build_training_dataset(
+            cfg, self.components, self.method, self.train_examples, paths.cache
+        )
         from sdsweep.config import resolved_resolution
 
         validation_examples = heldout or self.train_examples[:2]
@@ -189,7 +197,8 @@ class _Setup:
         )
         self.heldout_batch = collate([val_set[i] for i in range(len(val_set))])
         self.heldout_batch = {
-            k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in self.heldout_batch.items()
+            k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.heldout_batch.items()
         }
         self.evaluator = Evaluator(
             cfg,
@@ -209,7 +218,9 @@ def execute_baseline(spec: RunSpec) -> dict[str, Any]:
     cfg = compose_config(spec.overrides)
     setup = _Setup(cfg, paths)
     pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
-    result = setup.evaluator.evaluate(pipeline, setup.method, setup.heldout_batch, out_dir=paths.baseline, label="baseline")
+    result = setup.evaluator.evaluate(
+        pipeline, setup.method, setup.heldout_batch, out_dir=paths.baseline, label="baseline"
+    )
     record = {
         "trial": None,
         "state": "COMPLETE",
@@ -275,7 +286,11 @@ def execute_run(spec: RunSpec) -> None:
             trial_dir = paths.trial(slot.number)
             pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
             result = setup.evaluator.evaluate(
-                pipeline, setup.method, setup.heldout_batch, out_dir=trial_dir, label=f"trial {slot.number} step {step}"
+                pipeline,
+                setup.method,
+                setup.heldout_batch,
+                out_dir=trial_dir,
+                label=f"trial {slot.number} step {step}",
             )
             del pipeline
             record = records[slot.number]
@@ -314,11 +329,24 @@ def execute_run(spec: RunSpec) -> None:
         setup = _Setup(cfg, paths)
         milestones = sorted({s.step for s in slots})
         if spec.report_every:
-            milestones = sorted(set(milestones) | set(range(spec.report_every, max(milestones), spec.report_every)))
-        checkpoint_dir = paths.runs / spec.run_key if spec.shared and cfg.train.checkpoint_at_milestones else None
-        train(cfg, setup.method, setup.dataset, milestones, TrainHooks(on_step=on_step, on_milestone=on_milestone), checkpoint_dir)
+            milestones = sorted(
+                set(milestones) | set(range(spec.report_every, max(milestones), spec.report_every))
+            )
+        checkpoint_dir = (
+            paths.runs / spec.run_key if spec.shared and cfg.train.checkpoint_at_milestones else None
+        )
+        train(
+            cfg,
+            setup.method,
+            setup.dataset,
+            milestones,
+            TrainHooks(on_step=on_step, on_milestone=on_milestone),
+            checkpoint_dir,
+        )
         if not open_slots and checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # every milestone is recorded: nothing to resume
+            shutil.rmtree(
+                checkpoint_dir, ignore_errors=True
+            )  # every milestone is recorded: nothing to resume
     except TrainingDiverged as error:
         for slot in list(open_slots):
             finish_slot(slot, "FAIL", f"training diverged: {error}")

@@ -15,7 +15,10 @@ GROUPS = {
     "eval": ["default", "tiny"],
     "tracking": ["wandb", "none"],
 }
-DATA_NEEDS = {"imagefolder": ["data.path=/tmp"], "instances": ["data.path=/tmp", "data.instance_prompt=a photo of sks"]}
+DATA_NEEDS = {
+    "imagefolder": ["data.path=/tmp"],
+    "instances": ["data.path=/tmp", "data.instance_prompt=a photo of sks"],
+}
 
 
 def test_every_group_file_is_covered():

@@ -8,13 +8,17 @@ from sdsweep.plan import STEP_KEY, grid_points, overrides_for, plan_runs, point_
 
 
 def test_grid_points_cover_the_product():
-    cfg = compose(TINY_OVERRIDES + ["+sweep=lr_steps", "sweep.learning_rates=[1e-4,1e-3]", "sweep.steps=[1,2,3]"])
+    cfg = compose(
+        TINY_OVERRIDES + ["+sweep=lr_steps", "sweep.learning_rates=[1e-4,1e-3]", "sweep.steps=[1,2,3]"]
+    )
     points = grid_points(cfg.sweep.params)
     assert len(points) == 6 and len({point_key(p) for p in points}) == 6
 
 
 def test_constant_schedule_shares_one_run_per_learning_rate():
-    cfg = compose(TINY_OVERRIDES + ["+sweep=lr_steps", "sweep.learning_rates=[1e-4,1e-3]", "sweep.steps=[3,1,2]"])
+    cfg = compose(
+        TINY_OVERRIDES + ["+sweep=lr_steps", "sweep.learning_rates=[1e-4,1e-3]", "sweep.steps=[3,1,2]"]
+    )
     runs = plan_runs(grid_points(cfg.sweep.params), cfg, share_milestones=True)
     assert len(runs) == 2
     assert all(r.shared and r.milestones == [1, 2, 3] for r in runs)
@@ -28,8 +32,13 @@ def test_cosine_schedule_or_sharing_off_trains_each_point():
 
 
 def test_point_keys_survive_float_round_trips():
-    assert point_key({"method.learning_rate": 1e-05, STEP_KEY: 400.0}) == point_key({"method.learning_rate": 0.00001, STEP_KEY: 400})
+    assert point_key({"method.learning_rate": 1e-05, STEP_KEY: 400.0}) == point_key(
+        {"method.learning_rate": 0.00001, STEP_KEY: 400}
+    )
 
 
 def test_group_params_become_group_overrides_first():
-    assert overrides_for({"method.learning_rate": 1e-4, "model": "tiny_sd21"}) == ["model=tiny_sd21", "method.learning_rate=0.0001"]
+    assert overrides_for({"method.learning_rate": 1e-4, "model": "tiny_sd21"}) == [
+        "model=tiny_sd21",
+        "method.learning_rate=0.0001",
+    ]

@@ -27,7 +27,12 @@ def test_tiny_pipelines_are_deterministic_and_loadable(tiny_model_dirs):
         assert torch.equal(pa, pb), name
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"])
     images = pipe(
-        "a photo of sks", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np"
+        "a photo of sks",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
     ).images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
@@ -48,7 +53,9 @@ def test_tiny_clip_embeds_text_and_images(tiny_clip_dir):
 
     model = CLIPModel.from_pretrained(tiny_clip_dir)
     processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
-    inputs = processor(text=["a photo of sks"], images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt", padding=True)
+    inputs = processor(
+        text=["a photo of sks"], images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt", padding=True
+    )
     out = model(**inputs)
     assert out.logits_per_image.shape == (1, 1) and torch.isfinite(out.logits_per_image).all()
 
