@@ -125,8 +125,8 @@ def load_components(
     for module in (vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
+    for module in (vae, text_encoder):
+        module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
     unet.to(device)
     return SDComponents(
         unet=unet,

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 TINY_PREFIX = "tiny:"
 FLAVOURS = ("sd15", "sd21")
-TINY_VERSION = "1"  # bump when the architecture below changes, so cached copies are rebuilt
+TINY_VERSION = "3"  # bump when the architecture below changes, so cached copies are rebuilt
 
 # Words the tiny tokenizer learns as whole tokens: prompts in conf/, tests and the demo captions.
 _CORPUS = (
@@ -230,6 +230,13 @@ def build_tiny_clip(seed: int = 0):
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
+    # Random towers give random (often negative) text-image cosines, and CLIP score clips at 0. A shared
+    # direction in both towers' outputs keeps cosines positive while images still move the score.
+    with torch.no_grad():
+        shared = torch.randn(config.text_config.hidden_size)
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        model.text_model.final_layer_norm.bias.copy_(shared)
+        model.vision_model.post_layernorm.bias.copy_(shared)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32},
         crop_size={"height": 32, "width": 32},

@@ -1,0 +1,344 @@
+"""Export a study's best trial as a ready-to-share diffusers model folder with a model card.
+
+``python -m sdsweep.export experiments/<study> --to <dir> [--trial N] [--force]``
+
+The best trial is the best *feasible* COMPLETE trial by the study's first objective (ties -> the lower
+trial number), the same rule the sweep reports. ``<dir>`` receives the trial's ``weights/`` exactly as the
+method saved them (a pipeline folder, ``pytorch_lora_weights.safetensors`` or
+``learned_embeds.safetensors``), a ``README.md`` model card, ``samples_grid.png`` and
+``sdsweep_trial.json``. No torch import: exporting is copying files and writing text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sdsweep import io
+from sdsweep.report import StudyData, StudyFolderError, best_trial, fmt, fmt_param, load_study
+
+CARD_TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sdsweep"]
+TRIAL_FILE = "sdsweep_trial.json"
+GRID_FILE = "samples_grid.png"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDS_FILE = "learned_embeds.safetensors"
+
+
+class ExportError(RuntimeError):
+    """Nothing suitable to export; the message names the trial and what to do."""
+
+
+@dataclass
+class SelectedTrial:
+    number: int
+    record: dict[str, Any]
+    trial_dir: Path
+
+
+def select_trial(data: StudyData, trial: int | None = None) -> SelectedTrial:
+    """The requested trial, or the best feasible COMPLETE one; raises ``ExportError`` with the fix."""
+    study = data.info.get("study", data.root.name)
+    if trial is None:
+        states = data.results["state"].value_counts().to_dict() if not data.results.empty else {}
+        if states.get("COMPLETE", 0) == 0:
+            shown = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no trials"
+            raise ExportError(
+                f"Study '{study}' has no COMPLETE trial ({shown}); nothing to export. "
+                "Check the fail reasons in results.csv or report.html and run the sweep again."
+            )
+        best = best_trial(data.results, data.objective[1], feasible_only=True)
+        if best is None:
+            constraints = ", ".join(data.info.get("constraints") or [])
+            raise ExportError(
+                f"No COMPLETE trial of study '{study}' satisfies the constraints ({constraints}). "
+                "Pick one explicitly with --trial N (see the leaderboard in report.html), or relax sweep.constraints."
+            )
+        trial = int(best["trial"])
+    record = data.records.get(trial)
+    if record is None:
+        raise ExportError(
+            f"Trial {trial} of study '{study}' has no {io.TRIAL_METRICS}; known trials: {sorted(data.records)}."
+        )
+    if record.get("state") != "COMPLETE":
+        raise ExportError(
+            f"Trial {trial} of study '{study}' is {record.get('state')} ({record.get('fail_reason') or 'no reason recorded'}); "
+            "only COMPLETE trials can be exported."
+        )
+    return SelectedTrial(trial, record, data.paths.trial(trial))
+
+
+def rerun_command(data: StudyData, record: dict[str, Any]) -> str:
+    """A command that trains this grid point again as its own single-run study (which keeps its weights)."""
+    from sdsweep.plan import overrides_for
+
+    study = data.info.get("study", data.root.name)
+    base = [o for o in data.info.get("overrides") or [] if not o.lstrip("+").startswith(("sweep", "study="))]
+    params = overrides_for(record.get("params") or {})
+    args = base + params + [f"study={study}-t{int(record['trial']):04d}"]
+    return "python -m sdsweep " + " ".join(_quote(a) for a in args)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def weights_dir(data: StudyData, selected: SelectedTrial) -> Path:
+    """The trial's weights folder; raises ``ExportError`` naming the trial and how to re-run it."""
+    relative = selected.record.get("weights")
+    folder = selected.trial_dir / (relative or io.TRIAL_WEIGHTS)
+    if relative and folder.is_dir() and any(folder.iterdir()):
+        return folder
+    why = selected.record.get("weights_removed") or "the weights folder is missing"
+    raise ExportError(
+        f"Trial {selected.number} has no weights to export ({why}; expected {folder}). "
+        f"Train it again with:\n  {rerun_command(data, selected.record)}\n"
+        "or keep every trial's weights in future sweeps with sweep.keep_best_k=-1."
+    )
+
+
+def weights_format(folder: Path) -> str:
+    """``pipeline`` | ``lora`` | ``textual_inversion``, from the files the method saved."""
+    if (folder / "model_index.json").is_file():
+        return "pipeline"
+    if (folder / LORA_FILE).is_file():
+        return "lora"
+    if (folder / EMBEDS_FILE).is_file():
+        return "textual_inversion"
+    raise ExportError(
+        f"{folder} holds no diffusers weights (no model_index.json, {LORA_FILE} or {EMBEDS_FILE})."
+    )
+
+
+def _trial_config(selected: SelectedTrial) -> dict[str, Any]:
+    """The trial's saved config as plain data (not validated: exporting must not depend on conf/)."""
+    from omegaconf import OmegaConf
+
+    path = selected.trial_dir / io.TRIAL_CONFIG
+    if not path.is_file():
+        return {}
+    container = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return container if isinstance(container, dict) else {}
+
+
+def trigger_of(data: StudyData, config: dict[str, Any]) -> str | None:
+    """The word that calls up the learned concept: TI placeholder token, else the data's trigger word."""
+    method = config.get("method") or {}
+    if (data.info.get("method") or method.get("name")) == "textual_inversion":
+        return data.info.get("placeholder_token") or method.get("placeholder_token")
+    return data.info.get("trigger_word") or (config.get("data") or {}).get("trigger_word")
+
+
+def hyperparameters(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The swept params first, then the training settings that matter to reproduce the trial."""
+    train = config.get("train") or {}
+    method = config.get("method") or {}
+    values: dict[str, Any] = dict(record.get("params") or {})
+    values.setdefault("method.learning_rate", record.get("learning_rate", method.get("learning_rate")))
+    values.setdefault("train.max_train_steps", record.get("max_train_steps", record.get("step")))
+    for key in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "seed",
+        "snr_gamma",
+    ):
+        if key in train:
+            values.setdefault(f"train.{key}", train[key])
+    per_method = {
+        "lora": ("rank", "alpha", "target_modules"),
+        "textual_inversion": ("placeholder_token", "initializer_token", "num_vectors", "template"),
+        "dreambooth": ("with_prior_preservation", "prior_loss_weight", "class_prompt", "train_text_encoder"),
+        "full": ("use_ema", "train_text_encoder"),
+    }
+    for key in per_method.get(method.get("name", record.get("method")), ()):
+        if key in method:
+            values.setdefault(f"method.{key}", method[key])
+    return values
+
+
+def usage_snippet(fmt_name: str, base_model: str, trigger: str | None, prompt: str) -> str:
+    """Python that loads the exported folder with diffusers' own loaders (matches the weights format)."""
+    prompt_literal = json.dumps(prompt)
+    if fmt_name == "pipeline":
+        load = (
+            'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder", torch_dtype=torch.float16)'
+        )
+    elif fmt_name == "lora":
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            'pipe.load_lora_weights("path/to/this/folder")'
+        )
+    else:
+        token = f', token="{trigger}"' if trigger else ""
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            f'pipe.load_textual_inversion("path/to/this/folder/{EMBEDS_FILE}"{token})'
+        )
+    return (
+        "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f'{load}\npipe = pipe.to("cuda")\n'
+        f"image = pipe({prompt_literal}, num_inference_steps=25, guidance_scale=7.5).images[0]\n"
+        'image.save("sample.png")\n'
+    )
+
+
+def model_card(
+    data: StudyData, selected: SelectedTrial, fmt_name: str, config: dict[str, Any], has_grid: bool
+) -> str:
+    record = selected.record
+    method = str(record.get("method") or data.info.get("method"))
+    base_model = str(record.get("pretrained") or data.info.get("pretrained") or data.info.get("model"))
+    trigger = trigger_of(data, config)
+    metric, direction = data.objective
+    prompts = (data.info.get("eval") or {}).get("prompts") or [f"a photo of {trigger or 'sks'}"]
+    front = ["---", f"base_model: {json.dumps(base_model)}", "library_name: diffusers", "tags:"]
+    front += [f"- {t}" for t in CARD_TAGS + [method]]
+    front += ["---", ""]
+    lines = [f"# {data.info.get('study', data.root.name)} · trial {selected.number:04d}", ""]
+    lines.append(
+        f"Fine-tuned from `{base_model}` with **{method}** by sdsweep "
+        f"(best feasible trial of study `{data.info.get('study')}`: {direction} `{metric}`)."
+    )
+    lines += ["", f"- Base model: `{base_model}`", f"- Method: `{method}` (weights format: {fmt_name})"]
+    lines.append(
+        f"- Trigger word / placeholder token: `{trigger}`"
+        if trigger
+        else "- Trigger word: none (style or general fine-tune)"
+    )
+    lines += ["", "## Hyperparameters", "", "| parameter | value |", "|---|---|"]
+    for key, value in hyperparameters(record, config).items():
+        lines.append(f"| `{key}` | {fmt_param(key, value)} |")
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        "Evaluated on the study's validation prompts and seeds; deltas against the untuned base model.",
+        "",
+    ]
+    lines += ["| metric | this model | baseline | delta |", "|---|---|---|---|"]
+    base = data.baseline_metrics
+    for key, value in sorted((record.get("metrics") or {}).items()):
+        if key.count("/") != 1:
+            continue  # per-prompt breakdowns stay in sdsweep_trial.json
+        delta = value - base[key] if isinstance(value, (int, float)) and key in base else None
+        lines.append(
+            f"| `{key}` | {fmt(value)} | {fmt(base.get(key))} | {'–' if delta is None else f'{delta:+.4g}'} |"
+        )
+    constraints = data.info.get("constraints") or []
+    if constraints:
+        lines += [
+            "",
+            "Constraints: "
+            + ", ".join(f"`{c}`" for c in constraints)
+            + f" (feasible: {record.get('feasible')})",
+        ]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        usage_snippet(fmt_name, base_model, trigger, prompts[0]).rstrip(),
+        "```",
+        "",
+    ]
+    if has_grid:
+        lines += [
+            "## Samples",
+            "",
+            "Validation prompts (rows) × seeds (columns):",
+            "",
+            f"![samples]({GRID_FILE})",
+            "",
+        ]
+    return "\n".join(front + lines)
+
+
+def trial_summary(
+    data: StudyData, selected: SelectedTrial, fmt_name: str, files: list[str]
+) -> dict[str, Any]:
+    record = selected.record
+    metric, direction = data.objective
+    return {
+        "study": data.info.get("study"),
+        "study_dir": str(data.root.resolve()),
+        "trial": selected.number,
+        "state": record.get("state"),
+        "model": record.get("model"),
+        "pretrained": record.get("pretrained") or data.info.get("pretrained"),
+        "method": record.get("method"),
+        "weights_format": fmt_name,
+        "params": record.get("params"),
+        "objective": {"metric": metric, "direction": direction, "value": record.get("objective")},
+        "metrics": record.get("metrics"),
+        "delta": record.get("delta"),
+        "baseline": data.baseline_metrics,
+        "feasible": record.get("feasible"),
+        "constraints": data.info.get("constraints"),
+        "eval": data.info.get("eval"),
+        "files": files,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def export_trial(study_dir: Path, to: Path, trial: int | None = None, force: bool = False) -> Path:
+    """Copy the chosen trial's weights to ``to`` with a model card; returns ``to``."""
+    data = load_study(study_dir)
+    selected = select_trial(data, trial)
+    source = weights_dir(data, selected)
+    fmt_name = weights_format(source)
+    to = Path(to)
+    if to.exists() and any(to.iterdir()) and not force:
+        raise ExportError(f"{to} exists and is not empty; choose another --to or pass --force to overwrite.")
+    # Copy into a staging folder and swap it in, so a failed export never leaves half a model.
+    staging = io.staging_dir(to)
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        grid = selected.trial_dir / io.TRIAL_GRID
+        if grid.is_file():
+            shutil.copyfile(grid, staging / GRID_FILE)
+        config = _trial_config(selected)
+        io.atomic_write_text(
+            staging / "README.md", model_card(data, selected, fmt_name, config, grid.is_file())
+        )
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        io.atomic_write_json(
+            staging / TRIAL_FILE, trial_summary(data, selected, fmt_name, files + [TRIAL_FILE])
+        )
+        io.replace_dir(staging, to)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return to
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export the best (or a chosen) trial of a sdsweep study.")
+    parser.add_argument("study_dir", type=Path, help="experiments/<study>")
+    parser.add_argument("--to", type=Path, required=True, help="output folder for the model")
+    parser.add_argument(
+        "--trial", type=int, default=None, help="trial number (default: the best feasible trial)"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty --to folder")
+    args = parser.parse_args(argv)
+    try:
+        out = export_trial(args.study_dir, args.to, args.trial, args.force)
+    except (ExportError, StudyFolderError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = io.read_json(out / TRIAL_FILE) or {}
+    print(
+        f"exported trial {summary.get('trial')} ({summary.get('method')}, {summary.get('weights_format')}) to {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

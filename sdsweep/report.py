@@ -1,0 +1,765 @@
+"""The local report of a finished (or partly finished) study: ``report.html`` and ``report.md``.
+
+``python -m sdsweep.report experiments/<study> [--out DIR]``
+
+Reads only the study folder (``study.json``, ``results.csv``, ``baseline/``, ``trials/*``) and the
+Optuna storage named in ``study.json``; never imports torch, so it runs anywhere the folder is copied.
+The HTML embeds every image as a base64 data URI (one file that works offline, attached to an
+e-mail, ...); the markdown links the PNGs written to ``report_files/`` beside it.
+
+Failed and pruned trials have no metrics: they stay in the leaderboard with their reason, show as
+labelled grey cells in the contact sheet and heatmaps, and never count as the best trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sdsweep import io
+
+LR_KEY = "method.learning_rate"  # same keys as sdsweep.plan (which imports the config schema)
+STEP_KEY = "train.max_train_steps"
+FILES_DIR = "report_files"
+# Importances need a few points per parameter to mean anything.
+MIN_TRIALS_FOR_IMPORTANCE = 4
+MIN_PARAMS_FOR_IMPORTANCE = 2
+MIN_TRIALS_FOR_HISTORY = 2
+_STATE_COLOURS = {"COMPLETE": "#2b8a3e", "PRUNED": "#e67700", "FAIL": "#c92a2a"}
+
+
+# ---- reading a study folder ----------------------------------------------------------------------
+
+
+@dataclass
+class StudyData:
+    """Everything the report, export and generate read from one study folder."""
+
+    root: Path
+    info: dict[str, Any]  # study.json
+    results: pd.DataFrame  # results.csv (trials only; the baseline lives in ``baseline``)
+    baseline: dict[str, Any] | None  # baseline/metrics.json
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)  # trials/NNNN/metrics.json
+
+    @property
+    def paths(self) -> io.StudyPaths:
+        return io.StudyPaths(self.root)
+
+    @property
+    def objective(self) -> tuple[str, str]:
+        """(metric, direction) of the study's first objective."""
+        objectives = self.info.get("objectives") or [{"metric": "eval/clip_score", "direction": "maximize"}]
+        return objectives[0]["metric"], objectives[0].get("direction", "maximize")
+
+    @property
+    def params(self) -> list[str]:
+        return list(self.info.get("params") or [])
+
+    @property
+    def baseline_metrics(self) -> dict[str, float]:
+        metrics = (self.baseline or {}).get("metrics") or {}
+        return {k: v for k, v in metrics.items() if _is_number(v)}
+
+
+class StudyFolderError(FileNotFoundError):
+    """The folder is not a study (no study.json / results.csv). The message names the fix."""
+
+
+def load_study(study_dir: str | os.PathLike) -> StudyData:
+    root = Path(study_dir)
+    paths = io.StudyPaths(root)
+    info = io.read_json(paths.study_json)
+    if info is None:
+        raise StudyFolderError(
+            f"{paths.study_json} not found: {root} is not a sdsweep study folder "
+            "(run a sweep first: python -m sdsweep +sweep=lr_steps ...)."
+        )
+    records = {}
+    for trial_dir in paths.trial_dirs():
+        record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        if record and record.get("trial") is not None:
+            records[int(record["trial"])] = record
+    results = _read_results(paths, records)
+    return StudyData(root, info, results, io.read_json(paths.baseline / io.TRIAL_METRICS), records)
+
+
+def _read_results(paths: io.StudyPaths, records: dict[int, dict[str, Any]]) -> pd.DataFrame:
+    """results.csv when present; otherwise rows rebuilt from the trial records (a sweep still running)."""
+    if paths.results_csv.is_file() and paths.results_csv.stat().st_size > 0:
+        frame = pd.read_csv(paths.results_csv)
+    else:
+        from sdsweep.results import build_results
+
+        frame = build_results(paths)
+    if frame.empty:
+        return frame
+    frame = frame[frame["trial"] >= 0].copy()  # a baseline row (trial -1) is kept separately
+    frame["trial"] = frame["trial"].astype(int)
+    return frame.sort_values("trial").reset_index(drop=True)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _feasible(value: Any) -> bool:
+    # An empty feasible cell (no constraints evaluated) counts as feasible, like the sweep's own pick.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
+def best_trial(results: pd.DataFrame, direction: str, feasible_only: bool = True) -> dict[str, Any] | None:
+    """The best COMPLETE trial by ``objective`` (ties -> lower trial number) as a row dict.
+
+    With ``feasible_only=False``, infeasible trials are used only when no feasible one exists.
+    """
+    if results.empty or "objective" not in results or "state" not in results:
+        return None
+    pool = results[(results["state"] == "COMPLETE") & results["objective"].notna()]
+    if "trial" in pool:
+        pool = pool[pool["trial"] >= 0]
+    if pool.empty:
+        return None
+    feasible = pool[pool["feasible"].map(_feasible)] if "feasible" in pool else pool
+    if feasible.empty and feasible_only:
+        return None
+    pool = feasible if not feasible.empty else pool
+    ranked = pool.sort_values(["objective", "trial"], ascending=[direction == "minimize", True])
+    row = ranked.iloc[0].to_dict()
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def metric_columns(results: pd.DataFrame) -> list[str]:
+    """Headline metrics (``eval/clip_score``, not the per-prompt ``eval/clip_score/p0``)."""
+    return sorted(c for c in results.columns if c.startswith("eval/") and c.count("/") == 1)
+
+
+def short_label(key: str) -> str:
+    return {LR_KEY: "lr", STEP_KEY: "steps"}.get(key, key.split(".")[-1])
+
+
+def fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fmt_param(key: str, value: Any) -> str:
+    if key == LR_KEY and _is_number(value):
+        return f"{value:.0e}"
+    if _is_number(value) and float(value).is_integer():
+        return str(int(value))
+    return fmt(value)
+
+
+# ---- leaderboard ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Leaderboard:
+    columns: list[str]
+    rows: list[list[str]]
+    best_trial: int | None
+    row_trials: list[int | None]  # None for the baseline row
+
+
+def build_leaderboard(data: StudyData) -> Leaderboard:
+    """Complete trials sorted by the objective, then pruned/failed ones; the baseline last as reference."""
+    frame = data.results
+    metric, direction = data.objective
+    metrics = metric_columns(frame)
+    metrics = [metric] + [m for m in metrics if m != metric] if metric in metrics else metrics
+    base = data.baseline_metrics
+    best = best_trial(frame, direction)
+    columns = ["#", "trial", "state"] + [short_label(p) for p in data.params] + metrics + ["feasible", "note"]
+    rows: list[list[str]] = []
+    row_trials: list[int | None] = []
+    if not frame.empty:
+        complete = frame[
+            (frame["state"] == "COMPLETE") & frame.get("objective", pd.Series(dtype=float)).notna()
+        ]
+        complete = complete.sort_values(["objective", "trial"], ascending=[direction == "minimize", True])
+        others = frame.drop(complete.index).sort_values("trial")
+        for rank, (_, row) in enumerate(pd.concat([complete, others]).iterrows(), 1):
+            trial = int(row["trial"])
+            cells = [
+                str(rank) if trial in complete["trial"].values else "",
+                f"{trial:04d}",
+                str(row.get("state")),
+            ]
+            cells += [fmt_param(p, row.get(p)) for p in data.params]
+            for m in metrics:
+                cells.append(_with_delta(row.get(m), base.get(m)))
+            state = row.get("state")
+            cells.append(("yes" if _feasible(row.get("feasible")) else "no") if state == "COMPLETE" else "–")
+            cells.append(_note(row, best))
+            rows.append(cells)
+            row_trials.append(trial)
+    if data.baseline:
+        cells = ["", "baseline", "untuned"] + ["–" for _ in data.params]
+        cells += [fmt(base.get(m)) for m in metrics] + ["–", "step 0 (reference for deltas)"]
+        rows.append(cells)
+        row_trials.append(None)
+    return Leaderboard(columns, rows, int(best["trial"]) if best else None, row_trials)
+
+
+def _with_delta(value: Any, baseline: Any) -> str:
+    if not _is_number(value):
+        return "–"
+    if not _is_number(baseline):
+        return fmt(value)
+    return f"{fmt(float(value))} ({float(value) - float(baseline):+.3g})"
+
+
+def _note(row: pd.Series, best: dict[str, Any] | None) -> str:
+    if best is not None and int(row["trial"]) == int(best["trial"]):
+        return "best feasible trial"
+    reason = row.get("fail_reason")
+    if isinstance(reason, str) and reason:
+        return reason if len(reason) < 160 else reason[:157] + "..."
+    if row.get("state") == "COMPLETE" and not _feasible(row.get("feasible")):
+        return "violates a constraint"
+    return ""
+
+
+# ---- figures (matplotlib, Agg) ------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    """PNG files written under ``report_files/`` and notes for what was skipped and why."""
+
+    contact_sheet: Path | None = None
+    heatmaps: list[Path] = field(default_factory=list)
+    history: Path | None = None
+    importances: Path | None = None
+    importance_values: dict[str, float] = field(default_factory=dict)
+    trial_grids: dict[int, Path] = field(default_factory=dict)
+    baseline_grid: Path | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid_axes(data: StudyData) -> tuple[list[float], list[int]] | None:
+    """The lr and step values of an lr x steps sweep, or None when the study is not such a grid."""
+    frame = data.results
+    if frame.empty or LR_KEY not in frame or STEP_KEY not in frame:
+        return None
+    lrs = sorted({float(v) for v in frame[LR_KEY].dropna()})
+    steps = sorted({int(v) for v in frame[STEP_KEY].dropna()})
+    if len(lrs) < 1 or len(steps) < 1 or len(lrs) * len(steps) < 2:
+        return None
+    return lrs, steps
+
+
+def _cell_rows(data: StudyData, lr: float, steps: int) -> pd.DataFrame:
+    frame = data.results
+    match = frame[
+        (frame[LR_KEY].astype(float).sub(lr).abs() <= 1e-12 * max(1.0, abs(lr))) & (frame[STEP_KEY] == steps)
+    ]
+    return match.sort_values("trial")
+
+
+def _cell_trial(data: StudyData, lr: float, steps: int) -> pd.Series | None:
+    """The trial of a grid cell; a COMPLETE one wins over a failed retry of the same point."""
+    match = _cell_rows(data, lr, steps)
+    if match.empty:
+        return None
+    complete = match[match["state"] == "COMPLETE"]
+    return (complete if not complete.empty else match).iloc[-1]
+
+
+def first_sample_name(data: StudyData) -> str:
+    seeds = (data.info.get("eval") or {}).get("seeds") or [0]
+    return io.sample_name(0, int(seeds[0]))
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def contact_sheet(data: StudyData, out_png: Path) -> Path | str:
+    """Rows = learning rates, columns = steps, first prompt and seed; column 0 is the baseline (step 0)."""
+    axes_values = _grid_axes(data)
+    if axes_values is None:
+        return (
+            f"no contact sheet: the study does not sweep both {LR_KEY} and {STEP_KEY} "
+            f"(params: {', '.join(data.params) or 'none'})"
+        )
+    lrs, steps = axes_values
+    sample = first_sample_name(data)
+    baseline_path = data.paths.baseline / io.TRIAL_SAMPLES / sample
+    best = best_trial(data.results, data.objective[1])
+    plt = _pyplot()
+    columns = [0] + steps
+    fig, grid = plt.subplots(
+        len(lrs), len(columns), figsize=(1.9 * len(columns) + 0.6, 1.9 * len(lrs) + 0.8), squeeze=False
+    )
+    for r, lr in enumerate(lrs):
+        for c, step in enumerate(columns):
+            ax = grid[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if step == 0:
+                path, label, colour = baseline_path, "baseline", "#495057"
+            else:
+                row = _cell_trial(data, lr, step)
+                trial = int(row["trial"]) if row is not None else None
+                state = str(row["state"]) if row is not None else "not run"
+                path = data.paths.trial(trial) / io.TRIAL_SAMPLES / sample if trial is not None else None
+                label = f"t{trial:04d} {state}" if trial is not None else state
+                if state == "COMPLETE" and not _feasible(row.get("feasible")):
+                    label += " (infeasible)"
+                colour = _STATE_COLOURS.get(state, "#868e96")
+                if best is not None and trial == int(best["trial"]):
+                    label += " ★ best"
+                    for spine in ax.spines.values():
+                        spine.set_edgecolor("#f59f00")
+                        spine.set_linewidth(4)
+            if path is not None and path.is_file():
+                ax.imshow(_open_image(path), interpolation="nearest")
+            else:
+                ax.set_facecolor("#dee2e6")
+                ax.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_xlabel(label, fontsize=7, color=colour)
+            if r == 0:
+                ax.set_title("step 0" if step == 0 else f"steps={step}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"lr={lr:.0e}", fontsize=9)
+    prompt = ((data.info.get("eval") or {}).get("prompts") or ["?"])[0]
+    fig.suptitle(
+        f'"{prompt}" · {sample.removesuffix(".png")}  (rows: learning rate, columns: training steps)',
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def metric_heatmaps(data: StudyData, out_dir: Path) -> list[Path] | str:
+    """One heatmap per headline metric over lr x steps; empty cells name the trial state."""
+    axes_values = _grid_axes(data)
+    if axes_values is None:
+        return "no heatmaps: they need a sweep over both learning rate and steps"
+    lrs, steps = axes_values
+    metrics = metric_columns(data.results)
+    if not metrics:
+        return "no heatmaps: no trial has evaluation metrics yet"
+    import numpy as np
+
+    plt = _pyplot()
+    written = []
+    for metric in metrics:
+        values = np.full((len(lrs), len(steps)), np.nan)
+        labels = [["" for _ in steps] for _ in lrs]
+        for r, lr in enumerate(lrs):
+            for c, step in enumerate(steps):
+                row = _cell_trial(data, lr, step)
+                if row is None:
+                    labels[r][c] = "not run"
+                elif row["state"] == "COMPLETE" and _is_number(row.get(metric)):
+                    values[r, c] = float(row[metric])
+                    labels[r][c] = f"{float(row[metric]):.3g}"
+                else:
+                    labels[r][c] = str(row["state"])
+        fig, ax = plt.subplots(figsize=(1.3 * len(steps) + 2.2, 0.8 * len(lrs) + 1.6))
+        masked = np.ma.masked_invalid(values)
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#dee2e6")  # grey: no value (failed, pruned)
+        image = ax.imshow(masked, cmap=cmap, aspect="auto")
+        for r in range(len(lrs)):
+            for c in range(len(steps)):
+                ax.text(
+                    c, r, labels[r][c], ha="center", va="center", fontsize=8, color=_text_colour(values, r, c)
+                )
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+        ax.set_yticks(range(len(lrs)), [f"{lr:.0e}" for lr in lrs])
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("learning rate")
+        base = data.baseline_metrics.get(metric)
+        ax.set_title(metric + (f"  (baseline {base:.3g})" if base is not None else ""), fontsize=10)
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        path = out_dir / f"heatmap_{metric.split('/', 1)[-1].replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _text_colour(values, r: int, c: int) -> str:
+    """Readable on viridis: white on the dark (low) half, black on the light half and on grey."""
+    import numpy as np
+
+    value = values[r, c]
+    if np.isnan(value):
+        return "black"
+    low, high = np.nanmin(values), np.nanmax(values)
+    return "white" if high == low or (value - low) / (high - low) < 0.6 else "black"
+
+
+def _load_optuna_study(data: StudyData):
+    """The study from the storage in study.json (optuna is imported only here, for the report's plots)."""
+    import optuna
+
+    from sdsweep.study_store import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = data.info.get("storage") or f"sqlite:///{data.paths.storage_db.resolve()}"
+    return optuna.load_study(study_name=data.info.get("study") or data.root.name, storage=open_storage(url))
+
+
+def optuna_figures(data: StudyData, out_dir: Path, figures: Figures) -> None:
+    """Optimization history and parameter importances, each skipped with a note when not meaningful."""
+    try:
+        study = _load_optuna_study(data)
+        from optuna.trial import TrialState
+
+        trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    except Exception as error:  # the storage may be on another machine; the files still make a report
+        figures.notes["history"] = figures.notes["importances"] = (
+            f"Optuna storage not readable ({type(error).__name__}: {error})"
+        )
+        return
+    metric, direction = data.objective
+    if len(trials) < MIN_TRIALS_FOR_HISTORY:
+        figures.notes["history"] = (
+            f"optimization history needs at least {MIN_TRIALS_FOR_HISTORY} complete trials ({len(trials)} so far)"
+        )
+    else:
+        figures.history = _plot_history(trials, metric, direction, out_dir / "optimization_history.png")
+    swept = sorted({k for t in trials for k in t.params})
+    if len(swept) < MIN_PARAMS_FOR_IMPORTANCE or len(trials) < MIN_TRIALS_FOR_IMPORTANCE:
+        figures.notes["importances"] = (
+            f"parameter importances need at least {MIN_PARAMS_FOR_IMPORTANCE} swept parameters and "
+            f"{MIN_TRIALS_FOR_IMPORTANCE} complete trials (have {len(swept)} and {len(trials)})"
+        )
+        return
+    importances, how = _param_importances(study, direction)
+    if importances is None:
+        figures.notes["importances"] = how
+        return
+    figures.importance_values = importances
+    figures.notes["importances"] = how
+    figures.importances = _plot_importances(importances, metric, how, out_dir / "param_importances.png")
+
+
+def _param_importances(study, direction: str) -> tuple[dict[str, float] | None, str]:
+    """fANOVA (needs scikit-learn, often absent), else PED-ANOVA (numpy only), else a note."""
+    import optuna
+
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def first_objective(trial):  # multi-objective studies: rank by the first objective
+        return trial.values[0]
+
+    def lower_is_better(trial):  # PED-ANOVA explains what makes the target *low*
+        return sign * trial.values[0]
+
+    candidates = [
+        ("fANOVA", optuna.importance.FanovaImportanceEvaluator, first_objective),
+        ("PED-ANOVA", optuna.importance.PedAnovaImportanceEvaluator, lower_is_better),
+    ]
+    failures = []
+    for name, evaluator_cls, target in candidates:
+        try:
+            with warnings.catch_warnings():  # PED-ANOVA warns about the target sign, handled above
+                warnings.filterwarnings("ignore", message=".*importances of params to achieve low.*")
+                values = optuna.importance.get_param_importances(
+                    study, evaluator=evaluator_cls(), target=target
+                )
+            fallback = f" ({'; '.join(failures)})" if failures else ""
+            return {k: float(v) for k, v in values.items()}, f"importance evaluator: {name}{fallback}"
+        except ImportError:  # fANOVA fits random forests with scikit-learn
+            failures.append(f"{name} needs scikit-learn")
+        except Exception as error:
+            failures.append(f"{name} failed: {type(error).__name__}: {str(error)[:200]}")
+    return None, "parameter importances could not be computed (" + "; ".join(failures) + ")"
+
+
+def _plot_history(trials, metric: str, direction: str, out_png: Path) -> Path:
+    plt = _pyplot()
+    trials = sorted(trials, key=lambda t: t.number)
+    numbers = [t.number for t in trials]
+    values = [t.values[0] for t in trials]
+    better = max if direction == "maximize" else min
+    running = [better(values[: i + 1]) for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(numbers, values, "o", label="trial")
+    ax.step(numbers, running, where="post", color="#e8590c", label=f"best so far ({direction})")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title("Optimization history")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def _plot_importances(importances: dict[str, float], metric: str, how: str, out_png: Path) -> Path:
+    plt = _pyplot()
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.4))
+    ax.barh(names, [importances[n] for n in names], color="#1971c2")
+    ax.set_xlabel(f"importance for {metric}")
+    ax.set_title(f"Parameter importances ({how.removeprefix('importance evaluator: ')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def collect_grids(data: StudyData, files_dir: Path, figures: Figures) -> None:
+    """Copy each trial's grid.png (and the baseline's) into report_files/ for the markdown links."""
+    for trial in sorted(data.records):
+        source = data.paths.trial(trial) / io.TRIAL_GRID
+        if source.is_file():
+            target = files_dir / f"trial_{trial:04d}_grid.png"
+            shutil.copyfile(source, target)
+            figures.trial_grids[trial] = target
+    source = data.paths.baseline / io.TRIAL_GRID
+    if source.is_file():
+        figures.baseline_grid = Path(shutil.copyfile(source, files_dir / "baseline_grid.png"))
+
+
+def make_figures(data: StudyData, files_dir: Path) -> Figures:
+    files_dir.mkdir(parents=True, exist_ok=True)
+    figures = Figures()
+    sheet = contact_sheet(data, files_dir / "contact_sheet.png")
+    if isinstance(sheet, str):
+        figures.notes["contact_sheet"] = sheet
+    else:
+        figures.contact_sheet = sheet
+    heatmaps = metric_heatmaps(data, files_dir)
+    if isinstance(heatmaps, str):
+        figures.notes["heatmaps"] = heatmaps
+    else:
+        figures.heatmaps = heatmaps
+    optuna_figures(data, files_dir, figures)
+    collect_grids(data, files_dir, figures)
+    return figures
+
+
+# ---- rendering ----------------------------------------------------------------------------------------
+
+
+def _summary_lines(data: StudyData, board: Leaderboard) -> list[str]:
+    metric, direction = data.objective
+    states = data.results["state"].value_counts().to_dict() if not data.results.empty else {}
+    lines = [
+        f"Model: {data.info.get('model')} ({data.info.get('pretrained')}), method: {data.info.get('method')}",
+        f"Objective: {direction} {metric}; constraints: {', '.join(data.info.get('constraints') or []) or 'none'}",
+        "Trials: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none yet"),
+    ]
+    if board.best_trial is not None:
+        record = data.records.get(board.best_trial, {})
+        params = ", ".join(
+            f"{short_label(k)}={fmt_param(k, v)}" for k, v in (record.get("params") or {}).items()
+        )
+        value = (record.get("metrics") or {}).get(metric)
+        lines.append(f"Best feasible trial: {board.best_trial:04d} ({params}) with {metric} = {fmt(value)}")
+    else:
+        lines.append("Best feasible trial: none (no trial is COMPLETE and satisfies the constraints)")
+    return lines
+
+
+def _trial_caption(data: StudyData, trial: int) -> str:
+    record = data.records.get(trial, {})
+    params = " ".join(f"{short_label(k)}={fmt_param(k, v)}" for k, v in (record.get("params") or {}).items())
+    return f"trial {trial:04d} · {record.get('state')} · {params}".strip()
+
+
+def render_markdown(data: StudyData, board: Leaderboard, figures: Figures, md_path: Path) -> str:
+    def link(path: Path) -> str:
+        return os.path.relpath(path, md_path.parent).replace(os.sep, "/")
+
+    out = [f"# Study report: {data.info.get('study', data.root.name)}", ""]
+    out += [f"- {line}" for line in _summary_lines(data, board)] + ["", "## Leaderboard", ""]
+    out.append("Metrics show the value and, in brackets, the change from the untuned baseline.")
+    out.append("")
+    out.append("| " + " | ".join(board.columns) + " |")
+    out.append("|" + "---|" * len(board.columns))
+    for trial, cells in zip(board.row_trials, board.rows):
+        shown = [c.replace("|", "\\|") for c in cells]
+        if trial is not None and trial == board.best_trial:
+            shown = [f"**{c}**" if c else c for c in shown]
+        out.append("| " + " | ".join(shown) + " |")
+    out += ["", "## Contact sheet (learning rate × steps)", ""]
+    out.append(
+        f"![contact sheet]({link(figures.contact_sheet)})"
+        if figures.contact_sheet
+        else f"_{figures.notes.get('contact_sheet')}_"
+    )
+    out += ["", "## Metric heatmaps", ""]
+    out += [f"![{p.stem}]({link(p)})" for p in figures.heatmaps] or [f"_{figures.notes.get('heatmaps')}_"]
+    out += ["", "## Optuna", ""]
+    out.append(
+        f"![optimization history]({link(figures.history)})"
+        if figures.history
+        else f"_{figures.notes.get('history')}_"
+    )
+    out.append("")
+    if figures.importances:
+        out.append(f"![parameter importances]({link(figures.importances)})")
+        out.append("")
+        out.append(figures.notes.get("importances", ""))
+    else:
+        out.append(f"_{figures.notes.get('importances')}_")
+    out += ["", "## Sample grids", ""]
+    if figures.baseline_grid:
+        out += ["### baseline (untuned)", "", f"![baseline grid]({link(figures.baseline_grid)})", ""]
+    for trial in sorted(data.records):
+        out.append(f"### {_trial_caption(data, trial)}")
+        out.append("")
+        if trial in figures.trial_grids:
+            out.append(f"![trial {trial} grid]({link(figures.trial_grids[trial])})")
+        else:
+            reason = data.records[trial].get("fail_reason") or "no grid"
+            out.append(f"_no images: {reason}_")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#212529;max-width:1200px}
+table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ced4da;padding:4px 8px;text-align:right}
+th{background:#f1f3f5}td:nth-child(3),td:last-child{text-align:left}
+tr.best td{background:#fff3bf;font-weight:600}tr.baseline td{background:#e7f5ff;font-style:italic}
+tr.FAIL td{color:#c92a2a}tr.PRUNED td{color:#e67700}
+img{image-rendering:pixelated;max-width:100%;border:1px solid #dee2e6}
+.grids{display:flex;flex-wrap:wrap;gap:1rem}.grids figure{margin:0}
+.grids img{width:160px}figcaption{font-size:12px;max-width:220px}.note{color:#868e96;font-style:italic}
+"""
+
+
+def _img(path: Path | None, alt: str, note: str | None) -> str:
+    if path is None:
+        return f'<p class="note">{html.escape(note or "not available")}</p>'
+    return f'<img src="{data_uri(path)}" alt="{html.escape(alt)}">'
+
+
+def render_html(data: StudyData, board: Leaderboard, figures: Figures) -> str:
+    esc = html.escape
+    title = f"Study report: {data.info.get('study', data.root.name)}"
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{_CSS}</style></head><body>"
+    ]
+    parts.append(
+        f"<h1>{esc(title)}</h1><ul>"
+        + "".join(f"<li>{esc(x)}</li>" for x in _summary_lines(data, board))
+        + "</ul>"
+    )
+    parts.append(
+        "<h2>Leaderboard</h2><p>Metrics show the value and, in brackets, the change from the untuned baseline.</p>"
+    )
+    parts.append(
+        "<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in board.columns) + "</tr></thead><tbody>"
+    )
+    for trial, cells in zip(board.row_trials, board.rows):
+        if trial is None:
+            css = "baseline"
+        else:
+            css = "best" if trial == board.best_trial else esc(cells[2])
+        parts.append(f"<tr class='{css}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    parts.append("</tbody></table>")
+    parts.append("<h2>Contact sheet (learning rate × steps)</h2>")
+    parts.append(_img(figures.contact_sheet, "contact sheet", figures.notes.get("contact_sheet")))
+    parts.append("<h2>Metric heatmaps</h2><div class='grids'>")
+    parts += [_img(p, p.stem, None) for p in figures.heatmaps] or [
+        _img(None, "", figures.notes.get("heatmaps"))
+    ]
+    parts.append("</div><h2>Optuna</h2>")
+    parts.append(_img(figures.history, "optimization history", figures.notes.get("history")))
+    parts.append(_img(figures.importances, "parameter importances", figures.notes.get("importances")))
+    if figures.importances:
+        parts.append(f"<p class='note'>{esc(figures.notes.get('importances', ''))}</p>")
+    parts.append("<h2>Sample grids</h2><div class='grids'>")
+    if figures.baseline_grid:
+        parts.append(
+            f"<figure>{_img(figures.baseline_grid, 'baseline grid', None)}<figcaption>baseline (untuned)</figcaption></figure>"
+        )
+    for trial in sorted(data.records):
+        caption = esc(_trial_caption(data, trial))
+        if trial in figures.trial_grids:
+            body = _img(figures.trial_grids[trial], f"trial {trial} grid", None)
+        else:
+            body = f"<p class='note'>no images: {esc(str(data.records[trial].get('fail_reason') or 'no grid'))}</p>"
+        parts.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
+    parts.append("</div></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def build_report(study_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ ``report_files/``); returns both paths."""
+    data = load_study(study_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path(study_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    files_dir = out_dir / FILES_DIR
+    shutil.rmtree(files_dir, ignore_errors=True)  # no stale figures from an earlier, larger study
+    figures = make_figures(data, files_dir)
+    board = build_leaderboard(data)
+    io.atomic_write_text(html_path, render_html(data, board, figures))
+    io.atomic_write_text(md_path, render_markdown(data, board, figures, md_path))
+    return html_path, md_path
+
+
+def report_plots(out_dir: Path) -> dict[str, Path]:
+    """The study-level figures of a built report (name -> PNG), for ``tracking.record_study(plots=...)``."""
+    files_dir = Path(out_dir) / FILES_DIR
+    names = ["contact_sheet.png", "optimization_history.png", "param_importances.png"]
+    found = [files_dir / n for n in names] + sorted(files_dir.glob("heatmap_*.png"))
+    return {p.stem: p for p in found if p.is_file()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build report.html and report.md for a sdsweep study folder."
+    )
+    parser.add_argument("study_dir", type=Path, help="experiments/<study>")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the study folder)")
+    args = parser.parse_args(argv)
+    try:
+        html_path, md_path = build_report(args.study_dir, args.out)
+    except StudyFolderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {html_path}\nmarkdown: {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

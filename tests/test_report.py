@@ -1,0 +1,226 @@
+"""The local report, built from a real finished study (the session fixture ``finished_study``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sdsweep import io
+from sdsweep.report import LR_KEY, STEP_KEY, build_report, load_study, main, report_plots
+from sdsweep.results import write_results
+
+
+def copy_study(study: Path, tmp_path: Path) -> Path:
+    target = tmp_path / study.name
+    shutil.copytree(study, target, ignore=shutil.ignore_patterns("wandb", "report*"))
+    return target
+
+
+def rewrite_trial(study: Path, trial: int, **changes) -> None:
+    """Edit one trial's record and rebuild results.csv from the records, as the sweep would."""
+    path = io.StudyPaths(study).trial(trial) / io.TRIAL_METRICS
+    record = io.read_json(path)
+    record.update(changes)
+    io.atomic_write_json(path, record)
+    write_results(io.StudyPaths(study))
+
+
+def img_sources(html_text: str) -> list[str]:
+    return re.findall(r'<img[^>]*\ssrc="([^"]*)"', html_text)
+
+
+@pytest.fixture
+def report(finished_study, tmp_path):
+    study = copy_study(finished_study, tmp_path)
+    html_path, md_path = build_report(study)
+    return study, html_path, md_path
+
+
+def test_report_files_are_self_contained(report):
+    study, html_path, md_path = report
+    assert html_path == study / "report.html" and md_path == study / "report.md"
+    sources = img_sources(html_path.read_text())
+    assert sources, "the report shows images"
+    assert all(s.startswith("data:image/png;base64,") for s in sources)  # works anywhere, no side files
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_path.read_text())
+    assert links and all(link.startswith("report_files/") for link in links)
+    for link in links:
+        with Image.open(md_path.parent / link) as image:
+            assert image.width > 0 and image.height > 0
+
+
+def test_leaderboard_is_sorted_by_the_objective_with_deltas(report):
+    study, html_path, md_path = report
+    info = json.loads((study / "study.json").read_text())
+    metric, direction = info["objectives"][0]["metric"], info["objectives"][0]["direction"]
+    results = pd.read_csv(study / "results.csv")
+    complete = results[results["state"] == "COMPLETE"].sort_values(
+        ["objective", "trial"], ascending=[direction == "minimize", True]
+    )
+    md = md_path.read_text()
+    table_trials = [int(t) for t in re.findall(r"^\| (?:\*\*)?\d*(?:\*\*)? \| (?:\*\*)?(\d{4})", md, re.M)]
+    assert table_trials[: len(complete)] == complete["trial"].tolist()
+    assert sorted(table_trials) == sorted(results["trial"].tolist())  # every trial, failed ones too
+    baseline = io.read_json(study / "baseline" / "metrics.json")["metrics"][metric]
+    best = complete[complete["feasible"].fillna(True).astype(bool)].iloc[0]
+    delta = best[metric] - baseline
+    assert f"({delta:+.3g})" in md
+    assert f"Best feasible trial: {int(best['trial']):04d}" in md
+    assert "class='best'" in html_path.read_text()
+
+
+def test_contact_sheet_and_heatmaps_cover_the_grid(report):
+    study, _, md_path = report
+    results = pd.read_csv(study / "results.csv")
+    files = study / "report_files"
+    with Image.open(files / "contact_sheet.png") as sheet:
+        rows, cols = results[LR_KEY].nunique(), results[STEP_KEY].nunique() + 1  # + the baseline column
+        assert sheet.width > 100 * cols * 0.9 and sheet.height > 100 * rows * 0.9
+    metrics = [c for c in results.columns if c.startswith("eval/") and c.count("/") == 1]
+    for metric in metrics:
+        assert (files / f"heatmap_{metric.split('/', 1)[1]}.png").is_file()
+    plots = report_plots(study)
+    assert plots["contact_sheet"] == files / "contact_sheet.png"
+    assert {f"heatmap_{m.split('/', 1)[1]}" for m in metrics} <= set(plots)
+    for trial_dir in io.StudyPaths(study).trial_dirs():
+        if (trial_dir / io.TRIAL_GRID).is_file():
+            assert (files / f"trial_{trial_dir.name}_grid.png").read_bytes() == (
+                trial_dir / io.TRIAL_GRID
+            ).read_bytes()
+
+
+def test_optuna_sections_follow_the_number_of_complete_trials(report):
+    study, _, md_path = report
+    results = pd.read_csv(study / "results.csv")
+    complete = int((results["state"] == "COMPLETE").sum())
+    md = md_path.read_text()
+    assert ((study / "report_files" / "optimization_history.png").is_file()) == (complete >= 2)
+    if complete >= 4:
+        assert (study / "report_files" / "param_importances.png").is_file()
+        assert "importance evaluator:" in md
+    else:
+        assert "parameter importances need at least" in md
+
+
+def test_report_with_failed_and_pruned_trials(finished_study, tmp_path):
+    study = copy_study(finished_study, tmp_path)
+    trials = [int(p.name) for p in io.StudyPaths(study).trial_dirs()]
+    failed, pruned = trials[-1], trials[0]
+    shutil.rmtree(io.StudyPaths(study).trial(failed) / io.TRIAL_SAMPLES, ignore_errors=True)
+    (io.StudyPaths(study).trial(failed) / io.TRIAL_GRID).unlink(missing_ok=True)
+    rewrite_trial(
+        study,
+        failed,
+        state="FAIL",
+        metrics={},
+        delta={},
+        objective=None,
+        fail_reason="training diverged: NaN loss",
+    )
+    rewrite_trial(
+        study, pruned, state="PRUNED", objective=None, fail_reason="pruned at step 2 by the median pruner"
+    )
+    html_path, md_path = build_report(study)
+    md = md_path.read_text()
+    assert "training diverged: NaN loss" in md and "pruned at step 2 by the median pruner" in md
+    assert f"| {failed:04d} | FAIL |" in md
+    assert "no images: training diverged" in md
+    assert (study / "report_files" / "contact_sheet.png").is_file()
+    loaded = load_study(study).results
+    assert f"Best feasible trial: {failed:04d}" not in md and f"Best feasible trial: {pruned:04d}" not in md
+    assert len(loaded) == len(trials)
+
+
+def test_single_parameter_sweep_skips_the_grid_figures_with_a_note(finished_study, tmp_path):
+    study = copy_study(finished_study, tmp_path)
+    info = io.read_json(study / "study.json")
+    info["params"] = [LR_KEY]
+    io.atomic_write_json(study / "study.json", info)
+    for trial_dir in io.StudyPaths(study).trial_dirs():
+        record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        record["params"] = {LR_KEY: record["params"][LR_KEY]}
+        io.atomic_write_json(trial_dir / io.TRIAL_METRICS, record)
+    write_results(io.StudyPaths(study))
+    _, md_path = build_report(study, tmp_path / "elsewhere")
+    md = md_path.read_text()
+    assert "no contact sheet: the study does not sweep both" in md
+    assert "no heatmaps" in md
+    assert not (tmp_path / "elsewhere" / "report_files" / "contact_sheet.png").exists()
+    assert md_path == tmp_path / "elsewhere" / "report.md"
+
+
+def test_cli_and_no_torch_import(finished_study, tmp_path, capsys):
+    study = copy_study(finished_study, tmp_path)
+    code = (
+        "import sys; from sdsweep.report import main; rc = main([sys.argv[1]]);"
+        "assert 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(study)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"report: {study / 'report.html'}" in done.stdout
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "not a sdsweep study folder" in capsys.readouterr().err
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
+
+
+# Written into the page after every image has loaded (or failed): one line the test parses.
+IMAGE_PROBE = """<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const out = document.createElement('pre');
+  out.id = 'image-probe';
+  out.textContent = JSON.stringify({total: imgs.length, broken: broken,
+    contact: imgs.filter(i => i.alt === 'contact sheet').map(i => i.naturalWidth)});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium not found: install it with `apt-get install -y chromium` (see `make test`)")
+    _, html_path, _ = report
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(html_path.read_text().replace("</body>", IMAGE_PROBE + "</body>"))
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe_page.as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="image-probe">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"no probe output; chromium said: {done.stderr[-2000:]}"
+    probe = json.loads(match.group(1).replace("&quot;", '"'))
+    assert probe["total"] == len(img_sources(html_path.read_text()))
+    assert probe["broken"] == []
+    with Image.open(html_path.parent / "report_files" / "contact_sheet.png") as sheet:
+        assert probe["contact"] == [sheet.width]
