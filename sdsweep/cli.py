@@ -66,6 +66,6 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
             f"best trial: {best.get('trial')} (objective {best.get('objective')}) weights: {best.get('weights_dir') or 'removed'}"
         )
     log(
-        f"report: python -m sdsweep.report {outcome.study_dir}   W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*"
+        f"W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*"
     )
     return 0

@@ -368,18 +368,23 @@ class SweepDriver:
         return self.outcome
 
     def track_study(self, frame) -> None:
-        from sdsweep import tracking
+        """Build the local report, then hand its plots and the trial table to the study-level W&B run."""
+        import pandas as pd
 
+        from sdsweep import report, tracking
+        from sdsweep.results import baseline_row
+
+        plots: dict[str, Path] = {}
         try:
-            from sdsweep.results import baseline_row
-
-            table = frame
-            base = baseline_row(self.paths)
-            if base is not None:
-                import pandas as pd
-
-                table = pd.concat([pd.DataFrame([base]), frame], ignore_index=True)
-            tracking.record_study(self.cfg, self.cfg.study, table, {}, self.paths.wandb)
+            html, _ = report.build_report(self.paths.root)
+            plots = report.report_plots(self.paths.root)
+            log(f"report: {html}")
+        except Exception as error:  # the report is a convenience; results.csv is the record
+            log(f"warning: report not built ({type(error).__name__}: {error})")
+        base = baseline_row(self.paths)
+        table = pd.concat([pd.DataFrame([base]), frame], ignore_index=True) if base is not None else frame
+        try:
+            tracking.record_study(self.cfg, self.cfg.study, table, plots, self.paths.wandb)
         except Exception as error:  # tracking never fails a sweep
             log(f"warning: study-level tracking failed ({error})")
 
