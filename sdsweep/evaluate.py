@@ -1,264 +1,455 @@
-"""Judge a pipeline the same way every time: fixed prompts and seeds, then metrics. Logs nothing.
+"""Judge a pipeline the same way every time: fixed prompts, fixed seeds, one sampler, one set of metrics.
 
-A metric that cannot be computed is recorded in ``missing`` with its reason; ``evaluate`` never
-raises because of one metric, so a sweep never dies in evaluation.
+``Evaluator`` is built once per run (it loads CLIP and the reference features once) and ``evaluate`` is
+called at every milestone. A metric that cannot be computed is recorded in ``missing`` with the reason;
+``evaluate`` never raises, so one broken metric never loses a trial. Impossible *configuration* (no
+prompts, a missing reference folder, a CLIP model that is not available offline) raises at construction,
+before any image is generated.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import textwrap
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from sdsweep import io, metrics
 from sdsweep.config import Config, ConfigError
+from sdsweep.models import make_inference_scheduler
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float] = field(default_factory=dict)
-    missing: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    metrics: dict[str, float]
+    missing: dict[str, str]  # metric key -> why it could not be computed
+    warnings: list[str]
+    images: list[Image.Image]
+    prompts: list[str]  # one per image
+    seeds: list[int]  # one per image
+    grid: Image.Image
+    seconds: float
+
+
+# ---- generation ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleSpec:
+    prompt_index: int
+    prompt: str
+    seed: int
+
+
+@dataclass
+class Generated:
+    specs: list[SampleSpec]
+    arrays: list[np.ndarray] = field(default_factory=list)  # float (H,W,3) in [0,1]; NaN kept visible
     images: list[Image.Image] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    grid: Image.Image | None = None
-    seconds: float = 0.0
+    features: torch.Tensor | None = None  # FID/KID features, computed on first use and shared by both
 
 
-def to_pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.nan_to_num(array, nan=0.0).clip(0, 1) * 255).round().astype(np.uint8))
+def sample_plan(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -> list[SampleSpec]:
+    """Image i of every prompt uses ``seed + i``, so every trial sees the same starting noise."""
+    return [
+        SampleSpec(p, prompt, seed + i)
+        for p, prompt in enumerate(prompts)
+        for i in range(num_images_per_prompt)
+    ]
 
 
-@torch.no_grad()
-def generate(pipeline, cfg: Config, prompts: list[str] | None = None) -> tuple[list[np.ndarray], list[str], list[int]]:
-    """Images in [0,1] as float arrays (NaN stays visible), in prompt-major order, batched."""
-    prompts = list(prompts or cfg.eval.prompts)
-    if not prompts:
-        raise ConfigError("eval.prompts is empty: give at least one validation prompt.")
-    resolution = cfg.eval.resolution or cfg.model.resolution
-    jobs = [(p, cfg.eval.seed + i) for p in prompts for i in range(cfg.eval.num_images_per_prompt)]
-    device = pipeline.device
-    arrays: list[np.ndarray] = []
-    for start in range(0, len(jobs), cfg.eval.batch_size):
-        chunk = jobs[start : start + cfg.eval.batch_size]
-        # One generator per image: an image depends on its own seed, not on how it was batched.
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
-        out = pipeline(
-            [p for p, _ in chunk],
-            num_inference_steps=cfg.eval.num_inference_steps,
-            guidance_scale=cfg.eval.guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            output_type="np",
-        ).images
-        arrays.extend(np.asarray(a, dtype=np.float32) for a in out)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return arrays, [p for p, _ in jobs], [s for _, s in jobs]
+def generate(
+    pipeline,
+    plan: Sequence[SampleSpec],
+    *,
+    scheduler: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    batch_size: int,
+) -> Generated:
+    """Run the pipeline over the plan in batches; one generator per image makes results batch-independent."""
+    result = Generated(specs=list(plan))
+    original_scheduler = pipeline.scheduler
+    # Swap the sampler in for the evaluation only: the caller's pipeline is left as it was given.
+    pipeline.scheduler = make_inference_scheduler(scheduler, original_scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    try:
+        for start in range(0, len(plan), batch_size):
+            chunk = plan[start : start + batch_size]
+            output = pipeline(
+                prompt=[spec.prompt for spec in chunk],
+                generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in chunk],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
+            )
+            result.arrays.extend(np.asarray(image, dtype=np.float32) for image in output.images)
+    finally:
+        pipeline.scheduler = original_scheduler
+    result.images = [metrics.float_to_pil(array) for array in result.arrays]
+    return result
 
 
-def labelled_grid(images: list[Image.Image], prompts: list[str], seeds: list[int], cell: int = 128) -> Image.Image:
-    """Rows = prompts, columns = seeds, with the prompt and seed written on each row/column."""
-    row_prompts = list(dict.fromkeys(prompts))
-    col_seeds = list(dict.fromkeys(seeds))
-    label_w, label_h = 180, 16
-    grid = Image.new("RGB", (label_w + cell * len(col_seeds), label_h + cell * len(row_prompts)), "white")
+# ---- grid and files --------------------------------------------------------------------------------------
+def make_grid(
+    images: Sequence[Image.Image], specs: Sequence[SampleSpec], prompts: Sequence[str]
+) -> Image.Image:
+    """Rows = prompts, columns = seeds, with the prompt text on the left and the seed above each column."""
+    font = ImageFont.load_default()
+    seeds = sorted({spec.seed for spec in specs})
+    side = max([MIN_GRID_CELL] + [max(image.size) for image in images])
+    label_width, header = 170, 20
+    grid = Image.new("RGB", (label_width + side * len(seeds), header + side * max(1, len(prompts))), "white")
     draw = ImageDraw.Draw(grid)
-    for c, seed in enumerate(col_seeds):
-        draw.text((label_w + c * cell + 4, 2), f"seed {seed}", fill="black")
-    for r, prompt in enumerate(row_prompts):
-        text = prompt if len(prompt) <= 28 else prompt[:27] + "…"
-        draw.text((4, label_h + r * cell + cell // 2 - 6), text, fill="black")
-    for image, prompt, seed in zip(images, prompts, seeds):
-        r, c = row_prompts.index(prompt), col_seeds.index(seed)
-        grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label_w + c * cell, label_h + r * cell))
+    for column, seed in enumerate(seeds):
+        draw.text((label_width + column * side + 4, 4), f"seed {seed}", fill="black", font=font)
+    for row, prompt in enumerate(prompts):
+        lines = textwrap.wrap(f"p{row:02d}: {prompt}", width=26)[:8]
+        draw.multiline_text((4, header + row * side + 4), "\n".join(lines), fill="black", font=font)
+    for image, spec in zip(images, specs):
+        # NEAREST keeps small samples crisp instead of blurring them into the label text's scale.
+        cell = image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+        grid.paste(cell, (label_width + seeds.index(spec.seed) * side, header + spec.prompt_index * side))
     return grid
 
 
+def save_outputs(
+    out_dir: Path, images: Sequence[Image.Image], specs: Sequence[SampleSpec], grid: Image.Image
+) -> None:
+    samples = out_dir / io.TRIAL_SAMPLES
+    for image, spec in zip(images, specs):
+        io.atomic_save_image(samples / io.sample_name(spec.prompt_index, spec.seed), image)
+    io.atomic_save_image(out_dir / io.TRIAL_GRID, grid)
+
+
+# ---- validation loss -------------------------------------------------------------------------------------
+@torch.no_grad()
+def validation_loss(method, batch: dict[str, Any], seed: int, timesteps: int) -> float:
+    """Mean loss over ``timesteps`` fixed draws of noise and timesteps: comparable across steps and trials."""
+    losses = []
+    cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # The global RNG is also seeded (inside a fork, so training's random stream is untouched): any draw a
+    # method makes without the generator (e.g. the VAE's latent_dist.sample()) must not change the score.
+    with torch.random.fork_rng(devices=cuda_devices):
+        for k in range(timesteps):
+            torch.manual_seed(seed + k)
+            loss, _ = method.compute_loss(batch, generator=torch.Generator().manual_seed(seed + k))
+            losses.append(float(loss.detach().float().cpu()))
+    return float(np.mean(losses))
+
+
+# ---- reference features ----------------------------------------------------------------------------------
+def load_reference_dir(folder: str | Path) -> list[Image.Image]:
+    """Every image in ``eval.reference_dir`` (sorted, so the cache key is stable)."""
+    path = Path(folder).expanduser()
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if not files:
+        raise ConfigError(
+            f"eval.reference_dir={str(folder)!r} is not a folder with images (.png/.jpg/.webp/.bmp). Point it at "
+            "the real images FID/KID should compare against, or set eval.reference_dir=null to use the held-out images."
+        )
+    images = []
+    for file in files:
+        with Image.open(file) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+def reference_key(images: Sequence[Image.Image], feature_id: str, resolution: int) -> str:
+    digest = hashlib.sha256(f"{feature_id}|{resolution}|{len(images)}".encode())
+    for image in images:
+        digest.update(f"{image.size}".encode())
+        digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_reference_features(
+    cache_dir: Path, key: str, compute: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, bool]:
+    """(features, came_from_cache). Computed once per study; trials and re-runs read the file."""
+    from safetensors.torch import load_file, save
+
+    path = cache_dir / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["features"], True
+        except Exception:  # an unreadable cache file is rebuilt, never fatal
+            pass
+    features = compute().contiguous()
+    io.atomic_write_bytes(path, save({"features": features}))
+    return features, False
+
+
+# ---- the evaluator ---------------------------------------------------------------------------------------
+def _reason(error: BaseException) -> str:
+    """A one-line reason for ``missing``; unexpected errors also say where they happened."""
+    if isinstance(error, metrics.MetricUnavailable):
+        return str(error)
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    where = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
 class Evaluator:
-    """Loads CLIP and the reference features once, then evaluates any number of pipelines."""
+    """Loads CLIP, the FID/KID feature extractor and the reference features once; then judges pipelines."""
 
     def __init__(
         self,
         cfg: Config,
         study_paths: io.StudyPaths,
-        device: torch.device,
-        reference_images: list[Image.Image],
-        instance_images: list[Image.Image] | None = None,
+        device: torch.device | str,
+        reference_images: Sequence[Image.Image],
+        instance_images: Sequence[Image.Image] | None = None,
     ):
-        if not cfg.eval.prompts:
-            raise ConfigError("eval.prompts is empty: give at least one validation prompt.")
-        self.cfg, self.paths, self.device = cfg, study_paths, device
-        self.instance_images = instance_images or []
-        self.warnings: list[str] = []
-        self.unavailable: dict[str, str] = {}
-        self.clip = None
-        wanted = set(cfg.eval.metrics)
-        if wanted & {"clip_score", "clip_i", "fid", "kid"}:
-            # An unloadable CLIP is a configuration error: it is raised here, before any training.
-            self.clip = metrics.load_clip(cfg.eval.clip_model, cfg.paths.cache, device)
-        self.safety = None
-        if cfg.eval.safety_checker and "appropriate_rate" in wanted:
-            try:
-                self.safety = metrics.SafetyChecker(cfg.eval.safety_checker, device)
-            except metrics.MetricUnavailable as error:
-                self.warnings.append(f"{error}; appropriate_rate uses the degenerate-image check only")
-        self.feature = None
-        self.reference_features = None
-        if wanted & {"fid", "kid"}:
-            self._prepare_reference(self._reference_images(reference_images))
-
-    def _reference_images(self, given: list[Image.Image]) -> list[Image.Image]:
-        folder = self.cfg.eval.reference_dir
-        if not folder:
-            return given
-        files = sorted(p for p in Path(folder).expanduser().iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-        images = []
-        for path in files:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        return images
-
-    def _feature_module(self):
-        choice = self.cfg.eval.fid_features
-        if choice == "auto":
-            choice = "inception" if importlib.util.find_spec("torch_fidelity") else "clip"
-            self.warnings.append(f"FID/KID features: {choice} (eval.fid_features=auto)")
-        if choice == "inception":
-            return metrics.inception_features()
-        return metrics.CLIPImageFeatures(*self.clip)
-
-    def _prepare_reference(self, images: list[Image.Image]) -> None:
-        from safetensors.torch import load_file, save_file
-
-        try:
-            self.feature = self._feature_module()
-        except metrics.MetricUnavailable as error:
-            self.unavailable["fid"] = self.unavailable["kid"] = str(error)
-            return
-        if len(images) < 2:
-            self.unavailable["fid"] = self.unavailable["kid"] = f"the reference set has {len(images)} image(s); FID/KID need at least 2"
-            return
-        digest = hashlib.sha256(self.feature.name.encode())
-        for image in images:
-            digest.update(image.tobytes())
-        path = self.paths.cache / "reference" / f"{digest.hexdigest()[:24]}.safetensors"
-        if path.exists():
-            self.reference_features = load_file(str(path))["features"]
-            return
-        self.reference_features = metrics.extract_features(self.feature, images)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"features": self.reference_features.contiguous()}, str(tmp))
-        tmp.replace(path)
-
-    # ---- evaluation ---------------------------------------------------------------------------------
-    def val_loss_only(self, method, heldout_batch: dict[str, Any]) -> float:
-        """Mean loss over fixed noise and timesteps (seeded per repeat): comparable across trials."""
-        losses = []
-        with torch.no_grad():
-            for k in range(self.cfg.eval.val_loss_timesteps):
-                generator = torch.Generator().manual_seed(self.cfg.eval.seed + k)
-                loss, _ = method.compute_loss(heldout_batch, generator=generator)
-                losses.append(float(loss))
-        return float(np.mean(losses))
-
-    def evaluate(self, pipeline, method=None, heldout_batch=None, out_dir: Path | None = None, label: str = "") -> EvalResult:
-        started = time.perf_counter()
-        result = EvalResult(warnings=list(self.warnings))
-        wanted = list(self.cfg.eval.metrics)
-        arrays, result.prompts, result.seeds = generate(pipeline, self.cfg)
-        result.images = [to_pil(a) for a in arrays]
-
-        def attempt(name: str, compute) -> None:
-            if name not in wanted:
-                return
-            if name in self.unavailable:
-                result.missing[name] = self.unavailable[name]
-                return
-            try:
-                compute()
-            except Exception as error:  # recorded, never raised: one metric must not fail a trial
-                result.missing[name] = f"{type(error).__name__}: {error}"
-
-        usable = [i for i, a in enumerate(arrays) if metrics.degenerate_reason(a) != "nan"]
-
-        def clip_scores() -> None:
-            model, processor = self.clip
-            if not usable:
-                raise metrics.MetricUnavailable("every generated image is NaN")
-            images = [result.images[i] for i in usable]
-            prompts = [result.prompts[i] for i in usable]
-            result.metrics["eval/clip_score"] = metrics.clip_score(model, processor, images, prompts)
-            for index, prompt in enumerate(self.cfg.eval.prompts):
-                picks = [i for i in usable if result.prompts[i] == prompt]
-                if picks:
-                    result.metrics[f"eval/clip_score/p{index}"] = metrics.clip_score(
-                        model, processor, [result.images[i] for i in picks], [prompt] * len(picks)
-                    )
-
-        def fid() -> None:
-            fake = metrics.extract_features(self.feature, result.images)
-            result.metrics["eval/fid"] = metrics.fid_from_features(self.reference_features, fake)
-            n = min(len(fake), len(self.reference_features))
-            result.metrics["eval/fid_reliable"] = float(n >= self.cfg.eval.min_reliable_fid_images)
-            if n < self.cfg.eval.min_reliable_fid_images:
-                result.warnings.append(f"FID on {n} images is unreliable (fewer than {self.cfg.eval.min_reliable_fid_images})")
-            self._fake_features = fake
-
-        def kid() -> None:
-            fake = getattr(self, "_fake_features", None)
-            fake = fake if fake is not None else metrics.extract_features(self.feature, result.images)
-            subset = min(self.cfg.eval.kid_subset_size, len(fake), len(self.reference_features))
-            if subset < self.cfg.eval.kid_subset_size:
-                result.warnings.append(f"KID subset size shrunk from {self.cfg.eval.kid_subset_size} to {subset} (small sets)")
-            result.metrics["eval/kid"], result.metrics["eval/kid_std"] = metrics.kid_from_features(
-                self.reference_features, fake, subset
+        self.cfg, self.device = cfg, torch.device(device)
+        ev = cfg.eval
+        if not ev.prompts or any(not str(p).strip() for p in ev.prompts):
+            raise ConfigError(
+                f"eval.prompts={list(ev.prompts)!r}: give at least one non-empty validation prompt, "
+                "e.g. eval.prompts='[a photo of sks]'."
             )
+        self.wanted = list(dict.fromkeys(ev.metrics))
+        self.resolution = ev.resolution or cfg.model.resolution
+        self.plan = sample_plan(list(ev.prompts), ev.num_images_per_prompt, ev.seed)
+        self.reference_cache = study_paths.cache / "reference"
+        self.static_warnings: list[str] = []
+        self._feature_error: str | None = None
+        self._reference: torch.Tensor | None = None
+        self.reference_from_cache: bool | None = None  # set once the reference features are known
 
-        def clip_i() -> None:
-            if not self.instance_images:
-                raise metrics.MetricUnavailable("no instance images given")
-            result.metrics["eval/clip_i"] = metrics.clip_i(*self.clip, result.images, self.instance_images)
+        references = load_reference_dir(ev.reference_dir) if ev.reference_dir else list(reference_images)
+        self.reference_images = [metrics.square_resize(image, self.resolution) for image in references]
+        self.instance_images = [metrics.square_resize(i, self.resolution) for i in instance_images or []]
 
-        def appropriate() -> None:
-            flags = self.safety.flags(arrays) if self.safety is not None else None
-            result.metrics["eval/appropriate_rate"] = metrics.appropriate_rate(arrays, flags)
+        wants_features = bool({"fid", "kid"} & set(self.wanted))
+        self.feature_kind = self._choose_feature_kind() if wants_features else None
+        needs_clip = bool({"clip_score", "clip_i"} & set(self.wanted)) or self.feature_kind == "clip"
+        self.clip_model, self.clip_processor = (None, None)
+        if needs_clip:  # CLIPUnavailableError propagates: a config problem, reported before any generation
+            self.clip_model, self.clip_processor = metrics.load_clip(
+                ev.clip_model, cfg.paths.cache, self.device
+            )
+        self.feature = self._build_feature_extractor() if wants_features else None
+        self.safety_checker = self._load_safety_checker() if ev.safety_checker else None
 
-        def val_loss() -> None:
-            if method is None or heldout_batch is None:
-                raise metrics.MetricUnavailable("no method/held-out batch given")
-            result.metrics["eval/val_loss"] = self.val_loss_only(method, heldout_batch)
+    # -- construction helpers
+    def _choose_feature_kind(self) -> str:
+        kind = self.cfg.eval.fid_features
+        if kind != "auto":
+            return kind
+        if metrics.torch_fidelity_available():
+            self.static_warnings.append(
+                "eval.fid_features=auto: using Inception features (torch-fidelity found)."
+            )
+            return "inception"
+        self.static_warnings.append(
+            "eval.fid_features=auto: torch-fidelity is not installed, so FID/KID use CLIP image features; "
+            "they rank trials but are not comparable with published Inception FIDs."
+        )
+        return "clip"
 
-        self._fake_features = None
-        for name, compute in [
-            ("clip_score", clip_scores),
-            ("fid", fid),
-            ("kid", kid),
-            ("clip_i", clip_i),
-            ("appropriate_rate", appropriate),
-            ("val_loss", val_loss),
-        ]:
-            attempt(name, compute)
-        result.grid = labelled_grid(result.images, result.prompts, result.seeds)
+    def _build_feature_extractor(self) -> torch.nn.Module | None:
+        try:
+            if self.feature_kind == "inception":
+                return metrics.inception_features().to(self.device)
+            # The resolved folder (not just "tiny") keys the cache, so a rebuilt CLIP never hits stale stats.
+            source = getattr(self.clip_model, "name_or_path", "") or self.cfg.eval.clip_model
+            return metrics.CLIPImageFeatures(self.clip_model, self.clip_processor, source)
+        except Exception as error:  # recorded per evaluation as missing FID/KID, never fatal
+            self._feature_error = f"no FID/KID feature extractor: {_reason(error)}"
+            return None
+
+    def _load_safety_checker(self) -> metrics.SafetyChecker | None:
+        try:
+            return metrics.SafetyChecker(self.cfg.eval.safety_checker, self.device)
+        except Exception as error:
+            self.static_warnings.append(f"{error} eval/appropriate_rate uses the degeneracy check only.")
+            return None
+
+    def reference_features(self) -> torch.Tensor:
+        """Reference features, computed once per study and cached under ``cache/reference``."""
+        if self._reference is None:
+            if self.feature is None:
+                raise metrics.MetricUnavailable(self._feature_error or "no feature extractor")
+            if len(self.reference_images) < 2:
+                raise metrics.MetricUnavailable(
+                    f"FID/KID need at least 2 reference images, got {len(self.reference_images)}; set "
+                    "eval.reference_dir or data.num_heldout >= 2."
+                )
+            key = reference_key(self.reference_images, self.feature.feature_id, self.resolution)
+            self._reference, self.reference_from_cache = cached_reference_features(
+                self.reference_cache,
+                key,
+                lambda: metrics.extract_features(
+                    self.feature, self.reference_images, self.cfg.eval.batch_size
+                ),
+            )
+        return self._reference
+
+    # -- public API
+    def val_loss_only(self, method, heldout_batch: dict[str, Any]) -> float:
+        """The fixed-seed validation loss alone: a cheap signal for pruning between full evaluations."""
+        return validation_loss(method, heldout_batch, self.cfg.eval.seed, self.cfg.eval.val_loss_timesteps)
+
+    def evaluate(
+        self,
+        pipeline,
+        method=None,
+        heldout_batch: dict[str, Any] | None = None,
+        out_dir: Path | None = None,
+        label: str = "",
+    ) -> EvalResult:
+        started = time.perf_counter()
+        ev = self.cfg.eval
+        values: dict[str, float] = {}
+        missing: dict[str, str] = {}
+        warnings = list(self.static_warnings)
+        prefix = f"{label}: " if label else ""
+        generated = Generated(specs=list(self.plan))
+        try:
+            generated = generate(
+                pipeline,
+                self.plan,
+                scheduler=ev.scheduler,
+                num_inference_steps=ev.num_inference_steps,
+                guidance_scale=ev.guidance_scale,
+                resolution=self.resolution,
+                batch_size=ev.batch_size,
+            )
+            nan_count = sum(not np.isfinite(a).all() for a in generated.arrays)
+            if nan_count:
+                warnings.append(
+                    f"{prefix}{nan_count} of {len(generated.arrays)} generated images contain NaN."
+                )
+        except Exception as error:  # no images: every image metric is missing, val_loss may still work
+            warnings.append(f"{prefix}generation failed: {_reason(error)}")
+            generation_error = f"generation failed: {_reason(error)}"
+        else:
+            generation_error = None
+
+        image_metrics = {
+            "clip_score": self._clip_score,
+            "fid": self._fid,
+            "kid": self._kid,
+            "clip_i": self._clip_i,
+            "appropriate_rate": self._appropriate_rate,
+        }
+        for name in self.wanted:
+            key = f"eval/{name}"
+            try:
+                if name == "val_loss":
+                    values[key] = self._val_loss(method, heldout_batch)
+                elif generation_error is not None:
+                    missing[key] = generation_error
+                else:
+                    values.update(image_metrics[name](generated, warnings))
+            except Exception as error:
+                missing[key] = _reason(error)
+
+        prompt_list = list(ev.prompts)
+        grid = make_grid(generated.images, generated.specs, prompt_list)
         if out_dir is not None:
-            self.save_images(result, Path(out_dir))
-        result.seconds = time.perf_counter() - started
-        return result
+            try:
+                save_outputs(Path(out_dir), generated.images, generated.specs, grid)
+            except OSError as error:  # a full disk must not lose the metrics themselves
+                warnings.append(f"{prefix}could not save samples/grid to {out_dir}: {error}")
+        return EvalResult(
+            metrics=values,
+            missing=missing,
+            warnings=list(dict.fromkeys(warnings)),
+            images=generated.images,
+            prompts=[spec.prompt for spec in generated.specs],
+            seeds=[spec.seed for spec in generated.specs],
+            grid=grid,
+            seconds=time.perf_counter() - started,
+        )
 
-    def save_images(self, result: EvalResult, out_dir: Path) -> None:
-        samples = out_dir / io.TRIAL_SAMPLES
-        samples.mkdir(parents=True, exist_ok=True)
-        prompt_index = {p: i for i, p in enumerate(self.cfg.eval.prompts)}
-        for image, prompt, seed in zip(result.images, result.prompts, result.seeds):
-            io.atomic_save_image(samples / io.sample_name(prompt_index[prompt], seed), image)
-        io.atomic_save_image(out_dir / io.TRIAL_GRID, result.grid)
+    # -- one method per metric; each returns {key: value} and may append warnings
+    def _clip_score(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+        prompts = [spec.prompt for spec in generated.specs]
+        out = {
+            "eval/clip_score": metrics.clip_score(
+                self.clip_model, self.clip_processor, generated.images, prompts
+            )
+        }
+        for index, prompt in enumerate(self.cfg.eval.prompts):
+            mine = [
+                image for image, spec in zip(generated.images, generated.specs) if spec.prompt_index == index
+            ]
+            out[f"eval/clip_score/p{index}"] = metrics.clip_score(
+                self.clip_model, self.clip_processor, mine, [prompt] * len(mine)
+            )
+        return out
+
+    def _generated_features(self, generated: Generated) -> torch.Tensor:
+        if generated.features is None:
+            if self.feature is None:
+                raise metrics.MetricUnavailable(self._feature_error or "no feature extractor")
+            generated.features = metrics.extract_features(
+                self.feature, generated.images, self.cfg.eval.batch_size
+            )
+        return generated.features
+
+    def _fid(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+        reference = self.reference_features()
+        value = metrics.frechet_distance(reference, self._generated_features(generated))
+        n = len(generated.images)
+        reliable = n >= self.cfg.eval.min_reliable_fid_images
+        if not reliable:
+            warnings.append(
+                f"FID on {n} images is unreliable (eval.min_reliable_fid_images={self.cfg.eval.min_reliable_fid_images}); "
+                "use it to rank trials of this study only."
+            )
+        return {"eval/fid": value, "eval/fid_reliable": 1.0 if reliable else 0.0}
+
+    def _kid(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+        reference = self.reference_features()
+        fake = self._generated_features(generated)
+        wanted = self.cfg.eval.kid_subset_size
+        subset = min(wanted, len(fake), len(reference))
+        if subset < wanted:
+            warnings.append(
+                f"KID subset size shrunk from eval.kid_subset_size={wanted} to {subset} "
+                f"({len(fake)} generated, {len(reference)} reference images)."
+            )
+        mean, _ = metrics.kernel_inception_distance(reference, fake, subset, seed=self.cfg.eval.seed)
+        return {"eval/kid": mean}
+
+    def _clip_i(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+        if not self.instance_images:
+            raise metrics.MetricUnavailable("no instance (training) images were given to the Evaluator")
+        return {
+            "eval/clip_i": metrics.clip_i(
+                self.clip_model, self.clip_processor, generated.images, self.instance_images
+            )
+        }
+
+    def _appropriate_rate(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+        unsafe = None
+        if self.safety_checker is not None:
+            try:
+                unsafe = self.safety_checker.unsafe(generated.arrays)
+            except Exception as error:
+                warnings.append(
+                    f"safety checker failed ({_reason(error)}); only the degeneracy check applied."
+                )
+        return {"eval/appropriate_rate": metrics.appropriate_rate(generated.arrays, unsafe)}
+
+    def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> float:
+        if method is None:
+            raise metrics.MetricUnavailable("no method given (a plain pipeline has no training loss)")
+        if heldout_batch is None:
+            raise metrics.MetricUnavailable("no held-out batch given (data.num_heldout=0?)")
+        return self.val_loss_only(method, heldout_batch)

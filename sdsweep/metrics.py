@@ -1,14 +1,17 @@
-"""Image metrics as plain functions and small modules: CLIP score, FID/KID, CLIP-I, appropriateness.
+"""Pure image metrics: CLIP score, FID/KID, CLIP-I and appropriateness (degeneracy + safety checker).
 
-FID and KID are computed from feature matrices, so reference features can be cached once per study
-and the feature extractor is injectable (Inception for real users, CLIP or a test module offline).
+Nothing here knows about configs, pipelines or study folders (that is ``evaluate.py``). FID and KID are
+computed by torchmetrics from *feature matrices*: the feature extractor runs once per image set and the
+reference features can be cached per study, while torchmetrics still does all the statistics. The feature
+extractor is injectable: the standard Inception where torch-fidelity exists, CLIP image embeddings
+offline, or any ``nn.Module`` with ``num_features`` in tests.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,15 +19,48 @@ from PIL import Image
 
 
 class MetricUnavailable(RuntimeError):
-    """A metric cannot be computed here; recorded as missing with this reason."""
+    """A metric cannot be computed here; the evaluator records it as missing with this message."""
 
 
-# ---- CLIP -------------------------------------------------------------------------------------------
-def _feature_clip_class():
+class CLIPUnavailableError(RuntimeError):
+    """The configured CLIP model cannot be loaded (offline, typo). Raised before any generation."""
+
+
+# ---- image conversion ------------------------------------------------------------------------------------
+def images_to_uint8(images: Sequence[Image.Image], device: torch.device | str = "cpu") -> torch.Tensor:
+    """PIL images of one size -> uint8 tensor [N,3,H,W] (what torchmetrics' image metrics expect)."""
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"Images of different sizes {sorted(sizes)} cannot be batched; resize them first "
+            "(e.g. with sdsweep.metrics.square_resize)."
+        )
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def square_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side to ``resolution`` then a centre crop, so reference photos match generated images."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - resolution) // 2, (height - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def float_to_pil(array: np.ndarray) -> Image.Image:
+    """An (H,W,3) float image in [0,1] -> PIL; NaN becomes black so a broken image is still saveable."""
+    clean = np.nan_to_num(array, nan=0.0, posinf=1.0, neginf=0.0).clip(0.0, 1.0)
+    return Image.fromarray((clean * 255).round().astype(np.uint8))
+
+
+# ---- CLIP model ------------------------------------------------------------------------------------------
+def _tensor_features_clip_class() -> type:
     from transformers import CLIPModel
 
-    class FeatureCLIPModel(CLIPModel):
-        """transformers 5 returns output objects from get_*_features; torchmetrics wants tensors."""
+    class TensorFeaturesCLIPModel(CLIPModel):
+        """transformers 5 returns output objects from ``get_*_features``; torchmetrics 1.9 needs tensors."""
 
         def get_image_features(self, *args, **kwargs):
             out = super().get_image_features(*args, **kwargs)
@@ -34,11 +70,14 @@ def _feature_clip_class():
             out = super().get_text_features(*args, **kwargs)
             return out if isinstance(out, torch.Tensor) else out.pooler_output
 
-    return FeatureCLIPModel
+    return TensorFeaturesCLIPModel
 
 
-def load_clip(name: str, cache: str | None = None, device: torch.device | None = None):
-    """(model, processor) for "tiny" (offline), a local folder or a hub ID; a clear error offline."""
+def load_clip(name: str, cache: str | None = None, device: torch.device | str = "cpu"):
+    """(model, processor) for ``"tiny"`` (built offline), a local folder or a hub ID.
+
+    Raises ``CLIPUnavailableError`` with the fix when the weights are neither local nor downloadable.
+    """
     from transformers import CLIPProcessor
 
     if name == "tiny":
@@ -48,151 +87,214 @@ def load_clip(name: str, cache: str | None = None, device: torch.device | None =
     else:
         source = os.path.expanduser(name)
     try:
-        model = _feature_clip_class().from_pretrained(source).eval()
+        model = _tensor_features_clip_class().from_pretrained(source)
         processor = CLIPProcessor.from_pretrained(source)
-    except Exception as error:
-        raise MetricUnavailable(
-            f"CLIP model {name!r} could not be loaded ({type(error).__name__}); offline it must already be in the "
-            "Hugging Face cache. Download it once, or set eval.clip_model to a local folder, or eval.clip_model=tiny."
+    except Exception as error:  # offline, missing, gated or misspelt: the fix is the same
+        raise CLIPUnavailableError(
+            f"CLIP model {name!r} could not be loaded offline ({type(error).__name__}: {str(error)[:200]}); "
+            "download it once or set eval.clip_model to a local folder / 'tiny'."
         ) from None
-    return model.to(device or "cpu"), processor
+    model.requires_grad_(False)
+    return model.eval().to(device), processor
 
 
-def images_to_uint8(images: list[Image.Image]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"))).permute(2, 0, 1) for i in images])
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
-def clip_score(model, processor, images: list[Image.Image], prompts: list[str]) -> float:
-    """torchmetrics CLIPScore (100 x cosine, clipped at 0), averaged over images."""
+# ---- CLIP score / CLIP-I ---------------------------------------------------------------------------------
+def clip_score(model, processor, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+    """torchmetrics ``CLIPScore`` (100 x cosine similarity, floored at 0), averaged over the pairs."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
+    if len(images) != len(prompts) or not images:
+        raise ValueError(
+            f"CLIP score needs one prompt per image (got {len(images)} images, {len(prompts)} prompts)."
+        )
     metric = CLIPScore(model_name_or_path=lambda: (model, processor))
-    metric.update(images_to_uint8(images), prompts)
+    # torchmetrics moves the model to the images' device, so keep them where the model lives.
+    metric.update(list(images_to_uint8(images, _model_device(model))), list(prompts))
     return float(metric.compute())
 
 
 @torch.no_grad()
-def clip_image_embeddings(model, processor, images: list[Image.Image]) -> torch.Tensor:
-    inputs = processor(images=[i.convert("RGB") for i in images], return_tensors="pt")
-    pixel_values = inputs["pixel_values"].to(next(model.parameters()).device)
-    features = model.get_image_features(pixel_values=pixel_values)
+def clip_image_embeddings(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Unit-length CLIP image embeddings [N, D] on the CPU."""
+    inputs = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+    features = model.get_image_features(pixel_values=inputs["pixel_values"].to(_model_device(model)))
     return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
 
-def clip_i(model, processor, generated: list[Image.Image], instances: list[Image.Image]) -> float:
-    """Subject fidelity: mean cosine similarity of every generated image to every instance image."""
-    a = clip_image_embeddings(model, processor, generated)
-    b = clip_image_embeddings(model, processor, instances)
-    return float((a @ b.T).mean())
+def clip_i(model, processor, generated: Sequence[Image.Image], instances: Sequence[Image.Image]) -> float:
+    """Subject fidelity (DreamBooth's CLIP-I): mean cosine similarity over all generated x instance pairs."""
+    if not generated or not instances:
+        raise MetricUnavailable("CLIP-I needs generated images and at least one instance image.")
+    return float(
+        (
+            clip_image_embeddings(model, processor, generated)
+            @ clip_image_embeddings(model, processor, instances).T
+        ).mean()
+    )
 
 
+# ---- feature extractors for FID / KID --------------------------------------------------------------------
 class CLIPImageFeatures(torch.nn.Module):
-    """uint8 images [N,3,H,W] -> CLIP image embeddings; a FID/KID feature extractor without downloads."""
+    """uint8 images [N,3,H,W] -> CLIP image embeddings: a FID/KID feature space that needs no download."""
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, name: str):
         super().__init__()
         self.model, self.processor = model, processor
         self.num_features = int(model.config.projection_dim)
-        self.name = f"clip:{getattr(model.config, '_name_or_path', '') or 'local'}"
+        self.feature_id = f"clip:{name}"  # part of the reference-statistics cache key
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pil = [Image.fromarray(i.permute(1, 2, 0).cpu().numpy()) for i in images]
+        pil = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in images]
         inputs = self.processor(images=pil, return_tensors="pt")
-        out = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(next(self.model.parameters()).device))
-        return out.float().cpu()
+        return self.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(_model_device(self.model))
+        ).float()
+
+
+def torch_fidelity_available() -> bool:
+    return importlib.util.find_spec("torch_fidelity") is not None
 
 
 def inception_features() -> torch.nn.Module:
-    """The standard FID Inception network (needs torch-fidelity and its weights on the user's machine)."""
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise MetricUnavailable("eval.fid_features=inception needs torch-fidelity (and its Inception weights)")
-    from torchmetrics.image.fid import NoTrainInceptionV3
+    """The standard 2048-d FID Inception, exactly as torchmetrics builds it for ``feature=2048``."""
+    if not torch_fidelity_available():
+        raise MetricUnavailable(
+            "eval.fid_features=inception needs torch-fidelity (and its Inception weights), which is not installed "
+            "here; set eval.fid_features=clip or auto."
+        )
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    module = FrechetInceptionDistance(feature=2048).inception
     module.num_features = 2048
-    module.name = "inception-v3-2048"
+    module.feature_id = "inception-v3-2048"
     return module
 
 
 @torch.no_grad()
-def extract_features(feature: torch.nn.Module, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
-    chunks = [feature(images_to_uint8(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks).double()
+def extract_features(
+    feature: torch.nn.Module, images: Sequence[Image.Image], batch_size: int = 16
+) -> torch.Tensor:
+    """Feature matrix [N, D] (float64, CPU) of PIL images of one size, in batches."""
+    device = _model_device(feature) if any(True for _ in feature.parameters()) else torch.device("cpu")
+    chunks = [
+        feature(images_to_uint8(images[start : start + batch_size], device)).double().cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
 
 
-# ---- FID / KID from features --------------------------------------------------------------------------
-def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets."""
-    real, fake = real.double(), fake.double()
-    mu1, mu2 = real.mean(0), fake.mean(0)
-    cov1, cov2 = torch.cov(real.T), torch.cov(fake.T)
-    # tr(sqrt(C1 C2)) = sum of sqrt of the eigenvalues of C1 C2 (real, >= 0 up to rounding).
-    eigenvalues = torch.linalg.eigvals(cov1 @ cov2).real.clamp(min=0)
-    value = (mu1 - mu2).square().sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * eigenvalues.sqrt().sum()
-    return float(value.clamp(min=0))
+class _PrecomputedFeatures(torch.nn.Module):
+    """Identity 'extractor': lets torchmetrics' FID/KID consume feature matrices computed (or cached) earlier."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
-def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int = 100, seed: int = 0) -> tuple[float, float]:
-    """Unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets (mean, std)."""
-    real, fake = real.double(), fake.double()
-    n = subset_size
-    if n < 2 or len(real) < n or len(fake) < n:
-        raise MetricUnavailable(f"KID needs at least 2 images per set and subset size <= set sizes (got {n}, {len(real)}, {len(fake)})")
-    dim = real.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(subsets):
-        x = real[torch.randperm(len(real), generator=generator)[:n]]
-        y = fake[torch.randperm(len(fake), generator=generator)[:n]]
-        kxx = (x @ x.T / dim + 1) ** 3
-        kyy = (y @ y.T / dim + 1) ** 3
-        kxy = (x @ y.T / dim + 1) ** 3
-        mmd = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-        values.append(float(mmd - 2 * kxy.mean()))
-    tensor = torch.tensor(values)
-    return float(tensor.mean()), float(tensor.std()) if len(values) > 1 else 0.0
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """torchmetrics ``FrechetInceptionDistance`` on two feature matrices (needs >= 2 rows each)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise MetricUnavailable(
+            f"FID needs at least 2 images per set (got {len(real)} reference, {len(fake)} generated)."
+        )
+    # torchmetrics' FID uses torch.linalg.eigvals for the matrix square root: no scipy needed.
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]))
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    # FID is >= 0 by definition; the eigenvalue square root can dip a hair below for identical sets.
+    return max(0.0, float(metric.compute()))
 
 
-# ---- appropriateness ----------------------------------------------------------------------------------
-def degenerate_reason(array: np.ndarray, min_std: float = 0.02, black_level: float = 0.04) -> str | None:
-    """Why an image in [0,1] (H,W,3) is unusable, or None: NaN, near-constant, or (near) black."""
+def kernel_inception_distance(
+    real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int = 100, seed: int = 0
+) -> tuple[float, float]:
+    """torchmetrics ``KernelInceptionDistance`` (mean, std) with seeded subset sampling."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if subset_size < 2 or len(real) < subset_size or len(fake) < subset_size:
+        raise MetricUnavailable(
+            f"KID needs a subset size of at least 2 and no larger than either set "
+            f"(subset {subset_size}, {len(real)} reference, {len(fake)} generated)."
+        )
+    with warnings.catch_warnings():  # "KID keeps all features in memory": intended, our sets are small
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(
+            feature=_PrecomputedFeatures(real.shape[1]), subset_size=subset_size, subsets=subsets
+        )
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    # torchmetrics draws subsets with the global RNG; fork it so the score is reproducible and the
+    # caller's random state (e.g. a training loop's) is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+# ---- appropriateness -------------------------------------------------------------------------------------
+MIN_PIXEL_STD = 0.02  # below this an image is a flat colour (a collapsed model), not a picture
+BLACK_LEVEL = 0.04  # a pixel darker than ~10/255 on every channel counts as black
+MAX_BLACK_SHARE = 0.9  # the SD safety checker's "black image" replacement, or a dead decoder
+
+
+def degenerate_reason(array: np.ndarray) -> str | None:
+    """Why an (H,W,3) float image in [0,1] is unusable ("nan", "black", "constant"), or None if it is fine."""
     if not np.isfinite(array).all():
         return "nan"
-    if float(array.mean()) < black_level:
+    if float((array.max(axis=-1) < BLACK_LEVEL).mean()) >= MAX_BLACK_SHARE:
         return "black"
-    if float(array.std()) < min_std:
+    if float(array.std()) < MIN_PIXEL_STD:
         return "constant"
     return None
 
 
-def appropriate_rate(arrays: list[np.ndarray], nsfw_flags: list[bool] | None = None) -> float:
-    flags = nsfw_flags or [False] * len(arrays)
-    good = [degenerate_reason(a) is None and not flagged for a, flagged in zip(arrays, flags)]
-    return float(np.mean(good)) if good else 0.0
+def pil_to_float(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def appropriate_rate(arrays: Sequence[np.ndarray], unsafe: Sequence[bool] | None = None) -> float:
+    """Share of images that are neither degenerate nor flagged unsafe."""
+    if not arrays:
+        raise MetricUnavailable("appropriate_rate needs at least one image.")
+    flags = list(unsafe) if unsafe is not None else [False] * len(arrays)
+    good = [degenerate_reason(a) is None and not flag for a, flag in zip(arrays, flags, strict=True)]
+    return float(np.mean(good))
 
 
 class SafetyChecker:
-    """The SD safety checker, loaded only when eval.safety_checker names one."""
+    """The Stable Diffusion safety checker, loaded only when ``eval.safety_checker`` names one."""
 
-    def __init__(self, source: str, device: torch.device):
+    def __init__(self, source: str, device: torch.device | str = "cpu"):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
         try:
-            self.model = StableDiffusionSafetyChecker.from_pretrained(source).to(device).eval()
-            self.processor = CLIPImageProcessor.from_pretrained(source)
+            self.model = (
+                StableDiffusionSafetyChecker.from_pretrained(os.path.expanduser(source)).to(device).eval()
+            )
+            self.processor = CLIPImageProcessor.from_pretrained(os.path.expanduser(source))
         except Exception as error:
-            raise MetricUnavailable(f"safety checker {source!r} could not be loaded offline ({type(error).__name__})") from None
-        self.device = device
+            raise MetricUnavailable(
+                f"safety checker {source!r} could not be loaded offline ({type(error).__name__}); only the "
+                "degeneracy check applies. Download it once or set eval.safety_checker to a local folder."
+            ) from None
+        self.device = torch.device(device)
 
     @torch.no_grad()
-    def flags(self, arrays: list[np.ndarray]) -> list[bool]:
-        safe = [np.nan_to_num(a) for a in arrays]
-        inputs = self.processor([Image.fromarray((a * 255).astype(np.uint8)) for a in safe], return_tensors="pt")
-        _, flagged = self.model(images=np.stack(safe), clip_input=inputs.pixel_values.to(self.device))
-        return [bool(f) for f in flagged]
-
-
-def feature_cache_path(folder: Path, key: str) -> Path:
-    return folder / f"{key}.safetensors"
+    def unsafe(self, arrays: Sequence[np.ndarray]) -> list[bool]:
+        clean = [np.nan_to_num(a).clip(0, 1) for a in arrays]
+        inputs = self.processor([float_to_pil(a) for a in clean], return_tensors="pt")
+        _, flagged = self.model(images=np.stack(clean), clip_input=inputs["pixel_values"].to(self.device))
+        return [bool(flag) for flag in flagged]
