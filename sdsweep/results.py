@@ -12,7 +12,9 @@ from sdsweep import io
 LEADING_COLUMNS = ["trial", "state", "model", "method", "learning_rate", "max_train_steps"]
 
 
-def trial_rows(paths: io.StudyPaths, optuna_trials: list[Any] | None = None) -> list[dict[str, Any]]:
+def trial_rows(
+    paths: io.StudyPaths, optuna_trials: list[Any] | None = None, superseded: set[int] | None = None
+) -> list[dict[str, Any]]:
     """Rows from each trial's metrics.json; Optuna's view fills in trials that never wrote one."""
     from sdsweep.study_store import FAIL_REASON, SUPERSEDED
 
@@ -23,7 +25,7 @@ def trial_rows(paths: io.StudyPaths, optuna_trials: list[Any] | None = None) -> 
             continue
         row = _row_from_record(record, trial_dir)
         rows[row["trial"]] = row
-    superseded: set[int] = set()
+    superseded = set(superseded or ())
     for frozen in optuna_trials or []:
         if frozen.user_attrs.get(SUPERSEDED):
             superseded.add(frozen.number)
@@ -68,8 +70,10 @@ def baseline_row(paths: io.StudyPaths) -> dict[str, Any] | None:
     return row
 
 
-def build_results(paths: io.StudyPaths, optuna_trials: list[Any] | None = None) -> pd.DataFrame:
-    frame = pd.DataFrame(trial_rows(paths, optuna_trials))
+def build_results(
+    paths: io.StudyPaths, optuna_trials: list[Any] | None = None, superseded: set[int] | None = None
+) -> pd.DataFrame:
+    frame = pd.DataFrame(trial_rows(paths, optuna_trials, superseded))
     if frame.empty:
         return pd.DataFrame(columns=LEADING_COLUMNS)
     first = [c for c in LEADING_COLUMNS if c in frame.columns]
@@ -80,8 +84,10 @@ def build_results(paths: io.StudyPaths, optuna_trials: list[Any] | None = None) 
     return frame[first + params + metrics + deltas + rest].sort_values("trial").reset_index(drop=True)
 
 
-def write_results(paths: io.StudyPaths, optuna_trials: list[Any] | None = None) -> pd.DataFrame:
-    frame = build_results(paths, optuna_trials)
+def write_results(
+    paths: io.StudyPaths, optuna_trials: list[Any] | None = None, superseded: set[int] | None = None
+) -> pd.DataFrame:
+    frame = build_results(paths, optuna_trials, superseded)
     io.atomic_write_dataframe(paths.results_csv, frame)
     try:
         # Mixed-type object columns (None + str) are fine for CSV but pyarrow wants one type.

@@ -103,7 +103,9 @@ class SweepDriver:
             owner_host, _, owner_pid = owner.partition(":")
             if owner_host == host and owner_pid.isdigit() and pid_alive(int(owner_pid)) and owner != self.me:
                 continue  # another driver on this machine is still working on it
+            # Attributes first: a finished trial can no longer be changed.
             self.study._storage.set_trial_user_attr(frozen._trial_id, INTERRUPTED, True)
+            self.study._storage.set_trial_user_attr(frozen._trial_id, SUPERSEDED, True)
             self.study._storage.set_trial_user_attr(
                 frozen._trial_id, FAIL_REASON, "interrupted: the sweep process was killed during this trial"
             )
@@ -117,18 +119,28 @@ class SweepDriver:
             log(f"resuming: {recovered} interrupted trial(s) marked FAIL and their grid points queued again")
         return recovered
 
+    def superseded(self) -> set[int]:
+        """Trials whose grid point was queued again; kept in storage, left out of results."""
+        marked = {t.number for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(SUPERSEDED)}
+        return marked | set(self.study.user_attrs.get(SUPERSEDED, []))
+
+    def supersede(self, number: int) -> None:
+        numbers = set(self.study.user_attrs.get(SUPERSEDED, []))
+        if number not in numbers:
+            self.study.set_user_attr(SUPERSEDED, sorted(numbers | {number}))
+
     def decided_points(self) -> dict[str, list[optuna.trial.FrozenTrial]]:
         """Grid points that already have an outcome that should stand."""
         decided: dict[str, list[optuna.trial.FrozenTrial]] = {}
         for frozen in self.study.get_trials(deepcopy=False):
             key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
-            if frozen.user_attrs.get(SUPERSEDED):
+            if frozen.user_attrs.get(SUPERSEDED) or frozen.number in self.study.user_attrs.get(SUPERSEDED, []):
                 continue
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 decided.setdefault(key, []).append(frozen)
             elif frozen.state == TrialState.FAIL:
                 if frozen.user_attrs.get(INTERRUPTED) or self.sweep.retry_failed:
-                    self.study._storage.set_trial_user_attr(frozen._trial_id, SUPERSEDED, True)
+                    self.supersede(frozen.number)
                 else:
                     decided.setdefault(key, []).append(frozen)
         return decided
@@ -346,11 +358,11 @@ class SweepDriver:
                 + (f" {shown}" if shown else "")
                 + (f" ({reason})" if reason else "")
             )
-        write_results(self.paths, self.study.get_trials(deepcopy=False))
+        write_results(self.paths, self.study.get_trials(deepcopy=False), self.superseded())
 
     def finish(self) -> SweepOutcome:
         trials = self.study.get_trials(deepcopy=False)
-        frame = write_results(self.paths, trials)
+        frame = write_results(self.paths, trials, self.superseded())
         states = frame["state"].value_counts().to_dict() if "state" in frame else {}
         self.outcome.states = {str(k): int(v) for k, v in states.items()}
         complete = frame[(frame.get("state") == "COMPLETE")] if "state" in frame else frame

@@ -44,7 +44,7 @@ class FineTuneMethod(ABC):
         return batch
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        latents = self.latents_of(batch)
+        latents = self.latents_of(batch, generator=generator)
         hidden = self.text_embeddings_of(batch)
         per_sample = self.per_sample_loss(latents, hidden, generator)
         loss = per_sample.mean()
@@ -65,7 +65,7 @@ class FineTuneMethod(ABC):
             noise_offset=0.0 if generator is not None else self.cfg.train.noise_offset,
         )
 
-    def latents_of(self, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
+    def latents_of(self, batch: dict[str, Any], prefix: str = "", generator: torch.Generator | None = None) -> torch.Tensor:
         """Cached latents when the batch has them, else the frozen VAE's encoding of the pixels."""
         cached = batch.get(f"{prefix}latents")
         if cached is not None:
@@ -73,7 +73,9 @@ class FineTuneMethod(ABC):
         vae = self.components.vae
         pixels = batch[f"{prefix}pixel_values"].to(self.device, dtype=vae.dtype)
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample()
+            distribution = vae.encode(pixels).latent_dist
+            # A fixed-seed validation loss must not draw from the global RNG: use the mean then.
+            latents = distribution.mode() if generator is not None else distribution.sample()
         return latents * self.components.latent_scaling
 
     def text_embeddings_of(self, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:

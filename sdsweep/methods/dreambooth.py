@@ -97,12 +97,12 @@ class DreamBooth(FullFineTune):
         }
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None):
-        instance_latents = self.latents_of(batch)
+        instance_latents = self.latents_of(batch, generator=generator)
         instance_hidden = self.text_embeddings_of(batch)
         if "class_pixel_values" not in batch and "class_latents" not in batch:
             loss = self.per_sample_loss(instance_latents, instance_hidden, generator).mean()
             return loss, {"train/loss": loss.detach()}
-        class_latents = self.latents_of(batch, prefix="class_")
+        class_latents = self.latents_of(batch, prefix="class_", generator=generator)
         class_hidden = self.text_embeddings_of(batch, prefix="class_")
         # One UNet pass over instance + class samples, then split the per-sample losses in two.
         per_sample = self.per_sample_loss(
