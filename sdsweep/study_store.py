@@ -25,6 +25,13 @@ GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_ke
 RUN_KEY = "run_key"
 
 
+def single_run_sweep():
+    """Without +sweep, a single training run is a one-point study, so it lands in the same layout."""
+    from sdsweep.config import SweepConfig
+
+    return SweepConfig(name="single", sampler="grid", params={}, isolation="inprocess", keep_best_k=-1)
+
+
 def storage_url(cfg: Config, study_root: Path) -> str:
     if cfg.sweep and cfg.sweep.storage:
         return cfg.sweep.storage

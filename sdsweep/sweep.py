@@ -41,6 +41,7 @@ from sdsweep.study_store import (
     SUPERSEDED,
     open_study,
     pid_alive,
+    single_run_sweep,
     storage_url,
 )
 from sdsweep.trial import RunSpec, TrialSlot, execute_baseline, execute_run
@@ -61,11 +62,6 @@ class SweepOutcome:
 
 def log(message: str) -> None:
     print(f"[sdsweep] {message}", flush=True)
-
-
-def single_run_sweep() -> SweepConfig:
-    """Without +sweep, a single training run is a one-point study, so it lands in the same layout."""
-    return SweepConfig(name="single", sampler="grid", params={}, isolation="inprocess", keep_best_k=-1)
 
 
 class SweepDriver:

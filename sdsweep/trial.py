@@ -151,8 +151,12 @@ class TrialRecorder:
 
 def compose_config(overrides: list[str]) -> Config:
     from sdsweep.compose import compose_typed
+    from sdsweep.study_store import single_run_sweep
 
-    return compose_typed(overrides)
+    cfg = compose_typed(overrides)
+    if cfg.sweep is None:
+        cfg.sweep = single_run_sweep()
+    return cfg
 
 
 def release_memory() -> None:
