@@ -1,4 +1,8 @@
-"""The interface every fine-tuning method implements, and the shared mechanics they reuse."""
+"""The interface every fine-tuning method implements, and the mechanics they share.
+
+The training loop, the evaluator and the latent cache only talk to a method through this class, so a
+new method is one subclass plus one line in ``sdsweep.methods.METHODS``.
+"""
 
 from __future__ import annotations
 
@@ -12,125 +16,176 @@ from sdsweep.config import Config
 from sdsweep.loss import denoising_loss
 from sdsweep.models import SDComponents, build_pipeline
 
+Batch = dict[str, Any]
+
 
 class FineTuneMethod(ABC):
-    """One way of fine-tuning. The training loop only calls the methods below."""
+    """One way of fine-tuning Stable Diffusion.
+
+    Lifecycle: ``__init__`` (cheap) -> ``prepare()`` (validates options, then freezes, adds tokens or
+    adapters) -> per step ``augment_batch`` + ``compute_loss`` + ``after_optimizer_step`` ->
+    ``pipeline_for_eval`` / ``save``.
+    """
 
     name: ClassVar[str]
 
-    def __init__(self, cfg: Config, components: SDComponents, device: torch.device, cache_dir: Path | None = None):
+    def __init__(
+        self, cfg: Config, components: SDComponents, device: torch.device, cache_dir: Path | None = None
+    ):
         self.cfg = cfg
         self.components = components
-        self.device = device
-        self.cache_dir = cache_dir
+        self.device = torch.device(device)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
-    # ---- setup ---------------------------------------------------------------------------------
+    # ---- setup -----------------------------------------------------------------------------------
     @abstractmethod
     def prepare(self) -> None:
-        """Freeze and unfreeze, add tokens or adapters. Raises ConfigError for impossible options."""
+        """Validate the method options (ConfigError before any work), then freeze/unfreeze and extend."""
 
     @abstractmethod
-    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Exactly the parameters the optimizer may change."""
 
     def uses_frozen_text_encoder(self) -> bool:
-        """True when text embeddings of a caption never change during training (they can be cached)."""
+        """True when a caption's text embedding never changes during training, so it can be cached."""
         return not self.cfg.method.train_text_encoder
 
     def transform_caption(self, caption: str) -> str:
+        """The caption the model is trained on for a dataset caption (identity by default)."""
         return caption
 
-    # ---- training ------------------------------------------------------------------------------
-    def augment_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    # ---- training --------------------------------------------------------------------------------
+    def augment_batch(self, batch: Batch) -> Batch:
+        """Training-only additions to a batch (DreamBooth's class images); not used for val loss."""
         return batch
 
-    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def compute_loss(
+        self, batch: Batch, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean denoising loss of a batch; with ``generator`` the noise and timesteps come from it."""
         latents = self.latents_of(batch, generator=generator)
-        hidden = self.text_embeddings_of(batch)
-        per_sample = self.per_sample_loss(latents, hidden, generator)
-        loss = per_sample.mean()
+        text_embeddings = self.text_embeddings_of(batch)
+        loss = self.per_sample_loss(latents, text_embeddings, generator).mean()
         return loss, {"train/loss": loss.detach()}
 
-    def after_optimizer_step(self) -> None:
-        pass
+    def after_optimizer_step(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Hook after each optimizer step (EMA update, embedding-row restore)."""
+
+    def set_train_mode(self, training: bool) -> None:
+        """Switch the trained modules between train and eval mode (the loop toggles it around evals)."""
+        self.components.unet.train(training)
+        if self.cfg.method.train_text_encoder:
+            self.components.text_encoder.train(training)
 
     # ---- shared mechanics ------------------------------------------------------------------------
-    def per_sample_loss(self, latents, hidden, generator=None) -> torch.Tensor:
+    def per_sample_loss(
+        self,
+        latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        # The noise offset is a training augmentation: a fixed-seed validation loss leaves it out so
+        # that trials with different offsets are scored on the same task.
         return denoising_loss(
-            self.components.unet,
-            self.components.noise_scheduler,
+            self.components,
             latents,
-            hidden,
+            text_embeddings,
             generator=generator,
             snr_gamma=self.cfg.train.snr_gamma,
             noise_offset=0.0 if generator is not None else self.cfg.train.noise_offset,
         )
 
-    def latents_of(self, batch: dict[str, Any], prefix: str = "", generator: torch.Generator | None = None) -> torch.Tensor:
-        """Cached latents when the batch has them, else the frozen VAE's encoding of the pixels."""
+    def latents_of(
+        self, batch: Batch, prefix: str = "", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latents: the batch's cached ``latents``, else the frozen VAE's encoding of its pixels."""
         cached = batch.get(f"{prefix}latents")
         if cached is not None:
             return cached.to(self.device)
+        pixels = batch.get(f"{prefix}pixel_values")
+        if pixels is None:
+            raise KeyError(
+                f"A batch needs '{prefix}pixel_values' or '{prefix}latents'; it has {sorted(batch)}."
+            )
         vae = self.components.vae
-        pixels = batch[f"{prefix}pixel_values"].to(self.device, dtype=vae.dtype)
         with torch.no_grad():
-            distribution = vae.encode(pixels).latent_dist
-            # A fixed-seed validation loss must not draw from the global RNG: use the mean then.
+            distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+            # A fixed-seed validation loss must not draw from the global RNG: it scores the mean latent.
             latents = distribution.mode() if generator is not None else distribution.sample()
         return latents * self.components.latent_scaling
 
-    def text_embeddings_of(self, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
+    def text_embeddings_of(self, batch: Batch, prefix: str = "") -> torch.Tensor:
+        """The batch's cached ``encoder_hidden_states``, else the text encoder's output for its captions."""
         cached = batch.get(f"{prefix}encoder_hidden_states")
         if cached is not None:
             return cached.to(self.device)
-        return self.encode_text(batch[f"{prefix}captions"])
+        captions = batch.get(f"{prefix}captions")
+        if captions is None:
+            raise KeyError(
+                f"A batch needs '{prefix}captions' or '{prefix}encoder_hidden_states'; it has {sorted(batch)}."
+            )
+        return self.encode_text(list(captions))
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        tokenizer = self.components.tokenizer
+        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
         ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
-        encoder = self.components.text_encoder
-        if encoder.training or any(p.requires_grad for p in encoder.parameters()):
+        if any(p.requires_grad for p in encoder.parameters()):  # trained (or its embedding table is)
             return encoder(ids, return_dict=False)[0]
+        # A frozen encoder needs no graph; no_grad (not set_grad_enabled) also respects a caller's no_grad.
         with torch.no_grad():
             return encoder(ids, return_dict=False)[0]
 
+    @staticmethod
+    def batch_size_of(batch: Batch) -> int:
+        for key in ("latents", "pixel_values", "encoder_hidden_states"):
+            if batch.get(key) is not None:
+                return int(batch[key].shape[0])
+        return len(batch["captions"])
+
     # ---- outputs ---------------------------------------------------------------------------------
     def pipeline_for_eval(self, scheduler_name: str = "dpmsolver++"):
+        """A pipeline sharing the live (trained) modules."""
         return build_pipeline(self.components, scheduler_name, self.device)
 
     @abstractmethod
     def save(self, out_dir: Path) -> Path:
-        """Write the trained weights in the format diffusers users load."""
+        """Write the trained weights in the format diffusers users load; returns the written path."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"p{i}": p.detach().cpu() for i, p in enumerate(self.trainable_parameters())}
+        """Flat tensors (safetensors-compatible) that restore training state with ``load_state_dict``."""
+        return {f"param.{i}": p.detach().cpu() for i, p in enumerate(self.trainable_parameters())}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for i, parameter in enumerate(self.trainable_parameters()):
-                parameter.copy_(state[f"p{i}"].to(parameter.device, parameter.dtype))
-
-    def set_train_mode(self, training: bool) -> None:
-        self.components.unet.train(training)
+                parameter.copy_(state[f"param.{i}"].to(parameter.device, parameter.dtype))
 
 
-def save_full_pipeline(components: SDComponents, out_dir: Path, unet=None, text_encoder=None) -> Path:
-    """A pipeline folder that loads with ``StableDiffusionPipeline.from_pretrained``."""
+def save_pipeline_folder(
+    components: SDComponents, out_dir: Path, unet: torch.nn.Module | None = None
+) -> Path:
+    """A folder that loads with ``StableDiffusionPipeline.from_pretrained`` (safetensors weights)."""
     from diffusers import StableDiffusionPipeline
 
     from sdsweep.models import make_inference_scheduler
 
     pipe = StableDiffusionPipeline(
-        unet=unet or components.unet,
+        unet=unet if unet is not None else components.unet,
         vae=components.vae,
-        text_encoder=text_encoder or components.text_encoder,
+        text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
-        # Saved with the sampler SD checkpoints ship with (PNDM), not the 1000-step training scheduler.
+        # Saved with the sampler SD checkpoints ship with (PNDM), not the 1000-step DDPM trainer.
         scheduler=make_inference_scheduler("pndm", components.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -1,114 +1,187 @@
-"""DreamBooth: instance images with a rare-identifier prompt, plus prior preservation.
+"""DreamBooth: a full fine-tune on instance images with one rare-identifier prompt, plus prior preservation.
 
-Class images are generated once per study by the frozen base model and cached, so every trial (and
-every learning rate) regularises against the same set.
+Prior preservation mixes in "class" images that the frozen base model generated for the class prompt,
+so the model keeps knowing what a generic member of the class looks like. They are generated once,
+before any training step, and cached under ``<study>/cache/class_images/<key>/``: every trial of a
+study (every learning rate, every step count) regularises against the same set.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
+import json
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from sdsweep import io
 from sdsweep.config import ConfigError, resolved_resolution
+from sdsweep.methods.base import Batch
 from sdsweep.methods.full import FullFineTune
 
 
 class DreamBooth(FullFineTune):
     name = "dreambooth"
+    class_latent_mean: torch.Tensor | None = None  # set by prepare() with prior preservation
 
     def prepare(self) -> None:
-        method, data = self.cfg.method, self.cfg.data
-        if not data.instance_prompt:
-            raise ConfigError(
-                "DreamBooth needs data.instance_prompt with a rare identifier, e.g. data.instance_prompt='a photo of sks dog'."
+        self._validate_options()
+        self.class_latent_mean = None
+        if self.cfg.method.with_prior_preservation:
+            # Before super().prepare(): the class images must come from the untouched base model.
+            images = self._class_images()
+            self.class_latent_mean, self.class_latent_std = self._encode_class_images(images)
+            self.class_rng = torch.Generator().manual_seed(self.cfg.train.seed)
+            self.class_text_embedding = (
+                self.encode_text([self.cfg.method.class_prompt]) if self.uses_frozen_text_encoder() else None
             )
-        if method.with_prior_preservation and not method.class_prompt:
-            raise ConfigError("Prior preservation needs method.class_prompt, e.g. 'a photo of a dog' (or set method.with_prior_preservation=false).")
-        self.class_batch: dict[str, Any] | None = None
-        if method.with_prior_preservation:
-            self.class_pixels = self._class_images()
-            self._rng = random.Random(self.cfg.train.seed)
-            self._class_hidden = None
         super().prepare()
 
+    def _validate_options(self) -> None:
+        method = self.cfg.method
+        if not self.cfg.data.instance_prompt:
+            raise ConfigError(
+                "DreamBooth needs data.instance_prompt, the one prompt every instance image is trained "
+                "with; it should contain a rare identifier bound to the subject, e.g. "
+                "data.instance_prompt='a photo of sks dog'."
+            )
+        if not method.with_prior_preservation:
+            return
+        if not method.class_prompt:
+            raise ConfigError(
+                "DreamBooth prior preservation needs method.class_prompt, a prompt for the subject's "
+                "class without the identifier, e.g. method.class_prompt='a photo of a dog' (or set "
+                "method.with_prior_preservation=false)."
+            )
+        if method.num_class_images < 1:
+            raise ConfigError(
+                f"method.num_class_images={method.num_class_images} leaves prior preservation without "
+                "class images; use 50-200 (or set method.with_prior_preservation=false)."
+            )
+
     def transform_caption(self, caption: str) -> str:
+        # DreamBooth binds the subject to the identifier by training every image on the same prompt.
         return self.cfg.data.instance_prompt or caption
 
+    # ---- class images ----------------------------------------------------------------------------
     def class_images_dir(self) -> Path:
-        resolution = resolved_resolution(self.cfg)
-        key = f"{self.components.source}|{self.cfg.method.class_prompt}|{resolution}|{self.cfg.train.seed}"
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        root = self.cache_dir if self.cache_dir is not None else Path(io.StudyPaths.of(self.cfg.paths.root, self.cfg.study).cache)
-        return root / "class_images" / digest
+        """``<cache>/class_images/<key>``; the key covers everything that changes the generated images."""
+        eval_cfg = self.cfg.eval
+        identity = {
+            "source": str(self.components.source),
+            "class_prompt": self.cfg.method.class_prompt,
+            "resolution": resolved_resolution(self.cfg),
+            "seed": self.cfg.train.seed,
+            "sampler": [eval_cfg.scheduler, eval_cfg.num_inference_steps, eval_cfg.guidance_scale],
+        }
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        root = self.cache_dir or io.StudyPaths.of(self.cfg.paths.root, self.cfg.study).cache
+        return root / "class_images" / key
 
-    def _class_images(self) -> torch.Tensor:
-        """[N,3,H,W] in [-1,1]; generated by the untouched base model before any training step."""
-        from PIL import Image
-
-        from sdsweep.data import to_tensor
-
+    def _class_images(self) -> list[Image.Image]:
         folder = self.class_images_dir()
         wanted = self.cfg.method.num_class_images
-        if not (folder / ".complete").exists() or len(list(folder.glob("*.png"))) < wanted:
+        # The folder only ever appears complete (written aside, then renamed), so counting suffices.
+        if len(list(folder.glob("*.png"))) < wanted:
             self._generate_class_images(folder, wanted)
-        files = sorted(folder.glob("*.png"))[:wanted]
-        resolution = resolved_resolution(self.cfg)
-        tensors = []
-        for path in files:
+        images = []
+        for path in sorted(folder.glob("*.png"))[:wanted]:
             with Image.open(path) as image:
-                tensors.append(to_tensor(image.convert("RGB").resize((resolution, resolution))))
-        return torch.stack(tensors)
+                images.append(image.convert("RGB"))
+        return images
 
     def _generate_class_images(self, folder: Path, count: int) -> None:
-        staging = io.staging_dir(folder)
-        pipe = self.pipeline_for_eval(self.cfg.eval.scheduler)
+        """Generate ``count`` images with the frozen base model into a staging folder, then swap it in."""
         resolution = resolved_resolution(self.cfg)
-        batch = max(1, self.cfg.eval.batch_size)
-        for start in range(0, count, batch):
-            n = min(batch, count - start)
-            generators = [torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + start + i) for i in range(n)]
+        pipe = self.pipeline_for_eval(self.cfg.eval.scheduler)
+        staging = io.staging_dir(folder)
+        batch_size = max(1, self.cfg.eval.batch_size)
+        for start in range(0, count, batch_size):
+            indices = range(start, min(start + batch_size, count))
+            # One seed per image index: a larger num_class_images later reproduces the first images.
+            generators = [torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + i) for i in indices]
             images = pipe(
-                [self.cfg.method.class_prompt] * n,
-                num_inference_steps=self.cfg.eval.num_inference_steps,
-                guidance_scale=self.cfg.eval.guidance_scale,
+                [self.cfg.method.class_prompt] * len(indices),
                 height=resolution,
                 width=resolution,
+                num_inference_steps=self.cfg.eval.num_inference_steps,
+                guidance_scale=self.cfg.eval.guidance_scale,
                 generator=generators,
             ).images
-            for i, image in enumerate(images):
-                image.save(staging / f"{start + i:05d}.png")
-        (staging / ".complete").write_text("ok")
+            for index, image in zip(indices, images):
+                image.save(staging / f"{index:05d}.png")
         io.replace_dir(staging, folder)
 
-    def augment_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if not self.cfg.method.with_prior_preservation:
-            return batch
-        size = len(batch["captions"])
-        picks = [self._rng.randrange(len(self.class_pixels)) for _ in range(size)]
-        return {
-            **batch,
-            "class_pixel_values": self.class_pixels[picks],
-            "class_captions": [self.cfg.method.class_prompt] * size,
-        }
+    @torch.no_grad()
+    def _encode_class_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE latent distribution (mean, std) of every class image, encoded once."""
+        resolution = resolved_resolution(self.cfg)
+        vae = self.components.vae
+        means, stds = [], []
+        batch_size = max(1, self.cfg.eval.batch_size)
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([_to_tensor(i, resolution) for i in images[start : start + batch_size]])
+            distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+            means.append(distribution.mean)
+            stds.append(distribution.std)
+        return torch.cat(means), torch.cat(stds)
 
-    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None):
+    # ---- training --------------------------------------------------------------------------------
+    def augment_batch(self, batch: Batch) -> Batch:
+        """Append as many class samples as the batch has instance samples (latents + text)."""
+        if self.class_latent_mean is None:
+            return batch
+        size = self.batch_size_of(batch)
+        picks = torch.randint(len(self.class_latent_mean), (size,), generator=self.class_rng)
+        mean, std = self.class_latent_mean[picks], self.class_latent_std[picks]
+        noise = torch.randn(mean.shape, generator=self.class_rng).to(mean.device, mean.dtype)
+        extra: Batch = {"class_latents": (mean + std * noise) * self.components.latent_scaling}
+        if self.class_text_embedding is not None:
+            extra["class_encoder_hidden_states"] = self.class_text_embedding.expand(size, -1, -1)
+        else:
+            extra["class_captions"] = [self.cfg.method.class_prompt] * size
+        return {**batch, **extra}
+
+    def compute_loss(
+        self, batch: Batch, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Instance mean + prior_loss_weight x class mean; the instance loss alone without class samples."""
+        if batch.get("class_latents") is None and batch.get("class_pixel_values") is None:
+            return super().compute_loss(batch, generator)
         instance_latents = self.latents_of(batch, generator=generator)
-        instance_hidden = self.text_embeddings_of(batch)
-        if "class_pixel_values" not in batch and "class_latents" not in batch:
-            loss = self.per_sample_loss(instance_latents, instance_hidden, generator).mean()
-            return loss, {"train/loss": loss.detach()}
         class_latents = self.latents_of(batch, prefix="class_", generator=generator)
-        class_hidden = self.text_embeddings_of(batch, prefix="class_")
-        # One UNet pass over instance + class samples, then split the per-sample losses in two.
-        per_sample = self.per_sample_loss(
-            torch.cat([instance_latents, class_latents]), torch.cat([instance_hidden, class_hidden]), generator
-        )
-        n = instance_latents.shape[0]
-        instance_loss, prior_loss = per_sample[:n].mean(), per_sample[n:].mean()
+        text = torch.cat([self.text_embeddings_of(batch), self.text_embeddings_of(batch, prefix="class_")])
+        # One UNet pass over instance + class samples, then the per-sample losses split in two.
+        per_sample = self.per_sample_loss(torch.cat([instance_latents, class_latents]), text, generator)
+        instance_count = instance_latents.shape[0]
+        instance_loss = per_sample[:instance_count].mean()
+        prior_loss = per_sample[instance_count:].mean()
         loss = instance_loss + self.cfg.method.prior_loss_weight * prior_loss
-        return loss, {"train/loss": loss.detach(), "train/instance_loss": instance_loss.detach(), "train/prior_loss": prior_loss.detach()}
+        logs = {
+            "train/loss": loss.detach(),
+            "train/instance_loss": instance_loss.detach(),
+            "train/prior_loss": prior_loss.detach(),
+        }
+        return loss, logs
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.class_latent_mean is not None:
+            # A resumed run then draws the same class samples an uninterrupted one would have.
+            state["dreambooth.class_rng"] = self.class_rng.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        if self.class_latent_mean is not None and "dreambooth.class_rng" in state:
+            self.class_rng.set_state(state["dreambooth.class_rng"])
+
+
+def _to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] float in [-1, 1], the VAE's input range."""
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

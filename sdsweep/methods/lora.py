@@ -1,4 +1,8 @@
-"""LoRA adapters (peft) on the UNet attention projections, optionally on the text encoder too."""
+"""LoRA adapters (peft) on the UNet attention projections, optionally on the text encoder too.
+
+The base weights stay frozen; only the low-rank adapter matrices train. The saved file is the
+diffusers LoRA layout, so ``pipe.load_lora_weights(folder)`` loads it onto any copy of the base model.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import torch
 
 from sdsweep.methods.base import FineTuneMethod
 
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# CLIP text encoder attention projections (the UNet's are named to_q/to_k/to_v/to_out.0).
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -18,9 +24,10 @@ class LoRA(FineTuneMethod):
         from peft import LoraConfig
 
         method = self.cfg.method
-        unet, encoder = self.components.unet, self.components.text_encoder
+        unet, text_encoder = self.components.unet, self.components.text_encoder
         unet.requires_grad_(False)
-        encoder.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        # add_adapter leaves exactly the new lora_A/lora_B weights trainable.
         unet.add_adapter(
             LoraConfig(
                 r=method.rank,
@@ -31,35 +38,46 @@ class LoRA(FineTuneMethod):
             )
         )
         if method.train_text_encoder:
-            encoder.add_adapter(
+            text_encoder.add_adapter(
                 LoraConfig(
                     r=method.text_encoder_rank,
+                    # alpha == rank keeps the text adapter's scale at 1, independent of its rank.
                     lora_alpha=method.text_encoder_rank,
+                    lora_dropout=method.dropout,
                     init_lora_weights="gaussian",
                     target_modules=TEXT_ENCODER_TARGETS,
                 )
             )
-            encoder.train()
+            text_encoder.train()
         if self.cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = [p for p in self.components.unet.parameters() if p.requires_grad]
+        modules = [self.components.unet]
         if self.cfg.method.train_text_encoder:
-            params += [p for p in self.components.text_encoder.parameters() if p.requires_grad]
-        return params
+            modules.append(self.components.text_encoder)
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def save(self, out_dir: Path) -> Path:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.components.unet))
-        text_layers = None
+        def adapter_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+            # LoRA never resizes the vocabulary, so no embedding layers belong in the file.
+            adapter = get_peft_model_state_dict(module, save_embedding_layers=False)
+            return convert_state_dict_to_diffusers(adapter)
+
+        text_encoder_layers = None
         if self.cfg.method.train_text_encoder:
-            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.components.text_encoder))
+            text_encoder_layers = adapter_layers(self.components.text_encoder)
+        out_dir = Path(out_dir)
         StableDiffusionPipeline.save_lora_weights(
-            out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+            out_dir,
+            unet_lora_layers=adapter_layers(self.components.unet),
+            text_encoder_lora_layers=text_encoder_layers,
+            weight_name=WEIGHTS_NAME,
+            safe_serialization=True,
         )
-        return out_dir / "pytorch_lora_weights.safetensors"
+        return out_dir / WEIGHTS_NAME

@@ -1,8 +1,15 @@
-"""Textual inversion: learn the embedding of a new token; every other embedding row stays bit-identical."""
+"""Textual inversion: learn the embedding of a new token; every other embedding row stays bit-identical.
+
+The optimizer sees the whole input-embedding matrix (that is the parameter), so after every step all
+rows except the new tokens' are copied back from a snapshot. ``num_vectors > 1`` learns ``<tok>``,
+``<tok>_1``, ...; the file is saved in the diffusers layout ``{"<tok>": [num_vectors, dim]}``, which
+``pipe.load_textual_inversion`` expands back into those tokens and into prompts that say ``<tok>``.
+"""
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -10,22 +17,31 @@ import torch
 from sdsweep.config import ConfigError
 from sdsweep.methods.base import FineTuneMethod
 
-OBJECT_TEMPLATES = [
+WEIGHTS_NAME = "learned_embeds.safetensors"
+
+# Prompt templates of the original paper: the placeholder in varied contexts, so the embedding learns
+# the subject (object) or the look (style) rather than one caption.
+OBJECT_TEMPLATES = (
     "a photo of a {}",
     "a rendering of a {}",
-    "a close-up photo of the {}",
+    "a cropped photo of the {}",
+    "a close-up photo of a {}",
     "a bright photo of the {}",
-    "a photo of a small {}",
     "a dark photo of the {}",
+    "a photo of the small {}",
     "a photo of the large {}",
-]
-STYLE_TEMPLATES = [
+    "a good photo of a {}",
+)
+STYLE_TEMPLATES = (
     "a painting in the style of {}",
     "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
     "a picture in the style of {}",
     "a close-up painting in the style of {}",
     "a bright painting in the style of {}",
-]
+    "a good painting in the style of {}",
+)
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
 class TextualInversion(FineTuneMethod):
@@ -35,83 +51,111 @@ class TextualInversion(FineTuneMethod):
         base = self.cfg.method.placeholder_token
         return [base] + [f"{base}_{i}" for i in range(1, self.cfg.method.num_vectors)]
 
+    def placeholder_text(self) -> str:
+        """What stands for the concept in a training caption: every vector's token, in order."""
+        return " ".join(self.placeholder_tokens())
+
     def prepare(self) -> None:
-        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
-        method = self.cfg.method
+        initializer_id = self._validate_tokens()
+        tokenizer, text_encoder = self.components.tokenizer, self.components.text_encoder
         tokens = self.placeholder_tokens()
-        existing = [t for t in tokens if t in tokenizer.get_vocab()]
-        if existing:
-            raise ConfigError(
-                f"The placeholder token {existing[0]!r} already exists in the tokenizer's vocabulary; "
-                "choose a new one, e.g. method.placeholder_token='<my-concept>'."
-            )
-        init_ids = tokenizer.encode(method.initializer_token, add_special_tokens=False)
-        if len(init_ids) != 1:
-            raise ConfigError(
-                f"The initializer token {method.initializer_token!r} is {len(init_ids)} tokens for this tokenizer; "
-                "method.initializer_token must be a single token (a common word such as 'dog', 'person' or 'painting')."
-            )
         tokenizer.add_tokens(tokens)
         self.token_ids = tokenizer.convert_tokens_to_ids(tokens)
-        encoder.resize_token_embeddings(len(tokenizer))
-        embeddings = encoder.get_input_embeddings().weight
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        embeddings = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            for token_id in self.token_ids:
-                embeddings[token_id] = embeddings[init_ids[0]].clone()
-        # Only the embedding matrix gets gradients; rows other than ours are restored after every step.
-        encoder.requires_grad_(False)
-        encoder.get_input_embeddings().requires_grad_(True)
-        encoder.train()
+            embeddings[self.token_ids] = embeddings[initializer_id].clone()
         self.components.unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        text_encoder.get_input_embeddings().requires_grad_(True)
+        text_encoder.train()
         self.original_embeddings = embeddings.detach().clone()
-        self.frozen_rows = torch.ones(len(tokenizer), dtype=torch.bool)
+        self.frozen_rows = torch.ones(len(tokenizer), dtype=torch.bool, device=embeddings.device)
         self.frozen_rows[self.token_ids] = False
-        self._rng = random.Random(self.cfg.train.seed)
+        self.template_rng = random.Random(self.cfg.train.seed)
+
+    def _validate_tokens(self) -> int:
+        """The initializer's token id; ConfigError for a taken placeholder or a multi-token initializer."""
+        method, tokenizer = self.cfg.method, self.components.tokenizer
+        placeholder = method.placeholder_token
+        if not placeholder or any(c.isspace() for c in placeholder):
+            raise ConfigError(
+                f"method.placeholder_token={placeholder!r} must be one word without spaces, e.g. '<my-concept>'."
+            )
+        taken = [token for token in self.placeholder_tokens() if _is_known_word(tokenizer, token)]
+        if taken:
+            raise ConfigError(
+                f"The placeholder token {taken[0]!r} already exists in the tokenizer's vocabulary, so "
+                "textual inversion would overwrite a word the model already knows. Choose a new token, "
+                "e.g. method.placeholder_token='<my-concept>'."
+            )
+        initializer_ids = tokenizer.encode(method.initializer_token, add_special_tokens=False)
+        if len(initializer_ids) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(initializer_ids)
+            raise ConfigError(
+                f"method.initializer_token={method.initializer_token!r} is {len(initializer_ids)} tokens "
+                f"{pieces} for this tokenizer, but the new embedding starts as a copy of exactly one token. "
+                "Use a single common word close to the concept, e.g. 'dog', 'person' or 'painting'."
+            )
+        return initializer_ids[0]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.components.text_encoder.get_input_embeddings().weight]
 
     def uses_frozen_text_encoder(self) -> bool:
-        return False
+        return False  # the learned rows change every step, so caption embeddings cannot be cached
 
-    def placeholder_string(self) -> str:
-        return " ".join(self.placeholder_tokens())
+    def set_train_mode(self, training: bool) -> None:
+        self.components.text_encoder.train(training)
 
     def transform_caption(self, caption: str) -> str:
         template = self.cfg.method.template
-        if template in ("object", "style"):
-            templates = OBJECT_TEMPLATES if template == "object" else STYLE_TEMPLATES
-            return self._rng.choice(templates).format(self.placeholder_string())
+        if template in TEMPLATES:
+            return self.template_rng.choice(TEMPLATES[template]).format(self.placeholder_text())
+        # template "none": keep the dataset caption and put the placeholder where the trigger word is.
         trigger = self.cfg.data.trigger_word
-        if trigger and trigger in caption.split():
-            return " ".join(self.placeholder_string() if w == trigger else w for w in caption.split())
-        return f"{self.placeholder_string()} {caption}"
+        if trigger:
+            pattern = re.compile(rf"(?<!\S){re.escape(trigger)}(?=[\s.,;:!?]|$)")
+            if pattern.search(caption):
+                return pattern.sub(lambda _: self.placeholder_text(), caption)
+        return f"{self.placeholder_text()} {caption}"
 
     def after_optimizer_step(self) -> None:
         embeddings = self.components.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows].to(embeddings.dtype)
+            embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows]
 
-    def learned_embeddings(self) -> dict[str, torch.Tensor]:
-        weight = self.components.text_encoder.get_input_embeddings().weight.detach().cpu()
-        return {token: weight[token_id].clone() for token, token_id in zip(self.placeholder_tokens(), self.token_ids)}
+    def learned_embeddings(self) -> torch.Tensor:
+        """[num_vectors, dim]: the placeholder tokens' rows."""
+        weight = self.components.text_encoder.get_input_embeddings().weight
+        return weight[self.token_ids].detach().cpu().clone()
 
     def save(self, out_dir: Path) -> Path:
         from safetensors.torch import save_file
 
+        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "learned_embeds.safetensors"
-        save_file({k: v.contiguous() for k, v in self.learned_embeddings().items()}, str(path))
+        path = out_dir / WEIGHTS_NAME
+        save_file({self.cfg.method.placeholder_token: self.learned_embeddings().contiguous()}, str(path))
         return path
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"row{i}": v for i, v in enumerate(self.learned_embeddings().values())}
+        # Only the learned rows: the rest of the matrix is the base model's and is restored anyway.
+        return {"textual_inversion.embeddings": self.learned_embeddings()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         weight = self.components.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            for i, token_id in enumerate(self.token_ids):
-                weight[token_id] = state[f"row{i}"].to(weight.device, weight.dtype)
+            weight[self.token_ids] = state["textual_inversion.embeddings"].to(weight.device, weight.dtype)
 
-    def set_train_mode(self, training: bool) -> None:
-        self.components.text_encoder.train(training)
+
+def _is_known_word(tokenizer, token: str) -> bool:
+    """True when the tokenizer already has ``token``: as an entry, or as one whole-word BPE piece.
+
+    CLIP stores words as ``photo</w>``, so a placeholder ``photo`` is not a vocabulary key, yet adding
+    it would hijack every prompt that says "photo".
+    """
+    if token in tokenizer.get_vocab():
+        return True
+    pieces = tokenizer.tokenize(token)
+    return len(pieces) == 1 and pieces[0] != tokenizer.unk_token
