@@ -44,7 +44,7 @@ from sdsweep.study_store import (
     single_run_sweep,
     storage_url,
 )
-from sdsweep.trial import RunSpec, TrialSlot, execute_baseline, execute_run
+from sdsweep.trial import RunSpec, TrialSlot, execute_baseline, execute_run, with_placeholder_prompts
 
 DRIVER = "driver"  # user attr: host:pid of the process that owns a RUNNING trial
 
@@ -67,7 +67,7 @@ def log(message: str) -> None:
 class SweepDriver:
     def __init__(self, overrides: list[str]):
         self.overrides = user_overrides(list(overrides))
-        self.cfg: Config = compose_typed(self.overrides)
+        self.cfg: Config = with_placeholder_prompts(compose_typed(self.overrides))
         if self.cfg.sweep is None:
             self.cfg.sweep = single_run_sweep()
         self.sweep: SweepConfig = self.cfg.sweep

@@ -156,6 +156,14 @@ def compose_config(overrides: list[str]) -> Config:
     cfg = compose_typed(overrides)
     if cfg.sweep is None:
         cfg.sweep = single_run_sweep()
+    return with_placeholder_prompts(cfg)
+
+
+def with_placeholder_prompts(cfg: Config) -> Config:
+    """Textual inversion learns a new token: evaluation prompts must use it instead of the trigger word."""
+    trigger, placeholder = cfg.data.trigger_word, cfg.method.placeholder_token
+    if cfg.method.name == "textual_inversion" and trigger and trigger != placeholder:
+        cfg.eval.prompts = [" ".join(placeholder if w == trigger else w for w in p.split()) for p in cfg.eval.prompts]
     return cfg
 
 
