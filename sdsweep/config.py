@@ -176,6 +176,7 @@ class SweepConfig:
     keep_best_k: int = 3  # trials outside the best k lose their weights (-1 keeps all)
     isolation: str = "subprocess"  # subprocess (crash-proof) | inprocess (faster, for tests)
     retry_failed: bool = False  # re-run grid points that failed on a previous invocation
+    build_report: bool = True  # write report.html/md when the sweep ends
     seed: int = 0  # sampler seed
     # Command-line shortcuts for the common grid (dotted dict keys cannot be overridden from a shell):
     # sweep.learning_rates=[1e-5,1e-4] sweep.steps=[400,800] replace those two params' choices.

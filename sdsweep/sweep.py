@@ -384,6 +384,8 @@ class SweepDriver:
 
         plots: dict[str, Path] = {}
         try:
+            if not self.sweep.build_report:
+                raise RuntimeError("sweep.build_report=false")
             html, _ = report.build_report(self.paths.root)
             plots = report.report_plots(self.paths.root)
             log(f"report: {html}")

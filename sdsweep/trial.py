@@ -178,6 +178,9 @@ def _load_baseline(paths: io.StudyPaths) -> dict[str, float]:
     return {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
 
 
+_EVALUATORS: dict[str, Any] = {}
+
+
 class _Setup:
     """Everything a run needs before its first step; built once per run."""
 
@@ -212,13 +215,20 @@ class _Setup:
             k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
             for k, v in self.heldout_batch.items()
         }
-        self.evaluator = Evaluator(
-            cfg,
-            paths,
-            self.device,
-            reference_images=load_pil_images(heldout or self.train_examples),
-            instance_images=load_pil_images(self.train_examples),
-        )
+        # The evaluator (CLIP, safety checker, reference features) does not depend on training, so
+        # in-process sweeps build it once and every later run of the study reuses it.
+        key = (str(paths.root), to_yaml(cfg.eval), cfg.model.name, cfg.data.kind, str(cfg.data.path), cfg.data.num_heldout)
+        if _EVALUATORS.get("key") != key:
+            _EVALUATORS.clear()
+            _EVALUATORS["key"] = key
+            _EVALUATORS["evaluator"] = Evaluator(
+                cfg,
+                paths,
+                self.device,
+                reference_images=load_pil_images(heldout or self.train_examples),
+                instance_images=load_pil_images(self.train_examples),
+            )
+        self.evaluator = _EVALUATORS["evaluator"]
 
 
 def execute_baseline(spec: RunSpec) -> dict[str, Any]:

@@ -1,0 +1,47 @@
+"""Smoke test of ``python -m sdsweep.bench --quick``: it runs end to end and writes a well-formed JSON.
+
+No timing assertions: speed targets live in the bench output (bench/results.json), and a shared 2-core
+CI machine would make them flaky. Only the structure and the sanity of the ratios are checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdsweep import bench
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_results(tmp_path, capsys):
+    out = tmp_path / "results.json"
+
+    code = bench.main(["--out", str(out), "--quick", "--workdir", str(tmp_path / "work")])
+
+    assert code == 0, capsys.readouterr().out[-3000:]
+    results = json.loads(out.read_text())
+    assert {"machine", "sweep", "step", "eval", "gpu", "verdicts"} <= set(results)
+    assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch"]
+
+    arms = results["sweep"]["arms"]
+    assert {"plain", "cache", "full"} <= set(arms)
+    grid_size = len(results["sweep"]["grid"]["learning_rates"]) * len(results["sweep"]["grid"]["steps"])
+    assert arms["plain"]["runs_launched"] == grid_size  # every grid point trained separately
+    assert arms["full"]["runs_launched"] == len(results["sweep"]["grid"]["learning_rates"])  # one run per lr
+    for row in arms.values():
+        assert row["trials_launched"] == grid_size and row["finished"]
+        assert bench.finite_positive(row["ratio_to_plain"])
+
+    for ratio in (
+        results["step"]["ratio"],
+        results["eval"]["speedup"],
+        results["sweep"]["ratio_full_vs_plain"],
+    ):
+        assert bench.finite_positive(ratio)
+    for verdict in results["verdicts"].values():
+        assert bench.finite_positive(verdict["value"]) and isinstance(verdict["pass"], bool)
+
+    gpu = results["gpu"]
+    assert "skipped" in gpu or gpu.get("training"), gpu  # skipped with a reason without CUDA
+    assert "Targets:" in capsys.readouterr().out  # the printed table
