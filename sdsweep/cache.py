@@ -1,41 +1,74 @@
 """A latent and text-embedding cache shared by every trial of a study.
 
-The frozen VAE gives the same latent distribution for the same image in every trial, so the dataset
-is encoded once (both flips when flipping is on) and trials sample from the stored distribution. The
-key hashes everything that changes the result (image bytes, captions, model, resolution, crop, flip),
-so a stale cache is never read.
+The frozen VAE gives the same latent distribution for the same image in every trial, so a study
+encodes its dataset once (both flips when flipping is on) and every trial samples from the stored
+distribution. We store the distribution's parameters (mean and log-variance, diffusers'
+``latent_dist.parameters``) rather than its mean: the published training scripts sample a fresh
+latent every step, and that VAE noise is a (mild) augmentation a cached run should keep.
+
+The file name is a hash of everything that changes the result (image bytes, captions, model folder
+and weight files, revision, resolution, crop and flip settings, VAE dtype), so a stale cache is never
+read; files are written atomically, so trials running side by side at worst encode twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from sdsweep import io
 from sdsweep.config import Config, resolved_resolution
 from sdsweep.data import (
     Example,
     ImageCaptionDataset,
+    ItemKey,
     dataset_for,
+    draw_seed,
     load_pil_images,
     resize_and_crop,
+    split_key,
     to_tensor,
 )
 
-CACHE_VERSION = 1
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # bump when the file layout or the encoding changes
+ENCODE_BATCH_SIZE = 8  # images per VAE call: bounded memory at 512-768 px on a GPU
+PLAIN, FLIPPED, TEXT = "latent_params", "latent_params_flipped", "text_embeddings"
 
 
-def cache_key(cfg: Config, components, examples: list[Example], captions: list[str] | None) -> str:
+def _weights_fingerprint(source: str, subfolders: tuple[str, ...]) -> list[list[Any]]:
+    """Name, size and mtime of the weight files: a re-saved model at the same path changes the key
+    without hashing gigabytes of weights for every trial."""
+    root = Path(source)
+    entries = []
+    for sub in subfolders:
+        folder = root / sub
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.is_file():
+                    stat = path.stat()
+                    entries.append([f"{sub}/{path.name}", stat.st_size, stat.st_mtime_ns])
+    return entries
+
+
+def cache_key(cfg: Config, components: Any, examples: list[Example], captions: list[str] | None) -> str:
+    """The content hash naming a cache file; ``captions`` is None when no text is cached."""
     digest = hashlib.sha256()
     header = {
         "version": CACHE_VERSION,
         "model": components.source,
         "revision": cfg.model.revision,
         "variant": cfg.model.variant,
+        "weights": _weights_fingerprint(components.source, ("vae", "text_encoder") if captions else ("vae",)),
+        "vae_dtype": str(components.vae.dtype),
         "resolution": resolved_resolution(cfg),
         "center_crop": cfg.data.center_crop,
         "random_flip": cfg.data.random_flip,
@@ -43,115 +76,175 @@ def cache_key(cfg: Config, components, examples: list[Example], captions: list[s
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for example in examples:
-        digest.update(example.image_path.read_bytes())
-    return digest.hexdigest()[:24]
+        digest.update(hashlib.sha256(example.image_path.read_bytes()).digest())
+    return digest.hexdigest()[:32]
 
 
 class LatentCache:
-    """Encodes on first use and counts encodes, so tests and benches can see reuse."""
+    """Loads the study's encoded dataset, encoding it on first use.
 
-    encodes = 0  # VAE encode calls made by any LatentCache in this process
+    ``encode_calls`` counts VAE encode calls made by every LatentCache in this process, so tests and
+    benchmarks can see that a second trial reused the file.
+    """
 
-    def __init__(self, cfg: Config, components, cache_dir: Path):
+    encode_calls: ClassVar[int] = 0
+
+    def __init__(self, cfg: Config, components: Any, cache_dir: Path):
         self.cfg = cfg
         self.components = components
         self.folder = Path(cache_dir) / "latents"
+
+    def path_for(self, examples: list[Example], captions: list[str] | None) -> Path:
+        return self.folder / f"{cache_key(self.cfg, self.components, examples, captions)}.safetensors"
+
+    def load_or_encode(self, examples: list[Example], captions: list[str] | None) -> dict[str, torch.Tensor]:
+        """``latent_params`` [N, 2C, h, w] (+ ``latent_params_flipped``) and, with captions,
+        ``text_embeddings`` [U, 77, D] for the sorted unique captions."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, save
+
+        path = self.path_for(examples, captions)
+        if path.exists():
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError) as error:  # unreadable (disk trouble): rebuild it
+                logger.warning("latent cache %s is unreadable (%s); encoding again", path, error)
+        tensors = self._encode_images(examples)
+        if captions is not None:
+            tensors[TEXT] = self._encode_text(sorted(set(captions)))
+        io.atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
+        return tensors
 
     @torch.no_grad()
     def _encode_images(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         vae = self.components.vae
         device = next(vae.parameters()).device
         resolution = resolved_resolution(self.cfg)
-        crops = [resize_and_crop(image, resolution, center_crop=True) for image in load_pil_images(examples)]
-        variants = {"plain": crops}
+        pixels = torch.stack([to_tensor(resize_and_crop(im, resolution)) for im in load_pil_images(examples)])
+        variants = {PLAIN: pixels}
         if self.cfg.data.random_flip:
-            variants["flipped"] = [c.transpose(0) for c in crops]  # 0 == FLIP_LEFT_RIGHT
+            variants[FLIPPED] = pixels.flip(-1)
         out = {}
-        for name, images in variants.items():
-            pixels = torch.stack([to_tensor(i) for i in images]).to(device, vae.dtype)
-            distribution = vae.encode(pixels).latent_dist
-            LatentCache.encodes += 1
-            # Store the distribution, not one sample: trials keep the VAE's sampling noise.
-            out[f"{name}_mean"] = distribution.mean.float().cpu()
-            out[f"{name}_std"] = distribution.std.float().cpu()
+        for name, batch in variants.items():
+            chunks = []
+            for chunk in batch.split(ENCODE_BATCH_SIZE):
+                chunks.append(vae.encode(chunk.to(device, vae.dtype)).latent_dist.parameters.float().cpu())
+                LatentCache.encode_calls += 1
+            out[name] = torch.cat(chunks)
         return out
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
         tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
         device = next(encoder.parameters()).device
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        return encoder(ids, return_dict=False)[0].float().cpu()
+        outputs = []
+        for start in range(0, len(captions), ENCODE_BATCH_SIZE):
+            ids = tokenizer(
+                captions[start : start + ENCODE_BATCH_SIZE],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            outputs.append(encoder(ids, return_dict=False)[0].float().cpu())
+        return torch.cat(outputs)
 
-    def load_or_encode(self, examples: list[Example], captions: list[str] | None) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file, save_file
 
-        path = self.folder / f"{cache_key(self.cfg, self.components, examples, captions)}.safetensors"
-        if path.exists():
-            return load_file(str(path))
-        tensors = self._encode_images(examples)
-        if captions is not None:
-            tensors["text"] = self._encode_text(captions)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{random.getrandbits(32):08x}.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
-        return tensors
+def split_parameters(parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std from stored parameters, exactly as diffusers' DiagonalGaussianDistribution does."""
+    mean, logvar = torch.chunk(parameters, 2, dim=1)
+    return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
-    """Items with ``latents`` (sampled from the stored distribution, scaled) instead of pixels."""
+    """Items ``{"latents": [C, h, w] x scaling, "caption", "index"}`` (+ ``encoder_hidden_states``).
 
-    def __init__(self, tensors: dict[str, torch.Tensor], captions: list[str], scaling: float, random_flip: bool, seed: int):
-        self.tensors = tensors
-        self.captions = captions
+    Each draw samples its latent (and picks its flip) from a generator seeded by ``(seed, index,
+    draw)``, so training is reproducible and resumable whatever the fetch order.
+    """
+
+    supports_draw_keys = True
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        captions: list[str],
+        scaling: float,
+        seed: int = 0,
+        caption_transform: Callable[[str], str] | None = None,
+    ):
+        # Mean and std are split once here: the per-item work is one randn and one fused multiply-add.
+        self.means, self.stds = {}, {}
+        for name in (PLAIN, FLIPPED):
+            if name in tensors:
+                self.means[name], self.stds[name] = split_parameters(tensors[name])
+        self.captions = list(captions)
         self.scaling = scaling
-        self.random_flip = random_flip
-        self.rng = random.Random(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.caption_transform = caption_transform
+        self.text_rows: list[int] | None = None
+        if TEXT in tensors:
+            # Rows of the stored embeddings follow the sorted unique captions (an instance set has one).
+            row_of = {caption: row for row, caption in enumerate(sorted(set(self.captions)))}
+            self.text = tensors[TEXT]
+            self.text_rows = [row_of[caption] for caption in self.captions]
 
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        variant = "flipped" if self.random_flip and self.rng.random() < 0.5 else "plain"
-        mean, std = self.tensors[f"{variant}_mean"][index], self.tensors[f"{variant}_std"][index]
-        latents = (mean + std * torch.randn(mean.shape, generator=self.generator)) * self.scaling
-        item = {"latents": latents, "caption": self.captions[index], "index": index}
-        if "text" in self.tensors:
-            item["encoder_hidden_states"] = self.tensors["text"][index]
+    def sample_latents(self, index: int, flipped: bool, generator: torch.Generator) -> torch.Tensor:
+        """A scaled latent drawn from the stored distribution of image ``index``."""
+        variant = FLIPPED if flipped else PLAIN
+        mean, std = self.means[variant][index], self.stds[variant][index]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return (mean + std * noise) * self.scaling
+
+    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
+        index, draw = split_key(key)
+        seed = draw_seed(self.seed, index, draw)
+        flipped = FLIPPED in self.means and random.Random(seed).random() < 0.5
+        latents = self.sample_latents(index, flipped, torch.Generator().manual_seed(seed))
+        caption = self.captions[index]
+        if self.caption_transform is not None:
+            caption = self.caption_transform(caption)
+        item = {"latents": latents, "caption": caption, "index": index}
+        if self.text_rows is not None:
+            item["encoder_hidden_states"] = self.text[self.text_rows[index]]
         return item
 
 
-def build_training_dataset(cfg: Config, components, method, examples: list[Example], cache_dir: Path | None):
-    """The cached dataset when ``train.use_latent_cache`` (the default), else pixels encoded per step."""
-    if not cfg.train.use_latent_cache or cache_dir is None:
+def build_training_dataset(
+    cfg: Config, components: Any, method: Any, examples: list[Example], cache_dir: Path | None
+) -> torch.utils.data.Dataset:
+    """The cached dataset when ``train.use_latent_cache`` (the default), else the pixel dataset.
+
+    Random crops differ every draw, and caching one crop would silently remove that augmentation, so
+    ``data.center_crop=false`` also uses the pixel dataset (the VAE then encodes every step).
+    """
+    if not cfg.train.use_latent_cache or cache_dir is None or not cfg.data.center_crop:
         return dataset_for(cfg, examples, method.transform_caption)
-    if not cfg.data.center_crop:
-        # Random crops differ every epoch; caching one crop would silently remove that augmentation.
-        return dataset_for(cfg, examples, method.transform_caption)
-    frozen_text = method.uses_frozen_text_encoder()
-    # Captions of a frozen-text method are fixed per image (templates only exist for textual inversion).
-    captions = [method.transform_caption(e.caption) for e in examples]
-    tensors = LatentCache(cfg, components, cache_dir).load_or_encode(examples, captions if frozen_text else None)
-    if not frozen_text:
-        return _LiveCaptions(tensors, examples, method, components.latent_scaling, cfg)
-    return CachedLatentDataset(tensors, captions, components.latent_scaling, cfg.data.random_flip, cfg.train.seed)
+    cache = LatentCache(cfg, components, Path(cache_dir))
+    if method.uses_frozen_text_encoder():
+        # A frozen-text method's caption transform is fixed per caption, so it runs once, here.
+        captions = [method.transform_caption(e.caption) for e in examples]
+        tensors = cache.load_or_encode(examples, captions)
+        return CachedLatentDataset(tensors, captions, components.latent_scaling, cfg.train.seed)
+    # Trained text (or embeddings): captions are transformed per draw (textual inversion templates).
+    tensors = cache.load_or_encode(examples, None)
+    return CachedLatentDataset(
+        tensors,
+        [e.caption for e in examples],
+        components.latent_scaling,
+        cfg.train.seed,
+        caption_transform=method.transform_caption,
+    )
 
 
-class _LiveCaptions(CachedLatentDataset):
-    """Cached latents, captions transformed per item (textual inversion templates, trained text encoder)."""
-
-    def __init__(self, tensors, examples: list[Example], method, scaling: float, cfg: Config):
-        super().__init__(tensors, [e.caption for e in examples], scaling, cfg.data.random_flip, cfg.train.seed)
-        self.transform = method.transform_caption
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = super().__getitem__(index)
-        item["caption"] = self.transform(item["caption"])
-        return item
-
-
-__all__ = ["LatentCache", "CachedLatentDataset", "ImageCaptionDataset", "build_training_dataset", "cache_key"]
+__all__ = [
+    "CachedLatentDataset",
+    "ImageCaptionDataset",
+    "LatentCache",
+    "build_training_dataset",
+    "cache_key",
+    "split_parameters",
+]

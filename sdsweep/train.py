@@ -1,47 +1,70 @@
 """The one training loop. It knows nothing of W&B or Optuna: logging and pruning arrive as hooks.
 
 Reads top to bottom: set up optimiser and schedule, resume if a checkpoint exists, then step until the
-last milestone, calling back at every milestone (where the caller evaluates and may ask to stop).
+last milestone, writing a checkpoint and calling back at every milestone (where the caller evaluates
+and may ask to stop).
+
+Overhead is kept to what a bare PyTorch loop does: the only host sync per step is reading the loss
+once (needed for divergence checks and logs), and checkpoints are written only at milestones.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from sdsweep import io
-from sdsweep.config import Config
+from sdsweep.config import Config, flatten
 from sdsweep.data import collate
 from sdsweep.models import resolve_mixed_precision
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "step-"
+METHOD_STATE = "method.safetensors"
+OPTIMIZER_STATE = "optimizer.pt"
+RNG_STATE = "rng.pt"
+TRAINING_STATE = "state.json"  # written last: a folder without it is not a checkpoint
+# With these schedules the lr at step s depends on the total step count.
+TOTAL_DEPENDENT_SCHEDULES = ("cosine", "linear")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or exploded; the trial fails with this message as its reason."""
 
 
+def _no_logging(step: int, logs: dict[str, float]) -> None:
+    pass
+
+
+def _never_stop(step: int) -> bool:
+    return False
+
+
 @dataclass
 class TrainHooks:
-    on_step: Callable[[int, dict[str, float]], None] = lambda step, logs: None
-    on_milestone: Callable[[int], bool] = lambda step: False  # True: stop now (pruned, collapsed, done)
+    on_step: Callable[[int, dict[str, float]], None] = _no_logging
+    on_milestone: Callable[[int], bool] = _never_stop  # True: stop now (pruned, collapsed, done)
 
 
 @dataclass
 class TrainResult:
     final_step: int
     stopped_early: bool = False
-    seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+    seconds: float = 0.0  # wall-clock of the whole call, milestone callbacks included
+    step_seconds: list[float] = field(default_factory=list)  # per optimizer step, callbacks excluded
 
     @property
     def steps_per_second(self) -> float:
@@ -49,6 +72,7 @@ class TrainResult:
         return len(self.step_seconds) / total if total else 0.0
 
 
+# ---- optimiser and schedule --------------------------------------------------------------------------
 def effective_learning_rate(cfg: Config) -> float:
     lr = cfg.method.learning_rate
     if cfg.method.scale_lr:
@@ -56,32 +80,43 @@ def effective_learning_rate(cfg: Config) -> float:
     return lr
 
 
-def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: Config, params: list[torch.nn.Parameter], device: torch.device
+) -> torch.optim.Optimizer:
     kwargs = dict(
         lr=effective_learning_rate(cfg),
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         eps=cfg.train.adam_epsilon,
-        # Textual inversion must not decay the embedding matrix: the other rows are restored anyway,
-        # but decay would shrink the learned vector away from the token-embedding scale.
+        # Textual inversion must not decay the embedding matrix: decay would shrink the learned
+        # vector away from the scale of the other token embeddings.
         weight_decay=0.0 if cfg.method.name == "textual_inversion" else cfg.train.adam_weight_decay,
     )
     if cfg.method.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
+        if device.type == "cuda":
+            try:
+                import bitsandbytes as bnb
 
-            if device.type == "cuda":
                 return bnb.optim.AdamW8bit(params, **kwargs)
-        except ImportError:
-            pass
-        warnings.warn("method.use_8bit_adam needs bitsandbytes on a CUDA device; using torch AdamW", stacklevel=2)
-    return torch.optim.AdamW(params, **kwargs)
+            except ImportError:
+                pass
+        logger.warning(
+            "method.use_8bit_adam needs bitsandbytes and a CUDA device (device is %s); using torch AdamW",
+            device,
+        )
+    # foreach: one fused kernel launch per parameter group instead of one per tensor.
+    return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def make_lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer):
+def make_lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The configured schedule over ``train.max_train_steps`` optimizer steps.
+
+    The total is the trial's configured step count, not the run's last milestone: with cosine/linear
+    the lr at step s depends on the total, and a trial of S steps must follow exactly the schedule a
+    standalone S-step run follows. (Constant schedules ignore the total, which is what lets one run
+    serve several step counts as milestones.)
+    """
     from diffusers.optimization import get_scheduler
 
-    # The total is the configured max_train_steps, not the run's last milestone: for cosine/linear the
-    # lr at step s depends on it (which is why those schedules never share milestones).
     return get_scheduler(
         cfg.train.lr_scheduler,
         optimizer=optimizer,
@@ -90,157 +125,297 @@ def make_lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer):
     )
 
 
-def infinite_batches(dataset, batch_size: int, seed: int, skip: int = 0) -> Iterator[dict]:
-    """A seeded reshuffle per epoch; item n of the stream depends only on (seed, n), so a run resumed
-    after ``skip`` items sees exactly the batches an uninterrupted run would have seen."""
-    n = len(dataset)
-    position = skip
-
-    def index_at(k: int) -> int:
-        epoch, offset = divmod(k, n)
-        order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order[offset]
-
-    while True:
-        picks = [index_at(position + i) for i in range(batch_size)]
-        position += batch_size
-        yield collate([dataset[i] for i in picks])
+def _check_milestones(cfg: Config, milestones: list[int]) -> list[int]:
+    cleaned = sorted({int(m) for m in milestones})
+    if not cleaned or cleaned[0] < 1:
+        raise ValueError(f"train() needs milestones of at least 1 step; got {milestones}.")
+    if cfg.train.lr_scheduler in TOTAL_DEPENDENT_SCHEDULES and cleaned[-1] > cfg.train.max_train_steps:
+        raise ValueError(
+            f"train.lr_scheduler={cfg.train.lr_scheduler} is defined over train.max_train_steps="
+            f"{cfg.train.max_train_steps} steps, but training was asked to run to step {cleaned[-1]}. "
+            "Raise train.max_train_steps or use a constant schedule."
+        )
+    return cleaned
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
+# ---- data ----------------------------------------------------------------------------------------------
+class SeededInfiniteSampler(torch.utils.data.Sampler):
+    """An endless stream of dataset keys: epoch e is a permutation drawn from a torch Generator seeded by
+    ``(seed, e)``, so the k-th draw depends only on ``(seed, k)`` and a resumed run can start at draw k.
+
+    Datasets that declare ``supports_draw_keys`` get ``(index, draw)`` keys, which seed their
+    per-draw augmentation (flip, crop, VAE sample); others get plain indices.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0, draw_keys: bool = True):
+        if size < 1:
+            raise ValueError("The training dataset is empty; there is nothing to train on.")
+        self.size, self.seed, self.start, self.draw_keys = size, seed, start, draw_keys
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[Any]:
+        draw = self.start
+        while True:
+            epoch, offset = divmod(draw, self.size)
+            for index in self.epoch_order(epoch)[offset:]:
+                yield (index, draw) if self.draw_keys else index
+                draw += 1
+
+
+def infinite_batches(
+    dataset: torch.utils.data.Dataset, batch_size: int, seed: int, skip: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Collated batches forever, starting after ``skip`` draws.
+
+    No worker processes: items are cached latents or pre-decoded, pre-resized images (a crop and a
+    tensor conversion), cheaper than a worker's IPC; on CPU workers would also take the model's cores.
+    """
+    sampler = SeededInfiniteSampler(len(dataset), seed, skip, getattr(dataset, "supports_draw_keys", False))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=0,
+        # Its own generator: otherwise creating the iterator draws a seed from the global torch RNG,
+        # which shifts the noise of every later step and breaks resume equality.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    """What, besides weights, optimizer and RNGs, a resumed run needs to continue identically."""
+
+    step: int = 0
+    first_loss: float | None = None  # the divergence check compares against the run's first loss
+
+
 def latest_checkpoint(checkpoint_dir: Path | None, at_most: int) -> tuple[int, Path] | None:
-    if checkpoint_dir is None or not checkpoint_dir.exists():
+    """The newest complete checkpoint with a step <= ``at_most``."""
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
         return None
     found = []
     for path in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"):
         step = path.name.removeprefix(CHECKPOINT_PREFIX)
-        if step.isdigit() and int(step) <= at_most and (path / "state.json").exists():
+        if step.isdigit() and int(step) <= at_most and (path / TRAINING_STATE).is_file():
             found.append((int(step), path))
     return max(found) if found else None
 
 
-def save_checkpoint(checkpoint_dir: Path, step: int, method, optimizer, lr_schedule, batch_state: dict, cfg: Config) -> Path:
+def _rng_tensors() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(
+    checkpoint_dir: Path, cfg: Config, method: Any, optimizer: Any, lr_schedule: Any, loop: LoopState
+) -> Path:
+    """Write ``step-<N>/`` atomically, then delete older checkpoints (only the newest is resumed)."""
     from safetensors.torch import save_file
 
-    from sdsweep.config import to_yaml
-
-    target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
+    target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{loop.step}"
     staging = io.staging_dir(target)
-    save_file({k: v.contiguous() for k, v in method.state_dict().items()}, str(staging / "method.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}, staging / "optimizer.pt")
+    save_file({k: v.contiguous() for k, v in method.state_dict().items()}, str(staging / METHOD_STATE))
     torch.save(
-        {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "batches": batch_state},
-        staging / "rng.pt",
+        {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()},
+        staging / OPTIMIZER_STATE,
     )
-    (staging / "config.yaml").write_text(to_yaml(cfg))
-    (staging / "state.json").write_text(json.dumps({"step": step}))
+    torch.save(_rng_tensors(), staging / RNG_STATE)
+    numpy_state = np.random.get_state()
+    state = {
+        "step": loop.step,
+        "first_loss": loop.first_loss,
+        "python_rng": random.getstate(),
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "config": flatten(cfg),
+    }
+    (staging / TRAINING_STATE).write_text(json.dumps(state))
     io.replace_dir(staging, target)
-    for old in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"):  # only the newest is ever resumed from
-        if old != target and old.name.removeprefix(CHECKPOINT_PREFIX).isdigit():
-            import shutil
-
+    for old in checkpoint_dir.iterdir():
+        stale_step = old.name.startswith(CHECKPOINT_PREFIX) and old != target
+        stale_staging = old.name.startswith(f".{CHECKPOINT_PREFIX}") and old.name.endswith(".staging")
+        if old.is_dir() and (stale_step or stale_staging):
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_checkpoint(path: Path, method, optimizer, lr_schedule) -> dict:
+# Keys that may differ between a checkpoint and the run resuming from it: one milestone-sharing run
+# serves several step counts, and logging/evaluation/output settings do not change the weights.
+RESUME_IGNORED_KEYS = ("train.max_train_steps", "train.log_every", "train.checkpoint_at_milestones")
+RESUME_CHECKED_SECTIONS = ("model.", "method.", "data.", "train.")
+
+
+def check_resumable(path: Path, cfg: Config) -> None:
+    """Refuse a checkpoint written by a differently configured run, before loading any weights."""
+    saved = json.loads((path / TRAINING_STATE).read_text()).get("config", {})
+    current = flatten(cfg)
+    differing = sorted(
+        key
+        for key in set(saved) | set(current)
+        if key.startswith(RESUME_CHECKED_SECTIONS)
+        and key not in RESUME_IGNORED_KEYS
+        and key != "data.path"  # the same folder may be reached by another path spelling
+        and saved.get(key) != current.get(key)
+    )
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])
+        raise ValueError(
+            f"The checkpoint {path} was written by a run configured differently ({details}). "
+            f"Delete {path.parent} to train from scratch, or resume with the original settings."
+        )
+
+
+def load_checkpoint(path: Path, method: Any, optimizer: Any, lr_schedule: Any) -> LoopState:
     from safetensors.torch import load_file
 
-    method.load_state_dict(load_file(str(path / "method.safetensors")))
-    states = torch.load(path / "optimizer.pt", weights_only=False)  # our own file: optimizer state holds python scalars
+    method.load_state_dict(load_file(str(path / METHOD_STATE)))
+    states = torch.load(path / OPTIMIZER_STATE, weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     lr_schedule.load_state_dict(states["lr_schedule"])
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    rng = torch.load(path / RNG_STATE, weights_only=True)
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    return rng["batches"]
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / TRAINING_STATE).read_text())
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy_rng"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    return LoopState(step=int(state["step"]), first_loss=state["first_loss"])
 
 
-# ---- the loop --------------------------------------------------------------------------------------
-def train(
-    cfg: Config,
-    method,
-    dataset,
-    milestones: list[int],
-    hooks: TrainHooks | None = None,
-    checkpoint_dir: Path | None = None,
-) -> TrainResult:
-    from accelerate import Accelerator
-
-    hooks = hooks or TrainHooks()
-    milestones = sorted(set(int(m) for m in milestones))
-    last = milestones[-1]
-    device = method.device
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, device),
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        cpu=device.type == "cpu",
-    )
+# ---- the loop ----------------------------------------------------------------------------------------------
+def _configure_unet(cfg: Config, method: Any, device: torch.device) -> None:
+    unet = method.components.unet
+    if cfg.train.gradient_checkpointing and not unet.is_gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
         if cfg.train.compile:
-            method.components.unet = torch.compile(method.components.unet)
-    torch.manual_seed(cfg.train.seed)
-    params = method.trainable_parameters()
-    optimizer = make_optimizer(cfg, params, device)
-    lr_schedule = make_lr_schedule(cfg, optimizer)
-    batch_seed = cfg.train.seed
-    step = 0
-    resume = latest_checkpoint(checkpoint_dir, at_most=milestones[0])
-    if resume is not None:
-        step, path = resume
-        batch_seed = load_checkpoint(path, method, optimizer, lr_schedule).get("seed", batch_seed)
-    per_step = cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps
-    batches = infinite_batches(dataset, cfg.train.train_batch_size, batch_seed, skip=step * per_step)
-    result = TrainResult(final_step=step)
+            # In place (nn.Module.compile): the UNet keeps its class, parameter names and
+            # save_pretrained, so methods, checkpoints and saving are unaffected.
+            unet.compile()
+
+
+def _check_loss(cfg: Config, value: float, step: int, loop: LoopState) -> None:
+    lr = effective_learning_rate(cfg)
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"loss became {value} at step {step} (learning rate {lr:g})")
+    if loop.first_loss is None:
+        loop.first_loss = max(value, 1e-8)
+    elif value > cfg.train.loss_explosion_factor * loop.first_loss:
+        raise TrainingDiverged(
+            f"loss exploded to {value:.4g} at step {step}, over {cfg.train.loss_explosion_factor:g}x its first "
+            f"value {loop.first_loss:.4g} (learning rate {lr:g})"
+        )
+
+
+def train(
+    cfg: Config,
+    method: Any,
+    dataset: torch.utils.data.Dataset,
+    milestones: list[int],
+    hooks: TrainHooks | None = None,
+    checkpoint_dir: Path | None = None,
+) -> TrainResult:
+    """Train to ``max(milestones)``, calling ``hooks.on_milestone`` at each milestone.
+
+    With ``checkpoint_dir`` (and ``train.checkpoint_at_milestones``) a checkpoint is written at each
+    milestone before the callback, and a later call resumes from the newest checkpoint at or before
+    its first milestone; a checkpoint exactly at a milestone re-runs that milestone's callback without
+    training (a sweep killed during an evaluation).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     started = time.perf_counter()
-    if step in milestones and hooks.on_milestone(step):  # killed during this milestone's evaluation
-        result.stopped_early = step < last
-        return result
-    first_loss = None
+    hooks = hooks or TrainHooks()
+    milestones = _check_milestones(cfg, milestones)
+    last, milestone_set = milestones[-1], set(milestones)
+    device = torch.device(method.device)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, device),
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        cpu=device.type == "cpu",
+        device_placement=False,  # the method placed its modules; optimizer state follows the parameters
+    )
+    _configure_unet(cfg, method, device)
+    params = method.trainable_parameters()
+    if not params:
+        raise ValueError(f"method {cfg.method.name!r} has no trainable parameters; did prepare() run?")
+    # Prepared, the optimizer and schedule skip their step on accumulation micro-steps, and the fp16
+    # grad scaler unscales the gradients before clipping.
+    raw_optimizer = make_optimizer(cfg, params, device)
+    optimizer, lr_schedule = accelerator.prepare(raw_optimizer, make_lr_schedule(cfg, raw_optimizer))
+
+    loop = LoopState()
+    resume = latest_checkpoint(checkpoint_dir, at_most=milestones[0])
+    if resume is None:
+        set_seed(cfg.train.seed)  # python, numpy, torch and CUDA: noise and timesteps are reproducible
+    else:
+        logger.info("resuming from %s", resume[1])
+        check_resumable(resume[1], cfg)
+        loop = load_checkpoint(resume[1], method, optimizer, lr_schedule)
+    result = TrainResult(final_step=loop.step)
+    save_checkpoints = checkpoint_dir is not None and cfg.train.checkpoint_at_milestones
+
+    def reach_milestone(step: int, save: bool) -> bool:
+        """Checkpoint (before the caller's evaluation, which may be killed), then call back."""
+        if save:
+            save_checkpoint(checkpoint_dir, cfg, method, optimizer, lr_schedule, loop)
+        method.set_train_mode(False)
+        stop = hooks.on_milestone(step)
+        method.set_train_mode(True)
+        if stop and step < last:
+            result.stopped_early = True
+            result.stop_reason = f"on_milestone asked to stop at step {step}"
+        return stop
+
+    accumulation = cfg.train.gradient_accumulation_steps
+    batch_size = cfg.train.train_batch_size
+    batches = infinite_batches(
+        dataset, batch_size, cfg.train.seed, skip=loop.step * batch_size * accumulation
+    )
+    modules = [m for m in (method.components.unet, method.components.text_encoder) if m is not None]
     method.set_train_mode(True)
-    while step < last:
+    # A checkpoint at a milestone: the run was killed during that milestone's callback; redo it.
+    stop = loop.step in milestone_set and reach_milestone(loop.step, save=False)
+    while not stop and loop.step < last:
         tick = time.perf_counter()
-        for _ in range(cfg.train.gradient_accumulation_steps):
+        loss_sum = None
+        for _ in range(accumulation):
             batch = method.augment_batch(next(batches))
-            with accelerator.accumulate(*_modules(method)), accelerator.autocast():
-                loss, logs = method.compute_loss(batch)
-                accelerator.backward(loss)
+            with accelerator.accumulate(*modules):
+                with accelerator.autocast():
+                    loss, logs = method.compute_loss(batch)
+                accelerator.backward(loss)  # divides by the accumulation steps
                 if accelerator.sync_gradients and cfg.train.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
+                optimizer.step()  # prepared: a no-op on accumulation micro-steps
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+            detached = loss.detach()
+            loss_sum = detached if loss_sum is None else loss_sum + detached
         method.after_optimizer_step()
-        step += 1
-        value = float(loss.detach())  # the one host sync per step
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"loss became {value} at step {step} (learning rate {effective_learning_rate(cfg):g})")
-        first_loss = first_loss if first_loss is not None else max(value, 1e-8)
-        if value > cfg.train.loss_explosion_factor * first_loss:
-            raise TrainingDiverged(
-                f"loss exploded to {value:.4g} at step {step}, over {cfg.train.loss_explosion_factor:g}x its first value "
-                f"{first_loss:.4g} (learning rate {effective_learning_rate(cfg):g})"
-            )
+        loop.step += 1
+        value = float(loss_sum) / accumulation  # the one host sync per step
+        _check_loss(cfg, value, loop.step, loop)
         result.step_seconds.append(time.perf_counter() - tick)
-        if step % cfg.train.log_every == 0:
-            hooks.on_step(step, {**{k: float(v) for k, v in logs.items()}, "train/lr": lr_schedule.get_last_lr()[0]})
-        if step in milestones:
-            if checkpoint_dir is not None and cfg.train.checkpoint_at_milestones and step < last:
-                save_checkpoint(checkpoint_dir, step, method, optimizer, lr_schedule, {"seed": batch_seed}, cfg)
-            method.set_train_mode(False)
-            stop = hooks.on_milestone(step)
-            method.set_train_mode(True)
-            if stop:
-                result.stopped_early = step < last
-                break
-    result.final_step = step
+        if loop.step % cfg.train.log_every == 0:
+            step_logs = {key: float(v) for key, v in logs.items()}
+            step_logs.update({"train/loss": value, "train/lr": lr_schedule.get_last_lr()[0]})
+            hooks.on_step(loop.step, step_logs)
+        if loop.step in milestone_set:
+            stop = reach_milestone(loop.step, save=save_checkpoints)
+    result.final_step = loop.step
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _modules(method) -> list[torch.nn.Module]:
-    return [method.components.unet, method.components.text_encoder]
