@@ -65,7 +65,5 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
         log(
             f"best trial: {best.get('trial')} (objective {best.get('objective')}) weights: {best.get('weights_dir') or 'removed'}"
         )
-    log(
-        f"W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*"
-    )
+    log(f"W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*")
     return 0

@@ -130,7 +130,9 @@ class SweepDriver:
         decided: dict[str, list[optuna.trial.FrozenTrial]] = {}
         for frozen in self.study.get_trials(deepcopy=False):
             key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
-            if frozen.user_attrs.get(SUPERSEDED) or frozen.number in self.study.user_attrs.get(SUPERSEDED, []):
+            if frozen.user_attrs.get(SUPERSEDED) or frozen.number in self.study.user_attrs.get(
+                SUPERSEDED, []
+            ):
                 continue
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 decided.setdefault(key, []).append(frozen)

@@ -163,7 +163,9 @@ def with_placeholder_prompts(cfg: Config) -> Config:
     """Textual inversion learns a new token: evaluation prompts must use it instead of the trigger word."""
     trigger, placeholder = cfg.data.trigger_word, cfg.method.placeholder_token
     if cfg.method.name == "textual_inversion" and trigger and trigger != placeholder:
-        cfg.eval.prompts = [" ".join(placeholder if w == trigger else w for w in p.split()) for p in cfg.eval.prompts]
+        cfg.eval.prompts = [
+            " ".join(placeholder if w == trigger else w for w in p.split()) for p in cfg.eval.prompts
+        ]
     return cfg
 
 
@@ -217,7 +219,14 @@ class _Setup:
         }
         # The evaluator (CLIP, safety checker, reference features) does not depend on training, so
         # in-process sweeps build it once and every later run of the study reuses it.
-        key = (str(paths.root), to_yaml(cfg.eval), cfg.model.name, cfg.data.kind, str(cfg.data.path), cfg.data.num_heldout)
+        key = (
+            str(paths.root),
+            to_yaml(cfg.eval),
+            cfg.model.name,
+            cfg.data.kind,
+            str(cfg.data.path),
+            cfg.data.num_heldout,
+        )
         if _EVALUATORS.get("key") != key:
             _EVALUATORS.clear()
             _EVALUATORS["key"] = key
