@@ -53,18 +53,14 @@ def open_storage(url: str):
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
-def _constraints_from_attrs(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return list(trial.user_attrs.get(VIOLATIONS, [0.0]))
-
-
 def make_sampler(cfg: Config):
     sweep = cfg.sweep
     assert sweep is not None
-    constraints = _constraints_from_attrs if sweep.constraints else None
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=sweep.seed)
-    # Grid studies enqueue every point, so the sampler never samples; TPE still records feasibility.
-    return optuna.samplers.TPESampler(seed=sweep.seed, constraints_func=constraints, multivariate=True)
+    # Grid studies enqueue every point, so the sampler never samples. Feasibility reaches TPE through
+    # Trial.set_constraint (Optuna 5), recorded when the trial is told.
+    return optuna.samplers.TPESampler(seed=sweep.seed, multivariate=True)
 
 
 def make_pruner(cfg: Config):
@@ -124,8 +120,10 @@ class TrialLink:
     def should_prune(self) -> bool:
         return len(self.study.directions) == 1 and self.trial.should_prune()
 
-    def complete(self, values: list[float], violations: list[float]) -> None:
+    def complete(self, values: list[float], violations: dict[str, float]) -> None:
         self.set_attr(VIOLATIONS, violations)
+        for name, violation in violations.items():
+            self.trial.set_constraint(name, float(violation))  # <= 0 means satisfied
         self.study.tell(self.number, values=values if len(values) > 1 else values[0])
 
     def fail(self, reason: str) -> None:

@@ -125,7 +125,7 @@ class TrialRecorder:
         record["state"] = "COMPLETE"
         record["objective"] = values[0]
         io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
-        link.complete(values, violations or [0.0])
+        link.complete(values, record["violations"])
 
     def fail(
         self, slot: TrialSlot, record: dict[str, Any], link: TrialLink, reason: str, state: str = "FAIL"
