@@ -386,11 +386,10 @@ class SweepDriver:
 
         plots: dict[str, Path] = {}
         try:
-            if not self.sweep.build_report:
-                raise RuntimeError("sweep.build_report=false")
-            html, _ = report.build_report(self.paths.root)
-            plots = report.report_plots(self.paths.root)
-            log(f"report: {html}")
+            if self.sweep.build_report:
+                html, _ = report.build_report(self.paths.root)
+                plots = report.report_plots(self.paths.root)
+                log(f"report: {html}")
         except Exception as error:  # the report is a convenience; results.csv is the record
             log(f"warning: report not built ({type(error).__name__}: {error})")
         base = baseline_row(self.paths)
