@@ -91,10 +91,28 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def tiny_text_config(tokenizer, **extra):
+    """The CLIP text tower shared by the tiny SD text encoder and the tiny CLIP (hidden 32, 2 layers)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 def build_tiny_pipeline(flavour: str = "sd15", seed: int = 0):
     """A random-weight StableDiffusionPipeline with SD-1.5 or SD-2.1 layout (about 1.7 M parameters)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if flavour not in FLAVOURS:
         raise ValueError(
@@ -129,20 +147,7 @@ def build_tiny_pipeline(flavour: str = "sd15", seed: int = 0):
         sample_size=32,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, projection_dim=32))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -201,23 +206,12 @@ def build_tiny_clip(seed: int = 0):
         CLIPImageProcessor,
         CLIPModel,
         CLIPProcessor,
-        CLIPTextConfig,
         CLIPVisionConfig,
     )
 
     tokenizer = build_tiny_tokenizer()
     config = CLIPConfig(
-        text_config=CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ).to_dict(),
+        text_config=tiny_text_config(tokenizer).to_dict(),
         vision_config=CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=37,
