@@ -36,6 +36,7 @@ from sdsweep.data import (
     split_key,
     to_tensor,
 )
+from sdsweep.models import tokenize_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +140,7 @@ class LatentCache:
         device = next(encoder.parameters()).device
         outputs = []
         for start in range(0, len(captions), ENCODE_BATCH_SIZE):
-            ids = tokenizer(
-                captions[start : start + ENCODE_BATCH_SIZE],
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+            ids = tokenize_prompts(tokenizer, captions[start : start + ENCODE_BATCH_SIZE]).to(device)
             outputs.append(encoder(ids, return_dict=False)[0].float().cpu())
         return torch.cat(outputs)
 

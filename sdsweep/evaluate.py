@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdsweep import io, metrics
 from sdsweep.config import Config, ConfigError
+from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.models import make_inference_scheduler
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
 
 
@@ -160,11 +160,7 @@ def load_reference_dir(folder: str | Path) -> list[Image.Image]:
             f"eval.reference_dir={str(folder)!r} is not a folder with images (.png/.jpg/.webp/.bmp). Point it at "
             "the real images FID/KID should compare against, or set eval.reference_dir=null to use the held-out images."
         )
-    images = []
-    for file in files:
-        with Image.open(file) as image:
-            images.append(image.convert("RGB"))
-    return images
+    return [open_rgb(file) for file in files]
 
 
 def reference_key(images: Sequence[Image.Image], feature_id: str, resolution: int) -> str:

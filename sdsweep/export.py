@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import io
-from sdsweep.report import StudyData, StudyFolderError, best_trial, fmt, fmt_param, load_study
+from sdsweep.report import StudyData, StudyFolderError, fmt, fmt_param, load_study
+from sdsweep.results import best_trial
 
 CARD_TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sdsweep"]
 TRIAL_FILE = "sdsweep_trial.json"

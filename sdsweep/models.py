@@ -36,6 +36,17 @@ class SDComponents:
         return float(self.vae.config.scaling_factor)
 
 
+def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Input ids padded to the tokenizer's 77 tokens, the length SD's text encoder was trained on."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

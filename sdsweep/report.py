@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from sdsweep import io
+from sdsweep.results import best_trial, is_feasible
 
 LR_KEY = "method.learning_rate"  # same keys as sdsweep.plan (which imports the config schema)
 STEP_KEY = "train.max_train_steps"
@@ -113,36 +114,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _feasible(value: Any) -> bool:
-    # An empty feasible cell (no constraints evaluated) counts as feasible, like the sweep's own pick.
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return True
-    if isinstance(value, str):
-        return value.strip().lower() == "true"
-    return bool(value)
-
-
-def best_trial(results: pd.DataFrame, direction: str, feasible_only: bool = True) -> dict[str, Any] | None:
-    """The best COMPLETE trial by ``objective`` (ties -> lower trial number) as a row dict.
-
-    With ``feasible_only=False``, infeasible trials are used only when no feasible one exists.
-    """
-    if results.empty or "objective" not in results or "state" not in results:
-        return None
-    pool = results[(results["state"] == "COMPLETE") & results["objective"].notna()]
-    if "trial" in pool:
-        pool = pool[pool["trial"] >= 0]
-    if pool.empty:
-        return None
-    feasible = pool[pool["feasible"].map(_feasible)] if "feasible" in pool else pool
-    if feasible.empty and feasible_only:
-        return None
-    pool = feasible if not feasible.empty else pool
-    ranked = pool.sort_values(["objective", "trial"], ascending=[direction == "minimize", True])
-    row = ranked.iloc[0].to_dict()
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-
-
 def metric_columns(results: pd.DataFrame) -> list[str]:
     """Headline metrics (``eval/clip_score``, not the per-prompt ``eval/clip_score/p0``)."""
     return sorted(c for c in results.columns if c.startswith("eval/") and c.count("/") == 1)
@@ -207,7 +178,9 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
             for m in metrics:
                 cells.append(_with_delta(row.get(m), base.get(m)))
             state = row.get("state")
-            cells.append(("yes" if _feasible(row.get("feasible")) else "no") if state == "COMPLETE" else "–")
+            cells.append(
+                ("yes" if is_feasible(row.get("feasible")) else "no") if state == "COMPLETE" else "–"
+            )
             cells.append(_note(row, best))
             rows.append(cells)
             row_trials.append(trial)
@@ -233,7 +206,7 @@ def _note(row: pd.Series, best: dict[str, Any] | None) -> str:
     reason = row.get("fail_reason")
     if isinstance(reason, str) and reason:
         return reason if len(reason) < 160 else reason[:157] + "..."
-    if row.get("state") == "COMPLETE" and not _feasible(row.get("feasible")):
+    if row.get("state") == "COMPLETE" and not is_feasible(row.get("feasible")):
         return "violates a constraint"
     return ""
 
@@ -335,7 +308,7 @@ def contact_sheet(data: StudyData, out_png: Path) -> Path | str:
                 state = str(row["state"]) if row is not None else "not run"
                 path = data.paths.trial(trial) / io.TRIAL_SAMPLES / sample if trial is not None else None
                 label = f"t{trial:04d} {state}" if trial is not None else state
-                if state == "COMPLETE" and not _feasible(row.get("feasible")):
+                if state == "COMPLETE" and not is_feasible(row.get("feasible")):
                     label += " (infeasible)"
                 colour = _STATE_COLOURS.get(state, "#868e96")
                 if best is not None and trial == int(best["trial"]):

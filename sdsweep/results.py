@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ def trial_rows(
     paths: io.StudyPaths, optuna_trials: list[Any] | None = None, superseded: set[int] | None = None
 ) -> list[dict[str, Any]]:
     """Rows from each trial's metrics.json; Optuna's view fills in trials that never wrote one."""
-    from sdsweep.study_store import FAIL_REASON, SUPERSEDED
+    from sdsweep.study_store import FAIL_REASON
 
     rows: dict[int, dict[str, Any]] = {}
     for trial_dir in paths.trial_dirs():
@@ -27,8 +28,7 @@ def trial_rows(
         rows[row["trial"]] = row
     superseded = set(superseded or ())
     for frozen in optuna_trials or []:
-        if frozen.user_attrs.get(SUPERSEDED):
-            superseded.add(frozen.number)
+        if frozen.number in superseded:
             continue
         row = rows.setdefault(
             frozen.number, {"trial": frozen.number, "trial_dir": str(paths.trial(frozen.number))}
@@ -101,3 +101,33 @@ def write_results(
 
 def _object_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if frame[c].dtype == object]
+
+
+def is_feasible(value: Any) -> bool:
+    # An empty cell (no constraints evaluated) or a CSV round trip ("True") must still read as feasible.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
+def best_trial(results: pd.DataFrame, direction: str, feasible_only: bool = True) -> dict[str, Any] | None:
+    """The best COMPLETE trial by ``objective`` (ties -> lower trial number) as a row dict.
+
+    With ``feasible_only=False``, infeasible trials are used only when no feasible one exists.
+    """
+    if results.empty or "objective" not in results or "state" not in results:
+        return None
+    pool = results[(results["state"] == "COMPLETE") & results["objective"].notna()]
+    if "trial" in pool:
+        pool = pool[pool["trial"] >= 0]
+    if pool.empty:
+        return None
+    feasible = pool[pool["feasible"].map(is_feasible)] if "feasible" in pool else pool
+    if feasible.empty and feasible_only:
+        return None
+    pool = feasible if not feasible.empty else pool
+    ranked = pool.sort_values(["objective", "trial"], ascending=[direction == "minimize", True])
+    row = ranked.iloc[0].to_dict()
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

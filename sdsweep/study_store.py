@@ -33,7 +33,7 @@ def single_run_sweep():
 
 
 def storage_url(cfg: Config, study_root: Path) -> str:
-    if cfg.sweep and cfg.sweep.storage:
+    if cfg.sweep.storage:
         return cfg.sweep.storage
     return f"sqlite:///{(study_root / 'study.db').resolve()}"
 
@@ -64,7 +64,7 @@ def make_sampler(cfg: Config):
 
 
 def make_pruner(cfg: Config):
-    name = cfg.sweep.pruner if cfg.sweep else "none"
+    name = cfg.sweep.pruner
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if name == "hyperband":
@@ -73,7 +73,7 @@ def make_pruner(cfg: Config):
 
 
 def directions(cfg: Config) -> list[str]:
-    return [o.direction for o in cfg.sweep.objectives] if cfg.sweep else ["maximize"]
+    return [o.direction for o in cfg.sweep.objectives]
 
 
 def open_study(cfg: Config, url: str, study_name: str) -> optuna.Study:
@@ -91,12 +91,12 @@ def open_study(cfg: Config, url: str, study_name: str) -> optuna.Study:
 def objective_values(cfg: Config, metrics: dict[str, Any]) -> list[float] | str:
     """The values to tell Optuna, or the reason they cannot be computed."""
     values = []
-    for objective in cfg.sweep.objectives if cfg.sweep else []:
+    for objective in cfg.sweep.objectives:
         value = metrics.get(objective.metric)
         if value is None or not math.isfinite(float(value)):
             return f"objective {objective.metric} is missing or not finite"
         values.append(float(value))
-    return values or [float(metrics.get("eval/clip_score", float("nan")))]
+    return values
 
 
 class TrialLink:

@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sdsweep import io
-from sdsweep.compose import compose_typed, user_overrides
+from sdsweep.compose import user_overrides
 from sdsweep.config import Config, ParamSpec, SweepConfig
 from sdsweep.plan import (
     STEP_KEY,
@@ -33,7 +33,7 @@ from sdsweep.plan import (
     point_key,
     short_params,
 )
-from sdsweep.results import write_results
+from sdsweep.results import best_trial, write_results
 from sdsweep.study_store import (
     FAIL_REASON,
     GRID_POINT,
@@ -41,10 +41,9 @@ from sdsweep.study_store import (
     SUPERSEDED,
     open_study,
     pid_alive,
-    single_run_sweep,
     storage_url,
 )
-from sdsweep.trial import RunSpec, TrialSlot, execute_baseline, execute_run, with_placeholder_prompts
+from sdsweep.trial import RunSpec, TrialSlot, compose_config, execute_baseline, execute_run
 
 DRIVER = "driver"  # user attr: host:pid of the process that owns a RUNNING trial
 
@@ -67,9 +66,7 @@ def log(message: str) -> None:
 class SweepDriver:
     def __init__(self, overrides: list[str]):
         self.overrides = user_overrides(list(overrides))
-        self.cfg: Config = with_placeholder_prompts(compose_typed(self.overrides))
-        if self.cfg.sweep is None:
-            self.cfg.sweep = single_run_sweep()
+        self.cfg: Config = compose_config(self.overrides)
         self.sweep: SweepConfig = self.cfg.sweep
         self.paths = io.StudyPaths.of(self.cfg.paths.root, self.cfg.study)
         self.paths.root.mkdir(parents=True, exist_ok=True)
@@ -128,11 +125,10 @@ class SweepDriver:
     def decided_points(self) -> dict[str, list[optuna.trial.FrozenTrial]]:
         """Grid points that already have an outcome that should stand."""
         decided: dict[str, list[optuna.trial.FrozenTrial]] = {}
+        superseded = self.superseded()
         for frozen in self.study.get_trials(deepcopy=False):
             key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
-            if frozen.user_attrs.get(SUPERSEDED) or frozen.number in self.study.user_attrs.get(
-                SUPERSEDED, []
-            ):
+            if frozen.number in superseded:
                 continue
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 decided.setdefault(key, []).append(frozen)
@@ -363,17 +359,7 @@ class SweepDriver:
         frame = write_results(self.paths, trials, self.superseded())
         states = frame["state"].value_counts().to_dict() if "state" in frame else {}
         self.outcome.states = {str(k): int(v) for k, v in states.items()}
-        complete = frame[(frame.get("state") == "COMPLETE")] if "state" in frame else frame
-        if not complete.empty and "objective" in complete:
-            feasible = (
-                complete[complete["feasible"].fillna(True).astype(bool)]
-                if "feasible" in complete
-                else complete
-            )
-            pool = feasible if not feasible.empty else complete
-            ascending = self.sweep.objectives[0].direction == "minimize"
-            best = pool.sort_values(["objective", "trial"], ascending=[ascending, True]).iloc[0]
-            self.outcome.best = {k: (None if _isnan(v) else v) for k, v in best.to_dict().items()}
+        self.outcome.best = best_trial(frame, self.sweep.objectives[0].direction, feasible_only=False)
         self.track_study(frame)
         return self.outcome
 
@@ -412,10 +398,6 @@ def suggest(trial: optuna.Trial, key: str, spec: ParamSpec) -> Any:
     return trial.suggest_float(
         key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step
     )
-
-
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and value != value
 
 
 def _tail(path: Path, limit: int = 600) -> str:

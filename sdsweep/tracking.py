@@ -217,7 +217,7 @@ def results_table_data(results: Any) -> tuple[list[str], list[list[Any]]]:
 
 def best_trial_summary(cfg: Config, results: Any) -> dict[str, Any]:
     """``best/*`` summary keys for the study run (empty when no trial completed)."""
-    from sdsweep.report import best_trial
+    from sdsweep.results import best_trial
 
     direction = cfg.sweep.objectives[0].direction if cfg.sweep and cfg.sweep.objectives else "maximize"
     best = best_trial(results, direction, feasible_only=False)

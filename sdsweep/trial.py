@@ -7,6 +7,7 @@ decides what happens at each milestone: evaluate, save weights, tell Optuna, log
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -20,9 +21,8 @@ from typing import Any
 import torch
 
 from sdsweep import io
-from sdsweep.config import Config, to_yaml
+from sdsweep.config import Config, resolved_resolution, to_yaml
 from sdsweep.constraints import parse_constraint
-from sdsweep.plan import STEP_KEY, short_params
 from sdsweep.study_store import RUN_KEY, TrialLink, objective_values, open_study
 
 
@@ -66,7 +66,7 @@ class TrialRecorder:
         self.spec = spec
         self.paths = paths
         self.baseline = baseline
-        self.constraints = [parse_constraint(c) for c in (cfg.sweep.constraints if cfg.sweep else [])]
+        self.constraints = [parse_constraint(c) for c in cfg.sweep.constraints]
         self.study = open_study(cfg, spec.storage, spec.study)
 
     def link(self, slot: TrialSlot) -> TrialLink:
@@ -98,12 +98,11 @@ class TrialRecorder:
     def write_config(self, slot: TrialSlot) -> None:
         trial_dir = self.paths.trial(slot.number)
         trial_dir.mkdir(parents=True, exist_ok=True)
-        text = to_yaml(self.cfg)
         # The saved config reproduces this grid point exactly (a shared run trains further).
-        text = text.replace(
-            f"max_train_steps: {self.cfg.train.max_train_steps}\n", f"max_train_steps: {slot.step}\n", 1
+        own = dataclasses.replace(
+            self.cfg, train=dataclasses.replace(self.cfg.train, max_train_steps=slot.step)
         )
-        io.atomic_write_text(trial_dir / io.TRIAL_CONFIG, text)
+        io.atomic_write_text(trial_dir / io.TRIAL_CONFIG, to_yaml(own))
 
     def complete(self, slot: TrialSlot, record: dict[str, Any], link: TrialLink) -> None:
         metrics = record["metrics"]
@@ -202,8 +201,6 @@ class _Setup:
         self.dataset = build_training_dataset(
             cfg, self.components, self.method, self.train_examples, paths.cache
         )
-        from sdsweep.config import resolved_resolution
-
         validation_examples = heldout or self.train_examples[:2]
         val_set = ImageCaptionDataset(
             validation_examples,
@@ -350,7 +347,7 @@ def execute_run(spec: RunSpec) -> None:
         for slot in open_slots:
             links[slot.number].report(direction_sign * float(val_loss), step)
         if representative.should_prune():
-            reason = f"pruned at step {step} by the {cfg.sweep.pruner if cfg.sweep else 'none'} pruner (val_loss {val_loss:.4g})"
+            reason = f"pruned at step {step} by the {cfg.sweep.pruner} pruner (val_loss {val_loss:.4g})"
             for other in list(open_slots):
                 finish_slot(other, "PRUNED", reason)
             return True
@@ -375,9 +372,8 @@ def execute_run(spec: RunSpec) -> None:
             checkpoint_dir,
         )
         if not open_slots and checkpoint_dir is not None:
-            shutil.rmtree(
-                checkpoint_dir, ignore_errors=True
-            )  # every milestone is recorded: nothing to resume
+            # Every milestone is recorded: nothing is left to resume from.
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
     except TrainingDiverged as error:
         for slot in list(open_slots):
             finish_slot(slot, "FAIL", f"training diverged: {error}")
@@ -404,10 +400,10 @@ def execute_run(spec: RunSpec) -> None:
 
 def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, recorder: TrialRecorder) -> None:
     """Keep weights only for the best k complete trials (feasible first), so disk use stays bounded."""
-    k = cfg.sweep.keep_best_k if cfg.sweep else -1
-    if k is None or k < 0:
+    k = cfg.sweep.keep_best_k
+    if k < 0:
         return
-    sign = 1.0 if (cfg.sweep and cfg.sweep.objectives[0].direction == "maximize") else -1.0
+    sign = 1.0 if cfg.sweep.objectives[0].direction == "maximize" else -1.0
     ranked = []
     for trial_dir in paths.trial_dirs():
         record = io.read_json(trial_dir / io.TRIAL_METRICS)
@@ -424,8 +420,4 @@ def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, recorder: TrialRecor
         io.atomic_write_json(trial_dir / io.TRIAL_METRICS, record)
 
 
-def describe(slot: TrialSlot) -> str:
-    return f"trial {slot.number} ({short_params(slot.params)})"
-
-
-__all__ = ["RunSpec", "TrialSlot", "execute_run", "execute_baseline", "STEP_KEY"]
+__all__ = ["RunSpec", "TrialSlot", "compose_config", "execute_run", "execute_baseline"]

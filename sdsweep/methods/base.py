@@ -14,7 +14,7 @@ import torch
 
 from sdsweep.config import Config
 from sdsweep.loss import denoising_loss
-from sdsweep.models import SDComponents, build_pipeline
+from sdsweep.models import SDComponents, build_pipeline, tokenize_prompts
 
 Batch = dict[str, Any]
 
@@ -128,13 +128,7 @@ class FineTuneMethod(ABC):
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        ids = tokenize_prompts(tokenizer, captions).to(self.device)
         if any(p.requires_grad for p in encoder.parameters()):  # trained (or its embedding table is)
             return encoder(ids, return_dict=False)[0]
         # A frozen encoder needs no graph; no_grad (not set_grad_enabled) also respects a caller's no_grad.

@@ -18,6 +18,7 @@ from PIL import Image
 
 from sdsweep import io
 from sdsweep.config import ConfigError, resolved_resolution
+from sdsweep.data import open_rgb
 from sdsweep.methods.base import Batch
 from sdsweep.methods.full import FullFineTune
 
@@ -86,11 +87,7 @@ class DreamBooth(FullFineTune):
         # The folder only ever appears complete (written aside, then renamed), so counting suffices.
         if len(list(folder.glob("*.png"))) < wanted:
             self._generate_class_images(folder, wanted)
-        images = []
-        for path in sorted(folder.glob("*.png"))[:wanted]:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        return images
+        return [open_rgb(path) for path in sorted(folder.glob("*.png"))[:wanted]]
 
     def _generate_class_images(self, folder: Path, count: int) -> None:
         """Generate ``count`` images with the frozen base model into a staging folder, then swap it in."""
