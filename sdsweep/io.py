@@ -16,10 +16,29 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before any worker threads start.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+FILE_MODE = 0o666 & ~UMASK  # what open() would give: 0644 under the usual umask 022
+DIR_MODE = 0o777 & ~UMASK  # what mkdir() would give: 0755 under umask 022
+
+
+class DamagedFileError(ValueError):
+    """A result file exists but cannot be read (torn write, edited by hand). The message names it."""
+
+
 def _tmp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp creates 0600 files; give the result the permissions a plain write would have, so other
+    # users of a shared machine can read reports and results.
+    os.chmod(name, FILE_MODE)
     return Path(name)
 
 
@@ -60,10 +79,26 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The parsed file, ``default`` when it does not exist; ``DamagedFileError`` naming it when torn."""
     try:
-        return json.loads(Path(path).read_text())
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         return default
+    text = data.decode("utf-8", errors="replace")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedFileError(
+            f"{path} is damaged ({'empty file' if not text.strip() else error}); it was cut off or edited by hand."
+        ) from None
+
+
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """Like ``read_json`` but a damaged file reads as absent (for readers that list many files)."""
+    try:
+        return read_json(path)
+    except DamagedFileError:
+        return None
 
 
 def atomic_save_image(path: str | os.PathLike, image) -> Path:
@@ -107,7 +142,9 @@ def replace_dir(staging: Path, target: Path) -> Path:
 
 def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    os.chmod(staging, DIR_MODE)  # mkdtemp creates 0700; the swapped-in folder should read like mkdir's
+    return staging
 
 
 @dataclass(frozen=True)
