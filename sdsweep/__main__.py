@@ -22,6 +22,12 @@ def _hydra_main(raw: DictConfig) -> None:
 
 
 def main() -> None:
+    from sdsweep.compose import override_mistake
+
+    mistake = override_mistake(sys.argv[1:])  # before Hydra prints a traceback for it
+    if mistake:
+        print(f"sdsweep: error: {mistake}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

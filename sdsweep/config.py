@@ -8,6 +8,8 @@ types cannot express (positive learning rates, known scheduler names, ...) live 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -177,6 +179,7 @@ class SweepConfig:
     isolation: str = "subprocess"  # subprocess (crash-proof) | inprocess (faster, for tests)
     retry_failed: bool = False  # re-run grid points that failed on a previous invocation
     build_report: bool = True  # write report.html/md when the sweep ends
+    skip_unavailable: bool = False  # drop swept model/method/data values that are not available, with a note
     seed: int = 0  # sampler seed
     # Command-line shortcuts for the common grid (dotted dict keys cannot be overridden from a shell):
     # sweep.learning_rates=[1e-5,1e-4] sweep.steps=[400,800] replace those two params' choices.
@@ -190,6 +193,8 @@ class SweepConfig:
 @dataclass
 class Config:
     study: str = "default"  # the folder under paths.root and the W&B group
+    # Start the study over: the old folder is moved aside to <study>.old-<UTC time>, files kept.
+    study_reset: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -288,6 +293,13 @@ def validate(cfg: Config) -> Config:
             cfg.eval.metrics,
             f"unknown metric(s) {sorted(unknown)}; allowed are {sorted(KNOWN_METRICS)}.",
         )
+    if cfg.data.kind == "demo" and cfg.data.path:
+        _fail(
+            "data.path",
+            cfg.data.path,
+            "data=demo trains on the built-in demo images and would ignore it. Add data=imagefolder "
+            "(captions in metadata.jsonl/csv) or data=instances (one prompt for all images).",
+        )
     if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
     if cfg.method.name == "dreambooth" and not (cfg.data.instance_prompt or cfg.data.kind == "demo"):
@@ -371,10 +383,77 @@ def _validate_sweep(cfg: Config) -> None:
         _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
 
 
+def _schema_of(annotation: Any) -> Any:
+    """The dataclass a field holds, or ("dict"|"list", dataclass) for containers of dataclasses."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Union and len(args) == 1:
+        return _schema_of(args[0])
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if origin in (dict, list) and args and dataclasses.is_dataclass(args[-1]):
+        return (origin.__name__, args[-1])
+    return None
+
+
+def _valid_keys(schema: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, annotation in typing.get_type_hints(schema).items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        inner = _schema_of(annotation)
+        if dataclasses.is_dataclass(inner):
+            keys.extend(_valid_keys(inner, f"{dotted}."))
+    return keys
+
+
+def unknown_keys(node: Any, schema: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Dotted keys in a composed config that the schema does not have (typos added with ``+``)."""
+    schema = schema or Config
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            if not (prefix == "" and key == "hydra"):
+                found.append(dotted)
+            continue
+        inner = _schema_of(hints[key])
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            found.extend(unknown_keys(value, inner, f"{dotted}."))
+        elif isinstance(inner, tuple) and inner[0] == "dict" and isinstance(value, dict):
+            for name, item in value.items():
+                if isinstance(item, dict):
+                    found.extend(unknown_keys(item, inner[1], f"{dotted}.{name}."))
+        elif isinstance(inner, tuple) and inner[0] == "list" and isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    found.extend(unknown_keys(item, inner[1], f"{dotted}[{index}]."))
+    return found
+
+
+def reject_unknown_keys(raw: DictConfig) -> None:
+    """Hydra's ``+key=value`` adds keys the typed schema never sees; a typo would pass silently."""
+    container = OmegaConf.to_container(raw, resolve=False)
+    unknown = unknown_keys(container)
+    if not unknown:
+        return
+    valid = _valid_keys(Config)
+    lines = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        lines.append(f"'{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ConfigError(
+        f"Unknown config key{'s' if len(lines) > 1 else ''} {', '.join(lines)}. Fix the spelling (and drop the "
+        "'+', which adds new keys); the valid keys are in conf/ and sdsweep/config.py."
+    )
+
+
 def to_typed(cfg: DictConfig | Config) -> Config:
     """A composed DictConfig -> a validated ``Config`` dataclass with interpolations resolved."""
     if isinstance(cfg, Config):
         return validate(cfg)
+    reject_unknown_keys(cfg)
     typed = OmegaConf.to_object(cfg)
     if not isinstance(typed, Config):  # composed without the schema (e.g. a saved trial config)
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
