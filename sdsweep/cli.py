@@ -18,16 +18,12 @@ class UserError(Exception):
 
 
 def preflight(overrides: list[str]) -> None:
-    """Cheap checks that would otherwise fail after minutes of work: model reachable, data readable."""
-    from sdsweep.compose import compose_typed
-    from sdsweep.data import DataError, load_examples, split_examples
-    from sdsweep.models import ModelUnavailableError, resolve_model_source
+    """Cheap checks that would otherwise fail after minutes of work (sdsweep.preflight)."""
+    from sdsweep.preflight import PreflightError, run_preflight
 
-    cfg = compose_typed(overrides)
     try:
-        resolve_model_source(cfg.model, cfg.paths.cache)
-        split_examples(load_examples(cfg), cfg.data.num_heldout)
-    except (ModelUnavailableError, DataError) as error:
+        run_preflight(overrides)
+    except PreflightError as error:
         raise UserError(str(error)) from None
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -206,9 +208,18 @@ class Config:
     sweep: Optional[SweepConfig] = None
 
 
+def data_tag(kind: str, path: Optional[str] = None) -> str:
+    """A short name for the dataset in the default study name: ``demo``, or the data folder's name."""
+    if kind == "demo" or not path:
+        return str(kind)
+    name = Path(str(path).rstrip("/\\")).expanduser().name or str(kind)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or str(kind)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    OmegaConf.register_new_resolver("data_tag", data_tag, replace=True)
 
 
 ALLOWED = {

@@ -298,6 +298,11 @@ def _list_dataset(cfg: Config) -> _Listing:
     return _Listing(folder, source, examples, skipped, notes)
 
 
+def list_examples(cfg: Config) -> list[Example]:
+    """The configured dataset as (image, caption) pairs, images not opened."""
+    return _list_dataset(cfg).examples
+
+
 def load_examples(cfg: Config) -> list[Example]:
     """The configured dataset as (image, caption) pairs, every image verified."""
     listing = _list_dataset(cfg)

@@ -62,6 +62,32 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def missing_model_parts(folder: Path) -> list[str]:
+    """The parts of a diffusers Stable Diffusion folder that are absent (weights found late otherwise)."""
+    missing = [part for part in MODEL_PARTS if not (folder / part).exists()]
+    for part in ("unet", "vae", "text_encoder"):
+        sub = folder / part
+        if sub.is_dir() and not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
+            missing.append(f"{part}/ weights")
+        if sub.is_dir() and not (sub / "config.json").exists():
+            missing.append(f"{part}/config.json")
+    return missing
+
+
+def _complete(folder: Path, setting: str) -> str:
+    missing = missing_model_parts(folder)
+    if missing:
+        raise ModelUnavailableError(
+            f"{setting}={str(folder)!r} is an incomplete diffusers model folder: missing {', '.join(missing)}. "
+            "Download the whole model again (`huggingface-cli download <model id> --local-dir <folder>`) "
+            "or save it with StableDiffusionPipeline.save_pretrained."
+        )
+    return str(folder)
+
+
 def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
     """The local folder holding the model's diffusers files, downloading only when allowed.
 
@@ -81,11 +107,11 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
         return str(tiny.ensure_tiny_model(flavour, cache))
     local = Path(os.path.expanduser(model.pretrained))
     if local.is_dir():
-        return str(local)
+        return _complete(local, "model.pretrained")
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(
+        folder = snapshot_download(
             model.pretrained,
             revision=model.revision,
             allow_patterns=[
@@ -111,6 +137,38 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
             f"network access (`huggingface-cli download {model.pretrained} --local-dir /models/{model.name}`) "
             f"and run with model.path=/models/{model.name}; or use model=tiny for the offline demo model."
         ) from None
+    return _complete(Path(folder), "model.pretrained")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def model_unavailable_reason(model: ModelConfig, cache: str | None = None) -> str | None:
+    """Why the model cannot be used, or None; downloads nothing (a hub ID online is only looked up)."""
+    if model.path or tiny.parse_tiny_id(model.pretrained) is not None or Path(model.pretrained).expanduser().is_dir():
+        try:
+            resolve_model_source(model, cache)
+        except ModelUnavailableError as error:
+            return str(error)
+        return None
+    from huggingface_hub import model_info, snapshot_download
+
+    try:
+        folder = snapshot_download(model.pretrained, revision=model.revision, local_files_only=True)
+        missing = missing_model_parts(Path(folder))
+        if not missing:
+            return None
+    except Exception:
+        missing = []
+    if not hub_offline():
+        try:
+            model_info(model.pretrained, revision=model.revision, timeout=10)
+            return None  # reachable: the run downloads it
+        except Exception as error:
+            return f"{model.pretrained!r} cannot be reached ({type(error).__name__})"
+    detail = f"the cached copy lacks {', '.join(missing)}" if missing else "it is not in the local cache"
+    return f"{model.pretrained!r} is not available offline ({detail})"
 
 
 def load_components(

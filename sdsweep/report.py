@@ -88,7 +88,7 @@ def load_study(study_dir: str | os.PathLike) -> StudyData:
         )
     records = {}
     for trial_dir in paths.trial_dirs():
-        record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        record = io.read_json_or_none(trial_dir / io.TRIAL_METRICS)  # damaged: shown from results.csv
         if record and record.get("trial") is not None:
             records[int(record["trial"])] = record
     results = _read_results(paths, records)

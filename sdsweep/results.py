@@ -11,6 +11,7 @@ import pandas as pd
 from sdsweep import io
 
 LEADING_COLUMNS = ["trial", "state", "model", "method", "learning_rate", "max_train_steps"]
+DAMAGED = "DAMAGED"  # the trial's metrics.json exists but cannot be read; fail_reason says why
 
 
 def trial_rows(
@@ -21,7 +22,13 @@ def trial_rows(
 
     rows: dict[int, dict[str, Any]] = {}
     for trial_dir in paths.trial_dirs():
-        record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        try:
+            record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        except io.DamagedFileError as error:
+            # One torn file must not hide the rest of the study: the trial is listed as damaged.
+            number = int(trial_dir.name)
+            rows[number] = {"trial": number, "state": DAMAGED, "fail_reason": str(error), "trial_dir": str(trial_dir)}
+            continue
         if not record:
             continue
         row = _row_from_record(record, trial_dir)
@@ -33,7 +40,8 @@ def trial_rows(
         row = rows.setdefault(
             frozen.number, {"trial": frozen.number, "trial_dir": str(paths.trial(frozen.number))}
         )
-        row["state"] = frozen.state.name  # the storage is the source of truth for the state
+        if row.get("state") != DAMAGED:  # the storage is the source of truth, except for a torn record
+            row["state"] = frozen.state.name
         for key, value in frozen.params.items():
             row.setdefault(key, value)
         if frozen.user_attrs.get(FAIL_REASON) and not row.get("fail_reason"):
@@ -55,7 +63,10 @@ def _row_from_record(record: dict[str, Any], trial_dir: Path) -> dict[str, Any]:
     row["eval_seconds"] = record.get("eval_seconds")
     row["trial_dir"] = str(trial_dir)
     weights = record.get("weights")
-    row["weights_dir"] = str(trial_dir / weights) if weights else None
+    row["weights_dir"] = str(trial_dir / weights) if weights and (trial_dir / weights).exists() else None
+    if weights and row["weights_dir"] is None:
+        note = f"weights {trial_dir / weights} no longer exist"
+        row["warnings"] = f"{row['warnings']}; {note}" if row["warnings"] else note
     row["wandb_run_id"] = record.get("wandb_run_id")
     return row
 
