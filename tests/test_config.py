@@ -122,3 +122,80 @@ def test_flatten_gives_dotted_keys():
     flat = flatten(compose(TINY_OVERRIDES))
     assert flat["method.learning_rate"] == pytest.approx(1e-5)
     assert flat["model.pretrained"] == "tiny:sd15"
+
+
+# ---- unknown keys, misplaced options, recipes with any sweep (#12, #18) --------------------------------
+from sdsweep.compose import override_mistake  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("+method.learnig_rate=1e-4", "method.learning_rate"),
+        ("+train.max_train_step=10", "train.max_train_steps"),
+        ("+eval.clip_modle=tiny", "eval.clip_model"),
+        ("+studdy=x", "study"),
+    ],
+)
+def test_added_keys_outside_the_schema_are_rejected_with_the_closest_key(override, suggestion):
+    with pytest.raises(ConfigError, match=f"did you mean {suggestion}"):
+        compose(TINY_OVERRIDES + [override])
+
+
+def test_unknown_keys_are_found_inside_sweep_params_and_objectives():
+    from sdsweep.config import unknown_keys
+
+    container = {
+        "sweep": {
+            "params": {"method.learning_rate": {"choises": [1]}, "train.seed": {"choices": [1]}},
+            "objectives": [{"metric": "eval/fid", "directon": "minimize"}],
+        },
+        "method": {"rank": 4},
+        "hydra": {"anything": 1},
+    }
+    assert unknown_keys(container) == [
+        "sweep.params.method.learning_rate.choises",
+        "sweep.objectives[0].directon",
+    ]
+
+
+def test_data_path_with_the_demo_data_is_an_error():
+    with pytest.raises(ConfigError, match="data=imagefolder"):
+        compose(TINY_OVERRIDES + ["data.path=/my/images"])
+
+
+def test_grid_shortcuts_without_a_sweep_say_to_add_one():
+    message = override_mistake(["sweep.learning_rates=[1e-5,1e-4]"])
+    assert message and "+sweep=lr_steps" in message
+    assert override_mistake(["+sweep=lr_steps", "sweep.learning_rates=[1e-5]"]) is None
+    assert override_mistake(["+experiment=demo", "sweep.steps=[1]"]) is None
+
+
+def test_unquoted_paths_get_a_quoting_hint():
+    split_by_the_shell = override_mistake(["data=imagefolder", "data.path=/data/my", "images"])
+    assert split_by_the_shell and "'images'" in split_by_the_shell and "quote" in split_by_the_shell
+    parenthesised = override_mistake(["data.path=/data/set (1)"])
+    assert parenthesised and "data.path=\"/data/set (1)\"" in parenthesised
+    assert override_mistake(['data.path="/data/set (1)"', "--cfg", "job", "-m"]) is None
+
+
+def test_default_study_name_includes_the_dataset():
+    assert compose(TINY_OVERRIDES).study == "tiny-full-demo"
+    cfg = compose(TINY_OVERRIDES + ["data=imagefolder", "data.path=/data/my dog/"])
+    assert cfg.study == "tiny-full-my_dog"
+
+
+def test_a_recipe_composes_with_another_sweep_as_a_plain_override():
+    cfg = compose(["+experiment=demo", "sweep=methods"])
+    assert cfg.sweep.name == "methods" and cfg.study == "demo"
+    assert {"method", "model"} <= set(cfg.sweep.params)
+    assert cfg.sweep.params["train.max_train_steps"].choices == [10, 20, 40]  # the recipe's CPU-sized steps
+    assert compose(["+experiment=demo", "sweep=tpe"]).sweep.sampler == "tpe"
+    message = override_mistake(["+experiment=demo", "+sweep=methods"])
+    assert message and "sweep=methods (without the '+')" in message
+
+
+def test_methods_sweep_composes_with_the_tiny_model():
+    cfg = compose(TINY_OVERRIDES + ["+sweep=methods"])
+    assert cfg.sweep.params["model"].choices == ["sd15", "sd21"]
+    assert cfg.model.name == "tiny"

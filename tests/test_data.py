@@ -197,3 +197,120 @@ def test_load_pil_images_returns_rgb_images(tmp_path):
     Image.new("L", (5, 7), 128).save(path)
     (image,) = load_pil_images([Example(path, "gray")])
     assert image.mode == "RGB" and image.size == (5, 7)
+
+
+# ---- robustness: encodings, image modes, bombs, layouts, the summary ----------------------------------
+from sdsweep.data import open_rgb, summarize_dataset  # noqa: E402
+
+
+def write_metadata(folder: Path, text: str, name: str, encoding: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(text.encode(encoding))
+
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.jsonl"])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp1252", "latin-1", "utf-16"])
+def test_metadata_in_every_common_encoding_reads_the_same_captions(tmp_path, name, encoding):
+    data = tmp_path / "data"
+    write_image(data / "a.png")
+    caption = "a photo of sks café"
+    if name.endswith(".csv"):
+        text = f"file_name,text\na.png,{caption}\n"
+    else:
+        text = json.dumps({"file_name": "a.png", "text": caption}, ensure_ascii=False) + "\n"
+    write_metadata(data, text, name, encoding)
+    examples = load_examples(folder_cfg(data, "data.num_heldout=0"))
+    assert [(e.image_path.name, e.caption) for e in examples] == [("a.png", caption)]
+    summary = summarize_dataset(folder_cfg(data, "data.num_heldout=0"))
+    if encoding in ("cp1252", "latin-1"):
+        assert any("not UTF-8" in note for note in summary.notes)
+    else:
+        assert not summary.notes
+
+
+def test_binary_metadata_is_refused_by_name(tmp_path):
+    data = tmp_path / "data"
+    write_image(data / "a.png")
+    (data / "metadata.csv").write_bytes(b"file_name,text\n\x00\xff\xfe\x81garbage\n")
+    with pytest.raises(DataError, match=r"metadata\.csv.*UTF-8"):
+        load_examples(folder_cfg(data))
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(open_rgb(path))
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped_to_white(tmp_path):
+    ramp16 = np.tile(np.linspace(0, 65535, 16, dtype=np.uint16), (8, 1))
+    Image.fromarray(ramp16, mode="I;16").save(tmp_path / "i16.png")
+    Image.fromarray(ramp16.astype(np.int32), mode="I").save(tmp_path / "i32.tif")
+    Image.fromarray((ramp16 / 65535.0).astype(np.float32), mode="F").save(tmp_path / "f.tif")
+    for name in ("i16.png", "i32.tif", "f.tif"):
+        pixels = _pixels(tmp_path / name)
+        assert pixels.shape == (8, 16, 3), name
+        assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255, name
+        assert 100 < pixels[0, 8, 0] < 155, name  # the middle of the ramp stays mid-grey
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"])
+def test_every_pil_mode_opens_as_8_bit_rgb(tmp_path, mode):
+    suffix = ".tif" if mode in ("CMYK", "I", "F") else ".png"
+    path = tmp_path / f"img{suffix}"
+    Image.new(mode, (12, 10)).save(path)
+    image = open_rgb(path)
+    assert image.mode == "RGB" and image.size == (12, 10)
+
+
+def test_tif_gif_and_jpeg_are_accepted(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(data / "a.tif")
+    Image.new("P", (20, 20)).save(data / "b.gif")
+    Image.new("RGB", (20, 20)).save(data / "c.jpg")
+    (data / "notes.txt").write_text("not an image")
+    cfg = compose(TINY_OVERRIDES + ["data=instances", f"data.path={data}", "data.instance_prompt=a photo of sks"])
+    assert sorted(e.image_path.name for e in load_examples(cfg)) == ["a.tif", "b.gif", "c.jpg"]
+    summary = summarize_dataset(cfg)
+    assert summary.skipped == [("notes.txt", "not an image type sdsweep reads (.txt)")]
+    assert "notes.txt" in summary.describe()
+
+
+def test_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_image(data / "huge.png", size=(200, 200))
+    write_image(data / "ok.png")
+    (data / "metadata.jsonl").write_text(
+        '{"file_name": "ok.png", "text": "x"}\n{"file_name": "huge.png", "text": "y"}\n'
+    )
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200x200 = 40,000 pixels: a bomb here
+    with pytest.raises(DataError, match=r"huge\.png.*too large"):
+        load_examples(folder_cfg(data))
+
+
+def test_hugging_face_train_split_layout_is_found(tmp_path):
+    data = tmp_path / "dataset"
+    write_image(data / "train" / "a.png")
+    write_image(data / "train" / "b.png")
+    (data / "train" / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "one"}\n{"file_name": "b.png", "text": "two"}\n'
+    )
+    cfg = folder_cfg(data, "data.num_heldout=1")
+    assert [e.caption for e in load_examples(cfg)] == ["one", "two"]
+    summary = summarize_dataset(cfg)
+    assert (summary.found, summary.used, summary.heldout) == (2, 1, 1)
+    assert "train split" in summary.describe()
+
+
+def test_summary_counts_unlisted_images_and_long_captions_once(tmp_path):
+    data = tmp_path / "data"
+    for name in ("a.png", "b.png", "c.png", "stray.png"):
+        write_image(data / name)
+    long = "a photo of sks " + " ".join(["very"] * 90)
+    rows = [{"file_name": n, "text": t} for n, t in (("a.png", long), ("b.png", long), ("c.png", "short"))]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize_dataset(folder_cfg(data, "data.num_heldout=1"))
+    assert (summary.found, summary.used, summary.heldout) == (3, 2, 1)
+    assert summary.skipped == [("stray.png", "not listed in the metadata")]
+    assert summary.long_captions == ["a.png", "b.png"]
+    text = summary.describe()
+    assert text.count("longer than 77 tokens") == 1 and "stray.png" in text
