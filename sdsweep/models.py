@@ -101,7 +101,7 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
                 "Point model.path at a folder saved with StableDiffusionPipeline.save_pretrained or downloaded "
                 "with `huggingface-cli download <model id> --local-dir <folder>`."
             )
-        return str(path)
+        return _complete(path, "model.path")
     flavour = tiny.parse_tiny_id(model.pretrained)
     if flavour is not None:
         return str(tiny.ensure_tiny_model(flavour, cache))

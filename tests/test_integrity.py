@@ -23,9 +23,12 @@ from sdsweep.fingerprint import RESET_MARKER_ENV
 
 
 def folder_digest(folder: Path) -> str:
-    """Every file's path, bytes and mode: equal digests mean nothing in the folder changed."""
+    """Every file's path, bytes and mode: equal digests mean nothing in the folder changed.
+
+    hydra/ is left out: Hydra itself creates its run folder (hydra.run.dir) before sdsweep runs.
+    """
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(p for p in folder.rglob("*") if "hydra" not in p.relative_to(folder).parts[:1]):
         digest.update(str(path.relative_to(folder)).encode())
         if path.is_file():
             digest.update(path.read_bytes())
