@@ -153,7 +153,9 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         lines.append(f"model: {old['model']} -> {new['model']}")
     old_data, new_data = old.get("data"), new.get("data")
     if old_data is not None and new_data is not None and old_data != new_data:
-        changed = sorted(k for k in old_data.keys() & new_data.keys() if old_data[k]["sha256"] != new_data[k]["sha256"])
+        changed = sorted(
+            k for k in old_data.keys() & new_data.keys() if old_data[k]["sha256"] != new_data[k]["sha256"]
+        )
         recaptioned = sorted(
             k for k in old_data.keys() & new_data.keys() if old_data[k]["caption"] != new_data[k]["caption"]
         )

@@ -146,7 +146,11 @@ def hub_offline() -> bool:
 
 def model_unavailable_reason(model: ModelConfig, cache: str | None = None) -> str | None:
     """Why the model cannot be used, or None; downloads nothing (a hub ID online is only looked up)."""
-    if model.path or tiny.parse_tiny_id(model.pretrained) is not None or Path(model.pretrained).expanduser().is_dir():
+    if (
+        model.path
+        or tiny.parse_tiny_id(model.pretrained) is not None
+        or Path(model.pretrained).expanduser().is_dir()
+    ):
         try:
             resolve_model_source(model, cache)
         except ModelUnavailableError as error:

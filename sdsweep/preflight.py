@@ -48,11 +48,15 @@ def check_sqlite(path: Path, study: str) -> None:
         return
     size = path.stat().st_size
     if size == 0:
-        raise PreflightError(f"{path} is empty (0 bytes): the study's trial history is lost. " + _way_out(path, study))
+        raise PreflightError(
+            f"{path} is empty (0 bytes): the study's trial history is lost. " + _way_out(path, study)
+        )
     with open(path, "rb") as f:
         header = f.read(len(SQLITE_HEADER))
     if header != SQLITE_HEADER:
-        raise PreflightError(f"{path} is not an SQLite database (damaged or overwritten). " + _way_out(path, study))
+        raise PreflightError(
+            f"{path} is not an SQLite database (damaged or overwritten). " + _way_out(path, study)
+        )
     try:
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -106,7 +110,9 @@ def _hub_or_local_reason(name: str, what: str, setting: str, required: str = "co
         model_info(name, timeout=10)
         return None
     except Exception as error:
-        return f"{what} {name!r} cannot be reached ({type(error).__name__}); download it once or set {setting}"
+        return (
+            f"{what} {name!r} cannot be reached ({type(error).__name__}); download it once or set {setting}"
+        )
 
 
 def eval_model_problems(cfg: Config) -> list[str]:
@@ -122,7 +128,9 @@ def eval_model_problems(cfg: Config) -> list[str]:
         if reason:
             problems.append(reason)
     if ev.safety_checker:
-        reason = _hub_or_local_reason(ev.safety_checker, "the safety checker", "eval.safety_checker (or null)")
+        reason = _hub_or_local_reason(
+            ev.safety_checker, "the safety checker", "eval.safety_checker (or null)"
+        )
         if reason:
             problems.append(reason)
     return problems
@@ -135,7 +143,9 @@ def reference_dir_problem(cfg: Config) -> str | None:
         return None
     folder = Path(cfg.eval.reference_dir).expanduser()
     if not folder.is_dir():
-        return f"eval.reference_dir={cfg.eval.reference_dir!r} does not exist (or set eval.reference_dir=null)"
+        return (
+            f"eval.reference_dir={cfg.eval.reference_dir!r} does not exist (or set eval.reference_dir=null)"
+        )
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
         return f"eval.reference_dir={cfg.eval.reference_dir!r} holds no images ({', '.join(IMAGE_SUFFIXES)})"
     return None

@@ -27,7 +27,12 @@ def trial_rows(
         except io.DamagedFileError as error:
             # One torn file must not hide the rest of the study: the trial is listed as damaged.
             number = int(trial_dir.name)
-            rows[number] = {"trial": number, "state": DAMAGED, "fail_reason": str(error), "trial_dir": str(trial_dir)}
+            rows[number] = {
+                "trial": number,
+                "state": DAMAGED,
+                "fail_reason": str(error),
+                "trial_dir": str(trial_dir),
+            }
             continue
         if not record:
             continue

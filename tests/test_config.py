@@ -175,7 +175,7 @@ def test_unquoted_paths_get_a_quoting_hint():
     split_by_the_shell = override_mistake(["data=imagefolder", "data.path=/data/my", "images"])
     assert split_by_the_shell and "'images'" in split_by_the_shell and "quote" in split_by_the_shell
     parenthesised = override_mistake(["data.path=/data/set (1)"])
-    assert parenthesised and "data.path=\"/data/set (1)\"" in parenthesised
+    assert parenthesised and 'data.path="/data/set (1)"' in parenthesised
     assert override_mistake(['data.path="/data/set (1)"', "--cfg", "job", "-m"]) is None
 
 

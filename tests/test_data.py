@@ -268,7 +268,9 @@ def test_tif_gif_and_jpeg_are_accepted(tmp_path):
     Image.new("P", (20, 20)).save(data / "b.gif")
     Image.new("RGB", (20, 20)).save(data / "c.jpg")
     (data / "notes.txt").write_text("not an image")
-    cfg = compose(TINY_OVERRIDES + ["data=instances", f"data.path={data}", "data.instance_prompt=a photo of sks"])
+    cfg = compose(
+        TINY_OVERRIDES + ["data=instances", f"data.path={data}", "data.instance_prompt=a photo of sks"]
+    )
     assert sorted(e.image_path.name for e in load_examples(cfg)) == ["a.tif", "b.gif", "c.jpg"]
     summary = summarize_dataset(cfg)
     assert summary.skipped == [("notes.txt", "not an image type sdsweep reads (.txt)")]

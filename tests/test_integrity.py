@@ -157,7 +157,9 @@ def test_study_reset_moves_the_old_study_aside_and_keeps_its_files(tmp_path):
 def real_sqlite(path: Path) -> None:
     connection = sqlite3.connect(path)
     connection.execute("CREATE TABLE trials (id INTEGER PRIMARY KEY, payload BLOB)")
-    connection.executemany("INSERT INTO trials (payload) VALUES (?)", [(os.urandom(2000),) for _ in range(100)])
+    connection.executemany(
+        "INSERT INTO trials (payload) VALUES (?)", [(os.urandom(2000),) for _ in range(100)]
+    )
     connection.execute("CREATE INDEX by_payload ON trials (payload)")
     connection.commit()
     connection.close()
@@ -255,7 +257,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(RESET_MARKER_ENV, None)
     return subprocess.run(
-        [sys.executable, "-m", "sdsweep", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sdsweep", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -280,9 +287,12 @@ def test_cli_refuses_changed_data_and_changes_nothing(tmp_path):
     preflight(overrides)
     study = tmp_path / "exp" / "s"
     (data / "2.png").unlink()
-    (data / "metadata.jsonl").write_text("".join(
-        json.dumps({"file_name": f"{i}.png", "text": f"a photo of sks number {i}"}) + "\n" for i in range(2)
-    ))
+    (data / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps({"file_name": f"{i}.png", "text": f"a photo of sks number {i}"}) + "\n"
+            for i in range(2)
+        )
+    )
     before = folder_digest(study)
     result = run_cli(*overrides)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -28,7 +28,9 @@ def test_an_incomplete_model_folder_is_named(tmp_path, tiny_model_dirs, part):
     shutil.copytree(tiny_model_dirs["sd15"], folder)
     target = folder / part
     shutil.rmtree(target) if target.is_dir() else target.unlink()
-    with pytest.raises(UserError, match=f"incomplete diffusers model folder: missing {part}|not a diffusers model"):
+    with pytest.raises(
+        UserError, match=f"incomplete diffusers model folder: missing {part}|not a diffusers model"
+    ):
         preflight(base(tmp_path, f"model.path={folder}"))
     assert not (tmp_path / "exp").exists()  # nothing written for a run that cannot start
 
@@ -98,7 +100,11 @@ def test_every_unavailable_model_of_the_sweep_is_listed_in_one_error(tmp_path):
 def test_available_search_space_keeps_only_what_is_available():
     cfg = compose(
         TINY_OVERRIDES
-        + ["+sweep=methods", "sweep.params.model.choices=[tiny,sd15]", "sweep.params.method.choices=[lora,lorra]"]
+        + [
+            "+sweep=methods",
+            "sweep.params.model.choices=[tiny,sd15]",
+            "sweep.params.method.choices=[lora,lorra]",
+        ]
     )
     params, missing = available_search_space(cfg)
     assert params["model"].choices == ["tiny"]
