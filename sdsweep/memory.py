@@ -104,14 +104,15 @@ def optimizer_name(cfg: Config) -> str:
 
 
 def footprint_from_config(cfg: Config, device: torch.device) -> TrainingFootprint:
-    compute = compute_dtype_for(cfg.train.mixed_precision, device)
+    from sdsweep.models import frozen_weight_dtype
+
     method = cfg.method
     return TrainingFootprint(
         method=method.name,
         batch_size=cfg.train.train_batch_size,
         resolution=resolved_resolution(cfg),
-        compute_dtype=compute,
-        frozen_dtype=compute if device.type == "cuda" else torch.float32,
+        compute_dtype=compute_dtype_for(cfg.train.mixed_precision, device),
+        frozen_dtype=frozen_weight_dtype(cfg, device),
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         optimizer=optimizer_name(cfg),
         train_text_encoder=method.train_text_encoder,
