@@ -201,8 +201,9 @@ def load_components(
     for module in (vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=text_dtype)
+    # Only cast what changes dtype: diffusers warns on every .to(dtype=...) of a loaded model.
+    for module, dtype in ((vae, weight_dtype), (text_encoder, text_dtype)):
+        module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
     unet.to(device)
     return SDComponents(
         unet=unet,
