@@ -4,7 +4,8 @@
    three ways (plain / latent cache / cache + milestone sharing), plus the subprocess-isolation cost.
 2. Per-step overhead: sdsweep's training loop against a bare PyTorch loop doing the same math.
 3. Evaluation throughput: DPM-Solver++ at the eval step count against the 50-step PNDM default.
-4. GPU (``sdsweep.bench_gpu``): full-size SD-1.5 training/sampling speed, memory and MFU, or a skip note.
+4. Training path (``sdsweep.bench_gpu``): sdsweep's own train(), methods and sampling: speed, counted FLOPs,
+   UNet and end-to-end MFU, predicted and measured peak memory; full-size SD-1.5 on CUDA, the tiny model on CPU.
 
 Usage: ``python -m sdsweep.bench --out bench/results.json [--quick] [--gpu-dry-run]``.
 Timings on a shared 2-core machine are noisy: blocks are interleaved and medians reported.
@@ -399,10 +400,10 @@ def bench_eval(plan: Plan) -> dict[str, Any]:
 
 
 # ---- 4. GPU -------------------------------------------------------------------------------------------
-def bench_gpu(quick: bool, dry_run: bool) -> dict[str, Any]:
+def bench_gpu(quick: bool, workdir: Path) -> dict[str, Any]:
     from sdsweep import bench_gpu as gpu
 
-    return gpu.run(dry_run=dry_run, quick=quick, log=log)
+    return gpu.run(quick=quick, log=log, workdir=workdir / "training-path")
 
 
 # ---- verdicts, output ---------------------------------------------------------------------------------
@@ -483,34 +484,34 @@ def table(results: dict[str, Any]) -> str:
 
 
 def gpu_lines(gpu: dict[str, Any]) -> list[str]:
-    if "skipped" in gpu:
-        return [f"4. GPU: skipped ({gpu['skipped']})"]
     if "error" in gpu:
-        return [f"4. GPU: failed ({gpu['error']})"]
+        return [f"4. Training path: failed ({gpu['error']})"]
     if not gpu:
-        return ["4. GPU: not run"]
-    title = f"4. GPU: {gpu['device_name']}, {gpu['resolution']} px" + (
-        " (DRY RUN: timings meaningless)" if gpu["dry_run"] else ""
+        return ["4. Training path: not run"]
+    note = (
+        "" if gpu["measured_on_gpu"] else " (no GPU: GPU figures not measured; CPU timings of the tiny model)"
     )
     lines = [
-        title,
-        f"   {'method':<19}{'batch':>6}{'cache':>7}{'img/s':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}",
+        f"4. Training path: {gpu['device_name']}, {gpu['model']}{note}",
+        f"   {'method':<19}{'batch':>6}{'ckpt':>6}{'cache':>7}{'img/s':>9}{'MFU unet':>9}{'MFU e2e':>8}"
+        f"{'pred GiB':>9}{'peak GiB':>9}",
     ]
     for row in gpu["training"]:
+        head = f"   {row['method']:<19}{row['batch_size']:>6}{str(row['gradient_checkpointing'])[0]:>6}{str(row['latent_cache'])[0]:>7}"
         if "error" in row:
-            lines.append(
-                f"   {row['method']:<19}{row['batch_size']:>6}{str(row['latent_cache']):>7}  {row['error'][:60]}"
-            )
+            lines.append(f"{head}  {row['error'][:60]}")
             continue
         lines.append(
-            f"   {row['method']:<19}{row['batch_size']:>6}{str(row['latent_cache']):>7}{row['images_per_second']:>9.2f}"
-            f"{fmt(row['peak_memory_gib']):>10}{row['achieved_tflops']:>9.3g}{fmt(row['mfu']):>7}"
+            f"{head}{row['images_per_second']:>9.2f}{fmt(row['mfu_unet']):>9}{fmt(row['mfu_end_to_end']):>8}"
+            f"{fmt(row['predicted_peak_gib']):>9}{fmt(row['measured_peak_gib']):>9}"
         )
-    s = gpu["sampling"]
-    lines.append(
-        f"   sampling: {s['num_inference_steps']} steps DPM-Solver++, batch {s['batch_size']}: "
-        f"{s['images_per_second']:.2f} img/s, MFU {fmt(s['mfu'])}"
-    )
+    for s in gpu["sampling"]:
+        if "error" in s:
+            lines.append(f"   sampling {s['dtype']}: failed ({s['error'][:60]})")
+        else:
+            lines.append(
+                f"   sampling {s['dtype']}: {s['num_inference_steps']} steps, {s['images_per_second']:.2f} img/s"
+            )
     return lines
 
 
@@ -530,11 +531,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sdsweep.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("--quick", action="store_true", help="tiny grid and few repeats (smoke test)")
-    parser.add_argument(
-        "--gpu-dry-run",
-        action="store_true",
-        help="run the GPU section's code on the CPU with a scaled-down model (timings meaningless)",
-    )
     parser.add_argument("--sections", default="sweep,step,eval,gpu", help="comma-separated subset to run")
     parser.add_argument(
         "--threads",
@@ -561,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": lambda: bench_sweep(plan, workdir),
             "step": lambda: bench_step(plan),
             "eval": lambda: bench_eval(plan),
-            "gpu": lambda: bench_gpu(args.quick, args.gpu_dry_run),
+            "gpu": lambda: bench_gpu(args.quick, workdir),
         }
         for name, fn in sections.items():
             if name in wanted:

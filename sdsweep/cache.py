@@ -70,6 +70,7 @@ def cache_key(cfg: Config, components: Any, examples: list[Example], captions: l
         "variant": cfg.model.variant,
         "weights": _weights_fingerprint(components.source, ("vae", "text_encoder") if captions else ("vae",)),
         "vae_dtype": str(components.vae.dtype),
+        "text_encoder_dtype": str(components.text_encoder.dtype) if captions else None,
         "resolution": resolved_resolution(cfg),
         "center_crop": cfg.data.center_crop,
         "random_flip": cfg.data.random_flip,

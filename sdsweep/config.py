@@ -98,7 +98,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
-    compile: bool = False  # torch.compile the UNet (GPU only)
+    compile: bool = False  # torch.compile the UNet (inductor: triton on CUDA, a C compiler on CPU)
+    channels_last: bool = False  # NHWC memory format for the UNet's convolutions (faster on tensor cores)
     snr_gamma: Optional[float] = None  # min-SNR-gamma weighting; 5.0 is the paper's value
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
@@ -133,6 +134,7 @@ class EvalConfig:
     safety_checker: Optional[str] = None  # e.g. CompVis/stable-diffusion-safety-checker
     val_loss_timesteps: int = 8  # fixed timesteps per held-out image for eval/val_loss
     baseline: bool = True  # evaluate the untuned base model once per study
+    dtype: str = "auto"  # sampling precision: auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -231,6 +233,7 @@ ALLOWED = {
     "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
     "eval.scheduler": {"dpmsolver++", "pndm", "ddim", "euler"},
     "eval.fid_features": {"auto", "inception", "clip"},
+    "eval.dtype": {"auto", "fp32", "bf16", "fp16"},
     "tracking.backend": {"wandb", "none"},
     "tracking.mode": {"offline", "online", "disabled"},
     "sweep.sampler": {"grid", "tpe", "random"},

@@ -300,10 +300,14 @@ def _configure_unet(cfg: Config, method: Any, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
-        if cfg.train.compile:
-            # In place (nn.Module.compile): the UNet keeps its class, parameter names and
-            # save_pretrained, so methods, checkpoints and saving are unaffected.
-            unet.compile()
+    if cfg.train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.train.compile and not getattr(unet, "_sdsweep_compiled", False):
+        # In place (nn.Module.compile): the UNet keeps its class, parameter names and
+        # save_pretrained, so methods, checkpoints and saving are unaffected. Inductor runs on CUDA
+        # (triton) and on CPU (a C compiler); preflight refuses the setting where neither is there.
+        unet.compile()
+        unet._sdsweep_compiled = True
 
 
 def _check_loss(cfg: Config, value: float, step: int, loop: LoopState) -> None:

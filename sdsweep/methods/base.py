@@ -112,7 +112,8 @@ class FineTuneMethod(ABC):
             distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
             # A fixed-seed validation loss must not draw from the global RNG: it scores the mean latent.
             latents = distribution.mode() if generator is not None else distribution.sample()
-        return latents * self.components.latent_scaling
+        # A half-precision VAE (on CUDA) feeds the fp32 noise and loss: compute those in fp32.
+        return latents.float() * self.components.latent_scaling
 
     def text_embeddings_of(self, batch: Batch, prefix: str = "") -> torch.Tensor:
         """The batch's cached ``encoder_hidden_states``, else the text encoder's output for its captions."""
@@ -133,7 +134,7 @@ class FineTuneMethod(ABC):
             return encoder(ids, return_dict=False)[0]
         # A frozen encoder needs no graph; no_grad (not set_grad_enabled) also respects a caller's no_grad.
         with torch.no_grad():
-            return encoder(ids, return_dict=False)[0]
+            return encoder(ids, return_dict=False)[0].float()
 
     @staticmethod
     def batch_size_of(batch: Batch) -> int:
