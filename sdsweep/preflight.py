@@ -235,7 +235,13 @@ def run_preflight(overrides: list[str]):
     """
     from sdsweep.data import DataError, list_examples, summarize_dataset
     from sdsweep.fingerprint import ensure_study_identity, reset_study_if_asked
-    from sdsweep.models import ModelUnavailableError, resolve_model_source
+    from sdsweep.memory import check_fits
+    from sdsweep.models import (
+        ModelUnavailableError,
+        resolve_model_source,
+        select_device,
+        unavailable_features,
+    )
     from sdsweep.trial import compose_config  # the config exactly as the sweep driver composes it
 
     cfg = compose_config(overrides)
@@ -250,6 +256,11 @@ def run_preflight(overrides: list[str]):
             problems.append(reference)
         if problems:
             raise PreflightError("evaluation needs what is missing: " + "; ".join(problems) + ".")
+        device = select_device(cfg.device)
+        unavailable = unavailable_features(cfg, device)
+        if unavailable:
+            raise PreflightError("requested but unavailable here: " + "; ".join(unavailable) + ".")
+        memory = check_fits(cfg, device)  # a ConfigError listing settings that fit, on a too-small GPU
         summary = summarize_dataset(cfg, _token_counter(source))
         space = search_space_problem(cfg)
         if space:
@@ -260,4 +271,5 @@ def run_preflight(overrides: list[str]):
     except (ModelUnavailableError, DataError, io.DamagedFileError) as error:
         raise PreflightError(str(error)) from None
     print(f"[sdsweep] {summary.describe()}", flush=True)
+    print(f"[sdsweep] training memory on {device}: {memory.describe()}", flush=True)
     return summary

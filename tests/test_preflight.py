@@ -84,6 +84,14 @@ def test_preflight_prints_the_data_summary(tmp_path, capsys):
     preflight(base(tmp_path))
     out = capsys.readouterr().out
     assert "Data: 10 image(s) found" in out and "8 used for training, 2 held out" in out
+    assert "training memory on cpu: predicted peak memory" in out  # known before any weights load
+
+
+def test_unavailable_speedups_are_errors_before_training(tmp_path):
+    # 8-bit Adam without bitsandbytes used to fall back to AdamW with a warning, and then OOM on a GPU.
+    with pytest.raises(UserError, match="bitsandbytes"):
+        preflight(base(tmp_path, "method.use_8bit_adam=true"))
+    assert not (tmp_path / "exp").exists() or not list((tmp_path / "exp").rglob("*.safetensors"))
 
 
 # ---- the whole search space (#18.1) -------------------------------------------------------------------
