@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import pandas as pd
 
@@ -177,9 +178,7 @@ def _front_index(scores: pd.DataFrame) -> list[Any]:
     return front
 
 
-def pareto_front(
-    results: pd.DataFrame, objectives: Objectives, feasible_only: bool = True
-) -> list[int]:
+def pareto_front(results: pd.DataFrame, objectives: Objectives, feasible_only: bool = True) -> list[int]:
     """Trial numbers of the Pareto front over the same pool ``best_trial`` chooses from."""
     pairs = as_objectives(objectives)
     pool = _candidates(results, [m for m, _ in pairs], feasible_only)
