@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = io.read_json(out / TRIAL_FILE) or {}
+    if not is_feasible(summary.get("feasible")):
+        print(
+            f"warning: trial {summary.get('trial')} violates the study's constraints "
+            f"({', '.join(summary.get('constraints') or [])}); no trial satisfied them. See {out / 'README.md'}.",
+            file=sys.stderr,
+        )
     print(
         f"exported trial {summary.get('trial')} ({summary.get('method')}, {summary.get('weights_format')}) to {out}"
     )

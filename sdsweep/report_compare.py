@@ -185,6 +185,7 @@ def pareto_plot(data: StudyData, out_png: Path, dpi: int = 200) -> Path | str:
     if len(objectives) > 2:
         title += f" (first two of {len(objectives)} objectives)"
     ax.set_title(title)
+    ax.margins(0.1)  # room for the trial names at the edges
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -223,12 +224,15 @@ def lr_panels(data: StudyData, out_png: Path, dpi: int = 200) -> Path | str:
 
 
 def method_sheets(data: StudyData, out_dir: Path, dpi: int = 150) -> list[Path]:
-    """Per method: the baseline, then up to six COMPLETE trials best-first, first prompt and seed."""
+    """Per method (studies with several): the baseline, then up to six COMPLETE trials best-first,
+    first prompt and seed."""
     frame = data.results
     if frame.empty or "method" not in frame:
         return []
     from sdsweep.report import first_sample_name
 
+    if frame["method"].dropna().astype(str).nunique() < 2:
+        return []  # one method: the lr x steps contact sheet already shows it
     objectives = objectives_of(data)
     sample = first_sample_name(data)
     plt = _pyplot()

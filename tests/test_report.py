@@ -362,3 +362,20 @@ def test_metric_names_table():
     ]
     assert names.warnings_for("eval/kid", joined) == ["KID subset size shrunk."]
     assert names.warnings_for("eval/clip_score", joined) == []
+
+
+def test_several_methods_get_their_own_lr_panels_rows_and_contact_sheets(finished_study, tmp_path):
+    """Two trials relabelled as another method: each method keeps its own lr axis, row and sheet."""
+    study = copy_study(finished_study, tmp_path)
+    trials = sorted(int(p.name) for p in io.StudyPaths(study).trial_dirs())
+    for trial in trials[:2]:
+        rewrite_trial(study, trial, method="lora")
+    _, md_path = build_report(study)
+    md = md_path.read_text()
+    section = md.split("## Comparison by model × method")[1].split("\n## ")[0]
+    assert "| tiny | full |" in section and "| tiny | lora |" in section
+    files = study / "report_files"
+    assert {"method_sheet_full", "method_sheet_lora", "lr_by_method"} <= set(report_plots(study))
+    with Image.open(files / "lr_by_method.png") as panels:
+        assert panels.width >= 1200
+    assert "## Learning rate by method" in md and "## Contact sheet per method" in md
