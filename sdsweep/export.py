@@ -2,8 +2,11 @@
 
 ``python -m sdsweep.export experiments/<study> --to <dir> [--trial N] [--force]``
 
-The best trial is the best *feasible* COMPLETE trial by the study's first objective (ties -> the lower
-trial number), the same rule the sweep reports. ``<dir>`` receives the trial's ``weights/`` exactly as the
+The best trial is ``sdsweep.results.best_trial`` over the study's objectives, the same trial the sweep,
+the report and W&B call best: the best feasible COMPLETE trial; with several objectives the Pareto-front
+member closest to the utopia point. When no COMPLETE trial is feasible the sweep still names the best
+infeasible one, so export exports it too, with the violated constraints at the top of the model card.
+A pipeline is exported with the scheduler the trials were judged with (study.json ``eval.scheduler``). ``<dir>`` receives the trial's ``weights/`` exactly as the
 method saved them (a pipeline folder, ``pytorch_lora_weights.safetensors`` or
 ``learned_embeds.safetensors``), a ``README.md`` model card, ``samples_grid.png`` and
 ``sdsweep_trial.json``. No torch import: exporting is copying files and writing text.
@@ -20,9 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sdsweep import io
-from sdsweep.report import StudyData, StudyFolderError, fmt, fmt_param, load_study
-from sdsweep.results import best_trial
+from sdsweep import export_card, io
+from sdsweep.report import StudyData, StudyFolderError, fmt_param, load_study
+from sdsweep.results import best_trial, is_feasible
 
 CARD_TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sdsweep"]
 TRIAL_FILE = "sdsweep_trial.json"
@@ -53,12 +56,13 @@ def select_trial(data: StudyData, trial: int | None = None) -> SelectedTrial:
                 f"Study '{study}' has no COMPLETE trial ({shown}); nothing to export. "
                 "Check the fail reasons in results.csv or report.html and run the sweep again."
             )
-        best = best_trial(data.results, data.objective[1], feasible_only=True)
+        # feasible_only=False: the same trial the sweep and W&B name as best, even when none is feasible.
+        best = best_trial(data.results, data.objectives, feasible_only=False)
         if best is None:
             constraints = ", ".join(data.info.get("constraints") or [])
             raise ExportError(
-                f"No COMPLETE trial of study '{study}' satisfies the constraints ({constraints}). "
-                "Pick one explicitly with --trial N (see the leaderboard in report.html), or relax sweep.constraints."
+                f"No COMPLETE trial of study '{study}' has every objective value ({constraints or 'no constraints'}). "
+                "Pick one explicitly with --trial N (see the leaderboard in report.html)."
             )
         trial = int(best["trial"])
     record = data.records.get(trial)
@@ -166,7 +170,15 @@ def hyperparameters(record: dict[str, Any], config: dict[str, Any]) -> dict[str,
     return values
 
 
-def usage_snippet(fmt_name: str, base_model: str, trigger: str | None, prompt: str) -> str:
+def usage_snippet(
+    fmt_name: str,
+    base_model: str,
+    trigger: str | None,
+    prompt: str,
+    scheduler: str | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+) -> str:
     """Python that loads the exported folder with diffusers' own loaders (matches the weights format)."""
     prompt_literal = json.dumps(prompt)
     if fmt_name == "pipeline":
@@ -186,8 +198,9 @@ def usage_snippet(fmt_name: str, base_model: str, trigger: str | None, prompt: s
         )
     return (
         "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
-        f'{load}\npipe = pipe.to("cuda")\n'
-        f"image = pipe({prompt_literal}, num_inference_steps=25, guidance_scale=7.5).images[0]\n"
+        f"{load}\n{export_card.scheduler_lines(scheduler, fmt_name)}"
+        'pipe = pipe.to("cuda")\n'
+        f"image = pipe({prompt_literal}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n"
         'image.save("sample.png")\n'
     )
 
@@ -199,58 +212,76 @@ def model_card(
     method = str(record.get("method") or data.info.get("method"))
     base_model = str(record.get("pretrained") or data.info.get("pretrained") or data.info.get("model"))
     trigger = trigger_of(data, config)
-    metric, direction = data.objective
-    prompts = (data.info.get("eval") or {}).get("prompts") or [f"a photo of {trigger or 'sks'}"]
+    evaluation = {**(config.get("eval") or {}), **(data.info.get("eval") or {})}
+    prompts = evaluation.get("prompts") or [f"a photo of {trigger or 'sks'}"]
+    objectives = ", ".join(f"{d} `{m}`" for m, d in data.objectives)
     front = ["---", f"base_model: {json.dumps(base_model)}", "library_name: diffusers", "tags:"]
     front += [f"- {t}" for t in CARD_TAGS + [method]]
     front += ["---", ""]
     lines = [f"# {data.info.get('study', data.root.name)} · trial {selected.number:04d}", ""]
+    feasible = is_feasible(record.get("feasible"))
+    if not feasible:
+        violated = "; ".join(str(v) for v in record.get("violations") or []) or "see sdsweep_trial.json"
+        lines += [
+            "> ⚠ **This trial violates the study's constraints** "
+            f"({', '.join(data.info.get('constraints') or [])}: {violated}). No trial of the study satisfied "
+            "them; it is exported because it is the best one the sweep reported.",
+            "",
+        ]
+    how = "best trial" if feasible else "best (infeasible) trial"
+    if len(data.objectives) > 1:
+        how += ", the Pareto-front member closest to the utopia point,"
     lines.append(
         f"Fine-tuned from `{base_model}` with **{method}** by sdsweep "
-        f"(best feasible trial of study `{data.info.get('study')}`: {direction} `{metric}`)."
+        f"({how} of study `{data.info.get('study')}`: {objectives})."
     )
+    if export_card.is_tiny(base_model, record.get("model") or data.info.get("model")):
+        lines += [
+            "",
+            f"> **Test model.** `{base_model}` is a tiny, randomly initialised model built by `sdsweep.tiny` "
+            "for tests and demos, not a real Stable Diffusion checkpoint. Its images are noise and its "
+            "metrics say nothing about image quality.",
+        ]
     lines += ["", f"- Base model: `{base_model}`", f"- Method: `{method}` (weights format: {fmt_name})"]
     lines.append(
         f"- Trigger word / placeholder token: `{trigger}`"
         if trigger
         else "- Trigger word: none (style or general fine-tune)"
     )
+    lines += ["", "## Training data", ""] + export_card.data_lines(data.info, config)
     lines += ["", "## Hyperparameters", "", "| parameter | value |", "|---|---|"]
     for key, value in hyperparameters(record, config).items():
         lines.append(f"| `{key}` | {fmt_param(key, value)} |")
+    lines += ["", "## Evaluation", "", "Every trial and the untuned baseline were judged with:", ""]
+    lines += export_card.eval_lines(data.info, config)
     lines += [
         "",
         "## Metrics",
         "",
-        "Evaluated on the study's validation prompts and seeds; deltas against the untuned base model.",
+        "Deltas against the untuned base model; ↑ higher is better, ↓ lower is better; ⚠ see Warnings.",
         "",
     ]
-    lines += ["| metric | this model | baseline | delta |", "|---|---|---|---|"]
-    base = data.baseline_metrics
-    for key, value in sorted((record.get("metrics") or {}).items()):
-        if key.count("/") != 1:
-            continue  # per-prompt breakdowns stay in sdsweep_trial.json
-        delta = value - base[key] if isinstance(value, (int, float)) and key in base else None
-        lines.append(
-            f"| `{key}` | {fmt(value)} | {fmt(base.get(key))} | {'–' if delta is None else f'{delta:+.4g}'} |"
-        )
+    lines += ["| metric | this model | baseline | delta | better |", "|---|---|---|---|---|"]
+    lines += export_card.metric_rows(record, data.baseline_metrics)
     constraints = data.info.get("constraints") or []
     if constraints:
         lines += [
             "",
-            "Constraints: "
-            + ", ".join(f"`{c}`" for c in constraints)
-            + f" (feasible: {record.get('feasible')})",
+            "Constraints: " + ", ".join(f"`{c}`" for c in constraints) + f" (feasible: {feasible})",
         ]
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        usage_snippet(fmt_name, base_model, trigger, prompts[0]).rstrip(),
-        "```",
-        "",
-    ]
+    warnings = export_card.warning_lines(record)
+    if warnings:
+        lines += ["", "## Warnings", ""] + warnings
+    snippet = usage_snippet(
+        fmt_name,
+        base_model,
+        trigger,
+        prompts[0],
+        scheduler=evaluation.get("scheduler"),
+        steps=int(evaluation.get("num_inference_steps") or 25),
+        guidance=float(evaluation.get("guidance_scale") or 7.5),
+    )
+    lines += ["", "## Usage", "", "```python", snippet.rstrip(), "```", ""]
     if has_grid:
         lines += [
             "## Samples",
@@ -303,6 +334,8 @@ def export_trial(study_dir: Path, to: Path, trial: int | None = None, force: boo
     staging = io.staging_dir(to)
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
+        if fmt_name == "pipeline":  # load with the sampler the metrics were measured with, not PNDM
+            export_card.set_pipeline_scheduler(staging, (data.info.get("eval") or {}).get("scheduler"))
         grid = selected.trial_dir / io.TRIAL_GRID
         if grid.is_file():
             shutil.copyfile(grid, staging / GRID_FILE)
@@ -335,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = io.read_json(out / TRIAL_FILE) or {}
+    if not is_feasible(summary.get("feasible")):
+        print(
+            f"warning: trial {summary.get('trial')} violates the study's constraints "
+            f"({', '.join(summary.get('constraints') or [])}); no trial satisfied them. See {out / 'README.md'}.",
+            file=sys.stderr,
+        )
     print(
         f"exported trial {summary.get('trial')} ({summary.get('method')}, {summary.get('weights_format')}) to {out}"
     )

@@ -27,7 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-from sdsweep import io
+from sdsweep import io, metric_names
+from sdsweep.metric_names import fmt_number, fmt_sci
 from sdsweep.results import best_trial, is_feasible
 
 LR_KEY = "method.learning_rate"  # same keys as sdsweep.plan (which imports the config schema)
@@ -37,6 +38,8 @@ FILES_DIR = "report_files"
 MIN_TRIALS_FOR_IMPORTANCE = 4
 MIN_PARAMS_FOR_IMPORTANCE = 2
 MIN_TRIALS_FOR_HISTORY = 2
+# 200 dpi: a 6-inch figure is 1200 px, the page's content width, so text stays sharp when shown full width.
+FIGURE_DPI = 200
 _STATE_COLOURS = {"COMPLETE": "#2b8a3e", "PRUNED": "#e67700", "FAIL": "#c92a2a"}
 
 
@@ -62,6 +65,12 @@ class StudyData:
         """(metric, direction) of the study's first objective."""
         objectives = self.info.get("objectives") or [{"metric": "eval/clip_score", "direction": "maximize"}]
         return objectives[0]["metric"], objectives[0].get("direction", "maximize")
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """Every (metric, direction); ``results.best_trial`` takes this list."""
+        specs = self.info.get("objectives") or [{"metric": "eval/clip_score", "direction": "maximize"}]
+        return [(o["metric"], o.get("direction", "maximize")) for o in specs]
 
     @property
     def params(self) -> list[str]:
@@ -115,8 +124,13 @@ def _is_number(value: Any) -> bool:
 
 
 def metric_columns(results: pd.DataFrame) -> list[str]:
-    """Headline metrics (``eval/clip_score``, not the per-prompt ``eval/clip_score/p0``)."""
-    return sorted(c for c in results.columns if c.startswith("eval/") and c.count("/") == 1)
+    """Headline metrics (``eval/clip_score``, not the per-prompt ``eval/clip_score/p0``); internal flags
+    such as ``eval/fid_reliable`` are not metrics and never shown as one."""
+    return sorted(
+        c
+        for c in results.columns
+        if c.startswith("eval/") and c.count("/") == 1 and not metric_names.is_internal(c)
+    )
 
 
 def short_label(key: str) -> str:
@@ -126,14 +140,12 @@ def short_label(key: str) -> str:
 def fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return fmt_number(value)
 
 
 def fmt_param(key: str, value: Any) -> str:
     if key == LR_KEY and _is_number(value):
-        return f"{value:.0e}"
+        return fmt_sci(value)
     if _is_number(value) and float(value).is_integer():
         return str(int(value))
     return fmt(value)
@@ -148,6 +160,17 @@ class Leaderboard:
     rows: list[list[str]]
     best_trial: int | None
     row_trials: list[int | None]  # None for the baseline row
+    # (row, column) -> the warnings that qualify that number (shown as ⚠ and listed under the table)
+    cell_warnings: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> dict[str, list[str]]:
+        """Column label -> the distinct warnings on its numbers, for the note under the table."""
+        found: dict[str, list[str]] = {}
+        for (_, column), items in sorted(self.cell_warnings.items()):
+            bucket = found.setdefault(self.columns[column], [])
+            bucket += [w for w in items if w not in bucket]
+        return found
 
 
 def build_leaderboard(data: StudyData) -> Leaderboard:
@@ -157,10 +180,12 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
     metrics = metric_columns(frame)
     metrics = [metric] + [m for m in metrics if m != metric] if metric in metrics else metrics
     base = data.baseline_metrics
-    best = best_trial(frame, direction)
-    columns = ["#", "trial", "state"] + [short_label(p) for p in data.params] + metrics + ["feasible", "note"]
+    best = best_trial(frame, data.objectives)
+    columns = ["#", "trial", "state"] + [short_label(p) for p in data.params]
+    columns += [metric_names.label(m) for m in metrics] + ["feasible", "note"]
     rows: list[list[str]] = []
     row_trials: list[int | None] = []
+    cell_warnings: dict[tuple[int, int], list[str]] = {}
     if not frame.empty:
         complete = frame[
             (frame["state"] == "COMPLETE") & frame.get("objective", pd.Series(dtype=float)).notna()
@@ -176,7 +201,12 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
             ]
             cells += [fmt_param(p, row.get(p)) for p in data.params]
             for m in metrics:
-                cells.append(_with_delta(row.get(m), base.get(m)))
+                qualifiers = metric_names.warnings_for(m, row.get("warnings"))
+                cell = _with_delta(row.get(m), base.get(m))
+                if qualifiers and cell != "–":
+                    cell_warnings[(len(rows), len(cells))] = qualifiers
+                    cell += " ⚠"
+                cells.append(cell)
             state = row.get("state")
             cells.append(
                 ("yes" if is_feasible(row.get("feasible")) else "no") if state == "COMPLETE" else "–"
@@ -189,7 +219,7 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
         cells += [fmt(base.get(m)) for m in metrics] + ["–", "step 0 (reference for deltas)"]
         rows.append(cells)
         row_trials.append(None)
-    return Leaderboard(columns, rows, int(best["trial"]) if best else None, row_trials)
+    return Leaderboard(columns, rows, int(best["trial"]) if best else None, row_trials, cell_warnings)
 
 
 def _with_delta(value: Any, baseline: Any) -> str:
@@ -225,6 +255,9 @@ class Figures:
     importance_values: dict[str, float] = field(default_factory=dict)
     trial_grids: dict[int, Path] = field(default_factory=dict)
     baseline_grid: Path | None = None
+    pareto: Path | None = None
+    lr_panels: Path | None = None
+    method_sheets: list[Path] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -289,7 +322,7 @@ def contact_sheet(data: StudyData, out_png: Path) -> Path | str:
     lrs, steps = axes_values
     sample = first_sample_name(data)
     baseline_path = data.paths.baseline / io.TRIAL_SAMPLES / sample
-    best = best_trial(data.results, data.objective[1])
+    best = best_trial(data.results, data.objectives)
     plt = _pyplot()
     columns = [0] + steps
     fig, grid = plt.subplots(
@@ -325,7 +358,7 @@ def contact_sheet(data: StudyData, out_png: Path) -> Path | str:
             if r == 0:
                 ax.set_title("step 0" if step == 0 else f"steps={step}", fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"lr={lr:.0e}", fontsize=9)
+                ax.set_ylabel(f"lr={fmt_sci(lr)}", fontsize=9)
     prompt = ((data.info.get("eval") or {}).get("prompts") or ["?"])[0]
     fig.suptitle(
         f'"{prompt}" · {sample.removesuffix(".png")}  (rows: learning rate, columns: training steps)',
@@ -333,7 +366,7 @@ def contact_sheet(data: StudyData, out_png: Path) -> Path | str:
     )
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=FIGURE_DPI)  # wide enough to fill the page at full resolution
     plt.close(fig)
     return out_png
 
@@ -364,7 +397,7 @@ def metric_heatmaps(data: StudyData, out_dir: Path) -> list[Path] | str:
                     labels[r][c] = f"{float(row[metric]):.3g}"
                 else:
                     labels[r][c] = str(row["state"])
-        fig, ax = plt.subplots(figsize=(1.3 * len(steps) + 2.2, 0.8 * len(lrs) + 1.6))
+        fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(steps) + 2.2), 0.8 * len(lrs) + 1.6))
         masked = np.ma.masked_invalid(values)
         cmap = plt.get_cmap("viridis").with_extremes(bad="#dee2e6")  # grey: no value (failed, pruned)
         image = ax.imshow(masked, cmap=cmap, aspect="auto")
@@ -374,15 +407,22 @@ def metric_heatmaps(data: StudyData, out_dir: Path) -> list[Path] | str:
                     c, r, labels[r][c], ha="center", va="center", fontsize=8, color=_text_colour(values, r, c)
                 )
         ax.set_xticks(range(len(steps)), [str(s) for s in steps])
-        ax.set_yticks(range(len(lrs)), [f"{lr:.0e}" for lr in lrs])
+        ax.set_yticks(range(len(lrs)), [fmt_sci(lr) for lr in lrs])
         ax.set_xlabel("training steps")
         ax.set_ylabel("learning rate")
         base = data.baseline_metrics.get(metric)
-        ax.set_title(metric + (f"  (baseline {base:.3g})" if base is not None else ""), fontsize=10)
+        title = metric_names.label(metric)
+        if metric_names.direction_words(metric):
+            title += f" ({metric_names.direction_words(metric)})"
+        if "warnings" in data.results and any(
+            metric_names.warnings_for(metric, w) for w in data.results["warnings"].dropna()
+        ):
+            title += "  ⚠ small-sample warning (see the leaderboard)"
+        ax.set_title(title + (f"  · baseline {fmt(base)}" if base is not None else ""), fontsize=10)
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         path = out_dir / f"heatmap_{metric.split('/', 1)[-1].replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=FIGURE_DPI)
         plt.close(fig)
         written.append(path)
     return written
@@ -485,15 +525,15 @@ def _plot_history(trials, metric: str, direction: str, out_png: Path) -> Path:
     values = [t.values[0] for t in trials]
     better = max if direction == "maximize" else min
     running = [better(values[: i + 1]) for i in range(len(values))]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(10, 4))
     ax.plot(numbers, values, "o", label="trial")
     ax.step(numbers, running, where="post", color="#e8590c", label=f"best so far ({direction})")
     ax.set_xlabel("trial")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_names.label(metric))
     ax.set_title("Optimization history")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=FIGURE_DPI)
     plt.close(fig)
     return out_png
 
@@ -501,12 +541,14 @@ def _plot_history(trials, metric: str, direction: str, out_png: Path) -> Path:
 def _plot_importances(importances: dict[str, float], metric: str, how: str, out_png: Path) -> Path:
     plt = _pyplot()
     names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.4))
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) + 1.6))
     ax.barh(names, [importances[n] for n in names], color="#1971c2")
-    ax.set_xlabel(f"importance for {metric}")
-    ax.set_title(f"Parameter importances ({how.removeprefix('importance evaluator: ')})", fontsize=10)
+    ax.set_xlabel(f"importance for {metric_names.label(metric)}")
+    # Only the evaluator's name: the fallback story is in the note under the figure, not a cut-off title.
+    evaluator = how.removeprefix("importance evaluator: ").split(" (")[0]
+    ax.set_title(f"Parameter importances ({evaluator})", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=FIGURE_DPI)
     plt.close(fig)
     return out_png
 
@@ -539,7 +581,25 @@ def make_figures(data: StudyData, files_dir: Path) -> Figures:
         figures.heatmaps = heatmaps
     optuna_figures(data, files_dir, figures)
     collect_grids(data, files_dir, figures)
+    comparison_figures(data, files_dir, figures)
     return figures
+
+
+def comparison_figures(data: StudyData, files_dir: Path, figures: Figures) -> None:
+    """Pareto front (several objectives), per-method lr panels and contact sheets (several methods)."""
+    from sdsweep import report_compare
+
+    pareto = report_compare.pareto_plot(data, files_dir / "pareto_front.png", dpi=FIGURE_DPI)
+    if isinstance(pareto, str):
+        figures.notes["pareto"] = pareto
+    else:
+        figures.pareto = pareto
+    panels = report_compare.lr_panels(data, files_dir / "lr_by_method.png", dpi=FIGURE_DPI)
+    if isinstance(panels, str):
+        figures.notes["lr_panels"] = panels
+    else:
+        figures.lr_panels = panels
+    figures.method_sheets = report_compare.method_sheets(data, files_dir)
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
@@ -550,7 +610,11 @@ def _summary_lines(data: StudyData, board: Leaderboard) -> list[str]:
     states = data.results["state"].value_counts().to_dict() if not data.results.empty else {}
     lines = [
         f"Model: {data.info.get('model')} ({data.info.get('pretrained')}), method: {data.info.get('method')}",
-        f"Objective: {direction} {metric}; constraints: {', '.join(data.info.get('constraints') or []) or 'none'}",
+        "Objective"
+        + ("s" if len(data.objectives) > 1 else "")
+        + ": "
+        + ", ".join(f"{d} {metric_names.label(m)}" for m, d in data.objectives)
+        + f"; constraints: {', '.join(data.info.get('constraints') or []) or 'none'}",
         "Trials: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none yet"),
     ]
     if board.best_trial is not None:
@@ -558,8 +622,13 @@ def _summary_lines(data: StudyData, board: Leaderboard) -> list[str]:
         params = ", ".join(
             f"{short_label(k)}={fmt_param(k, v)}" for k, v in (record.get("params") or {}).items()
         )
-        value = (record.get("metrics") or {}).get(metric)
-        lines.append(f"Best feasible trial: {board.best_trial:04d} ({params}) with {metric} = {fmt(value)}")
+        values = ", ".join(
+            f"{metric_names.label(m)} = {fmt((record.get('metrics') or {}).get(m))}"
+            for m, _ in data.objectives
+        )
+        rule = " (Pareto front member closest to the utopia point)" if len(data.objectives) > 1 else ""
+        lines.append(f"Best feasible trial: {board.best_trial:04d} ({params}) with {values}{rule}")
+
     else:
         lines.append("Best feasible trial: none (no trial is COMPLETE and satisfies the constraints)")
     return lines
@@ -571,50 +640,67 @@ def _trial_caption(data: StudyData, trial: int) -> str:
     return f"trial {trial:04d} · {record.get('state')} · {params}".strip()
 
 
+def _comparison(data: StudyData) -> Any:
+    from sdsweep.report_compare import comparison_table
+
+    metrics = metric_columns(data.results)
+    first = [m for m, _ in data.objectives if m in metrics]
+    return comparison_table(data, first + [m for m in metrics if m not in first])
+
+
+def _grid_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
 def render_markdown(data: StudyData, board: Leaderboard, figures: Figures, md_path: Path) -> str:
     def link(path: Path) -> str:
         return os.path.relpath(path, md_path.parent).replace(os.sep, "/")
 
+    def figure(path: Path | None, alt: str, note_key: str) -> str:
+        # A linked image: a click opens the PNG at full size in any markdown viewer.
+        return f"[![{alt}]({link(path)})]({link(path)})" if path else f"_{figures.notes.get(note_key)}_"
+
     out = [f"# Study report: {data.info.get('study', data.root.name)}", ""]
     out += [f"- {line}" for line in _summary_lines(data, board)] + ["", "## Leaderboard", ""]
-    out.append("Metrics show the value and, in brackets, the change from the untuned baseline.")
+    out.append(LEADERBOARD_NOTE)
     out.append("")
-    out.append("| " + " | ".join(board.columns) + " |")
-    out.append("|" + "---|" * len(board.columns))
-    for trial, cells in zip(board.row_trials, board.rows):
-        shown = [c.replace("|", "\\|") for c in cells]
-        if trial is not None and trial == board.best_trial:
-            shown = [f"**{c}**" if c else c for c in shown]
-        out.append("| " + " | ".join(shown) + " |")
+    out += _markdown_table(board.columns, board.rows, board.row_trials, board.best_trial)
+    out += [""] + [f"- ⚠ **{column}**: {'; '.join(items)}" for column, items in board.warnings.items()]
+    comparison = _comparison(data)
+    out += ["", "## Comparison by model × method", "", COMPARISON_NOTE, ""]
+    out += _markdown_table(comparison.columns, comparison.rows, [None] * len(comparison.rows), None)
+    out += [f"_{n}_" for n in comparison.notes]
+    if figures.pareto or len(data.objectives) > 1:
+        out += ["", "## Pareto front", "", figure(figures.pareto, "Pareto front", "pareto")]
+    if figures.lr_panels:
+        out += ["", "## Learning rate by method", "", figure(figures.lr_panels, "lr by method", "lr_panels")]
+    if len(figures.method_sheets) > 1:
+        out += ["", "## Contact sheet per method", ""]
+        out += [figure(p, p.stem, "") + "\n" for p in figures.method_sheets]
     out += ["", "## Contact sheet (learning rate × steps)", ""]
-    out.append(
-        f"![contact sheet]({link(figures.contact_sheet)})"
-        if figures.contact_sheet
-        else f"_{figures.notes.get('contact_sheet')}_"
-    )
+    out.append(figure(figures.contact_sheet, "contact sheet", "contact_sheet"))
     out += ["", "## Metric heatmaps", ""]
-    out += [f"![{p.stem}]({link(p)})" for p in figures.heatmaps] or [f"_{figures.notes.get('heatmaps')}_"]
+    out += [figure(p, p.stem, "") + "\n" for p in figures.heatmaps] or [f"_{figures.notes.get('heatmaps')}_"]
     out += ["", "## Optuna", ""]
-    out.append(
-        f"![optimization history]({link(figures.history)})"
-        if figures.history
-        else f"_{figures.notes.get('history')}_"
-    )
+    out.append(figure(figures.history, "optimization history", "history"))
     out.append("")
     if figures.importances:
-        out.append(f"![parameter importances]({link(figures.importances)})")
+        out.append(figure(figures.importances, "parameter importances", "importances"))
         out.append("")
         out.append(figures.notes.get("importances", ""))
     else:
         out.append(f"_{figures.notes.get('importances')}_")
     out += ["", "## Sample grids", ""]
     if figures.baseline_grid:
-        out += ["### baseline (untuned)", "", f"![baseline grid]({link(figures.baseline_grid)})", ""]
+        out += ["### baseline (untuned)", "", figure(figures.baseline_grid, "baseline grid", ""), ""]
     for trial in sorted(data.records):
         out.append(f"### {_trial_caption(data, trial)}")
         out.append("")
         if trial in figures.trial_grids:
-            out.append(f"![trial {trial} grid]({link(figures.trial_grids[trial])})")
+            out.append(figure(figures.trial_grids[trial], f"trial {trial} grid", ""))
         else:
             reason = data.records[trial].get("fail_reason") or "no grid"
             out.append(f"_no images: {reason}_")
@@ -622,26 +708,95 @@ def render_markdown(data: StudyData, board: Leaderboard, figures: Figures, md_pa
     return "\n".join(out).rstrip() + "\n"
 
 
+def _markdown_table(
+    columns: list[str], rows: list[list[str]], row_trials: list[int | None], best: int | None
+) -> list[str]:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for trial, cells in zip(row_trials, rows):
+        shown = [c.replace("|", "\\|") for c in cells]
+        if trial is not None and trial == best:
+            shown = [f"**{c}**" if c else c for c in shown]
+        out.append("| " + " | ".join(shown) + " |")
+    return out
+
+
+LEADERBOARD_NOTE = (
+    "Metrics show the value and, in brackets, the change from the untuned baseline. "
+    "↑: higher is better, ↓: lower is better. ⚠: a warning qualifies that number (listed under the table)."
+)
+COMPARISON_NOTE = (
+    "One row per model × method: its best trial (the study's best-trial rule), with deltas against "
+    "the untuned baseline of that row's own model."
+)
+
+
 def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2rem;color:#212529;max-width:1200px}
-table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ced4da;padding:4px 8px;text-align:right}
-th{background:#f1f3f5}td:nth-child(3),td:last-child{text-align:left}
+body{font-family:system-ui,sans-serif;margin:2rem auto;padding:0 1rem;color:#212529;max-width:1200px}
+table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ced4da;padding:4px 8px;text-align:right;
+white-space:nowrap}
+th{background:#f1f3f5}td:nth-child(3),td:last-child{text-align:left;white-space:normal}
+.table-wrap{overflow-x:auto;max-width:100%}
 tr.best td{background:#fff3bf;font-weight:600}tr.baseline td{background:#e7f5ff;font-style:italic}
-tr.FAIL td{color:#c92a2a}tr.PRUNED td{color:#e67700}
-img{image-rendering:pixelated;max-width:100%;border:1px solid #dee2e6}
-.grids{display:flex;flex-wrap:wrap;gap:1rem}.grids figure{margin:0}
-.grids img{width:160px}figcaption{font-size:12px;max-width:220px}.note{color:#868e96;font-style:italic}
+tr.FAIL td{color:#c92a2a}tr.PRUNED td{color:#e67700}td.warn{background:#fff4e6}
+img{border:1px solid #dee2e6;cursor:zoom-in;display:block}
+img.figure{width:100%;height:auto;box-sizing:border-box}
+img.grid{image-rendering:pixelated;max-width:100%;height:auto}
+figure{margin:0 0 1.5rem 0}figcaption{font-size:13px;margin-top:4px}.note{color:#868e96;font-style:italic}
+ul.warnings{color:#d9480f;font-size:13px}
+#lightbox{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);overflow:auto;z-index:10;cursor:zoom-out}
+#lightbox.open{display:block}#lightbox img{max-width:none;margin:2rem auto;border:0;cursor:zoom-out}
 """
+
+# A click on any image shows it at its natural size over the page (scrollable); a click or Esc closes it.
+_LIGHTBOX = """<div id="lightbox" title="click or Esc to close"><img alt="full size"></div>
+<script>
+(() => {
+  const box = document.getElementById('lightbox'), big = box.querySelector('img');
+  document.querySelectorAll('img.figure, img.grid').forEach(img => img.addEventListener('click', () => {
+    big.src = img.src; big.style.width = img.naturalWidth + 'px'; box.classList.add('open');
+  }));
+  box.addEventListener('click', () => box.classList.remove('open'));
+  document.addEventListener('keydown', e => { if (e.key === 'Escape') box.classList.remove('open'); });
+})();
+</script>"""
 
 
 def _img(path: Path | None, alt: str, note: str | None) -> str:
+    """A full-width figure (rendered at FIGURE_DPI, so full width is its natural scale)."""
     if path is None:
         return f'<p class="note">{html.escape(note or "not available")}</p>'
-    return f'<img src="{data_uri(path)}" alt="{html.escape(alt)}">'
+    return f'<figure><img class="figure" src="{data_uri(path)}" alt="{html.escape(alt)}"></figure>'
+
+
+def _grid_img(path: Path, alt: str) -> str:
+    """A sample grid at twice its pixel size (crisp, never shrunk below natural: labels stay legible)."""
+    width, _ = _grid_size(path)
+    return (
+        f'<img class="grid" src="{data_uri(path)}" alt="{html.escape(alt)}" '
+        f'style="width:min(100%, {2 * width}px)">'
+    )
+
+
+def _html_table(columns: list[str], rows: list[list[str]], classes: list[str], titles=None) -> str:
+    esc = html.escape
+    out = ["<div class='table-wrap'><table><thead><tr>"]
+    out += [f"<th>{esc(c)}</th>" for c in columns]
+    out.append("</tr></thead><tbody>")
+    for r, (css, cells) in enumerate(zip(classes, rows)):
+        out.append(f"<tr class='{esc(css)}'>")
+        for c, cell in enumerate(cells):
+            warning = (titles or {}).get((r, c))
+            if warning:
+                out.append(f"<td class='warn' title='{esc('; '.join(warning))}'>{esc(cell)}</td>")
+            else:
+                out.append(f"<td>{esc(cell)}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
 
 
 def render_html(data: StudyData, board: Leaderboard, figures: Figures) -> str:
@@ -655,43 +810,57 @@ def render_html(data: StudyData, board: Leaderboard, figures: Figures) -> str:
         + "".join(f"<li>{esc(x)}</li>" for x in _summary_lines(data, board))
         + "</ul>"
     )
-    parts.append(
-        "<h2>Leaderboard</h2><p>Metrics show the value and, in brackets, the change from the untuned baseline.</p>"
-    )
-    parts.append(
-        "<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in board.columns) + "</tr></thead><tbody>"
-    )
-    for trial, cells in zip(board.row_trials, board.rows):
-        if trial is None:
-            css = "baseline"
-        else:
-            css = "best" if trial == board.best_trial else esc(cells[2])
-        parts.append(f"<tr class='{css}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append(f"<h2>Leaderboard</h2><p>{esc(LEADERBOARD_NOTE)}</p>")
+    classes = [
+        "baseline" if trial is None else ("best" if trial == board.best_trial else cells[2])
+        for trial, cells in zip(board.row_trials, board.rows)
+    ]
+    parts.append(_html_table(board.columns, board.rows, classes, board.cell_warnings))
+    if board.warnings:
+        parts.append(
+            "<ul class='warnings'>"
+            + "".join(
+                f"<li>⚠ <b>{esc(column)}</b>: {esc('; '.join(items))}</li>"
+                for column, items in board.warnings.items()
+            )
+            + "</ul>"
+        )
+    comparison = _comparison(data)
+    parts.append(f"<h2>Comparison by model × method</h2><p>{esc(COMPARISON_NOTE)}</p>")
+    parts.append(_html_table(comparison.columns, comparison.rows, [""] * len(comparison.rows)))
+    parts += [f"<p class='note'>{esc(n)}</p>" for n in comparison.notes]
+    if figures.pareto or len(data.objectives) > 1:
+        parts.append("<h2>Pareto front</h2>")
+        parts.append(_img(figures.pareto, "Pareto front", figures.notes.get("pareto")))
+    if figures.lr_panels:
+        parts.append("<h2>Learning rate by method</h2>" + _img(figures.lr_panels, "lr by method", None))
+    if len(figures.method_sheets) > 1:
+        parts.append("<h2>Contact sheet per method</h2>")
+        parts += [_img(p, p.stem, None) for p in figures.method_sheets]
     parts.append("<h2>Contact sheet (learning rate × steps)</h2>")
     parts.append(_img(figures.contact_sheet, "contact sheet", figures.notes.get("contact_sheet")))
-    parts.append("<h2>Metric heatmaps</h2><div class='grids'>")
+    parts.append("<h2>Metric heatmaps</h2>")
     parts += [_img(p, p.stem, None) for p in figures.heatmaps] or [
         _img(None, "", figures.notes.get("heatmaps"))
     ]
-    parts.append("</div><h2>Optuna</h2>")
+    parts.append("<h2>Optuna</h2>")
     parts.append(_img(figures.history, "optimization history", figures.notes.get("history")))
     parts.append(_img(figures.importances, "parameter importances", figures.notes.get("importances")))
     if figures.importances:
         parts.append(f"<p class='note'>{esc(figures.notes.get('importances', ''))}</p>")
-    parts.append("<h2>Sample grids</h2><div class='grids'>")
+    parts.append("<h2>Sample grids</h2>")
     if figures.baseline_grid:
         parts.append(
-            f"<figure>{_img(figures.baseline_grid, 'baseline grid', None)}<figcaption>baseline (untuned)</figcaption></figure>"
+            f"<figure>{_grid_img(figures.baseline_grid, 'baseline grid')}<figcaption>baseline (untuned)</figcaption></figure>"
         )
     for trial in sorted(data.records):
         caption = esc(_trial_caption(data, trial))
         if trial in figures.trial_grids:
-            body = _img(figures.trial_grids[trial], f"trial {trial} grid", None)
+            body = _grid_img(figures.trial_grids[trial], f"trial {trial} grid")
         else:
             body = f"<p class='note'>no images: {esc(str(data.records[trial].get('fail_reason') or 'no grid'))}</p>"
         parts.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
-    parts.append("</div></body></html>")
+    parts.append(_LIGHTBOX + "</body></html>")
     return "\n".join(parts) + "\n"
 
 
@@ -713,8 +882,10 @@ def build_report(study_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pa
 def report_plots(out_dir: Path) -> dict[str, Path]:
     """The study-level figures of a built report (name -> PNG), for ``tracking.record_study(plots=...)``."""
     files_dir = Path(out_dir) / FILES_DIR
-    names = ["contact_sheet.png", "optimization_history.png", "param_importances.png"]
+    names = ["contact_sheet.png", "optimization_history.png", "param_importances.png", "pareto_front.png"]
+    names.append("lr_by_method.png")
     found = [files_dir / n for n in names] + sorted(files_dir.glob("heatmap_*.png"))
+    found += sorted(files_dir.glob("method_sheet_*.png"))
     return {p.stem: p for p in found if p.is_file()}
 
 

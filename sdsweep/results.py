@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import pandas as pd
 
@@ -128,14 +129,33 @@ def is_feasible(value: Any) -> bool:
     return bool(value)
 
 
-def best_trial(results: pd.DataFrame, direction: str, feasible_only: bool = True) -> dict[str, Any] | None:
-    """The best COMPLETE trial by ``objective`` (ties -> lower trial number) as a row dict.
+Objectives = Union[str, Sequence[Any]]
 
-    With ``feasible_only=False``, infeasible trials are used only when no feasible one exists.
-    """
-    if results.empty or "objective" not in results or "state" not in results:
+
+def as_objectives(objectives: Objectives) -> list[tuple[str, str]]:
+    """``[(metric, direction)]`` from a bare direction (the old one-objective call: the ``objective``
+    column), ``(metric, direction)`` pairs, ``{"metric", "direction"}`` dicts or ``ObjectiveSpec``s."""
+    if isinstance(objectives, str):
+        return [("objective", objectives)]
+    pairs = []
+    for item in objectives:
+        if isinstance(item, dict):
+            pairs.append((str(item["metric"]), str(item.get("direction", "maximize"))))
+        elif hasattr(item, "metric"):
+            pairs.append((str(item.metric), str(getattr(item, "direction", "maximize"))))
+        else:
+            metric, direction = item
+            pairs.append((str(metric), str(direction)))
+    return pairs
+
+
+def _candidates(results: pd.DataFrame, columns: list[str], feasible_only: bool) -> pd.DataFrame | None:
+    """COMPLETE trials with every objective value; feasible ones, or all when none is and allowed."""
+    if results.empty or "state" not in results or any(c not in results for c in columns):
         return None
-    pool = results[(results["state"] == "COMPLETE") & results["objective"].notna()]
+    pool = results[results["state"] == "COMPLETE"]
+    for column in columns:
+        pool = pool[pd.to_numeric(pool[column], errors="coerce").map(_finite)]
     if "trial" in pool:
         pool = pool[pool["trial"] >= 0]
     if pool.empty:
@@ -143,7 +163,74 @@ def best_trial(results: pd.DataFrame, direction: str, feasible_only: bool = True
     feasible = pool[pool["feasible"].map(is_feasible)] if "feasible" in pool else pool
     if feasible.empty and feasible_only:
         return None
-    pool = feasible if not feasible.empty else pool
-    ranked = pool.sort_values(["objective", "trial"], ascending=[direction == "minimize", True])
-    row = ranked.iloc[0].to_dict()
+    return feasible if not feasible.empty else pool
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _scores(pool: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """One column per objective, oriented so that larger is always better."""
+    return pd.DataFrame(
+        {
+            metric: pd.to_numeric(pool[metric]) * (1.0 if direction == "maximize" else -1.0)
+            for metric, direction in objectives
+        },
+        index=pool.index,
+    )
+
+
+def _front_index(scores: pd.DataFrame) -> list[Any]:
+    """Rows no other row dominates (at least as good on every objective, strictly better on one)."""
+    values = scores.to_numpy()
+    front = []
+    for i, row in enumerate(values):
+        dominated = any(
+            (other >= row).all() and (other > row).any() for j, other in enumerate(values) if j != i
+        )
+        if not dominated:
+            front.append(scores.index[i])
+    return front
+
+
+def pareto_front(results: pd.DataFrame, objectives: Objectives, feasible_only: bool = True) -> list[int]:
+    """Trial numbers of the Pareto front over the same pool ``best_trial`` chooses from."""
+    pairs = as_objectives(objectives)
+    pool = _candidates(results, [m for m, _ in pairs], feasible_only)
+    if pool is None:
+        return []
+    return sorted(int(pool.loc[i, "trial"]) for i in _front_index(_scores(pool, pairs)))
+
+
+def best_trial(
+    results: pd.DataFrame, objectives: Objectives, feasible_only: bool = True
+) -> dict[str, Any] | None:
+    """THE best trial of a study as a row dict; the report, CLI, W&B and export all call this.
+
+    ``objectives`` is ``[(metric, direction), ...]`` (dicts and ``ObjectiveSpec``s work too), or a bare
+    ``"maximize"``/``"minimize"`` for the ``objective`` column. The pool is the COMPLETE trials that
+    have every objective value; only feasible ones, unless ``feasible_only=False`` and none is feasible.
+
+    One objective: the best value, ties -> the lower trial number.
+    Several objectives: the member of the Pareto front closest (Euclidean) to the utopia point after
+    min-max normalising each objective over the front (each objective's best front value -> 1, worst -> 0;
+    an objective on which the front agrees counts 0 for everyone), ties -> the lower trial number.
+    Every multi-objective "best" is therefore on the front, and it is the same trial everywhere.
+    """
+    pairs = as_objectives(objectives)
+    pool = _candidates(results, [m for m, _ in pairs], feasible_only)
+    if pool is None:
+        return None
+    scores = _scores(pool, pairs)
+    if len(pairs) == 1:
+        distance = -scores.iloc[:, 0]
+    else:
+        front = scores.loc[_front_index(scores)]
+        span = (front.max() - front.min()).replace(0.0, float("inf"))
+        shortfall = (front.max() - front) / span  # 0 at the best front value, 1 at the worst
+        distance = (shortfall**2).sum(axis=1) ** 0.5
+    ranked = pd.DataFrame({"distance": distance, "trial": pool.loc[distance.index, "trial"]})
+    winner = ranked.sort_values(["distance", "trial"]).index[0]
+    row = pool.loc[winner].to_dict()
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

@@ -44,8 +44,9 @@ def test_export_copies_the_best_trial_with_a_model_card(finished_study, tmp_path
     best = expected_best(finished_study)
     out = export_trial(finished_study, tmp_path / "model")
     weights = io.StudyPaths(finished_study).trial(best) / io.TRIAL_WEIGHTS
+    rewritten = {"model_index.json", "scheduler/scheduler_config.json"}  # the judged scheduler, by design
     for source in weights.rglob("*"):
-        if source.is_file():
+        if source.is_file() and str(source.relative_to(weights)) not in rewritten:
             assert (out / source.relative_to(weights)).read_bytes() == source.read_bytes()
     summary = json.loads((out / TRIAL_FILE).read_text())
     record = io.read_json(io.StudyPaths(finished_study).trial(best) / io.TRIAL_METRICS)
@@ -58,8 +59,22 @@ def test_export_copies_the_best_trial_with_a_model_card(finished_study, tmp_path
     for tag in ("stable-diffusion", "text-to-image", "diffusers", "sdsweep", record["method"]):
         assert f"- {tag}\n" in front
     assert "StableDiffusionPipeline.from_pretrained" in card
-    metric = next(iter(k for k in sorted(record["metrics"]) if k.count("/") == 1))
-    assert f"| `{metric}` |" in card
+    assert "| `eval/clip_score` ↑ |" in card and "| `eval/fid` ↓ |" in card  # metrics with direction
+    assert "fid_reliable" not in card  # an internal flag, not a metric
+    info = json.loads((finished_study / "study.json").read_text())
+    for prompt in info["eval"]["prompts"]:
+        assert f"  - `{prompt}`" in card
+    seeds = ", ".join(str(s) for s in info["eval"]["seeds"])
+    assert f"- Seeds: {seeds}" in card
+    steps = info["eval"]["num_inference_steps"]
+    assert (
+        f"- Sampler: `dpmsolver++` (DPMSolverMultistepScheduler), {steps} steps, guidance scale 7.5" in card
+    )
+    assert f"num_inference_steps={steps}, guidance_scale=7.5" in card  # usage runs what was judged
+    assert "## Training data" in card and "- `trigger_word`: sks" in card and "- `num_heldout`:" in card
+    assert "**Test model.** `tiny:sd15` is a tiny, randomly initialised model" in card
+    for warning in record["warnings"]:
+        assert f"- ⚠ {warning}" in card
     assert "![samples](samples_grid.png)" in card
     assert Image.open(out / "samples_grid.png").size == Image.open(weights.parent / io.TRIAL_GRID).size
 
@@ -72,6 +87,37 @@ def test_exported_full_pipeline_loads_with_diffusers(finished_study, tmp_path):
         str(out), safety_checker=None, requires_safety_checker=False
     )
     assert pipe.unet.config.sample_size > 0
+    # The pipeline samples with the scheduler every trial was judged with, not the training PNDM.
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    trained = io.read_json(
+        io.StudyPaths(finished_study).trial(expected_best(finished_study))
+        / "weights/scheduler/scheduler_config.json"
+    )
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type"):
+        assert pipe.scheduler.config[key] == trained[key]  # the noise schedule is the trained one
+
+
+def test_export_schedulers_match_the_evaluation_schedulers(tmp_path):
+    """export_card.SCHEDULERS writes the same class (and settings) as models.make_inference_scheduler."""
+    from diffusers import PNDMScheduler
+
+    from sdsweep.export_card import SCHEDULERS, set_pipeline_scheduler
+    from sdsweep.models import make_inference_scheduler
+
+    base = dict(PNDMScheduler(skip_prk_steps=True).config)
+    for name, (cls, extra) in SCHEDULERS.items():
+        made = make_inference_scheduler(name, base)
+        assert type(made).__name__ == cls
+        for key, value in extra.items():
+            assert made.config[key] == value
+        folder = tmp_path / name
+        io.atomic_write_json(
+            folder / "scheduler" / "scheduler_config.json", {"_class_name": "PNDMScheduler", **base}
+        )
+        io.atomic_write_json(folder / "model_index.json", {"scheduler": ["diffusers", "PNDMScheduler"]})
+        assert set_pipeline_scheduler(folder, name) == cls
+        assert io.read_json(folder / "model_index.json")["scheduler"] == ["diffusers", cls]
 
 
 def test_export_refuses_a_non_empty_folder_unless_forced(finished_study, tmp_path):
@@ -97,11 +143,19 @@ def test_deleted_weights_name_the_trial_and_how_to_rerun(finished_study, tmp_pat
     assert not (tmp_path / "model").exists()
 
 
-def test_no_feasible_or_complete_trial_is_a_clear_error(finished_study, tmp_path, capsys):
+def test_no_feasible_trial_exports_what_the_sweep_called_best_with_a_warning(
+    finished_study, tmp_path, capsys
+):
+    from sdsweep.results import best_trial
+
     study = copy_study(finished_study, tmp_path)
-    set_records(study, feasible=False)
-    with pytest.raises(ExportError, match="satisfies the constraints"):
-        export_trial(study, tmp_path / "a")
+    set_records(study, feasible=False, violations=["eval/appropriate_rate = 0.5 < 0.75"])
+    results = pd.read_csv(study / "results.csv")
+    called_best = best_trial(results, "maximize", feasible_only=False)  # what the sweep prints as best
+    out = export_trial(study, tmp_path / "a")
+    assert json.loads((out / TRIAL_FILE).read_text())["trial"] == int(called_best["trial"])
+    card = (out / "README.md").read_text()
+    assert "This trial violates the study's constraints" in card and "0.5 < 0.75" in card
     set_records(study, state="FAIL", fail_reason="training diverged")
     with pytest.raises(ExportError, match="has no COMPLETE trial"):
         export_trial(study, tmp_path / "b")

@@ -84,7 +84,12 @@ def test_contact_sheet_and_heatmaps_cover_the_grid(report):
     with Image.open(files / "contact_sheet.png") as sheet:
         rows, cols = results[LR_KEY].nunique(), results[STEP_KEY].nunique() + 1  # + the baseline column
         assert sheet.width > 100 * cols * 0.9 and sheet.height > 100 * rows * 0.9
-    metrics = [c for c in results.columns if c.startswith("eval/") and c.count("/") == 1]
+    metrics = [
+        c
+        for c in results.columns
+        if c.startswith("eval/") and c.count("/") == 1 and not c.endswith("_reliable")
+    ]
+    assert not (files / "heatmap_fid_reliable.png").exists()  # a flag, not a metric
     for metric in metrics:
         assert (files / f"heatmap_{metric.split('/', 1)[1]}.png").is_file()
     plots = report_plots(study)
@@ -183,12 +188,25 @@ def find_chromium() -> str | None:
 # Written into the page after every image has loaded (or failed): one line the test parses.
 IMAGE_PROBE = """<script>
 window.addEventListener('load', () => {
-  const imgs = Array.from(document.images);
+  const imgs = Array.from(document.images).filter(i => !i.closest('#lightbox'));
   const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
   const out = document.createElement('pre');
   out.id = 'image-probe';
+  const content = document.querySelector('h1').getBoundingClientRect().width;
+  const size = i => ({alt: i.alt, width: i.getBoundingClientRect().width, natural: i.naturalWidth});
+  const figures = Array.from(document.querySelectorAll('img.figure')).map(size);
+  const grids = Array.from(document.querySelectorAll('img.grid')).map(size);
+  const first = document.querySelector('img.figure');
+  first.click();  // the lightbox shows it at its natural size
+  const box = document.getElementById('lightbox');
+  const lightbox = {open: box.classList.contains('open'),
+    width: box.querySelector('img').getBoundingClientRect().width, natural: first.naturalWidth};
+  const lr = Array.from(document.querySelectorAll('td')).filter(td => /^1e-[0-9]$/.test(td.textContent))
+    .map(td => td.getBoundingClientRect().height);
+  const row = document.querySelector('td').getBoundingClientRect().height;
   out.textContent = JSON.stringify({total: imgs.length, broken: broken,
-    contact: imgs.filter(i => i.alt === 'contact sheet').map(i => i.naturalWidth)});
+    contact: imgs.filter(i => i.alt === 'contact sheet').map(i => i.naturalWidth),
+    content, figures, grids, lightbox, lr, row});
   document.body.appendChild(out);
 });
 </script>"""
@@ -212,6 +230,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
         "--virtual-time-budget=10000",
         "--dump-dom",
         probe_page.as_uri(),
@@ -224,3 +243,139 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert probe["broken"] == []
     with Image.open(html_path.parent / "report_files" / "contact_sheet.png") as sheet:
         assert probe["contact"] == [sheet.width]
+    # Readable: every figure fills at least 80% of the content width, sample grids are never shrunk
+    # below their pixel size, a click opens the full-size image, and lr values do not wrap.
+    names = {f["alt"] for f in probe["figures"]}
+    assert {"contact sheet", "optimization history"} <= names and any(n.startswith("heatmap_") for n in names)
+    for figure in probe["figures"]:
+        assert figure["width"] >= 0.8 * probe["content"], figure
+    assert probe["grids"] and all(g["width"] >= g["natural"] for g in probe["grids"]), probe["grids"]
+    assert probe["lightbox"]["open"] and probe["lightbox"]["width"] == probe["lightbox"]["natural"]
+    assert probe["lr"] and max(probe["lr"]) <= probe["row"] * 1.2  # "1e-4" on one line
+
+
+def test_metrics_read_with_direction_warnings_and_no_flags(report):
+    study, html_path, md_path = report
+    md, page = md_path.read_text(), html_path.read_text()
+    assert "eval/clip_score ↑" in md and "eval/fid ↓" in md and "eval/val_loss ↓" in md
+    assert "fid_reliable" not in md and "fid_reliable" not in page
+    results = pd.read_csv(study / "results.csv")
+    fid_warned = results["warnings"].fillna("").str.contains("FID on")
+    if fid_warned.any():  # the tiny study evaluates 2 images: FID is flagged beside its number
+        assert re.search(r"^- ⚠ \*\*eval/fid ↓\*\*: FID on \d+ images is unreliable", md, re.M)
+        assert re.search(r"\| \d+(\.\d+)? \([+-][^)]*\) ⚠ \|", md)
+        assert "class='warn' title='FID on" in page
+    assert "| 1e-4 |" in md and "| 1e-2 |" in md  # not 1e-04 or 0.0001
+    assert "white-space:nowrap" in page
+
+
+def test_comparison_table_uses_each_models_own_baseline(finished_study, tmp_path):
+    study = copy_study(finished_study, tmp_path)
+    paths = io.StudyPaths(study)
+    record = io.read_json(paths.baseline / io.TRIAL_METRICS)
+    record["metrics"]["eval/clip_score"] = 10.0  # a per-model baseline wins over baseline/metrics.json
+    (paths.baseline / "tiny").mkdir()
+    io.atomic_write_json(paths.baseline / "tiny" / io.TRIAL_METRICS, record)
+    _, md_path = build_report(study)
+    md = md_path.read_text()
+    section = md.split("## Comparison by model × method")[1].split("##")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| tiny | full |"))
+    results = pd.read_csv(study / "results.csv")
+    best = results.sort_values(["objective", "trial"], ascending=[False, True]).iloc[0]
+    assert f"| {int(best['trial']):04d} |" in row
+    assert f"({best['eval/clip_score'] - 10.0:+.3g})" in row
+    weights = paths.trial(int(best["trial"])) / "weights"
+    size = sum(p.stat().st_size for p in weights.rglob("*") if p.is_file())
+    assert (f"{size / 1024**2:.3g} MB" in row) or (f"{size / 1024:.3g} KB" in row)
+    assert re.search(r"\| \d+ s \|", row)  # training time
+
+
+def expected_compromise(results: pd.DataFrame, objectives: list[tuple[str, str]]) -> tuple[set[int], int]:
+    """The documented rule, restated: Pareto front of COMPLETE feasible trials, then the member
+    closest to the utopia point after min-max scaling each objective over the front."""
+    done = results[results["state"] == "COMPLETE"]
+    points = {
+        int(r["trial"]): [r[m] if d == "maximize" else -r[m] for m, d in objectives]
+        for _, r in done.iterrows()
+    }
+    front = {
+        t
+        for t, p in points.items()
+        if not any(all(a >= b for a, b in zip(q, p)) and q != p for q in points.values())
+    }
+    lows = [min(points[t][i] for t in front) for i in range(len(objectives))]
+    highs = [max(points[t][i] for t in front) for i in range(len(objectives))]
+
+    def distance(t):
+        return sum(
+            ((highs[i] - points[t][i]) / (highs[i] - lows[i])) ** 2 if highs[i] > lows[i] else 0.0
+            for i in range(len(objectives))
+        )
+
+    return front, min(sorted(front), key=distance)
+
+
+def test_two_objective_report_shows_the_front_and_one_best(finished_study, tmp_path):
+    """A two-objective study (the finished study's real trials judged on CLIP score and FID)."""
+    from sdsweep.results import best_trial, pareto_front
+
+    study = copy_study(finished_study, tmp_path)
+    objectives = [("eval/clip_score", "maximize"), ("eval/fid", "minimize")]
+    info = io.read_json(study / "study.json")
+    info["objectives"] = [{"metric": m, "direction": d} for m, d in objectives]
+    io.atomic_write_json(study / "study.json", info)
+    results = pd.read_csv(study / "results.csv")
+    front, best = expected_compromise(results, objectives)
+    assert set(pareto_front(results, objectives)) == front
+    assert int(best_trial(results, objectives)["trial"]) == best
+    assert best_trial(results, "maximize")["trial"] == best_trial(results, objectives[:1])["trial"]
+    _, md_path = build_report(study)
+    md = md_path.read_text()
+    assert "## Pareto front" in md and "Objectives: maximize eval/clip_score ↑, minimize eval/fid ↓" in md
+    assert f"Best feasible trial: {best:04d}" in md and "closest to the utopia point" in md
+    with Image.open(study / "report_files" / "pareto_front.png") as plot:
+        assert plot.width >= 1200
+    assert "pareto_front" in report_plots(study)
+
+
+def test_metric_names_table():
+    from sdsweep import metric_names as names
+
+    assert names.label("eval/clip_score") == "eval/clip_score ↑"
+    assert names.label("eval/fd_clip") == "eval/fd_clip ↓" and names.label("eval/kd_clip") == "eval/kd_clip ↓"
+    assert (
+        names.label("truth/count_ok") == "truth/count_ok ↑"
+        and names.label("human/prefer") == "human/prefer ↑"
+    )
+    assert names.label("eval/brand_new") == "eval/brand_new"  # unknown: still shown, no arrow
+    assert names.is_internal("eval/fid_reliable") and not names.is_internal("eval/fid")
+    assert [names.fmt_number(v) for v in (1e-4, 3.2e-5, 56.6181, 4.0, None)] == [
+        "1e-4",
+        "3.2e-5",
+        "56.62",
+        "4",
+        "–",
+    ]
+    joined = "FID on 8 images is unreliable (x=200); use it to rank trials.; KID subset size shrunk."
+    assert names.warnings_for("eval/fid", joined) == [
+        "FID on 8 images is unreliable (x=200); use it to rank trials."
+    ]
+    assert names.warnings_for("eval/kid", joined) == ["KID subset size shrunk."]
+    assert names.warnings_for("eval/clip_score", joined) == []
+
+
+def test_several_methods_get_their_own_lr_panels_rows_and_contact_sheets(finished_study, tmp_path):
+    """Two trials relabelled as another method: each method keeps its own lr axis, row and sheet."""
+    study = copy_study(finished_study, tmp_path)
+    trials = sorted(int(p.name) for p in io.StudyPaths(study).trial_dirs())
+    for trial in trials[:2]:
+        rewrite_trial(study, trial, method="lora")
+    _, md_path = build_report(study)
+    md = md_path.read_text()
+    section = md.split("## Comparison by model × method")[1].split("\n## ")[0]
+    assert "| tiny | full |" in section and "| tiny | lora |" in section
+    files = study / "report_files"
+    assert {"method_sheet_full", "method_sheet_lora", "lr_by_method"} <= set(report_plots(study))
+    with Image.open(files / "lr_by_method.png") as panels:
+        assert panels.width >= 1200
+    assert "## Learning rate by method" in md and "## Contact sheet per method" in md
