@@ -53,9 +53,18 @@ def human_section(study_dir: str | Path, results: pd.DataFrame | None = None) ->
     human = ratings.human_metrics(study_dir)
     if human.empty:
         return Section()
-    table = human
-    if results is not None and "eval/appropriate_rate" in results.columns:
-        table = human.merge(results[["trial", "eval/appropriate_rate"]], on="trial", how="left")
+    automatic = (
+        results[["trial", "eval/appropriate_rate"]]
+        if results is not None and "eval/appropriate_rate" in results.columns
+        else pd.DataFrame(columns=["trial", "eval/appropriate_rate"])
+    )
+    baseline = (io.read_json(io.StudyPaths(study_dir).baseline / io.TRIAL_METRICS, {}) or {}).get(
+        "metrics"
+    ) or {}
+    if "eval/appropriate_rate" in baseline and -1 not in set(automatic["trial"]):
+        row = pd.DataFrame([{"trial": -1, "eval/appropriate_rate": baseline["eval/appropriate_rate"]}])
+        automatic = pd.concat([row, automatic], ignore_index=True) if len(automatic) else row
+    table = human.merge(automatic.astype({"trial": int}), on="trial", how="left")
     columns = ["trial"] + [c for c in HUMAN_COLUMNS if c in table.columns]
     rows = [
         [("baseline" if r["trial"] == -1 else str(r["trial"]))] + [_fmt(r[c]) for c in columns[1:]]

@@ -241,7 +241,8 @@ def test_heldout_captions_protocol_pairs_each_caption_with_its_photo(tmp_path, d
     lpips = result.per_image["eval/lpips_clip"]
     assert len(lpips) == 4 and all(value > 0 for value in lpips)
     assert result.metrics["eval/lpips_clip"] == pytest.approx(float(np.mean(lpips)))
-    assert evaluator.evaluate(pipeline).per_image["eval/lpips_clip"] == lpips  # reproducible
+    again = evaluator.evaluate(pipeline, out_dir=paths.trial(0))
+    assert again.per_image["eval/lpips_clip"] == lpips  # reproducible
 
     table = io.read_json(paths.baseline / "heldout.json")["rows"]
     assert [row["caption"] for row in table] == CAPTIONS
@@ -250,6 +251,14 @@ def test_heldout_captions_protocol_pairs_each_caption_with_its_photo(tmp_path, d
         assert (paths.baseline / row["sample"]).exists()
         truth = Image.open(paths.root / row["truth"])
         assert np.array_equal(np.asarray(truth), np.asarray(evaluator.reference_images[index]))
+
+    # The report's test-set table: caption, ground truth, baseline, best trial, LPIPS per row.
+    from sdsweep.report_protocols import heldout_section
+
+    section = heldout_section(paths.root, best_trial=0)
+    assert all(caption in section.markdown for caption in CAPTIONS)
+    assert "eval/lpips_clip baseline" in section.markdown and "](trials/0000/samples/" in section.markdown
+    assert section.html.count("data:image/png;base64") == 3 * len(CAPTIONS)
 
 
 def test_real_lpips_without_torchvision_is_missing_with_the_reason(tmp_path, demo_images, pipeline):
