@@ -27,14 +27,9 @@ from sdsweep.config import Config, ConfigError
 from sdsweep.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.models import make_inference_scheduler
+from sdsweep.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
-HELDOUT_TABLE = "heldout.json"  # per-caption rows (caption, sample, truth, LPIPS) in a trial/baseline folder
-HELDOUT_TRUTH = "heldout_truth"  # <study>/heldout_truth/h{i:03d}.png: the ground-truth photos, once per study
-
-
-def truth_name(index: int) -> str:
-    return f"h{index:03d}.png"
 
 
 @dataclass

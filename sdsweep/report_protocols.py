@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from sdsweep import io, ratings
-from sdsweep.evaluate import HELDOUT_TABLE
+from sdsweep.protocol_files import HELDOUT_TABLE
 
 HUMAN_COLUMNS = [
     "human/appropriate_rate",
