@@ -310,3 +310,31 @@ def test_objectives_on_computable_metrics_validate(tmp_path):
         "sweep.constraints=['eval/fd_clip <= 1000']",
     )
     assert cfg.sweep.objectives[0].metric == "eval/lpips_clip"
+
+
+@pytest.mark.slow
+def test_heldout_protocol_through_a_real_sweep_scores_baseline_and_trial(tmp_path):
+    from sdsweep.report_protocols import heldout_section
+    from sdsweep.sweep import run_sweep
+
+    outcome = run_sweep(
+        TINY_OVERRIDES
+        + [
+            "+sweep=lr_steps",
+            "sweep.learning_rates=[1e-3]",
+            "sweep.steps=[2]",
+            "sweep.isolation=inprocess",
+            "data.num_heldout=3",
+            "eval.protocol=heldout_captions",
+            "eval.metrics=[clip_score,fid,lpips,appropriate_rate]",
+            "eval.lpips_backbone=clip",
+            f"paths.root={tmp_path}",
+        ]
+    )
+    paths = io.StudyPaths(outcome.study_dir)
+    for folder in (paths.baseline, paths.trial(0)):
+        record = io.read_json(folder / io.TRIAL_METRICS)
+        assert {"eval/clip_score", "eval/fd_clip", "eval/lpips_clip"} <= set(record["metrics"]), record
+        assert len(io.read_json(folder / "heldout.json")["rows"]) == 3
+    assert "eval/lpips_clip best" in heldout_section(paths.root, 0).markdown
+    assert "Held-out captions" in paths.report_md.read_text()
