@@ -115,6 +115,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # prompts: eval.prompts x num_images_per_prompt; FID/KID against the reference photos.
+    # heldout_captions: one image per held-out caption (fixed seeds), FID/KID against exactly those photos,
+    # paired LPIPS per image, CLIP score with each caption (the test-set protocol of full fine-tunes).
+    protocol: str = "prompts"
     prompts: list[str] = field(default_factory=lambda: ["a photo of sks"])
     num_images_per_prompt: int = 2
     seed: int = 1234  # image i of every prompt uses seed + i
@@ -128,7 +132,12 @@ class EvalConfig:
     )
     clip_model: str = "openai/clip-vit-large-patch14"  # or "tiny" for the offline CLIP
     reference_dir: Optional[str] = None  # None: the held-out training images
-    fid_features: str = "auto"  # auto (inception if available, else clip) | inception | clip
+    # auto (inception if available, else clip) | inception | clip. Inception features give eval/fid and
+    # eval/kid; CLIP features give eval/fd_clip and eval/kd_clip (a different number on a different scale).
+    fid_features: str = "auto"
+    # auto (alex when torchvision is installed, else clip) | alex | vgg | squeeze (eval/lpips, torchmetrics)
+    # | clip (eval/lpips_clip: LPIPS's structure on the offline CLIP vision tower, equal layer weights)
+    lpips_backbone: str = "auto"
     kid_subset_size: int = 50
     min_reliable_fid_images: int = 200
     safety_checker: Optional[str] = None  # e.g. CompVis/stable-diffusion-safety-checker
@@ -234,13 +243,15 @@ ALLOWED = {
     "eval.scheduler": {"dpmsolver++", "pndm", "ddim", "euler"},
     "eval.fid_features": {"auto", "inception", "clip"},
     "eval.dtype": {"auto", "fp32", "bf16", "fp16"},
+    "eval.protocol": {"prompts", "heldout_captions"},
+    "eval.lpips_backbone": {"auto", "alex", "vgg", "squeeze", "clip"},
     "tracking.backend": {"wandb", "none"},
     "tracking.mode": {"offline", "online", "disabled"},
     "sweep.sampler": {"grid", "tpe", "random"},
     "sweep.pruner": {"none", "median", "hyperband"},
     "sweep.isolation": {"subprocess", "inprocess"},
 }
-KNOWN_METRICS = {"clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss"}
+KNOWN_METRICS = {"clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss", "lpips"}
 POSITIVE = [
     "method.learning_rate",
     "train.max_train_steps",
@@ -314,6 +325,9 @@ def validate(cfg: Config) -> Config:
             "data=demo trains on the built-in demo images and would ignore it. Add data=imagefolder "
             "(captions in metadata.jsonl/csv) or data=instances (one prompt for all images).",
         )
+    from sdsweep.constraints import check_eval_protocol  # local import keeps config free of cycles
+
+    check_eval_protocol(cfg)
     if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
     if cfg.method.name == "dreambooth" and not (cfg.data.instance_prompt or cfg.data.kind == "demo"):
@@ -387,12 +401,15 @@ def _validate_sweep(cfg: Config) -> None:
             _fail(
                 "sweep.objectives.metric",
                 obj.metric,
-                "name a logged metric such as eval/clip_score or eval/fid.",
+                "name a logged metric such as eval/clip_score or eval/fd_clip.",
             )
     from sdsweep.constraints import parse_constraint  # local import keeps config free of cycles
 
     for text in sweep.constraints:
         parse_constraint(text)
+    from sdsweep.constraints import check_metric_names
+
+    check_metric_names(cfg)
     if sweep.n_trials is not None and sweep.n_trials <= 0:
         _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
 

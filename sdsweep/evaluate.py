@@ -24,8 +24,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdsweep import io, metrics
 from sdsweep.config import Config, ConfigError
+from sdsweep.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.models import make_inference_scheduler
+from sdsweep.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
 
@@ -40,6 +42,8 @@ class EvalResult:
     seeds: list[int]  # one per image
     grid: Image.Image
     seconds: float
+    # heldout_captions protocol: per-image values keyed like the metric (e.g. "eval/lpips_clip": [..]).
+    per_image: dict[str, list[float]] = field(default_factory=dict)
 
 
 # ---- generation ------------------------------------------------------------------------------------------
@@ -208,17 +212,36 @@ class Evaluator:
         device: torch.device | str,
         reference_images: Sequence[Image.Image],
         instance_images: Sequence[Image.Image] | None = None,
+        heldout_captions: Sequence[str] | None = None,
     ):
+        """``heldout_captions`` (one per reference image, same order) drive eval.protocol=heldout_captions."""
         self.cfg, self.device = cfg, torch.device(device)
         ev = cfg.eval
-        if not ev.prompts or any(not str(p).strip() for p in ev.prompts):
+        self.heldout = ev.protocol == "heldout_captions"
+        if self.heldout:
+            captions = [str(c) for c in heldout_captions or []]
+            if not captions or len(captions) != len(reference_images) or any(not c.strip() for c in captions):
+                raise ConfigError(
+                    f"eval.protocol=heldout_captions needs one non-empty caption per held-out photo (got "
+                    f"{len(captions)} captions for {len(reference_images)} photos); use a captioned dataset "
+                    "(data=imagefolder with a caption column) and data.num_heldout >= 2."
+                )
+            self.prompts = captions
+        else:
+            self.prompts = list(ev.prompts)
+        if not self.prompts or any(not str(p).strip() for p in self.prompts):
             raise ConfigError(
                 f"eval.prompts={list(ev.prompts)!r}: give at least one non-empty validation prompt, "
                 "e.g. eval.prompts='[a photo of sks]'."
             )
         self.wanted = list(dict.fromkeys(ev.metrics))
         self.resolution = ev.resolution or cfg.model.resolution
-        self.plan = sample_plan(list(ev.prompts), ev.num_images_per_prompt, ev.seed)
+        if self.heldout:  # one image per caption; caption i always starts from the noise of seed + i
+            self.plan = [SampleSpec(i, caption, ev.seed + i) for i, caption in enumerate(self.prompts)]
+        else:
+            self.plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
+        self.fid_key, self.kid_key = distance_keys(ev.fid_features)
+        self.truth_dir = study_paths.root / HELDOUT_TRUTH
         self.reference_cache = study_paths.cache / "reference"
         self.static_warnings: list[str] = []
         self._feature_error: str | None = None
@@ -231,7 +254,12 @@ class Evaluator:
 
         wants_features = bool({"fid", "kid"} & set(self.wanted))
         self.feature_kind = self._choose_feature_kind() if wants_features else None
-        needs_clip = bool({"clip_score", "clip_i"} & set(self.wanted)) or self.feature_kind == "clip"
+        self.lpips_backbone = resolved_lpips_backbone(ev.lpips_backbone) if "lpips" in self.wanted else None
+        needs_clip = (
+            bool({"clip_score", "clip_i"} & set(self.wanted))
+            or self.feature_kind == "clip"
+            or self.lpips_backbone == "clip"
+        )
         self.clip_model, self.clip_processor = (None, None)
         if needs_clip:  # CLIPUnavailableError propagates: a config problem, reported before any generation
             self.clip_model, self.clip_processor = metrics.load_clip(
@@ -239,6 +267,8 @@ class Evaluator:
             )
         self.feature = self._build_feature_extractor() if wants_features else None
         self.safety_checker = self._load_safety_checker() if ev.safety_checker else None
+        self._lpips_error: str | None = None
+        self.lpips = self._build_lpips() if self.lpips_backbone else None
 
     # -- construction helpers
     def _choose_feature_kind(self) -> str:
@@ -265,6 +295,19 @@ class Evaluator:
             return metrics.CLIPImageFeatures(self.clip_model, self.clip_processor, source)
         except Exception as error:  # recorded per evaluation as missing FID/KID, never fatal
             self._feature_error = f"no FID/KID feature extractor: {_reason(error)}"
+            return None
+
+    def _build_lpips(self):
+        """A callable (a, b in [-1, 1]) -> per-pair distances, or None with the reason kept for ``missing``."""
+        try:
+            if self.lpips_backbone == "clip":
+                feature = metrics.CLIPVisionLPIPSFeatures(self.clip_model, self.clip_processor).to(
+                    self.device
+                )
+                return lambda a, b: metrics.lpips_structured(feature, a, b)
+            return metrics.TorchmetricsLPIPS(self.lpips_backbone, self.device)
+        except Exception as error:
+            self._lpips_error = f"no LPIPS network: {_reason(error)}"
             return None
 
     def _load_safety_checker(self) -> metrics.SafetyChecker | None:
@@ -339,26 +382,31 @@ class Evaluator:
             "clip_score": self._clip_score,
             "fid": self._fid,
             "kid": self._kid,
+            "lpips": self._lpips,
             "clip_i": self._clip_i,
             "appropriate_rate": self._appropriate_rate,
         }
+        per_image: dict[str, list[float]] = {}
         for name in self.wanted:
-            key = f"eval/{name}"
+            key = {"fid": self.fid_key, "kid": self.kid_key}.get(name, f"eval/{name}")
+            if name == "lpips":
+                key = metrics.lpips_key(self.lpips_backbone)
             try:
                 if name == "val_loss":
                     values[key] = self._val_loss(method, heldout_batch)
                 elif generation_error is not None:
                     missing[key] = generation_error
                 else:
-                    values.update(image_metrics[name](generated, warnings))
+                    values.update(image_metrics[name](generated, warnings, per_image))
             except Exception as error:
                 missing[key] = _reason(error)
 
-        prompt_list = list(ev.prompts)
-        grid = make_grid(generated.images, generated.specs, prompt_list)
+        grid = make_grid(generated.images, generated.specs, self.prompts)
         if out_dir is not None:
             try:
                 save_outputs(Path(out_dir), generated.images, generated.specs, grid)
+                if self.heldout:
+                    self._save_heldout_table(Path(out_dir), generated, per_image)
             except OSError as error:  # a full disk must not lose the metrics themselves
                 warnings.append(f"{prefix}could not save samples/grid to {out_dir}: {error}")
         return EvalResult(
@@ -370,17 +418,39 @@ class Evaluator:
             seeds=[spec.seed for spec in generated.specs],
             grid=grid,
             seconds=time.perf_counter() - started,
+            per_image=per_image,
         )
 
+    def _save_heldout_table(
+        self, out_dir: Path, generated: Generated, per_image: dict[str, list[float]]
+    ) -> None:
+        """The test-set table's rows for this model; the ground-truth photos are written once per study."""
+        rows = []
+        for index, spec in enumerate(generated.specs):
+            truth = self.truth_dir / truth_name(spec.prompt_index)
+            if not truth.exists():
+                io.atomic_save_image(truth, self.reference_images[spec.prompt_index])
+            row = {
+                "caption": spec.prompt,
+                "seed": spec.seed,
+                "sample": f"{io.TRIAL_SAMPLES}/{io.sample_name(spec.prompt_index, spec.seed)}",
+                "truth": f"{HELDOUT_TRUTH}/{truth_name(spec.prompt_index)}",
+            }
+            row.update({key: values[index] for key, values in per_image.items()})
+            rows.append(row)
+        io.atomic_write_json(out_dir / HELDOUT_TABLE, {"rows": rows})
+
     # -- one method per metric; each returns {key: value} and may append warnings
-    def _clip_score(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+    def _clip_score(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
         prompts = [spec.prompt for spec in generated.specs]
         out = {
             "eval/clip_score": metrics.clip_score(
                 self.clip_model, self.clip_processor, generated.images, prompts
             )
         }
-        for index, prompt in enumerate(self.cfg.eval.prompts):
+        if self.heldout:  # one image per caption: the mean over (image, its caption) pairs is the score
+            return out
+        for index, prompt in enumerate(self.prompts):
             mine = [
                 image for image, spec in zip(generated.images, generated.specs) if spec.prompt_index == index
             ]
@@ -398,7 +468,7 @@ class Evaluator:
             )
         return generated.features
 
-    def _fid(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+    def _fid(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
         reference = self.reference_features()
         value = metrics.frechet_distance(reference, self._generated_features(generated))
         n = len(generated.images)
@@ -408,9 +478,9 @@ class Evaluator:
                 f"FID on {n} images is unreliable (eval.min_reliable_fid_images={self.cfg.eval.min_reliable_fid_images}); "
                 "use it to rank trials of this study only."
             )
-        return {"eval/fid": value, "eval/fid_reliable": 1.0 if reliable else 0.0}
+        return {self.fid_key: value, f"{self.fid_key}_reliable": 1.0 if reliable else 0.0}
 
-    def _kid(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+    def _kid(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
         reference = self.reference_features()
         fake = self._generated_features(generated)
         wanted = self.cfg.eval.kid_subset_size
@@ -421,9 +491,24 @@ class Evaluator:
                 f"({len(fake)} generated, {len(reference)} reference images)."
             )
         mean, _ = metrics.kernel_inception_distance(reference, fake, subset, seed=self.cfg.eval.seed)
-        return {"eval/kid": mean}
+        return {self.kid_key: mean}
 
-    def _clip_i(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+    def _lpips(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+        """Paired LPIPS: image i against held-out photo i, both in [-1, 1]; per image and the mean."""
+        if self.lpips is None:
+            raise metrics.MetricUnavailable(self._lpips_error or "no LPIPS network")
+        key = metrics.lpips_key(self.lpips_backbone)
+        values: list[float] = []
+        batch = self.cfg.eval.batch_size
+        for start in range(0, len(generated.images), batch):
+            chunk = generated.specs[start : start + batch]
+            fake = metrics.pil_to_signed(generated.images[start : start + batch], self.device)
+            real = metrics.pil_to_signed([self.reference_images[s.prompt_index] for s in chunk], self.device)
+            values.extend(float(v) for v in self.lpips(fake, real))
+        per_image[key] = values
+        return {key: float(np.mean(values))}
+
+    def _clip_i(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
         if not self.instance_images:
             raise metrics.MetricUnavailable("no instance (training) images were given to the Evaluator")
         return {
@@ -432,7 +517,9 @@ class Evaluator:
             )
         }
 
-    def _appropriate_rate(self, generated: Generated, warnings: list[str]) -> dict[str, float]:
+    def _appropriate_rate(
+        self, generated: Generated, warnings: list[str], per_image: dict
+    ) -> dict[str, float]:
         unsafe = None
         if self.safety_checker is not None:
             try:

@@ -298,3 +298,96 @@ class SafetyChecker:
         inputs = self.processor([float_to_pil(a) for a in clean], return_tensors="pt")
         _, flagged = self.model(images=np.stack(clean), clip_input=inputs["pixel_values"].to(self.device))
         return [bool(flag) for flag in flagged]
+
+
+# ---- LPIPS -----------------------------------------------------------------------------------------------
+# LPIPS (Zhang et al. 2018): unit-normalise each layer's features per position over the channels, take the
+# squared difference, average over positions, combine the layers. The real metric uses AlexNet/VGG features
+# and learned per-channel weights (torchmetrics, which needs torchvision and downloaded weights). Offline the
+# same structure runs on another feature network with equal weights; its key names the backbone
+# (``eval/lpips_clip``), so the number is never mistaken for the published LPIPS.
+TORCHMETRICS_LPIPS_NETS = ("alex", "vgg", "squeeze")
+
+
+def pil_to_signed(images: Sequence[Image.Image], device: torch.device | str = "cpu") -> torch.Tensor:
+    """PIL images of one size -> float [N,3,H,W] in [-1, 1] (the LPIPS convention)."""
+    return images_to_uint8(images, device).float() / 127.5 - 1.0
+
+
+def lpips_key(backbone: str) -> str:
+    """``eval/lpips`` only for the real learned LPIPS; other feature networks are named in the key."""
+    return "eval/lpips" if backbone in TORCHMETRICS_LPIPS_NETS else f"eval/lpips_{backbone}"
+
+
+def torchvision_available() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+class CLIPVisionLPIPSFeatures(torch.nn.Module):
+    """The CLIP vision tower's per-layer patch tokens as LPIPS features: [N, channels, positions] per layer."""
+
+    def __init__(self, model, processor, layers: Sequence[int] | None = None):
+        super().__init__()
+        self.vision = model.vision_model
+        config = model.config.vision_config
+        self.image_size = int(config.image_size)
+        processor_config = getattr(processor, "image_processor", processor)
+        self.register_buffer("mean", torch.tensor(processor_config.image_mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(processor_config.image_std).view(1, 3, 1, 1))
+        # Every transformer layer by default (equal weights): shallow layers see texture, deep ones content.
+        self.layers = list(layers) if layers is not None else list(range(1, config.num_hidden_layers + 1))
+
+    @torch.no_grad()
+    def forward(self, signed: torch.Tensor) -> list[torch.Tensor]:
+        pixels = (signed.float() + 1.0) / 2.0
+        pixels = torch.nn.functional.interpolate(
+            pixels, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False
+        ).clamp(0, 1)
+        pixels = (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
+        hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+        return [hidden[i][:, 1:, :].transpose(1, 2) for i in self.layers]  # patch tokens, no CLS
+
+
+@torch.no_grad()
+def lpips_structured(feature: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pair LPIPS-structured distance [N] between images in [-1, 1] with an injected feature network."""
+    if a.shape != b.shape:
+        raise ValueError(f"LPIPS needs pairs of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    distances = []
+    for fa, fb in zip(feature(a), feature(b), strict=True):
+        fa = torch.nn.functional.normalize(fa.float(), dim=1, eps=1e-8)
+        fb = torch.nn.functional.normalize(fb.float(), dim=1, eps=1e-8)
+        distances.append(((fa - fb) ** 2).sum(dim=1).flatten(1).mean(dim=1))
+    return torch.stack(distances).mean(dim=0).cpu()
+
+
+class TorchmetricsLPIPS:
+    """The published LPIPS (torchmetrics; needs torchvision and its downloaded backbone weights)."""
+
+    def __init__(self, net: str, device: torch.device | str = "cpu"):
+        if not torchvision_available():
+            raise MetricUnavailable(
+                f"eval.lpips_backbone={net} needs torchvision and its {net} weights, which are not installed "
+                "here; set eval.lpips_backbone=clip for the offline CLIP-feature variant (eval/lpips_clip)."
+            )
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        try:
+            self.metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=False).to(device)
+        except Exception as error:
+            raise MetricUnavailable(
+                f"LPIPS {net} weights could not be loaded offline ({type(error).__name__}); "
+                "download them once or set eval.lpips_backbone=clip."
+            ) from None
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        values = []
+        for x, y in zip(
+            a, b
+        ):  # torchmetrics reduces over the batch; one pair at a time gives per-image values
+            self.metric.reset()
+            self.metric.update(x[None].to(self.device), y[None].to(self.device))
+            values.append(float(self.metric.compute()))
+        return torch.tensor(values)

@@ -874,8 +874,12 @@ def build_report(study_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pa
     shutil.rmtree(files_dir, ignore_errors=True)  # no stale figures from an earlier, larger study
     figures = make_figures(data, files_dir)
     board = build_leaderboard(data)
-    io.atomic_write_text(html_path, render_html(data, board, figures))
-    io.atomic_write_text(md_path, render_markdown(data, board, figures, md_path))
+    from sdsweep.report_protocols import protocol_sections  # held-out table, human ratings (issue 19)
+
+    extra = protocol_sections(data.root, data.results, board.best_trial)
+    page = render_html(data, board, figures).replace("</body></html>", extra.html + "</body></html>")
+    io.atomic_write_text(html_path, page)
+    io.atomic_write_text(md_path, render_markdown(data, board, figures, md_path) + extra.markdown)
     return html_path, md_path
 
 

@@ -98,7 +98,10 @@ def build_results(
     metrics = sorted(c for c in frame.columns if c.startswith("eval/"))
     deltas = sorted(c for c in frame.columns if c.startswith("delta/"))
     rest = [c for c in frame.columns if c not in set(first + params + metrics + deltas)]
-    return frame[first + params + metrics + deltas + rest].sort_values("trial").reset_index(drop=True)
+    ordered = frame[first + params + metrics + deltas + rest].sort_values("trial").reset_index(drop=True)
+    from sdsweep.ratings import merge_human_columns  # human/* from ratings.csv, when anyone has rated
+
+    return merge_human_columns(ordered, paths.root)
 
 
 def write_results(

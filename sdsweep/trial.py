@@ -233,6 +233,7 @@ class _Setup:
                 self.device,
                 reference_images=load_pil_images(heldout or self.train_examples),
                 instance_images=load_pil_images(self.train_examples),
+                heldout_captions=[example.caption for example in heldout],
             )
         self.evaluator = _EVALUATORS["evaluator"]
 

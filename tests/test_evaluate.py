@@ -54,10 +54,10 @@ def test_evaluate_is_reproducible_and_writes_samples_and_grid(evaluator, pipelin
         "eval/clip_score",
         "eval/clip_score/p0",
         "eval/clip_score/p1",
-        "eval/fid",
-        "eval/fid_reliable",
+        "eval/fd_clip",
+        "eval/fd_clip_reliable",
     }
-    expected |= {"eval/kid", "eval/clip_i", "eval/appropriate_rate"}
+    expected |= {"eval/kd_clip", "eval/clip_i", "eval/appropriate_rate"}
     assert set(first.metrics) == expected
     assert all(np.isfinite(v) for v in first.metrics.values())
     assert first.metrics == second.metrics
@@ -68,7 +68,7 @@ def test_evaluate_is_reproducible_and_writes_samples_and_grid(evaluator, pipelin
     assert first.prompts == [evaluator.cfg.eval.prompts[0]] * 2 + [evaluator.cfg.eval.prompts[1]] * 2
     assert all(image.size == (32, 32) for image in first.images)
     assert any("FID on 4 images is unreliable" in w for w in first.warnings)
-    assert first.metrics["eval/fid_reliable"] == 0.0
+    assert first.metrics["eval/fd_clip_reliable"] == 0.0
 
     names = sorted(p.name for p in (tmp_path / "a" / io.TRIAL_SAMPLES).iterdir())
     assert names == [io.sample_name(p, s) for p in (0, 1) for s in (1234, 1235)]
@@ -110,7 +110,7 @@ def test_a_second_evaluator_reuses_the_cached_reference_features(study, demo_ima
 def test_kid_subset_shrinks_to_the_set_size_with_a_warning(tmp_path, demo_images, pipeline):
     cfg = make_cfg(tmp_path, "eval.kid_subset_size=50", "eval.metrics=[kid]")
     result = Evaluator(cfg, io.StudyPaths(tmp_path / "s"), "cpu", demo_images[:3]).evaluate(pipeline)
-    assert set(result.metrics) == {"eval/kid"}
+    assert set(result.metrics) == {"eval/kd_clip"}
     assert any("KID subset size shrunk from eval.kid_subset_size=50 to 3" in w for w in result.warnings)
 
 
@@ -118,7 +118,7 @@ def test_a_metric_that_cannot_be_computed_is_missing_not_raised(tmp_path, demo_i
     cfg = make_cfg(tmp_path, "eval.metrics=[fid,clip_i,appropriate_rate]")
     evaluator = Evaluator(cfg, io.StudyPaths(tmp_path / "s"), "cpu", demo_images[:1], instance_images=None)
     result = evaluator.evaluate(pipeline)
-    assert "at least 2 reference images" in result.missing["eval/fid"]
+    assert "at least 2 reference images" in result.missing["eval/fd_clip"]
     assert "instance" in result.missing["eval/clip_i"]
     assert set(result.metrics) == {"eval/appropriate_rate"}
 
@@ -217,3 +217,124 @@ def test_unloadable_safety_checker_is_a_warning_and_degeneracy_still_applies(tmp
     result = Evaluator(cfg, io.StudyPaths(tmp_path / "s"), "cpu", demo_images[:4]).evaluate(pipeline)
     assert any("safety checker" in w and "degeneracy check only" in w for w in result.warnings)
     assert 0.0 <= result.metrics["eval/appropriate_rate"] <= 1.0
+
+
+# ---- the held-out-captions protocol ---------------------------------------------------------------------
+CAPTIONS = ["a red square", "a blue circle", "a green stripe", "a yellow dot"]
+
+
+def test_heldout_captions_protocol_pairs_each_caption_with_its_photo(tmp_path, demo_images, pipeline):
+    cfg = make_cfg(
+        tmp_path,
+        "eval.protocol=heldout_captions",
+        "eval.metrics=[clip_score,fid,kid,lpips]",
+        "eval.lpips_backbone=clip",
+    )
+    paths = io.StudyPaths(tmp_path / "s")
+    evaluator = Evaluator(cfg, paths, "cpu", demo_images[:4], heldout_captions=CAPTIONS)
+    result = evaluator.evaluate(pipeline, out_dir=paths.baseline)
+
+    # One image per caption, fixed seeds, and CLIP-feature distances named for what they are.
+    assert result.prompts == CAPTIONS and result.seeds == [1234, 1235, 1236, 1237]
+    expected = {"eval/clip_score", "eval/fd_clip", "eval/fd_clip_reliable", "eval/kd_clip", "eval/lpips_clip"}
+    assert set(result.metrics) == expected
+    lpips = result.per_image["eval/lpips_clip"]
+    assert len(lpips) == 4 and all(value > 0 for value in lpips)
+    assert result.metrics["eval/lpips_clip"] == pytest.approx(float(np.mean(lpips)))
+    again = evaluator.evaluate(pipeline, out_dir=paths.trial(0))
+    assert again.per_image["eval/lpips_clip"] == lpips  # reproducible
+
+    table = io.read_json(paths.baseline / "heldout.json")["rows"]
+    assert [row["caption"] for row in table] == CAPTIONS
+    assert [row["eval/lpips_clip"] for row in table] == lpips
+    for index, row in enumerate(table):
+        assert (paths.baseline / row["sample"]).exists()
+        truth = Image.open(paths.root / row["truth"])
+        assert np.array_equal(np.asarray(truth), np.asarray(evaluator.reference_images[index]))
+
+    # The report's test-set table: caption, ground truth, baseline, best trial, LPIPS per row.
+    from sdsweep.report_protocols import heldout_section
+
+    section = heldout_section(paths.root, best_trial=0)
+    assert all(caption in section.markdown for caption in CAPTIONS)
+    assert "eval/lpips_clip baseline" in section.markdown and "](trials/0000/samples/" in section.markdown
+    assert section.html.count("data:image/png;base64") == 3 * len(CAPTIONS)
+
+
+def test_real_lpips_without_torchvision_is_missing_with_the_reason(tmp_path, demo_images, pipeline):
+    if metrics.torchvision_available():
+        pytest.skip("torchvision is installed")
+    cfg = make_cfg(
+        tmp_path, "eval.protocol=heldout_captions", "eval.metrics=[lpips]", "eval.lpips_backbone=alex"
+    )
+    evaluator = Evaluator(
+        cfg, io.StudyPaths(tmp_path / "s"), "cpu", demo_images[:4], heldout_captions=CAPTIONS
+    )
+    result = evaluator.evaluate(pipeline)
+    assert result.metrics == {}
+    assert (
+        "torchvision" in result.missing["eval/lpips"]
+        and "lpips_backbone=clip" in result.missing["eval/lpips"]
+    )
+
+
+def test_heldout_protocol_needs_one_caption_per_photo(tmp_path, demo_images):
+    cfg = make_cfg(tmp_path, "eval.protocol=heldout_captions", "eval.metrics=[clip_score]")
+    with pytest.raises(ConfigError, match="one non-empty caption per held-out photo"):
+        Evaluator(cfg, io.StudyPaths(tmp_path / "s"), "cpu", demo_images[:4], heldout_captions=CAPTIONS[:2])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+sweep=lr_steps", "sweep.objectives=[{metric: eval/fid, direction: minimize}]"], "eval/fd_clip"),
+        (["+sweep=lr_steps", "sweep.constraints=['eval/kid <= 1']"], "Inception features"),
+        (["+sweep=lr_steps", "sweep.constraints=['eval/lpips_clip <= 1']"], "heldout_captions"),
+        (["eval.metrics=[lpips]"], "eval.protocol=heldout_captions"),
+        (["eval.protocol=heldout_captions", "eval.reference_dir=/tmp"], "eval.reference_dir"),
+    ],
+)
+def test_metrics_the_study_cannot_compute_are_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(tmp_path, *overrides)
+
+
+def test_objectives_on_computable_metrics_validate(tmp_path):
+    cfg = make_cfg(
+        tmp_path,
+        "+sweep=lr_steps",
+        "eval.protocol=heldout_captions",
+        "eval.metrics=[lpips,fid]",
+        "eval.lpips_backbone=clip",
+        "sweep.objectives=[{metric: eval/lpips_clip, direction: minimize}]",
+        "sweep.constraints=['eval/fd_clip <= 1000']",
+    )
+    assert cfg.sweep.objectives[0].metric == "eval/lpips_clip"
+
+
+@pytest.mark.slow
+def test_heldout_protocol_through_a_real_sweep_scores_baseline_and_trial(tmp_path):
+    from sdsweep.report_protocols import heldout_section
+    from sdsweep.sweep import run_sweep
+
+    outcome = run_sweep(
+        TINY_OVERRIDES
+        + [
+            "+sweep=lr_steps",
+            "sweep.learning_rates=[1e-3]",
+            "sweep.steps=[2]",
+            "sweep.isolation=inprocess",
+            "data.num_heldout=3",
+            "eval.protocol=heldout_captions",
+            "eval.metrics=[clip_score,fid,lpips,appropriate_rate]",
+            "eval.lpips_backbone=clip",
+            f"paths.root={tmp_path}",
+        ]
+    )
+    paths = io.StudyPaths(outcome.study_dir)
+    for folder in (paths.baseline, paths.trial(0)):
+        record = io.read_json(folder / io.TRIAL_METRICS)
+        assert {"eval/clip_score", "eval/fd_clip", "eval/lpips_clip"} <= set(record["metrics"]), record
+        assert len(io.read_json(folder / "heldout.json")["rows"]) == 3
+    assert "eval/lpips_clip best" in heldout_section(paths.root, 0).markdown
+    assert "Held-out captions" in paths.report_md.read_text()

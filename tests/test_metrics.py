@@ -147,3 +147,24 @@ def test_unloadable_clip_model_names_the_fix(tmp_path):
 def test_images_of_different_sizes_are_rejected_with_the_fix(demo_images):
     with pytest.raises(ValueError, match="square_resize"):
         metrics.images_to_uint8([demo_images[0], demo_images[1].resize((16, 16))])
+
+
+def test_lpips_structure_on_clip_features_is_zero_for_a_pair_and_grows_with_distortion(
+    clip_features, demo_images
+):
+    model, processor = clip_features.model, clip_features.processor
+    feature = metrics.CLIPVisionLPIPSFeatures(model, processor)
+    images = [metrics.square_resize(image, 32) for image in demo_images[:3]]
+    clean = metrics.pil_to_signed(images)
+    assert clean.min() >= -1.0 and clean.max() <= 1.0
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(clean.shape, generator=generator)
+    small = (clean + 0.1 * noise).clamp(-1, 1)
+    large = (clean + 0.6 * noise).clamp(-1, 1)
+
+    same = metrics.lpips_structured(feature, clean, clean)
+    assert same.shape == (3,) and torch.allclose(same, torch.zeros(3), atol=1e-6)
+    assert (
+        metrics.lpips_structured(feature, clean, large) > metrics.lpips_structured(feature, clean, small)
+    ).all()
+    assert metrics.lpips_key("clip") == "eval/lpips_clip" and metrics.lpips_key("alex") == "eval/lpips"
