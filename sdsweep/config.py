@@ -129,6 +129,7 @@ class EvalConfig:
     safety_checker: Optional[str] = None  # e.g. CompVis/stable-diffusion-safety-checker
     val_loss_timesteps: int = 8  # fixed timesteps per held-out image for eval/val_loss
     baseline: bool = True  # evaluate the untuned base model once per study
+    judge: Optional[str] = None  # "shapes": ground-truth truth/concept_accuracy and truth/prior_accuracy
 
 
 @dataclass

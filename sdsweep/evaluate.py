@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdsweep import io, metrics
 from sdsweep.config import Config, ConfigError
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
+from sdsweep.judge import judge_truth
 from sdsweep.models import make_inference_scheduler
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
@@ -354,6 +355,11 @@ class Evaluator:
             except Exception as error:
                 missing[key] = _reason(error)
 
+        if ev.judge and generation_error is None:  # ground truth beside the metrics (known-answer worlds)
+            try:
+                values.update(judge_truth(ev.judge, generated.images, [s.prompt for s in generated.specs]))
+            except Exception as error:
+                missing["truth"] = _reason(error)
         prompt_list = list(ev.prompts)
         grid = make_grid(generated.images, generated.specs, prompt_list)
         if out_dir is not None:

@@ -114,3 +114,13 @@ def judge_prompts(images: Sequence[Image.Image], prompts: Sequence[str], held_ou
         right = verdict.shape == asked.shape and (asked.colour is None or verdict.colour == asked.colour)
         hits["concept" if asked.concept else "prior"].append(right)
     return {f"truth/{group}_accuracy": float(np.mean(v)) for group, v in hits.items() if v}
+
+
+JUDGES = {"shapes": judge_prompts}  # eval.judge value -> the world's judge
+
+
+def judge_truth(name: str, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+    """The hook the evaluator calls when ``eval.judge`` is set: ``{truth/...: value}`` for that world."""
+    if name not in JUDGES:
+        raise ValueError(f"eval.judge={name!r} is not a known world; use one of {sorted(JUDGES)} or null.")
+    return JUDGES[name](images, prompts)

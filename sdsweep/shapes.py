@@ -169,11 +169,12 @@ def build_tokenizer():
 class BuildPlan:
     """Step counts and batch sizes of the pretraining; the defaults fit ~10 minutes on 2 CPU cores."""
 
-    vae_steps: int = 400
-    clip_steps: int = 300
-    unet_steps: int = 1500
-    batch_size: int = 64
-    num_images: int = 3000
+    vae_steps: int = 200
+    vae_batch_size: int = 16
+    clip_steps: int = 200
+    unet_steps: int = 700
+    batch_size: int = 32
+    num_images: int = 2000
     seed: int = 0
 
 
@@ -194,6 +195,7 @@ def ensure_shapes_model(
         raise ValueError(f"Unknown shapes flavour {flavour!r}; only shapes:sd15 is built (model=shapes).")
     from sdsweep import shapes_build
 
+    ensure_concept_dataset(cache)  # data=shapes reads it; writing it takes well under a second
     return tiny._atomic_dir(model_dir(flavour, cache), lambda d: shapes_build.build(d, plan or BuildPlan()))
 
 
