@@ -20,6 +20,7 @@ from sdsweep import shapes as world
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as "drawn"
 MIN_BLOB_PIXELS = 12  # smaller blobs (at 32 px) are noise, not a shape
 MAX_COLOUR_DISTANCE = 110.0  # a blob whose mean is this far from every palette colour has no colour
+MAX_SHAPE_SIDE = 24  # world shapes are at most 16 px across; a blob much larger is no shape
 MIN_SHAPE_IOU = 0.55  # a blob that overlaps no template this well has no shape
 _PLACEHOLDER = re.compile(r"^<[^>]+>$")  # a textual-inversion token such as <star>
 
@@ -63,7 +64,9 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
 
 def judge_image(image: Image.Image) -> Verdict:
     """What a single image shows: its main shape and that shape's colour."""
-    pixels = np.asarray(image.convert("RGB").resize((world.SIZE, world.SIZE), Image.BILINEAR), dtype=np.float32)
+    pixels = np.asarray(
+        image.convert("RGB").resize((world.SIZE, world.SIZE), Image.BILINEAR), dtype=np.float32
+    )
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
     mask = np.linalg.norm(pixels - background, axis=-1) > FOREGROUND_DISTANCE
@@ -76,6 +79,8 @@ def judge_image(image: Image.Image) -> Verdict:
     colour = names[int(np.argmin(distances))] if min(distances) <= MAX_COLOUR_DISTANCE else None
     ys, xs = np.nonzero(blob)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    if max(box[2] - box[0], box[3] - box[1]) > MAX_SHAPE_SIDE:
+        return Verdict(None, colour, 0.0)  # noise or a smear over the whole image, not a shape of this world
     scores = {}
     for shape in world.SHAPES:
         template = world.shape_mask(shape, box)
@@ -97,14 +102,18 @@ def parse_prompt(prompt: str, held_out: str = world.HELD_OUT) -> Asked:
     return Asked(shape, colours[0] if colours else None, concept=shape == held_out)
 
 
-def judge_prompts(images: Sequence[Image.Image], prompts: Sequence[str], held_out: str = world.HELD_OUT) -> dict:
+def judge_prompts(
+    images: Sequence[Image.Image], prompts: Sequence[str], held_out: str = world.HELD_OUT
+) -> dict:
     """``truth/concept_accuracy`` over prompts asking for the held-out shape, ``truth/prior_accuracy`` over the rest.
 
     An image is right when it shows the asked shape in the asked colour (a prompt naming no colour accepts
     any). A group with no prompts is left out rather than reported as 0.
     """
     if len(images) != len(prompts):
-        raise ValueError(f"judge_prompts needs one prompt per image ({len(images)} images, {len(prompts)} prompts)")
+        raise ValueError(
+            f"judge_prompts needs one prompt per image ({len(images)} images, {len(prompts)} prompts)"
+        )
     hits: dict[str, list[bool]] = {"concept": [], "prior": []}
     for image, prompt in zip(images, prompts):
         asked = parse_prompt(prompt, held_out)

@@ -169,10 +169,10 @@ def build_tokenizer():
 class BuildPlan:
     """Step counts and batch sizes of the pretraining; the defaults fit ~10 minutes on 2 CPU cores."""
 
-    vae_steps: int = 200
+    vae_steps: int = 150
     vae_batch_size: int = 16
-    clip_steps: int = 200
-    unet_steps: int = 700
+    clip_steps: int = 150
+    unet_steps: int = 600
     batch_size: int = 32
     num_images: int = 2000
     seed: int = 0

@@ -52,7 +52,7 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, progress, seed: int)
     vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _step in range(steps):
         x = images[torch.randint(len(images), (batch,), generator=generator)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -65,7 +65,9 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, progress, seed: int)
         progress.update()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        latents = torch.cat(
+            [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae, latents * vae.config.scaling_factor
 
@@ -111,7 +113,7 @@ def train_clip(images, captions, tokenizer, steps: int, batch: int, progress, se
     pixels = ((images + 1) / 2 - mean) / std
     optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _step in range(steps):
         pick = torch.randint(len(images), (batch,), generator=generator)
         which = caption_index[pick]
         out = clip(input_ids=unique_ids[which], pixel_values=pixels[pick])
@@ -177,7 +179,7 @@ def train_unet(latents, captions, text_encoder, tokenizer, steps: int, batch: in
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * s / steps)))
     )
     generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _step in range(steps):
         pick = torch.randint(len(latents), (batch,), generator=generator)
         which = caption_index[pick].clone()
         which[torch.rand(batch, generator=generator) < CAPTION_DROPOUT] = empty
@@ -214,9 +216,11 @@ def build(target: Path, plan) -> None:
         total = plan.vae_steps + plan.clip_steps + plan.unet_steps
         with tqdm(total=total, desc="building the shapes model (once)", unit="step") as progress:
             vae, latents = train_vae(images, plan.vae_steps, plan.vae_batch_size, progress, plan.seed)
-            clip = train_clip(images, captions, tokenizer, plan.clip_steps, plan.batch_size, progress, plan.seed)
+            clip = train_clip(
+                images, captions, tokenizer, plan.clip_steps, plan.batch_size, progress, plan.seed
+            )
             text_encoder = CLIPTextModel(clip.config.text_config)
-            text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+            text_encoder.load_state_dict(clip.text_model.state_dict())
             text_encoder.eval().requires_grad_(False)
             seen = [i for i, s in enumerate(scenes) if s.shape != shapes.HELD_OUT]
             unet = train_unet(
