@@ -28,9 +28,19 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## Create .venv and install sdsweep with dev tools
 	@echo "venv ready: $(VENV)"
 
-demo: $(STAMP) ## Offline lr x steps sweep on the tiny model (CPU, a few minutes)
+demo: $(STAMP) ## Offline lr x steps sweep on the tiny model (CPU, about a minute)
 	$(PY) -m sdsweep +experiment=demo $(ARGS)
 	$(PY) -m sdsweep.report experiments/demo
+
+demo-shapes: $(STAMP) ## The lr x steps grid in the known-answer shapes world (CPU; the first run builds it, ~5 min)
+	$(PY) -m sdsweep.shapes
+	$(PY) -m sdsweep +experiment=demo_shapes $(ARGS)
+	$(PY) -m sdsweep.report experiments/demo_shapes
+
+demo-methods: $(STAMP) ## Offline full/DreamBooth/TI/LoRA x v1.5/v2.1-flavoured comparison (CPU, minutes)
+	$(PY) -m sdsweep.shapes
+	$(PY) -m sdsweep +experiment=demo_methods $(ARGS)
+	$(PY) -m sdsweep.report experiments/demo_methods
 
 sweep: $(STAMP) ## Run a sweep: make sweep ARGS="+sweep=lr_steps model=sd15 data=imagefolder data.path=..."
 	$(PY) -m sdsweep $(ARGS)
@@ -70,4 +80,4 @@ clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup browser demo sweep test test-fast lint bench report export clean distclean
+.PHONY: help setup browser demo demo-shapes demo-methods sweep test test-fast lint bench report export clean distclean

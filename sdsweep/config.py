@@ -144,6 +144,7 @@ class EvalConfig:
     val_loss_timesteps: int = 8  # fixed timesteps per held-out image for eval/val_loss
     baseline: bool = True  # evaluate the untuned base model once per study
     dtype: str = "auto"  # sampling precision: auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    judge: Optional[str] = None  # "shapes": ground-truth truth/concept_accuracy and truth/prior_accuracy
 
 
 @dataclass

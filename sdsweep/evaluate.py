@@ -26,6 +26,7 @@ from sdsweep import io, metrics
 from sdsweep.config import Config, ConfigError
 from sdsweep.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
+from sdsweep.judge import judge_truth
 from sdsweep.models import make_inference_scheduler
 from sdsweep.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
 
@@ -401,6 +402,11 @@ class Evaluator:
             except Exception as error:
                 missing[key] = _reason(error)
 
+        if ev.judge and generation_error is None:  # ground truth beside the metrics (known-answer worlds)
+            try:
+                values.update(judge_truth(ev.judge, generated.images, [s.prompt for s in generated.specs]))
+            except Exception as error:
+                missing["truth"] = _reason(error)
         grid = make_grid(generated.images, generated.specs, self.prompts)
         if out_dir is not None:
             try:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sdsweep import tiny
+from sdsweep import shapes, tiny
 from sdsweep.config import Config, ModelConfig
 
 
@@ -164,6 +164,9 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
     flavour = tiny.parse_tiny_id(model.pretrained)
     if flavour is not None:
         return str(tiny.ensure_tiny_model(flavour, cache))
+    shapes_flavour = shapes.parse_shapes_id(model.pretrained)
+    if shapes_flavour is not None:  # the known-answer shapes model, pretrained here once (minutes)
+        return str(shapes.ensure_shapes_model(shapes_flavour, cache))
     local = Path(os.path.expanduser(model.pretrained))
     if local.is_dir():
         return _complete(local, "model.pretrained")

@@ -9,10 +9,10 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from sdsweep.config import Config, ConfigError, flatten
 
 GROUPS = {
-    "model": ["sd15", "sd21", "sd21_base", "tiny", "tiny_sd21"],
+    "model": ["sd15", "sd21", "sd21_base", "shapes", "tiny", "tiny_sd21"],
     "method": ["full", "dreambooth", "textual_inversion", "lora"],
-    "data": ["demo", "imagefolder", "instances"],
-    "eval": ["default", "tiny"],
+    "data": ["demo", "imagefolder", "instances", "shapes"],
+    "eval": ["default", "shapes", "tiny"],
     "tracking": ["wandb", "none"],
 }
 DATA_NEEDS = {
