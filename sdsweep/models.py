@@ -180,18 +180,21 @@ def make_inference_scheduler(name: str, base_config: dict, zero_terminal_snr: bo
     """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
+    # As keyword arguments, not merged into the config: from_config drops keys the source config
+    # marks as defaults (``_use_default_values``), which a stock SD scheduler config does for these.
+    zero_snr = {}
     if zero_terminal_snr or base_config.get("rescale_betas_zero_snr", False):
-        base_config = {**base_config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
         if name == "pndm":
             # PNDM has no zero-SNR mode (config validation refuses eval.scheduler=pndm); a saved
             # pipeline folder gets DDIM so that it samples with the schedule it was trained on.
-            return DDIMScheduler.from_config(base_config)
+            return DDIMScheduler.from_config(base_config, **zero_snr)
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", **zero_snr)
     if name == "ddim":
-        return DDIMScheduler.from_config(base_config)
+        return DDIMScheduler.from_config(base_config, **zero_snr)
     if name == "euler":
-        return EulerDiscreteScheduler.from_config(base_config)
+        return EulerDiscreteScheduler.from_config(base_config, **zero_snr)
     return PNDMScheduler.from_config(base_config, skip_prk_steps=True)
 
 
