@@ -373,6 +373,18 @@ def _validate_recipes(cfg: Config) -> None:
     from sdsweep.optimizers import check_optimizer_available  # local import keeps config free of cycles
 
     check_optimizer_available(cfg)
+    # A swept recipe choice is checked now, not when its trial starts hours into the sweep.
+    optimizer_choices = (cfg.sweep.params.get("train.optimizer") if cfg.sweep else None) or ParamSpec()
+    for choice in optimizer_choices.choices or []:
+        if choice not in ALLOWED["train.optimizer"]:
+            _fail(
+                "sweep.params.train.optimizer",
+                choice,
+                f"allowed values are {sorted(ALLOWED['train.optimizer'])}.",
+            )
+        check_optimizer_available(
+            dataclasses.replace(cfg, train=dataclasses.replace(train, optimizer=choice))
+        )
 
 
 def _validate_sweep(cfg: Config) -> None:

@@ -158,7 +158,11 @@ def infinite_batches(
     if bucket_ids is not None:  # aspect-ratio buckets: every batch comes from one bucket (one shape)
         batch_sampler = BucketBatchSampler(bucket_ids, batch_size, seed, start=skip // batch_size)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=0
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=collate,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(seed),  # as below: keep the global RNG untouched
         )
         return iter(loader)
     sampler = SeededInfiniteSampler(len(dataset), seed, skip, getattr(dataset, "supports_draw_keys", False))
