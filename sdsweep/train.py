@@ -301,6 +301,9 @@ def check_resumable(path: Path, cfg: Config) -> None:
     """Refuse a checkpoint written by a differently configured run, before loading any weights."""
     saved = json.loads((path / TRAINING_STATE).read_text()).get("config", {})
     current = flatten(cfg)
+    # A key added to the schema after the checkpoint was written (e.g. train.optimizer) matches when
+    # the run keeps that key's default: the old run trained with exactly that behaviour.
+    defaults = flatten(Config())
     differing = sorted(
         key
         for key in set(saved) | set(current)
@@ -308,6 +311,7 @@ def check_resumable(path: Path, cfg: Config) -> None:
         and key not in RESUME_IGNORED_KEYS
         and key != "data.path"  # the same folder may be reached by another path spelling
         and saved.get(key) != current.get(key)
+        and not (key not in saved and key in defaults and current.get(key) == defaults[key])
     )
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])

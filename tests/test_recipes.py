@@ -238,11 +238,10 @@ def test_each_option_trains_and_resumes_like_an_uninterrupted_run(tmp_path, aspe
     assert resumed_losses == losses
     for resumed, uninterrupted in zip(trainable_copy(method), expected, strict=True):
         assert torch.equal(resumed, uninterrupted)
-    if option == "prodigy":
-        state = torch.load(tmp_path / "resumed" / "step-2" / "optimizer.pt", weights_only=True)
-        assert (
-            state["optimizer"]["param_groups"][0]["d"] > 1e-6
-        )  # Prodigy's step estimate moved and was saved
+    if option == "prodigy":  # Prodigy's own state (step-size estimate, its running sums) was saved
+        state = torch.load(tmp_path / "resumed" / "step-2" / "optimizer.pt", weights_only=True)["optimizer"]
+        assert {"d", "d_numerator", "d0"} <= set(state["param_groups"][0])
+        assert {"s", "p0"} <= set(next(iter(state["state"].values())))
 
 
 def test_latent_cache_counts_one_encode_per_bucket_chunk(tmp_path, aspect_dir):
@@ -251,3 +250,24 @@ def test_latent_cache_counts_one_encode_per_bucket_chunk(tmp_path, aspect_dir):
     first = LatentCache.encode_calls - before
     setup(tmp_path / "cache", "data=imagefolder", f"data.path={aspect_dir}", "train.bucketing=true")
     assert first > 0 and LatentCache.encode_calls - before == first  # the second build read the file
+
+
+def test_a_checkpoint_from_before_the_recipe_keys_still_resumes(tmp_path):
+    import json as json_module
+
+    from sdsweep.train import TRAINING_STATE, check_resumable
+
+    cfg, method, dataset = setup(tmp_path / "cache", "train.train_batch_size=1")
+    train(cfg, method, dataset, [1], checkpoint_dir=tmp_path / "run")
+    state_file = tmp_path / "run" / "step-1" / TRAINING_STATE
+    state = json_module.loads(state_file.read_text())
+    for key in ("train.optimizer", "train.caption_dropout", "train.bucketing"):
+        del state["config"][key]  # as written by sdsweep before these keys existed
+    state_file.write_text(json_module.dumps(state))
+    check_resumable(tmp_path / "run" / "step-1", cfg)  # defaults: the same training
+    changed = compose(
+        TINY_OVERRIDES
+        + ["train.train_batch_size=1", "train.caption_dropout=0.1", "method.learning_rate=1e-3"]
+    )
+    with pytest.raises(ValueError, match=r"train.caption_dropout: None -> 0.1"):
+        check_resumable(tmp_path / "run" / "step-1", changed)
