@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from sdsweep import io
+from sdsweep.buckets import BucketedImageDataset, assign_buckets, fit_to_bucket, grid_for
 from sdsweep.config import Config, resolved_resolution
 from sdsweep.data import (
     Example,
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the file layout or the encoding changes
 ENCODE_BATCH_SIZE = 8  # images per VAE call: bounded memory at 512-768 px on a GPU
 PLAIN, FLIPPED, TEXT = "latent_params", "latent_params_flipped", "text_embeddings"
+ROWS, BUCKET_SEP = "rows", "@"  # bucketed caches: "latent_params@24x40" holds the images in "rows@24x40"
 
 
 def _weights_fingerprint(source: str, subfolders: tuple[str, ...]) -> list[list[Any]]:
@@ -76,6 +78,8 @@ def cache_key(cfg: Config, components: Any, examples: list[Example], captions: l
         "random_flip": cfg.data.random_flip,
         "captions": captions,
     }
+    if cfg.train.bucketing:  # only then, so that square caches keep their names
+        header["buckets"] = grid_for(cfg, components).buckets()
     digest.update(json.dumps(header, sort_keys=True).encode())
     for example in examples:
         digest.update(hashlib.sha256(example.image_path.read_bytes()).digest())
@@ -119,10 +123,15 @@ class LatentCache:
 
     @torch.no_grad()
     def _encode_images(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        images = load_pil_images(examples)
+        if self.cfg.train.bucketing:
+            return self._encode_bucketed(images)
+        resolution = resolved_resolution(self.cfg)
+        return self._encode_pixels(torch.stack([to_tensor(resize_and_crop(im, resolution)) for im in images]))
+
+    def _encode_pixels(self, pixels: torch.Tensor, suffix: str = "") -> dict[str, torch.Tensor]:
         vae = self.components.vae
         device = next(vae.parameters()).device
-        resolution = resolved_resolution(self.cfg)
-        pixels = torch.stack([to_tensor(resize_and_crop(im, resolution)) for im in load_pil_images(examples)])
         variants = {PLAIN: pixels}
         if self.cfg.data.random_flip:
             variants[FLIPPED] = pixels.flip(-1)
@@ -132,7 +141,19 @@ class LatentCache:
             for chunk in batch.split(ENCODE_BATCH_SIZE):
                 chunks.append(vae.encode(chunk.to(device, vae.dtype)).latent_dist.parameters.float().cpu())
                 LatentCache.encode_calls += 1
-            out[name] = torch.cat(chunks)
+            out[name + suffix] = torch.cat(chunks)
+        return out
+
+    def _encode_bucketed(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """Per bucket ``WxH``: ``latent_params@WxH`` (+ flipped) and ``rows@WxH``, the image indices."""
+        assigned = assign_buckets(images, grid_for(self.cfg, self.components).buckets())
+        out: dict[str, torch.Tensor] = {}
+        for bucket in sorted(set(assigned)):
+            rows = [i for i, b in enumerate(assigned) if b == bucket]
+            suffix = f"{BUCKET_SEP}{bucket[0]}x{bucket[1]}"
+            pixels = torch.stack([to_tensor(fit_to_bucket(images[i], bucket)) for i in rows])
+            out.update(self._encode_pixels(pixels, suffix))
+            out[ROWS + suffix] = torch.tensor(rows, dtype=torch.int64)
         return out
 
     @torch.no_grad()
@@ -174,6 +195,9 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         for name in (PLAIN, FLIPPED):
             if name in tensors:
                 self.means[name], self.stds[name] = split_parameters(tensors[name])
+        self.bucket_ids: list[int] | None = None  # bucketed: image i's bucket number (one shape each)
+        if PLAIN not in tensors:
+            self._split_buckets(tensors, len(captions))
         self.captions = list(captions)
         self.scaling = scaling
         self.seed = seed
@@ -184,6 +208,22 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             row_of = {caption: row for row, caption in enumerate(sorted(set(self.captions)))}
             self.text = tensors[TEXT]
             self.text_rows = [row_of[caption] for caption in self.captions]
+
+    def _split_buckets(self, tensors: dict[str, torch.Tensor], count: int) -> None:
+        """Per-image views of a bucketed cache: ``means[variant][i]`` then works as for a square one."""
+        suffixes = sorted(key.split(BUCKET_SEP, 1)[1] for key in tensors if key.startswith(ROWS + BUCKET_SEP))
+        self.bucket_ids = [-1] * count
+        for name in (PLAIN, FLIPPED):
+            if f"{name}{BUCKET_SEP}{suffixes[0]}" in tensors:
+                self.means[name], self.stds[name] = [None] * count, [None] * count
+        for number, suffix in enumerate(suffixes):
+            rows = tensors[f"{ROWS}{BUCKET_SEP}{suffix}"].tolist()
+            for name in self.means:
+                means, stds = split_parameters(tensors[f"{name}{BUCKET_SEP}{suffix}"])
+                for position, row in enumerate(rows):
+                    self.means[name][row], self.stds[name][row] = means[position], stds[position]
+            for row in rows:
+                self.bucket_ids[row] = number
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -218,6 +258,15 @@ def build_training_dataset(
     ``data.center_crop=false`` also uses the pixel dataset (the VAE then encodes every step).
     """
     if not cfg.train.use_latent_cache or cache_dir is None or not cfg.data.center_crop:
+        if cfg.train.bucketing:
+            return BucketedImageDataset(
+                examples,
+                grid_for(cfg, components),
+                center_crop=cfg.data.center_crop,
+                random_flip=cfg.data.random_flip,
+                seed=cfg.train.seed,
+                caption_transform=method.transform_caption,
+            )
         return dataset_for(cfg, examples, method.transform_caption)
     cache = LatentCache(cfg, components, Path(cache_dir))
     if method.uses_frozen_text_encoder():

@@ -111,6 +111,22 @@ class TrainConfig:
     loss_explosion_factor: float = 100.0  # fail the trial when loss > factor x its first value
     log_every: int = 1
     checkpoint_at_milestones: bool = True  # lets an interrupted run resume from the last milestone
+    # ---- recipe knobs (README "Recipe knobs"); every one is sweepable as train.<name>
+    # adamw | adamw8bit (bitsandbytes, CUDA) | prodigy (prodigyopt; lr is then a multiplier, normally
+    # 1.0) | lion (lion-pytorch; wants ~3-10x smaller lr and ~3-10x larger weight decay than AdamW)
+    optimizer: str = "adamw"
+    # Lin et al. 2023: rescale the betas so the last timestep is pure noise (alpha-bar 0); evaluation
+    # then samples with trailing timestep spacing and eval.guidance_rescale. Needs v-prediction.
+    zero_terminal_snr: bool = False
+    input_perturbation: float = 0.0  # extra noise on the UNet input only; 0.1 in diffusers' examples
+    caption_dropout: float = 0.0  # probability of training a sample on the empty caption (CFG's branch)
+    # Aspect-ratio buckets: each image is resized to the bucket (w, h) nearest its aspect ratio, with
+    # w x h <= resolution^2 and sides a multiple of bucket_step; every batch holds one bucket.
+    bucketing: bool = False
+    bucket_step: Optional[int] = None  # None: the model's size multiple (64 px for SD, 4 px for tiny)
+    bucket_min_side: Optional[int] = None  # None: resolution / 2 (256 at 512, as kohya)
+    bucket_max_side: Optional[int] = None  # None: resolution x 2 (1024 at 512, as kohya)
+    bucket_max_ratio: float = 2.0  # the longest/shortest side of the most elongated bucket
 
 
 @dataclass
@@ -145,6 +161,8 @@ class EvalConfig:
     baseline: bool = True  # evaluate the untuned base model once per study
     dtype: str = "auto"  # sampling precision: auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     judge: Optional[str] = None  # "shapes": ground-truth truth/concept_accuracy and truth/prior_accuracy
+    # Rescaled classifier-free guidance (Lin et al. 2023). None: 0.7 with train.zero_terminal_snr, else 0.
+    guidance_rescale: Optional[float] = None
 
 
 @dataclass
@@ -241,6 +259,7 @@ ALLOWED = {
     "data.kind": {"demo", "imagefolder", "instances"},
     "train.lr_scheduler": {"constant", "constant_with_warmup", "cosine", "linear"},
     "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
+    "train.optimizer": {"adamw", "adamw8bit", "prodigy", "lion"},
     "eval.scheduler": {"dpmsolver++", "pndm", "ddim", "euler"},
     "eval.fid_features": {"auto", "inception", "clip"},
     "eval.dtype": {"auto", "fp32", "bf16", "fp16"},
@@ -346,9 +365,67 @@ def validate(cfg: Config) -> Config:
         )
     if not 0.0 < cfg.method.ema_decay < 1.0:
         _fail("method.ema_decay", cfg.method.ema_decay, "it must lie strictly between 0 and 1.")
+    _validate_recipes(cfg)
     if cfg.sweep is not None:
         _validate_sweep(cfg)
     return cfg
+
+
+def _validate_recipes(cfg: Config) -> None:
+    """The train.* recipe knobs (optimizer, zero-terminal SNR, perturbation, dropout, buckets)."""
+    train = cfg.train
+    for key in ("train.input_perturbation", "train.caption_dropout"):
+        value = get_key(cfg, key)
+        if not 0.0 <= value < 1.0:
+            _fail(key, value, "it must lie in [0, 1) (0 turns it off).")
+    if cfg.eval.guidance_rescale is not None and not 0.0 <= cfg.eval.guidance_rescale <= 1.0:
+        _fail(
+            "eval.guidance_rescale", cfg.eval.guidance_rescale, "it must lie in [0, 1] (0.7 is the paper's)."
+        )
+    if train.zero_terminal_snr:
+        if cfg.model.prediction_type == "epsilon":
+            _fail(
+                "train.zero_terminal_snr",
+                True,
+                "an epsilon model cannot denoise from pure noise (alpha-bar 0 at the last step); use a "
+                "v-prediction model or model.prediction_type=v_prediction (as Lin et al. 2023 do).",
+            )
+        if cfg.eval.scheduler == "pndm":
+            _fail(
+                "eval.scheduler",
+                "pndm",
+                "PNDM has no zero-terminal-SNR mode; use dpmsolver++, ddim or euler.",
+            )
+    for key in ("train.bucket_step", "train.bucket_min_side", "train.bucket_max_side"):
+        value = get_key(cfg, key)
+        if value is not None and value <= 0:
+            _fail(key, value, "it must be a positive number of pixels, or null for the automatic value.")
+    if train.bucket_max_ratio < 1.0:
+        _fail(
+            "train.bucket_max_ratio", train.bucket_max_ratio, "it must be at least 1 (1 means square only)."
+        )
+    if train.bucketing and cfg.method.name == "dreambooth" and cfg.method.with_prior_preservation:
+        _fail(
+            "train.bucketing",
+            True,
+            "DreamBooth prior preservation trains square class images in the same batch; set "
+            "method.with_prior_preservation=false or train.bucketing=false.",
+        )
+    from sdsweep.optimizers import check_optimizer_available  # local import keeps config free of cycles
+
+    check_optimizer_available(cfg)
+    # A swept recipe choice is checked now, not when its trial starts hours into the sweep.
+    optimizer_choices = (cfg.sweep.params.get("train.optimizer") if cfg.sweep else None) or ParamSpec()
+    for choice in optimizer_choices.choices or []:
+        if choice not in ALLOWED["train.optimizer"]:
+            _fail(
+                "sweep.params.train.optimizer",
+                choice,
+                f"allowed values are {sorted(ALLOWED['train.optimizer'])}.",
+            )
+        check_optimizer_available(
+            dataclasses.replace(cfg, train=dataclasses.replace(train, optimizer=choice))
+        )
 
 
 def _validate_sweep(cfg: Config) -> None:
@@ -520,3 +597,10 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 def resolved_resolution(cfg: Config) -> int:
     return cfg.data.resolution or cfg.model.resolution
+
+
+def resolved_guidance_rescale(cfg: Config) -> float:
+    """eval.guidance_rescale, or its default: 0.7 with zero-terminal SNR (Lin et al. 2023), else 0."""
+    if cfg.eval.guidance_rescale is not None:
+        return cfg.eval.guidance_rescale
+    return 0.7 if cfg.train.zero_terminal_snr else 0.0

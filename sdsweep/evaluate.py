@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sdsweep import io, metrics
-from sdsweep.config import Config, ConfigError
+from sdsweep.config import Config, ConfigError, resolved_guidance_rescale
 from sdsweep.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.judge import judge_truth
@@ -81,12 +81,15 @@ def generate(
     guidance_scale: float,
     resolution: int,
     batch_size: int,
+    zero_terminal_snr: bool = False,
+    guidance_rescale: float = 0.0,
 ) -> Generated:
     """Run the pipeline over the plan in batches; one generator per image makes results batch-independent."""
     result = Generated(specs=list(plan))
     original_scheduler = pipeline.scheduler
     # Swap the sampler in for the evaluation only: the caller's pipeline is left as it was given.
-    pipeline.scheduler = make_inference_scheduler(scheduler, original_scheduler.config)
+    # zero_terminal_snr: trials and the baseline alike sample with the rescaled, trailing schedule.
+    pipeline.scheduler = make_inference_scheduler(scheduler, original_scheduler.config, zero_terminal_snr)
     pipeline.set_progress_bar_config(disable=True)
     try:
         for start in range(0, len(plan), batch_size):
@@ -96,6 +99,7 @@ def generate(
                 generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in chunk],
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
                 height=resolution,
                 width=resolution,
                 output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
@@ -367,6 +371,8 @@ class Evaluator:
                 guidance_scale=ev.guidance_scale,
                 resolution=self.resolution,
                 batch_size=ev.batch_size,
+                zero_terminal_snr=self.cfg.train.zero_terminal_snr,
+                guidance_rescale=resolved_guidance_rescale(self.cfg),
             )
             nan_count = sum(not np.isfinite(a).all() for a in generated.arrays)
             if nan_count:

@@ -106,13 +106,24 @@ def denoising_loss(
     generator: torch.Generator | None = None,
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
 ) -> torch.Tensor:
-    """Per-sample loss of one denoising step from clean (scaled) latents and text embeddings."""
+    """Per-sample loss of one denoising step from clean (scaled) latents and text embeddings.
+
+    ``input_perturbation`` (Ning et al. 2023) noises the UNet's input with ``noise + gamma * xi`` but
+    keeps the target built from ``noise``, so the model learns to correct slightly wrong inputs, as it
+    meets them when sampling (exposure bias).
+    """
     scheduler = components.noise_scheduler
     noise, timesteps = sample_noise_and_timesteps(
         latents, scheduler.config.num_train_timesteps, generator, noise_offset
     )
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    input_noise = noise
+    if input_perturbation:
+        draw_device = torch.device("cpu") if generator is not None else latents.device
+        xi = torch.randn(latents.shape, generator=generator, device=draw_device)
+        input_noise = noise + input_perturbation * xi.to(latents.device, latents.dtype)
+    noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)
     model_pred = components.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     target = diffusion_target(scheduler, latents, noise, timesteps)
     return diffusion_loss(model_pred, target, timesteps, scheduler, snr_gamma, reduction="none")

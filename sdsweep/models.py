@@ -259,6 +259,8 @@ def load_components(
         prediction_type = noise_scheduler.config.prediction_type
     else:
         noise_scheduler.register_to_config(prediction_type=prediction_type)
+    if cfg.train.zero_terminal_snr:
+        noise_scheduler = zero_terminal_snr_scheduler(noise_scheduler, prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant)
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant)
@@ -285,16 +287,49 @@ def trains_text_encoder(cfg: Config) -> bool:
     return cfg.method.name == "textual_inversion" or cfg.method.train_text_encoder
 
 
-def make_inference_scheduler(name: str, base_config: dict):
-    """The sampler used for evaluation; DPM-Solver++ gives PNDM-50 quality in about 25 steps."""
+def zero_terminal_snr_scheduler(noise_scheduler, prediction_type: str):
+    """The training scheduler with betas rescaled so the last timestep is pure noise (Lin et al. 2023).
+
+    Checked here as well as in config validation because ``model.prediction_type=auto`` is only known
+    once the scheduler config is read (still before any weights load).
+    """
+    from diffusers import DDPMScheduler
+
+    from sdsweep.config import ConfigError
+
+    if prediction_type != "v_prediction":
+        raise ConfigError(
+            f"Invalid config value train.zero_terminal_snr=true: this model predicts {prediction_type}, "
+            "which cannot denoise from pure noise (alpha-bar is 0 at the last step). Use a v-prediction "
+            "model (e.g. model=sd21 or model=tiny_sd21), set model.prediction_type=v_prediction, or turn "
+            "zero_terminal_snr off."
+        )
+    return DDPMScheduler.from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+
+
+def make_inference_scheduler(name: str, base_config: dict, zero_terminal_snr: bool = False):
+    """The sampler used for evaluation; DPM-Solver++ gives PNDM-50 quality in about 25 steps.
+
+    With ``zero_terminal_snr`` the sampler uses the rescaled betas and trailing timestep spacing, so
+    sampling starts at the last (pure-noise) timestep the model was trained on.
+    """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
+    # As keyword arguments, not merged into the config: from_config drops keys the source config
+    # marks as defaults (``_use_default_values``), which a stock SD scheduler config does for these.
+    zero_snr = {}
+    if zero_terminal_snr or base_config.get("rescale_betas_zero_snr", False):
+        zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        if name == "pndm":
+            # PNDM has no zero-SNR mode (config validation refuses eval.scheduler=pndm); a saved
+            # pipeline folder gets DDIM so that it samples with the schedule it was trained on.
+            return DDIMScheduler.from_config(base_config, **zero_snr)
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", **zero_snr)
     if name == "ddim":
-        return DDIMScheduler.from_config(base_config)
+        return DDIMScheduler.from_config(base_config, **zero_snr)
     if name == "euler":
-        return EulerDiscreteScheduler.from_config(base_config)
+        return EulerDiscreteScheduler.from_config(base_config, **zero_snr)
     return PNDMScheduler.from_config(base_config, skip_prk_steps=True)
 
 

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdsweep import io
+from sdsweep import io, optimizers
+from sdsweep.buckets import BucketBatchSampler
 from sdsweep.config import Config, flatten
-from sdsweep.data import collate
+from sdsweep.data import collate, draw_seed, split_key
 from sdsweep.models import resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
@@ -83,28 +84,8 @@ def effective_learning_rate(cfg: Config) -> float:
 def make_optimizer(
     cfg: Config, params: list[torch.nn.Parameter], device: torch.device
 ) -> torch.optim.Optimizer:
-    kwargs = dict(
-        lr=effective_learning_rate(cfg),
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_epsilon,
-        # Textual inversion must not decay the embedding matrix: decay would shrink the learned
-        # vector away from the scale of the other token embeddings.
-        weight_decay=0.0 if cfg.method.name == "textual_inversion" else cfg.train.adam_weight_decay,
-    )
-    if cfg.method.use_8bit_adam:
-        if device.type == "cuda":
-            try:
-                import bitsandbytes as bnb
-
-                return bnb.optim.AdamW8bit(params, **kwargs)
-            except ImportError:
-                pass
-        logger.warning(
-            "method.use_8bit_adam needs bitsandbytes and a CUDA device (device is %s); using torch AdamW",
-            device,
-        )
-    # foreach: one fused kernel launch per parameter group instead of one per tensor.
-    return torch.optim.AdamW(params, foreach=True, **kwargs)
+    """``train.optimizer`` over ``params`` (see sdsweep.optimizers) at the effective learning rate."""
+    return optimizers.make_optimizer(cfg, params, device, effective_learning_rate(cfg))
 
 
 def make_lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -173,6 +154,17 @@ def infinite_batches(
     No worker processes: items are cached latents or pre-decoded, pre-resized images (a crop and a
     tensor conversion), cheaper than a worker's IPC; on CPU workers would also take the model's cores.
     """
+    bucket_ids = getattr(dataset, "bucket_ids", None)
+    if bucket_ids is not None:  # aspect-ratio buckets: every batch comes from one bucket (one shape)
+        batch_sampler = BucketBatchSampler(bucket_ids, batch_size, seed, start=skip // batch_size)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=collate,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(seed),  # as below: keep the global RNG untouched
+        )
+        return iter(loader)
     sampler = SeededInfiniteSampler(len(dataset), seed, skip, getattr(dataset, "supports_draw_keys", False))
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -185,6 +177,58 @@ def infinite_batches(
         generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)
+
+
+class CaptionDropout(torch.utils.data.Dataset):
+    """Replaces a draw's caption by the empty one with probability ``probability``.
+
+    Training some samples unconditionally keeps the empty-prompt branch that classifier-free guidance
+    subtracts in tune with the fine-tuned model (kohya, SimpleTuner and OneTrainer all offer it). The
+    choice for draw ``(index, draw)`` comes from its own seeded stream, so it is reproducible and a
+    resumed run drops exactly the captions an uninterrupted one would. Cached text embeddings of a
+    dropped sample become ``empty_embedding``.
+    """
+
+    SALT = 0x5EED_CA9  # keeps the dropout stream apart from the flip/crop stream of the same draw
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        probability: float,
+        seed: int,
+        empty_embedding: torch.Tensor | None = None,
+    ):
+        self.dataset, self.probability, self.seed = dataset, probability, seed
+        self.empty_embedding = empty_embedding
+        self.supports_draw_keys = getattr(dataset, "supports_draw_keys", False)
+        self.bucket_ids = getattr(dataset, "bucket_ids", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def dropped(self, key: Any) -> bool:
+        index, draw = split_key(key)
+        return random.Random(draw_seed(self.seed + self.SALT, index, draw)).random() < self.probability
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        item = self.dataset[key]
+        if not self.dropped(key):
+            return item
+        item = {**item, "caption": ""}
+        if "encoder_hidden_states" in item:
+            item["encoder_hidden_states"] = self.empty_embedding
+        return item
+
+
+def with_caption_dropout(cfg: Config, method: Any, dataset: torch.utils.data.Dataset):
+    """The dataset wrapped in ``CaptionDropout`` when ``train.caption_dropout`` > 0."""
+    if not cfg.train.caption_dropout:
+        return dataset
+    empty = None
+    if getattr(dataset, "text_rows", None) is not None:  # cached text embeddings: encode "" once
+        with torch.no_grad():
+            empty = method.encode_text([""])[0].detach().float().cpu()
+    return CaptionDropout(dataset, cfg.train.caption_dropout, cfg.train.seed, empty)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -257,6 +301,9 @@ def check_resumable(path: Path, cfg: Config) -> None:
     """Refuse a checkpoint written by a differently configured run, before loading any weights."""
     saved = json.loads((path / TRAINING_STATE).read_text()).get("config", {})
     current = flatten(cfg)
+    # A key added to the schema after the checkpoint was written (e.g. train.optimizer) matches when
+    # the run keeps that key's default: the old run trained with exactly that behaviour.
+    defaults = flatten(Config())
     differing = sorted(
         key
         for key in set(saved) | set(current)
@@ -264,6 +311,7 @@ def check_resumable(path: Path, cfg: Config) -> None:
         and key not in RESUME_IGNORED_KEYS
         and key != "data.path"  # the same folder may be reached by another path spelling
         and saved.get(key) != current.get(key)
+        and not (key not in saved and key in defaults and current.get(key) == defaults[key])
     )
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])
@@ -386,6 +434,7 @@ def train(
 
     accumulation = cfg.train.gradient_accumulation_steps
     batch_size = cfg.train.train_batch_size
+    dataset = with_caption_dropout(cfg, method, dataset)
     batches = infinite_batches(
         dataset, batch_size, cfg.train.seed, skip=loop.step * batch_size * accumulation
     )

@@ -144,3 +144,29 @@ def test_denoising_loss_is_reproducible_with_a_generator(components):
     # The offset shifts the noise per channel, so the same seed gives a different loss.
     assert not torch.allclose(loss(0), loss(0, noise_offset=0.1))
     assert torch.equal(loss(0, noise_offset=0.1), loss(0, noise_offset=0.1))
+
+
+def test_input_perturbation_noises_the_unet_input_but_not_the_target(components):
+    from sdsweep.loss import denoising_loss, sample_noise_and_timesteps
+
+    parts = components["tiny"]
+    latents = random_latents(batch=2, seed=3)
+    text = torch.randn((2, 77, 32), generator=torch.Generator().manual_seed(4))
+    seen: list[torch.Tensor] = []
+    hook = parts.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            plain = denoising_loss(parts, latents, text, generator=torch.Generator().manual_seed(5))
+            perturbed = denoising_loss(
+                parts, latents, text, generator=torch.Generator().manual_seed(5), input_perturbation=0.1
+            )
+    finally:
+        hook.remove()
+    assert not torch.allclose(plain, perturbed)
+    # Rebuild what the UNet should have seen: noise + 0.1 * xi, xi drawn right after noise and timesteps.
+    generator = torch.Generator().manual_seed(5)
+    noise, timesteps = sample_noise_and_timesteps(latents, 1000, generator)
+    xi = torch.randn(latents.shape, generator=generator)
+    scheduler = parts.noise_scheduler
+    torch.testing.assert_close(seen[0], scheduler.add_noise(latents, noise, timesteps))
+    torch.testing.assert_close(seen[1], scheduler.add_noise(latents, noise + 0.1 * xi, timesteps))

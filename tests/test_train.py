@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 
 from sdsweep.cache import build_training_dataset
+from sdsweep.config import ConfigError
 from sdsweep.data import load_examples, split_examples
 from sdsweep.methods import get_method
 from sdsweep.models import load_components
@@ -160,13 +160,26 @@ def test_bad_milestones_fail_before_training(tmp_path):
         train(cfg, method, dataset, [0, 2])
 
 
-def test_8bit_adam_without_cuda_falls_back_to_adamw_with_a_warning(caplog):
+def test_8bit_adam_is_a_config_error_without_bitsandbytes_or_cuda():
+    """It used to fall back to AdamW with a warning; a sweep would then compare the wrong optimizer."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="method.use_8bit_adam=true.*'bitsandbytes' is not installed"):
+            compose(TINY_OVERRIDES + ["method.use_8bit_adam=true"])
+        return
     cfg = compose(TINY_OVERRIDES + ["method.use_8bit_adam=true"])
-    parameter = torch.nn.Parameter(torch.zeros(3))
-    with caplog.at_level(logging.WARNING, logger="sdsweep.train"):
-        optimizer = make_optimizer(cfg, [parameter], CPU)
-    assert type(optimizer) is torch.optim.AdamW and "use_8bit_adam" in caplog.text
+    with pytest.raises(ConfigError, match="CUDA only"):
+        make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], CPU)
+
+
+def test_adamw_keeps_its_settings_and_textual_inversion_never_decays():
+    cfg = compose(TINY_OVERRIDES)
+    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], CPU)
+    assert type(optimizer) is torch.optim.AdamW
     assert optimizer.defaults["weight_decay"] == cfg.train.adam_weight_decay
+    cfg = compose(TINY_OVERRIDES + ["method=textual_inversion"])
+    assert make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], CPU).defaults["weight_decay"] == 0.0
 
 
 def test_the_loop_never_imports_tracking_or_search_libraries():

@@ -84,8 +84,8 @@ class FineTuneMethod(ABC):
         text_embeddings: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        # The noise offset is a training augmentation: a fixed-seed validation loss leaves it out so
-        # that trials with different offsets are scored on the same task.
+        # The noise offset (and input perturbation) are training augmentations: a fixed-seed validation
+        # loss leaves them out so that trials with different offsets are scored on the same task.
         return denoising_loss(
             self.components,
             latents,
@@ -93,6 +93,7 @@ class FineTuneMethod(ABC):
             generator=generator,
             snr_gamma=self.cfg.train.snr_gamma,
             noise_offset=0.0 if generator is not None else self.cfg.train.noise_offset,
+            input_perturbation=0.0 if generator is not None else self.cfg.train.input_perturbation,
         )
 
     def latents_of(
