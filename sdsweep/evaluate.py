@@ -27,7 +27,7 @@ from sdsweep.config import Config, ConfigError, resolved_guidance_rescale
 from sdsweep.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.judge import judge_truth
-from sdsweep.models import make_inference_scheduler
+from sdsweep.models import make_inference_scheduler, sampling_precision
 from sdsweep.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
@@ -83,8 +83,12 @@ def generate(
     batch_size: int,
     zero_terminal_snr: bool = False,
     guidance_rescale: float = 0.0,
+    dtype: str = "auto",
 ) -> Generated:
-    """Run the pipeline over the plan in batches; one generator per image makes results batch-independent."""
+    """Run the pipeline over the plan in batches; one generator per image makes results batch-independent.
+
+    ``dtype`` (``eval.dtype``): auto samples under half-precision autocast on CUDA and in fp32 on CPU.
+    """
     result = Generated(specs=list(plan))
     original_scheduler = pipeline.scheduler
     # Swap the sampler in for the evaluation only: the caller's pipeline is left as it was given.
@@ -94,16 +98,17 @@ def generate(
     try:
         for start in range(0, len(plan), batch_size):
             chunk = plan[start : start + batch_size]
-            output = pipeline(
-                prompt=[spec.prompt for spec in chunk],
-                generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in chunk],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale,
-                height=resolution,
-                width=resolution,
-                output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
-            )
+            with sampling_precision(dtype, pipeline.device):
+                output = pipeline(
+                    prompt=[spec.prompt for spec in chunk],
+                    generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in chunk],
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    guidance_rescale=guidance_rescale,
+                    height=resolution,
+                    width=resolution,
+                    output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
+                )
             result.arrays.extend(np.asarray(image, dtype=np.float32) for image in output.images)
     finally:
         pipeline.scheduler = original_scheduler
@@ -116,10 +121,10 @@ def make_grid(
     images: Sequence[Image.Image], specs: Sequence[SampleSpec], prompts: Sequence[str]
 ) -> Image.Image:
     """Rows = prompts, columns = seeds, with the prompt text on the left and the seed above each column."""
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=14)  # a scalable font: the bitmap default's spaces vanish when scaled
     seeds = sorted({spec.seed for spec in specs})
     side = max([MIN_GRID_CELL] + [max(image.size) for image in images])
-    label_width, header = 170, 20
+    label_width, header = 220, 22
     grid = Image.new("RGB", (label_width + side * len(seeds), header + side * max(1, len(prompts))), "white")
     draw = ImageDraw.Draw(grid)
     for column, seed in enumerate(seeds):
@@ -373,6 +378,7 @@ class Evaluator:
                 batch_size=ev.batch_size,
                 zero_terminal_snr=self.cfg.train.zero_terminal_snr,
                 guidance_rescale=resolved_guidance_rescale(self.cfg),
+                dtype=ev.dtype,
             )
             nan_count = sum(not np.isfinite(a).all() for a in generated.arrays)
             if nan_count:

@@ -21,6 +21,7 @@ from sdsweep.config import ConfigError, resolved_resolution
 from sdsweep.data import open_rgb
 from sdsweep.methods.base import Batch
 from sdsweep.methods.full import FullFineTune
+from sdsweep.models import sampling_precision
 
 
 class DreamBooth(FullFineTune):
@@ -99,14 +100,15 @@ class DreamBooth(FullFineTune):
             indices = range(start, min(start + batch_size, count))
             # One seed per image index: a larger num_class_images later reproduces the first images.
             generators = [torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + i) for i in indices]
-            images = pipe(
-                [self.cfg.method.class_prompt] * len(indices),
-                height=resolution,
-                width=resolution,
-                num_inference_steps=self.cfg.eval.num_inference_steps,
-                guidance_scale=self.cfg.eval.guidance_scale,
-                generator=generators,
-            ).images
+            with sampling_precision(self.cfg.eval.dtype, self.device):  # half precision on CUDA
+                images = pipe(
+                    [self.cfg.method.class_prompt] * len(indices),
+                    height=resolution,
+                    width=resolution,
+                    num_inference_steps=self.cfg.eval.num_inference_steps,
+                    guidance_scale=self.cfg.eval.guidance_scale,
+                    generator=generators,
+                ).images
             for index, image in zip(indices, images):
                 image.save(staging / f"{index:05d}.png")
         io.replace_dir(staging, folder)
