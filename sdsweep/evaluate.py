@@ -26,6 +26,7 @@ from sdsweep import io, metrics
 from sdsweep.config import Config, ConfigError
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.models import make_inference_scheduler
+from sdsweep.progress import Progress
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
 
@@ -82,7 +83,8 @@ def generate(
     original_scheduler = pipeline.scheduler
     # Swap the sampler in for the evaluation only: the caller's pipeline is left as it was given.
     pipeline.scheduler = make_inference_scheduler(scheduler, original_scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline.set_progress_bar_config(disable=True)  # one bar per image batch instead, below
+    bar = Progress("eval", len(plan), "images", leave=False)
     try:
         for start in range(0, len(plan), batch_size):
             chunk = plan[start : start + batch_size]
@@ -96,7 +98,9 @@ def generate(
                 output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
             )
             result.arrays.extend(np.asarray(image, dtype=np.float32) for image in output.images)
+            bar.advance(len(chunk))
     finally:
+        bar.close()
         pipeline.scheduler = original_scheduler
     result.images = [metrics.float_to_pil(array) for array in result.arrays]
     return result
