@@ -55,6 +55,9 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
     except OmegaConfBaseException as error:
         print(f"sdsweep: error: invalid configuration: {error}", file=sys.stderr)
         return 2
+    from sdsweep.progress import quiet_library_bars
+
+    quiet_library_bars()  # our own progress lines instead of per-file weight-loading bars
     outcome = run_sweep(overrides)
     log(f"results: {outcome.results_csv}")
     log(f"study folder: {outcome.study_dir} (per-trial configs, metrics, samples and weights under trials/)")
