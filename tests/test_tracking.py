@@ -299,3 +299,38 @@ def test_study_run_has_study_level_config_and_clean_table(wandb_cfg, tmp_path):
     steps = row[table["columns"].index("train.max_train_steps")]
     assert steps == 10 and isinstance(steps, int)
     assert row[table["columns"].index("trial")] == 0 and isinstance(row[table["columns"].index("trial")], int)
+
+
+# ---- progress lines (sdsweep/progress.py) and the torchvision advice filter ---------------------------
+def test_progress_prints_plain_lines_with_rate_and_eta_when_not_a_tty(monkeypatch):
+    import io as _io
+    import logging
+
+    from sdsweep.progress import Progress, format_seconds
+    from sdsweep.warnings_filter import TORCHVISION_LOGGER, install
+
+    monkeypatch.delenv("SDSWEEP_PROGRESS", raising=False)
+    stream = _io.StringIO()  # not a TTY: no carriage-return bar
+    bar = Progress("train t1", 100, "steps", stream=stream, plain_every=0.0, time_from_first_update=True)
+    bar.update(10, loss=0.5)
+    bar.update(40, loss=0.25)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 3
+    assert lines[1].startswith("train t1: 40/100 steps (40%)") and "steps/s ETA" in lines[1]
+    assert lines[1].endswith("loss=0.25")
+    assert format_seconds(3725) == "1h02m" and format_seconds(65) == "1m05s" and format_seconds(None) == "?"
+
+    install()
+    install()  # idempotent
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger(TORCHVISION_LOGGER)
+    logger.addHandler(handler)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`")
+        logger.warning("another transformers warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["another transformers warning"]
