@@ -73,6 +73,17 @@ report: $(STAMP) ## Build the HTML/markdown report: make report STUDY=demo
 export: $(STAMP) ## Export the best trial: make export STUDY=demo TO=exported/demo
 	$(PY) -m sdsweep.export experiments/$(STUDY) --to $(or $(TO),exported/$(STUDY))
 
+# Optuna's web dashboard over a study's storage (the `dashboard` extra: pip install -e '.[dashboard]').
+# STORAGE overrides the default SQLite file, e.g. STORAGE=postgresql+psycopg://user@host/optuna for a
+# study run with sweep.storage=...; PORT picks the port (default 8080); open http://127.0.0.1:$(PORT)/.
+PORT ?= 8080
+dashboard: $(STAMP) ## Optuna dashboard on a study: make dashboard STUDY=demo [STORAGE=postgresql+psycopg://...] [PORT=8080]
+	@storage='$(or $(STORAGE),sqlite:///experiments/$(STUDY)/study.db)'; \
+	case "$$storage" in sqlite:///*) test -f "$${storage#sqlite:///}" || \
+	  { echo "no study storage at $${storage#sqlite:///}: run the study first (make demo), or pass STORAGE=..."; exit 2; };; esac; \
+	echo "optuna-dashboard on http://127.0.0.1:$(PORT)/ (Ctrl-C stops it)"; \
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(PORT) "$$storage"
+
 clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info outputs multirun
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
@@ -80,4 +91,4 @@ clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup browser demo demo-shapes demo-methods sweep test test-fast lint bench report export clean distclean
+.PHONY: help setup browser demo demo-shapes demo-methods sweep test test-fast lint bench report export dashboard clean distclean

@@ -1,4 +1,8 @@
-"""``python -m sdsweep [+sweep=<name>] [overrides...]``: the Hydra entry point, nothing else."""
+"""``sdsweep [+experiment=...] [+sweep=...] [overrides...]``: the Hydra entry point, nothing else.
+
+``--plan`` (alias ``--dry-run``) prints the effective grid and the run plan and exits before any
+model loads. ``--help`` shows conf/hydra/help/sdsweep.yaml.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,22 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from sdsweep.compose import CONF_DIR
 from sdsweep.config import register_configs
+from sdsweep.warnings_filter import install as install_warning_filters
 
 register_configs()
+install_warning_filters()
+PLAN_FLAGS = ("--plan", "--dry-run")
+_PLAN_ONLY = False
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: the installed console script finds the conf shipped in the wheel from any folder.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
-    from sdsweep.cli import run_from_config
+    from sdsweep.cli import print_plan, run_from_config
 
-    code = run_from_config(raw)
+    code = print_plan(raw) if _PLAN_ONLY else run_from_config(raw)
     if code:
         sys.exit(code)
 
@@ -28,6 +38,9 @@ def main() -> None:
     if mistake:
         print(f"sdsweep: error: {mistake}", file=sys.stderr)
         sys.exit(2)
+    global _PLAN_ONLY
+    _PLAN_ONLY = any(arg in PLAN_FLAGS for arg in sys.argv[1:])
+    sys.argv = [arg for arg in sys.argv if arg not in PLAN_FLAGS]  # Hydra does not know these flags
     _hydra_main()
 
 

@@ -1,6 +1,7 @@
 """What ``python -m sdsweep`` does with a composed config: validate, run, and say where results are.
 
 Bad input is reported as one paragraph and exit code 2, before any model is loaded.
+``--plan`` (``print_plan``) shows the effective grid and the run plan, and runs nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
     except OmegaConfBaseException as error:
         print(f"sdsweep: error: invalid configuration: {error}", file=sys.stderr)
         return 2
+    from sdsweep.progress import quiet_library_bars
+
+    quiet_library_bars()  # our own progress lines instead of per-file weight-loading bars
     outcome = run_sweep(overrides)
     log(f"results: {outcome.results_csv}")
     log(f"study folder: {outcome.study_dir} (per-trial configs, metrics, samples and weights under trials/)")
@@ -62,4 +66,81 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
             f"best trial: {best.get('trial')} (objective {best.get('objective')}) weights: {best.get('weights_dir') or 'removed'}"
         )
     log(f"W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*")
+    return 0
+
+
+def plan_text(cfg) -> str:
+    """The effective search space, the training runs it becomes and their cost, as a person reads it.
+
+    Uses the typed config, so shorthands such as ``sweep.steps=[...]`` are already applied: this is
+    the grid the sweep will run, not the YAML's choices. Pure: no storage, model or data is touched.
+    """
+    from sdsweep.plan import STEP_KEY, grid_points, plan_runs, short_params
+
+    sweep = cfg.sweep
+    lines = [f"study '{cfg.study}' -> {cfg.paths.root}/{cfg.study}"]
+    lines.append(
+        f"model {cfg.model.name}, method {cfg.method.name}, data {cfg.data.kind}, device {cfg.device}"
+    )
+    if sweep is None:
+        steps = cfg.train.max_train_steps
+        lines.append(f"no +sweep: one training run of {steps} steps, evaluated once (plus the baseline)")
+        lines.append(f"estimated training steps: {steps}")
+        return "\n".join(lines)
+    objectives = ", ".join(f"{o.metric} ({o.direction})" for o in sweep.objectives)
+    lines.append(f"sweep {sweep.name}: {sweep.sampler} sampler, objective {objectives}")
+    for constraint in sweep.constraints:
+        lines.append(f"  constraint: {constraint}")
+    lines.append("search space:")
+    for key, spec in sorted(sweep.params.items()):
+        if spec.choices is not None:
+            lines.append(f"  {key}: {', '.join(str(c) for c in spec.choices)}")
+        else:
+            scale = " (log)" if spec.log else ""
+            low, high = (int(spec.low), int(spec.high)) if spec.type == "int" else (spec.low, spec.high)
+            lines.append(f"  {key}: {low} .. {high}{scale}")
+    baseline = 1 if cfg.eval.baseline else 0
+    if sweep.sampler != "grid":
+        trials = sweep.n_trials or 20
+        step_spec = sweep.params.get(STEP_KEY)
+        if step_spec is not None and step_spec.choices is None:
+            mean_steps = (float(step_spec.low) + float(step_spec.high)) / 2
+        elif step_spec is not None:
+            mean_steps = sum(step_spec.choices) / len(step_spec.choices)
+        else:
+            mean_steps = cfg.train.max_train_steps
+        lines.append(f"run plan: {trials} sampled trials, one training run each (pruner {sweep.pruner})")
+        lines.append(
+            f"estimated training steps: about {int(trials * mean_steps)} (at most; pruning stops some early)"
+        )
+        lines.append(f"evaluations: {trials} + {baseline} baseline")
+        return "\n".join(lines)
+    points = grid_points(sweep.params) if sweep.params else [{}]
+    if sweep.n_trials is not None:
+        points = points[: sweep.n_trials]
+    runs = plan_runs(points, cfg, sweep.share_milestones)
+    total_steps = 0
+    lines.append(f"grid: {len(points)} points in {len(runs)} training run(s)")
+    for index, run in enumerate(runs, 1):
+        steps = [int(p.get(STEP_KEY, cfg.train.max_train_steps)) for p in run.points]
+        total_steps += max(steps)
+        what = f"milestones {'/'.join(map(str, steps))}" if run.shared else f"{steps[0]} steps"
+        lines.append(f"  run {index}: {short_params(run.base) or 'config as given'} ({what})")
+    unshared = sum(int(p.get(STEP_KEY, cfg.train.max_train_steps)) for p in points)
+    saving = f" ({unshared} without milestone sharing)" if unshared != total_steps else ""
+    lines.append(f"estimated training steps: {total_steps}{saving}")
+    lines.append(f"evaluations: {len(points)} + {baseline} baseline")
+    lines.append("already finished points are skipped when the study is resumed.")
+    return "\n".join(lines)
+
+
+def print_plan(raw: DictConfig) -> int:
+    """``sdsweep --plan ...``: validate, print ``plan_text``, exit; nothing is loaded or trained."""
+    try:
+        cfg = to_typed(raw)
+    except (ConfigError, OmegaConfBaseException) as error:
+        print(f"sdsweep: error: {error}", file=sys.stderr)
+        return 2
+    print(plan_text(cfg))
+    print("(plan only: nothing was loaded or trained; drop --plan to run it)")
     return 0

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from sdsweep.config import Config, ConfigError, register_configs, to_typed
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEP_SHORTCUTS = ("sweep.learning_rates", "sweep.steps")
 
 
@@ -74,6 +73,20 @@ def override_mistake(argv: list[str]) -> str | None:
                 f"{extra[0][1:]} (without the '+')."
             )
     return None
+
+
+def find_conf_dir() -> Path:
+    """The config tree: ``sdsweep/conf`` in an installed wheel, else ``conf/`` at the repository root."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"sdsweep's conf/ was found neither in {here} nor in {here.parent}; reinstall sdsweep."
+    )
+
+
+CONF_DIR = find_conf_dir()
 
 
 def user_overrides(overrides: list[str]) -> list[str]:

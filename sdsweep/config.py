@@ -174,6 +174,9 @@ class TrackingConfig:
     dir: Optional[str] = None  # None: <study>/wandb
     tags: list[str] = field(default_factory=list)
     log_images: bool = True
+    # Seconds between writes of an offline run's .wandb file while it trains (what `wandb sync` and
+    # readers of the file see live); wandb's own default is 15.
+    flush_seconds: float = 15.0
 
 
 @dataclass

@@ -29,6 +29,7 @@ from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.judge import judge_truth
 from sdsweep.models import make_inference_scheduler, sampling_precision
 from sdsweep.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
+from sdsweep.progress import Progress
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
 
@@ -95,6 +96,7 @@ def generate(
     # zero_terminal_snr: trials and the baseline alike sample with the rescaled, trailing schedule.
     pipeline.scheduler = make_inference_scheduler(scheduler, original_scheduler.config, zero_terminal_snr)
     pipeline.set_progress_bar_config(disable=True)
+    bar = Progress("eval", len(plan), "images", leave=False)
     try:
         for start in range(0, len(plan), batch_size):
             chunk = plan[start : start + batch_size]
@@ -110,7 +112,9 @@ def generate(
                     output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
                 )
             result.arrays.extend(np.asarray(image, dtype=np.float32) for image in output.images)
+            bar.advance(len(chunk))
     finally:
+        bar.close()
         pipeline.scheduler = original_scheduler
     result.images = [metrics.float_to_pil(array) for array in result.arrays]
     return result

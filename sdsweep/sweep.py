@@ -33,6 +33,7 @@ from sdsweep.plan import (
     point_key,
     short_params,
 )
+from sdsweep.progress import Progress
 from sdsweep.results import best_trial, write_results
 from sdsweep.study_store import (
     FAIL_REASON,
@@ -300,6 +301,7 @@ class SweepDriver:
             f"study '{self.cfg.study}': {len(points)} grid points, {len(points) - len(pending)} already done, "
             f"{len(pending)} to run in {len(runs)} training run(s)"
         )
+        overall = Progress(f"sweep {self.cfg.study}", len(pending), "points", lines_only=True)
         for index, run in enumerate(runs, 1):
             if self.out_of_time(started):
                 log(f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue")
@@ -314,6 +316,7 @@ class SweepDriver:
             log(f"run {index}/{len(runs)}: {short_params(run.base) or 'config as given'} ({what})")
             self.execute(self.spec_for(run, slots))
             self.after_run(slots)
+            overall.advance(len(slots), runs_left=len(runs) - index)
         self.outcome.finished = True
 
     def run_search(self, started: float) -> None:

@@ -1,8 +1,17 @@
-"""Weights & Biases logging: one run per finished trial and one run per study, grouped by study.
+"""Weights & Biases logging: one run per trial, streamed while it trains, and one run per study.
 
-Trials are recorded *after the fact* from their ``TrialRecord`` (history, milestone evaluations,
-images), one W&B run at a time: a milestone-sharing training run serves several trials, and logging
-each trial afterwards gives every trial its own clean run without concurrent W&B runs.
+Runs are grouped so the dashboard compares like with like: ``group`` = the study, ``job_type`` = the
+method, tags and config keys ``model.name`` / ``method.name``; group by ``model.name`` to compare the
+methods within a model, or filter by a method's job type to compare models within that method.
+
+Live trial runs (``LiveTrialRuns``): every trial of a training run gets its own W&B run, opened when
+training starts. A milestone-sharing run (one training run evaluated at 200/400/800 steps) serves
+several trials; each trial's W&B run receives the shared training curve up to its own step count,
+its evaluations, and is finished at its milestone. That is exactly what an independent run to that
+step count would have logged (with a step-independent schedule the long run's prefix *is* the short
+run), so every grid point stays one W&B run (one line on parallel coordinates) and nothing is
+replayed after the fact. Trials that never reached a training step (a crash while loading) are
+recorded after the fact from their record by ``record_trial``.
 
 This is the only module that imports wandb, and it imports it inside functions so that a sweep with
 ``tracking=none`` never pays for the import. Tracking must never fail a trial: every W&B error is
@@ -20,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep.config import Config, flatten
-from sdsweep.plan import short_params
+from sdsweep.plan import canonical, short_params
 
 # Config keys whose last part is one of these words may hold credentials; they are never logged.
 _SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}
@@ -38,12 +47,17 @@ def is_secret_key(key: str) -> bool:
     return bool(words & _SECRET_WORDS) or any(w in lowered for w in ("apikey", "secret", "password", "token"))
 
 
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s]+@")
+
+
 def strip_secrets(values: dict[str, Any]) -> dict[str, Any]:
-    """A copy without secret-looking keys, recursing into nested dicts."""
+    """A copy without secret-looking keys, recursing into nested dicts; URL passwords become ``***``."""
     clean: dict[str, Any] = {}
     for key, value in values.items():
         if is_secret_key(str(key)):
             continue
+        if isinstance(value, str):
+            value = _URL_PASSWORD.sub(r"\1***@", value)  # sweep.storage=postgresql://user:pw@host/db
         clean[key] = strip_secrets(value) if isinstance(value, dict) else value
     return clean
 
@@ -59,10 +73,36 @@ def run_name(trial_number: int, params: dict[str, Any]) -> str:
 
 
 def trial_config(cfg: Config, study: str, trial_number: int, params: dict[str, Any]) -> dict[str, Any]:
-    """The run config: the whole flattened trial config plus the swept params (which win), secrets stripped."""
+    """The run config: the whole flattened trial config plus the swept params (which win), secrets stripped.
+
+    Swept values go through ``canonical``: a step count read back as ``10.0`` (SQLite, JSON) is logged as 10.
+    """
     values = flatten(cfg)
-    values.update(params)
+    values.update({k: canonical(v) for k, v in params.items()})
     values.update({"study": study, "trial": trial_number})
+    return strip_secrets(values)
+
+
+# Study-level config: what is the same for every trial. Hyperparameter sections (train.*, method.*
+# and swept keys) are left out, so the study run is no fake point on parallel coordinates.
+_STUDY_SECTIONS = ("study", "sweep.", "data.", "eval.", "model.", "method.name", "tracking.project")
+
+
+def study_config(cfg: Config, study: str) -> dict[str, Any]:
+    """The study run's config: study-level keys only, no per-trial hyperparameters."""
+    swept = set(cfg.sweep.params) if cfg.sweep else set()
+    swept_groups = {k for k in swept if "." not in k}  # model, method: a swept group has no single value
+
+    def per_trial(key: str) -> bool:
+        return key in swept or key.split(".", 1)[0] in swept_groups
+
+    values = {
+        k: v
+        for k, v in flatten(cfg).items()
+        if k.startswith(_STUDY_SECTIONS) and not k.startswith("sweep.params") and not per_trial(k)
+    }
+    values["study"] = study
+    values["sweep.swept"] = sorted(swept)
     return strip_secrets(values)
 
 
@@ -108,9 +148,7 @@ def trial_summary(record: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-@contextmanager
-def _wandb_run(cfg: Config, run_dir: Path, **init_kwargs: Any) -> Iterator[Any]:
-    """An open W&B run that is always finished; the exit code marks runs that failed mid-logging."""
+def _open_run(cfg: Config, run_dir: Path, **init_kwargs: Any) -> Any:
     import wandb
 
     target = Path(cfg.tracking.dir) if cfg.tracking.dir else Path(run_dir)
@@ -120,11 +158,14 @@ def _wandb_run(cfg: Config, run_dir: Path, **init_kwargs: Any) -> Iterator[Any]:
         console="off",  # the sweep's own log is the record of stdout
         disable_git=True,
         save_code=False,
-        x_disable_stats=True,  # system metrics are noise for a run logged after the fact
+        x_disable_stats=True,  # system metrics: the sweep records its own timings
         x_save_requirements=False,
         disable_job_creation=True,
     )
-    run = wandb.init(
+    if "x_transaction_log_flush_interval" in type(settings).model_fields:
+        # Offline runs reach their .wandb file at this interval while they train (wandb >= 0.23).
+        settings.x_transaction_log_flush_interval = float(cfg.tracking.flush_seconds)
+    return wandb.init(
         project=cfg.tracking.project,
         entity=cfg.tracking.entity,
         mode=cfg.tracking.mode,
@@ -133,6 +174,12 @@ def _wandb_run(cfg: Config, run_dir: Path, **init_kwargs: Any) -> Iterator[Any]:
         settings=settings,
         **init_kwargs,
     )
+
+
+@contextmanager
+def _wandb_run(cfg: Config, run_dir: Path, **init_kwargs: Any) -> Iterator[Any]:
+    """An open W&B run that is always finished; the exit code marks runs that failed mid-logging."""
+    run = _open_run(cfg, run_dir, **init_kwargs)
     exit_code = 1
     try:
         yield run
@@ -171,18 +218,7 @@ def record_trial(
         return None
     name = run_name(trial_number, params)
     try:
-        tags = [
-            str(t) for t in [record.get("model") or cfg.model.name, record.get("method") or cfg.method.name]
-        ]
-        with _wandb_run(
-            cfg,
-            run_dir,
-            group=study,
-            job_type=str(record.get("method") or cfg.method.name),
-            tags=list(dict.fromkeys(tags + list(cfg.tracking.tags))),
-            name=name,
-            config=trial_config(cfg, study, trial_number, params),
-        ) as run:
+        with _wandb_run(cfg, run_dir, **trial_init(cfg, study, trial_number, params)) as run:
             for step, row in history_by_step(record, images if cfg.tracking.log_images else None):
                 logged = {
                     k: (_to_wandb_image(v, f"{name} step {step}") if k in images else v)
@@ -194,6 +230,96 @@ def record_trial(
     except Exception as error:  # tracking must never fail a trial
         _warn(f"trial {trial_number}", error)
         return None
+
+
+def trial_init(cfg: Config, study: str, trial_number: int, params: dict[str, Any]) -> dict[str, Any]:
+    """``wandb.init`` arguments of a trial run: grouped by study, job type = method, model/method tags."""
+    model, method = str(cfg.model.name), str(cfg.method.name)
+    return {
+        "group": study,
+        "job_type": method,
+        "tags": list(dict.fromkeys([model, method] + [str(t) for t in cfg.tracking.tags])),
+        "name": run_name(trial_number, params),
+        "config": trial_config(cfg, study, trial_number, params),
+    }
+
+
+class LiveTrialRuns:
+    """The W&B runs of one training run's trials, open while it trains (see the module docstring).
+
+    ``slots`` are objects with ``number``, ``step`` and ``params`` (the trial slots of the run). Runs
+    open on the first logged step. Every method swallows W&B errors with a warning: tracking never
+    fails a trial.
+    """
+
+    def __init__(self, cfg: Config, study: str, slots: list[Any], run_dir: Path):
+        self.cfg, self.study, self.run_dir = cfg, study, Path(run_dir)
+        self.slots = {s.number: s for s in slots}
+        self.runs: dict[int, Any] = {}
+        self.enabled = enabled(cfg)
+        self._opened = False
+
+    def _open(self) -> None:
+        self._opened = True
+        for number, slot in sorted(self.slots.items()):
+            try:
+                self.runs[number] = _open_run(
+                    self.cfg, self.run_dir, **trial_init(self.cfg, self.study, number, slot.params)
+                )
+            except Exception as error:
+                _warn(f"trial {number}", error)
+
+    def _log(self, step: int, values: dict[str, Any], image: Any = None) -> None:
+        if not self.enabled:
+            return
+        if not self._opened:
+            self._open()
+        for number, run in list(self.runs.items()):
+            if self.slots[number].step < step:
+                continue  # this trial ended before the step: its run is (being) finished
+            try:
+                if image is not None:  # a wandb.Image belongs to one run: one object per run
+                    values = {**values, "eval/grid": _to_wandb_image(image, f"{run.name} step {step}")}
+                run.log(values, step=step)
+            except Exception as error:
+                _warn(f"trial {number}", error)
+                self.runs.pop(number, None)
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """Training scalars at ``step`` (train/loss, train/lr, ...) into every trial still training."""
+        self._log(step, {k: _finite(v) for k, v in values.items()})
+
+    def log_eval(self, step: int, metrics: dict[str, Any], grid: Any = None) -> None:
+        """A milestone evaluation into every trial that reaches ``step``."""
+        values = {k: _finite(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._log(step, values, grid if self.cfg.tracking.log_images else None)
+
+    def finish(self, number: int, record: dict[str, Any]) -> str | None:
+        """Write the trial's summary and finish its run; None when it has no live run."""
+        run = self.runs.pop(number, None)
+        if run is None:
+            return None
+        try:
+            run.summary.update(trial_summary(record))
+            run.finish(exit_code=1 if record.get("state") == "FAIL" else 0)
+            return run.id
+        except Exception as error:
+            _warn(f"trial {number}", error)
+            return None
+
+    def is_live(self, number: int) -> bool:
+        return number in self.runs
+
+    def close(self) -> None:
+        """Finish any run left open (a crash between steps); their trials are marked by the caller."""
+        for number in list(self.runs):
+            self.finish(number, {"state": "FAIL", "fail_reason": "training stopped"})
+
+
+# Counts that pandas turns into floats when a row lacks them (the baseline has no trial number).
+_INTEGER_COLUMN = re.compile(r"(^|[._/])(trial|step|steps|seed|\w+_steps)$")
+# Columns that repeat a parameter column under a shorter name (results.csv keeps both for reading).
+_DUPLICATE_COLUMNS = {"learning_rate": "method.learning_rate", "max_train_steps": "train.max_train_steps"}
 
 
 def _table_value(value: Any) -> Any:
@@ -210,8 +336,18 @@ def _table_value(value: Any) -> Any:
 
 def results_table_data(results: Any) -> tuple[list[str], list[list[Any]]]:
     """Columns and JSON-safe rows of the results DataFrame (NaN -> None, numpy -> Python)."""
+    drop = [c for c, twin in _DUPLICATE_COLUMNS.items() if c in results.columns and twin in results.columns]
+    results = results.drop(columns=drop)
     columns = [str(c) for c in results.columns]
     rows = [[_table_value(v) for v in row] for row in results.itertuples(index=False, name=None)]
+    for index, column in enumerate(columns):
+        if not _INTEGER_COLUMN.search(column):
+            continue
+        values = [row[index] for row in rows if row[index] is not None]
+        if values and all(isinstance(v, (int, float)) and float(v).is_integer() for v in values):
+            for row in rows:  # a NaN-holed int column comes back from pandas as floats: 10.0 -> 10
+                if row[index] is not None and not isinstance(row[index], bool):
+                    row[index] = int(row[index])
     return columns, rows
 
 
@@ -244,7 +380,7 @@ def record_study(cfg: Config, study: str, results: Any, plots: dict[str, Path], 
         import wandb
 
         columns, rows = results_table_data(results)
-        config = strip_secrets({**flatten(cfg), "study": study})
+        config = study_config(cfg, study)
         with _wandb_run(
             cfg,
             run_dir,

@@ -23,6 +23,7 @@ import torch
 from sdsweep import io
 from sdsweep.config import Config, resolved_resolution, to_yaml
 from sdsweep.constraints import parse_constraint
+from sdsweep.progress import Progress
 from sdsweep.study_store import RUN_KEY, TrialLink, objective_values, open_study
 
 
@@ -68,6 +69,9 @@ class TrialRecorder:
         self.baseline = baseline
         self.constraints = [parse_constraint(c) for c in cfg.sweep.constraints]
         self.study = open_study(cfg, spec.storage, spec.study)
+        from sdsweep import tracking
+
+        self.live = tracking.LiveTrialRuns(cfg, spec.study, spec.slots, paths.wandb)  # W&B while training
 
     def link(self, slot: TrialSlot) -> TrialLink:
         link = TrialLink(self.study, slot.number, slot.trial_id)
@@ -140,7 +144,7 @@ class TrialRecorder:
     def track(self, slot: TrialSlot, record: dict[str, Any], images: dict) -> None:
         from sdsweep import tracking
 
-        run_id = tracking.record_trial(
+        run_id = self.live.finish(slot.number, record) or tracking.record_trial(
             self.cfg, self.spec.study, slot.number, slot.params, record, images, self.paths.wandb
         )
         if run_id:
@@ -288,6 +292,12 @@ def execute_run(spec: RunSpec) -> None:
     direction_sign = -1.0 if recorder.study.directions[0].name == "MAXIMIZE" else 1.0
     t_start = time.perf_counter()
     setup = None
+    bar = Progress(
+        f"train {'/'.join(f't{s.number}' for s in slots)}",
+        slots[-1].step,
+        "steps",
+        time_from_first_update=True,
+    )
 
     def finish_slot(slot: TrialSlot, state: str, reason: str | None = None) -> None:
         record = records[slot.number]
@@ -305,6 +315,8 @@ def execute_run(spec: RunSpec) -> None:
 
     def on_step(step: int, logs: dict[str, float]) -> None:
         history.append({"step": step, **logs})
+        recorder.live.log_step(step, logs)
+        bar.update(step, loss=logs.get("train/loss"))
 
     def on_milestone(step: int) -> bool:
         """Evaluate the slot ending here; report val_loss to the still-open slots; decide to stop."""
@@ -326,6 +338,7 @@ def execute_run(spec: RunSpec) -> None:
             record.update(metrics=result.metrics, missing=result.missing, warnings=result.warnings)
             record["eval_seconds"] = round(result.seconds, 3)
             evals.append({"step": step, **result.metrics})
+            recorder.live.log_eval(step, result.metrics, result.grid)
             grids.append((step, result.grid))
             weights = trial_dir / io.TRIAL_WEIGHTS
             staging = io.staging_dir(weights)
@@ -395,6 +408,7 @@ def execute_run(spec: RunSpec) -> None:
     finally:
         for slot in list(open_slots):  # the loop ended before this milestone (should not happen)
             finish_slot(slot, "FAIL", f"training stopped before step {slot.step}")
+        bar.close()
         del setup
         release_memory()
 

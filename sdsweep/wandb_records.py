@@ -190,6 +190,27 @@ def read_run(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def read_finished_run(path: str | Path, timeout: float = 30.0) -> dict[str, Any]:
+    """``read_run`` once the run's exit record is on disk.
+
+    ``run.finish()`` returns before wandb-core has written the file's last block, so a reader
+    right after it can see a truncated run; this polls until the exit record arrives.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = read_run(path)
+        except WandbFileError:
+            run = None
+        if run is not None and run["exit_code"] is not None:
+            return run
+        if time.monotonic() > deadline:
+            raise WandbFileError(f"The W&B run under {path} has no exit record after {timeout:.0f}s.")
+        time.sleep(0.1)
+
+
 def _unwrap(value: Any) -> Any:
     if isinstance(value, dict) and "value" in value and set(value) <= {"value", "desc"}:
         return value["value"]

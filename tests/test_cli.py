@@ -95,3 +95,40 @@ def test_corrupt_image_is_named_before_training(tmp_path):
     )
     assert result.returncode == 2
     assert "broken.png" in result.stderr
+
+
+def run_from(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """The entry point run from an unrelated folder (as the installed console script is)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", "from sdsweep.__main__ import main; main()", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_help_teaches_the_commands_from_any_folder(tmp_path):
+    result = run_from(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "hyperparameter sweeps for fine-tuning Stable Diffusion" in out
+    for command in ("+experiment=demo", "data.path=", "sdsweep.report", "sdsweep.export", "--plan"):
+        assert command in out
+    assert "sweep: lr_steps, methods, tpe" in out and "model: sd15" in out  # the config groups
+    assert "powered by Hydra" not in out
+
+
+def test_plan_shows_the_effective_grid_and_loads_nothing(tmp_path):
+    result = run_from(tmp_path, "--plan", "+experiment=demo", "sweep.steps=[2,4]", f"paths.root={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "train.max_train_steps: 2, 4" in out  # the override, not the recipe's 10/20/40
+    assert "grid: 4 points in 2 training run(s)" in out
+    assert "milestones 2/4" in out
+    assert "estimated training steps: 8 (12 without milestone sharing)" in out
+    # Nothing trained or stored (Hydra itself writes only its run folder's log).
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and "hydra" not in p.parts]
+    assert "torchvision" not in result.stderr

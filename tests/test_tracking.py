@@ -50,6 +50,8 @@ def test_secret_keys_are_recognised():
         "a": 1,
         "n": {"b": 2},
     }
+    storage = {"sweep.storage": "postgresql+psycopg://me:hunter2@db:5432/optuna"}
+    assert tracking.strip_secrets(storage) == {"sweep.storage": "postgresql+psycopg://me:***@db:5432/optuna"}
 
 
 def test_history_merges_steps_in_order():
@@ -78,7 +80,7 @@ def test_record_trial_writes_a_readable_offline_run(wandb_cfg, tmp_path, monkeyp
     assert run_id
 
     [folder] = wandb_records.run_dirs(run_dir)
-    run = wandb_records.read_run(folder)
+    run = wandb_records.read_finished_run(folder)
     assert run["id"] == run_id
     assert run["run"]["group"] == "my-study"
     assert run["run"]["job_type"] == "full"
@@ -116,7 +118,7 @@ def test_failed_trial_is_recorded_with_its_reason(wandb_cfg, tmp_path):
         "history": [{"step": 1, "train/loss": float("nan"), "train/lr": 1e-2}],
     }
     run_id = tracking.record_trial(wandb_cfg, "s", 7, {"method.learning_rate": 1e-2}, record, {}, tmp_path)
-    run = wandb_records.read_run(wandb_records.run_dirs(tmp_path)[0])
+    run = wandb_records.read_finished_run(wandb_records.run_dirs(tmp_path)[0])
     assert run["id"] == run_id
     assert run["summary"]["state"] == "FAIL"
     assert run["summary"]["fail_reason"] == "training diverged: loss is NaN"
@@ -172,7 +174,7 @@ def test_record_study_logs_the_table_plots_and_best_trial(wandb_cfg, tmp_path):
         wandb_cfg, "my-study", results, {"heatmap_clip_score": plot}, tmp_path / "wb"
     )
     [folder] = wandb_records.run_dirs(tmp_path / "wb")
-    run = wandb_records.read_run(folder)
+    run = wandb_records.read_finished_run(folder)
     assert run["id"] == run_id
     assert run["run"]["job_type"] == "study" and run["run"]["group"] == "my-study"
     table = wandb_records.read_table(folder, run, "trials")
@@ -182,3 +184,153 @@ def test_record_study_logs_the_table_plots_and_best_trial(wandb_cfg, tmp_path):
     assert any(m.startswith("media/images/plots/heatmap_clip_score") for m in run["media"])
     assert run["summary"]["best/trial"] == 0  # trial 1 scores higher but violates a constraint
     assert run["summary"]["num_trials"] == 3
+
+
+# ---- live runs: records reach the .wandb file while the trial still trains ---------------------------
+class Slot:
+    def __init__(self, number: int, step: int, lr: float):
+        self.number, self.step, self.params = (
+            number,
+            step,
+            {"method.learning_rate": lr, "train.max_train_steps": step},
+        )
+
+
+def poll_history(run_dir, key: str, count: int, timeout: float = 30.0) -> dict:
+    """Read every run file under run_dir until each has ``count`` points of ``key`` (or time out)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(run_dir.rglob("run-*.wandb"))
+        runs = [wandb_records.read_run(f) for f in files]
+        if runs and all(len(wandb_records.history_of(r, key)) >= count for r in runs):
+            return {r["run"]["name"]: r for r in runs}
+        if time.monotonic() > deadline:
+            got = {r["run"].get("name"): len(wandb_records.history_of(r, key)) for r in runs}
+            raise AssertionError(f"no live {key} records after {timeout}s: {got}")
+        time.sleep(0.3)
+
+
+def read_finished(run_dir, count: int, timeout: float = 30.0) -> dict:
+    """The runs once all ``count`` have their exit record (wandb-core closes the file just after finish())."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [wandb_records.read_run(f) for f in sorted(run_dir.rglob("run-*.wandb"))]
+        if len(runs) == count and all(r["exit_code"] is not None for r in runs):
+            return {r["run"]["name"]: r for r in runs}
+        assert time.monotonic() < deadline, f"runs not finished on disk after {timeout}s"
+        time.sleep(0.2)
+
+
+def test_live_runs_stream_while_training_and_share_milestones(wandb_cfg, tmp_path):
+    wandb_cfg.tracking.flush_seconds = 0.2
+    run_dir = tmp_path / "wb"
+    # One milestone-sharing training run serving two trials: 2 steps and 4 steps.
+    live = tracking.LiveTrialRuns(wandb_cfg, "live-study", [Slot(5, 2, 1e-4), Slot(6, 4, 1e-4)], run_dir)
+    for step in (1, 2):
+        live.log_step(step, {"train/loss": 1.0 / step, "train/lr": 1e-4})
+    # Both runs are still open: their training curve is already on disk.
+    runs = poll_history(run_dir, "train/loss", 1)
+    assert set(runs) == {"t005 lr=1e-04 steps=2", "t006 lr=1e-04 steps=4"}
+    assert all(r["exit_code"] is None for r in runs.values())  # not finished
+    live.log_eval(2, {"eval/clip_score": 21.0, "eval/fid": float("nan")}, Image.new("RGB", (8, 8), "red"))
+    assert live.finish(5, {"state": "COMPLETE", "metrics": {"eval/clip_score": 21.0}})
+    for step in (3, 4):
+        live.log_step(step, {"train/loss": 1.0 / step, "train/lr": 1e-4})
+    live.log_eval(4, {"eval/clip_score": 23.0}, None)
+    runs = poll_history(run_dir, "train/loss", 2)
+    assert runs["t006 lr=1e-04 steps=4"]["exit_code"] is None  # trial 6 is still training
+    run_id = live.finish(6, {"state": "COMPLETE", "metrics": {"eval/clip_score": 23.0}})
+    by_name = read_finished(run_dir, 2)
+    short, long = by_name["t005 lr=1e-04 steps=2"], by_name["t006 lr=1e-04 steps=4"]
+    assert long["id"] == run_id
+    # Each trial's run holds the shared curve up to its own step count and its own evaluations.
+    assert wandb_records.history_of(short, "train/loss") == [(1, 1.0), (2, 0.5)]
+    assert [s for s, _ in wandb_records.history_of(long, "train/loss")] == [1, 2, 3, 4]
+    assert wandb_records.history_of(long, "eval/clip_score") == [(2, 21.0), (4, 23.0)]
+    assert [s for s, _ in wandb_records.history_of(short, "eval/grid")] == [2]
+    assert short["summary"]["eval/clip_score"] == 21.0 and short["exit_code"] == 0
+    # W&B grouping (#18): group = study, job type = method, model and method as tags and config.
+    assert long["run"]["group"] == "live-study" and long["run"]["job_type"] == "full"
+    assert long["run"]["tags"][:2] == ["tiny", "full"]
+    assert long["config"]["model.name"] == "tiny" and long["config"]["method.name"] == "full"
+    assert long["config"]["train.max_train_steps"] == 4 and isinstance(
+        long["config"]["train.max_train_steps"], int
+    )
+
+
+def test_live_runs_off_when_tracking_is_off(tiny_cfg, tmp_path):
+    live = tracking.LiveTrialRuns(tiny_cfg, "s", [Slot(0, 2, 1e-4)], tmp_path / "wb")
+    live.log_step(1, {"train/loss": 1.0})
+    assert live.finish(0, {"state": "COMPLETE"}) is None
+    assert not (tmp_path / "wb").exists()
+
+
+def test_study_run_has_study_level_config_and_clean_table(wandb_cfg, tmp_path):
+    wandb_cfg.sweep = compose(TINY_OVERRIDES + ["+sweep=lr_steps"]).sweep
+    results = pd.DataFrame(
+        [
+            {"trial": None, "state": "BASELINE", "learning_rate": None, "max_train_steps": 0},
+            {
+                "trial": 0,
+                "state": "COMPLETE",
+                "learning_rate": 1e-4,
+                "method.learning_rate": 1e-4,
+                "max_train_steps": 10.0,
+                "train.max_train_steps": 10.0,
+                "eval/clip_score": 21.0,
+            },
+        ]
+    )
+    tracking.record_study(wandb_cfg, "my-study", results, {}, tmp_path / "wb")
+    [folder] = wandb_records.run_dirs(tmp_path / "wb")
+    run = wandb_records.read_finished_run(folder)
+    config = run["config"]
+    # No per-trial hyperparameters: the study run is no fake point on parallel coordinates.
+    assert not [k for k in config if k.startswith(("train.", "method.learning_rate"))]
+    assert config["study"] == "my-study" and config["model.name"] == "tiny"
+    assert config["sweep.swept"] == sorted(wandb_cfg.sweep.params)
+    table = wandb_records.read_table(folder, run, "trials")
+    assert "learning_rate" not in table["columns"] and "max_train_steps" not in table["columns"]
+    row = table["data"][1]
+    steps = row[table["columns"].index("train.max_train_steps")]
+    assert steps == 10 and isinstance(steps, int)
+    assert row[table["columns"].index("trial")] == 0 and isinstance(row[table["columns"].index("trial")], int)
+
+
+# ---- progress lines (sdsweep/progress.py) and the torchvision advice filter ---------------------------
+def test_progress_prints_plain_lines_with_rate_and_eta_when_not_a_tty(monkeypatch):
+    import io as _io
+    import logging
+
+    from sdsweep.progress import Progress, format_seconds
+    from sdsweep.warnings_filter import TORCHVISION_LOGGER, install
+
+    monkeypatch.delenv("SDSWEEP_PROGRESS", raising=False)
+    stream = _io.StringIO()  # not a TTY: no carriage-return bar
+    bar = Progress("train t1", 100, "steps", stream=stream, plain_every=0.0, time_from_first_update=True)
+    bar.update(10, loss=0.5)
+    bar.update(40, loss=0.25)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 3
+    assert lines[1].startswith("train t1: 40/100 steps (40%)") and "steps/s ETA" in lines[1]
+    assert lines[1].endswith("loss=0.25")
+    assert format_seconds(3725) == "1h02m" and format_seconds(65) == "1m05s" and format_seconds(None) == "?"
+
+    install()
+    install()  # idempotent
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger(TORCHVISION_LOGGER)
+    logger.addHandler(handler)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`")
+        logger.warning("another transformers warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["another transformers warning"]
