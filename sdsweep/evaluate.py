@@ -28,8 +28,8 @@ from sdsweep.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.judge import judge_truth
 from sdsweep.models import make_inference_scheduler, sampling_precision
-from sdsweep.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
 from sdsweep.progress import Progress
+from sdsweep.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
 
