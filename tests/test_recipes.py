@@ -271,3 +271,32 @@ def test_a_checkpoint_from_before_the_recipe_keys_still_resumes(tmp_path):
     )
     with pytest.raises(ValueError, match=r"train.caption_dropout: None -> 0.1"):
         check_resumable(tmp_path / "run" / "step-1", changed)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_the_optimizer_runs_each_choice_end_to_end(tmp_path):
+    """A categorical train.* parameter goes through the grid, into each trial's saved config."""
+    import pandas as pd
+
+    from sdsweep.sweep import run_sweep
+
+    outcome = run_sweep(
+        TINY_OVERRIDES
+        + [
+            "+sweep=optimizers",
+            "sweep.learning_rates=[1e-4]",
+            "sweep.steps=[1]",
+            "sweep.isolation=inprocess",
+            "sweep.build_report=false",
+            "eval.baseline=false",
+            "study=optimizers",
+            f"paths.root={tmp_path}",
+        ]
+    )
+    assert outcome.finished and outcome.states.get("COMPLETE") == 2, outcome.states
+    saved = sorted(
+        compose_saved.read_text().split("optimizer: ", 1)[1].split()[0]
+        for compose_saved in (outcome.study_dir / "trials").glob("*/config.yaml")
+    )
+    assert saved == ["adamw", "lion"]
+    assert len(pd.read_csv(outcome.results_csv)) == 2
