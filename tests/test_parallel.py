@@ -17,13 +17,14 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import yaml
 from conftest import TINY_OVERRIDES
 from drivers import wait_until
 
 LR_KEY, STEP_KEY = "method.learning_rate", "train.max_train_steps"
 LEARNING_RATES, STEPS = (1e-4, 1e-3), (2, 4)
 GRID = {(lr, steps) for lr in LEARNING_RATES for steps in STEPS}
-DRIVER_TIMEOUT = 300  # seconds; a hung driver fails its test instead of hanging the suite
+DRIVER_TIMEOUT = 480  # seconds (a busy shared CI core is slow); a hung driver fails its test, never hangs it
 
 # Cheap evaluation, one step per log line (history shows where a resumed run started), heartbeats fast
 # enough that a dead run is taken over within seconds.
@@ -85,10 +86,8 @@ def trained_folders(study_dir: Path) -> Counter:
     """Trial folders a run wrote (config.yaml at run start), counted per grid point."""
     counts: Counter = Counter()
     for config in (study_dir / "trials").glob("*/config.yaml"):
-        text = config.read_text()
-        steps = next(int(line.split(":")[1]) for line in text.splitlines() if "max_train_steps:" in line)
-        lr = next(float(line.split(":")[1]) for line in text.splitlines() if "learning_rate:" in line)
-        counts[(lr, steps)] += 1
+        resolved = yaml.safe_load(config.read_text())
+        counts[(float(resolved["method"]["learning_rate"]), int(resolved["train"]["max_train_steps"]))] += 1
     return counts
 
 
@@ -204,7 +203,8 @@ def test_interrupt_hands_the_run_back_and_a_rerun_completes_it(signum, code, tmp
     else:
         first.send(signum)  # `kill <pid>` reaches the driver alone
     assert_clean_exit(first, code)
-    resume_lines = [line for line in first.output().splitlines() if "resume" in line.lower()]
+    # One line tells the user how to continue (trial lines may mention resuming too; this is the hint).
+    resume_lines = [line for line in first.output().splitlines() if "to resume" in line.lower()]
     assert len(resume_lines) == 1, first.output()
     drivers.assert_no_leftovers()
     # Handed back, not failed for good: the re-run completes every point.
@@ -219,7 +219,7 @@ def test_interrupt_hands_the_run_back_and_a_rerun_completes_it(signum, code, tmp
 def test_a_driver_on_another_host_never_takes_over_a_live_run(tmp_path, drivers):
     """One long run (milestones 2 and LONG), live on host A; a driver calling itself 'other' joins."""
     study_dir = tmp_path / "par"
-    long_steps = 60
+    long_steps = 30
     args = sweep_args(tmp_path, "sweep.workers=1") + [
         f"sweep.learning_rates=[{LEARNING_RATES[0]:g}]",
         f"sweep.steps=[2,{long_steps}]",
