@@ -11,19 +11,37 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 
-from sdsweep import io
+from sdsweep import io, signals
 from sdsweep.config import Config, resolved_resolution, to_yaml
 from sdsweep.constraints import parse_constraint
-from sdsweep.study_store import RUN_KEY, TrialLink, objective_values, open_study
+from sdsweep.study_store import (
+    RUN_KEY,
+    TRIAL_DIR,
+    VIOLATIONS,
+    WANDB_RUN_ID,
+    StudyHandle,
+    TrialLink,
+    objective_values,
+)
+
+# Test-only fault injection: SDSWEEP_FAULT=after_record makes the process SIGKILL itself right after a
+# trial's metrics.json is written and before Optuna is told (tests/test_parallel.py checks that
+# keep_best_k and resume handle that window). Never set it outside tests.
+FAULT = os.environ.get("SDSWEEP_FAULT", "")
+# Errors from telling a trial that someone else already finished (it was taken over as stale).
+TAKEN_OVER = (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError)
 
 
 @dataclass
@@ -67,12 +85,24 @@ class TrialRecorder:
         self.paths = paths
         self.baseline = baseline
         self.constraints = [parse_constraint(c) for c in cfg.sweep.constraints]
-        self.study = open_study(cfg, spec.storage, spec.study)
+        self.handle = StudyHandle(cfg, spec.storage, spec.study)
+        self.study = self.handle.study
 
     def link(self, slot: TrialSlot) -> TrialLink:
-        link = TrialLink(self.study, slot.number, slot.trial_id)
+        link = TrialLink(self.handle, slot.number)
         link.set_attr(RUN_KEY, self.spec.run_key)
+        link.set_attr(TRIAL_DIR, str(self.paths.trial(slot.number)))
         return link
+
+    def tell(self, slot: TrialSlot, action) -> None:
+        """Tell Optuna; a trial finished by someone else meanwhile (taken over as stale) is left alone."""
+        try:
+            action()
+        except TAKEN_OVER as error:
+            print(
+                f"[sdsweep] trial {slot.number} was taken over by another worker ({error}); its result is kept on disk only",
+                flush=True,
+            )
 
     def base_record(self, slot: TrialSlot) -> dict[str, Any]:
         return {
@@ -124,7 +154,12 @@ class TrialRecorder:
         record["state"] = "COMPLETE"
         record["objective"] = values[0]
         io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
-        link.complete(values, record["violations"])
+        if FAULT == "after_record":
+            os.kill(os.getpid(), signal.SIGKILL)
+        for name, value in metrics.items():  # every metric readable per trial in the dashboard
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tell(slot, lambda n=name, v=value: link.set_attr(n, float(v)))
+        self.tell(slot, lambda: link.complete(values, record["violations"]))
 
     def fail(
         self, slot: TrialSlot, record: dict[str, Any], link: TrialLink, reason: str, state: str = "FAIL"
@@ -132,10 +167,7 @@ class TrialRecorder:
         record["state"] = state
         record["fail_reason"] = reason
         io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
-        if state == "PRUNED":
-            link.prune(reason)
-        else:
-            link.fail(reason)
+        self.tell(slot, lambda: link.prune(reason) if state == "PRUNED" else link.fail(reason))
 
     def track(self, slot: TrialSlot, record: dict[str, Any], images: dict) -> None:
         from sdsweep import tracking
@@ -146,6 +178,7 @@ class TrialRecorder:
         if run_id:
             record["wandb_run_id"] = run_id
             io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
+            self.handle.set_attr(slot.number, WANDB_RUN_ID, run_id)  # False once finished: kept on disk
 
 
 def compose_config(overrides: list[str]) -> Config:
@@ -299,7 +332,7 @@ def execute_run(spec: RunSpec) -> None:
             recorder.fail(slot, record, links[slot.number], reason or "unknown", state=state)
         images = {"eval/grid": [g for g in grids if g[0] <= slot.step]}
         recorder.track(slot, record, images)
-        _enforce_keep_best_k(cfg, paths, recorder)
+        _enforce_keep_best_k(cfg, paths, recorder.handle)
         open_slots.remove(slot)
 
     def on_step(step: int, logs: dict[str, float]) -> None:
@@ -327,12 +360,13 @@ def execute_run(spec: RunSpec) -> None:
             evals.append({"step": step, **result.metrics})
             grids.append((step, result.grid))
             weights = trial_dir / io.TRIAL_WEIGHTS
-            staging = io.staging_dir(weights)
-            setup.method.save(staging)
-            io.replace_dir(staging, weights)
-            record["weights"] = io.TRIAL_WEIGHTS
-            val_loss = result.metrics.get("eval/val_loss")
-            finish_slot(slot, "COMPLETE")
+            with signals.critical():  # a Ctrl-C here waits until the trial is recorded
+                staging = io.staging_dir(weights)
+                setup.method.save(staging)
+                io.replace_dir(staging, weights)
+                record["weights"] = io.TRIAL_WEIGHTS
+                val_loss = result.metrics.get("eval/val_loss")
+                finish_slot(slot, "COMPLETE")
             rate = result.metrics.get("eval/appropriate_rate")
             if rate is not None and rate == 0.0 and open_slots:
                 reason = f"stopped: eval/appropriate_rate collapsed to 0 at step {step} (every image degenerate or unsafe)"
@@ -374,6 +408,9 @@ def execute_run(spec: RunSpec) -> None:
         if not open_slots and checkpoint_dir is not None:
             # Every milestone is recorded: nothing is left to resume from.
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    except signals.HandBack:
+        open_slots.clear()  # not failed: the caller hands these trials back to the study
+        raise
     except TrainingDiverged as error:
         for slot in list(open_slots):
             finish_slot(slot, "FAIL", f"training diverged: {error}")
@@ -398,26 +435,44 @@ def execute_run(spec: RunSpec) -> None:
         release_memory()
 
 
-def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, recorder: TrialRecorder) -> None:
-    """Keep weights only for the best k complete trials (feasible first), so disk use stays bounded."""
+def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) -> None:
+    """Keep weights only for the best k COMPLETE trials in the storage (feasible first).
+
+    The ranking comes from the study, not from trial folders: a folder whose metrics.json says
+    COMPLETE but whose trial was never told (killed in between) is not a result and is never ranked.
+    Safe with concurrent workers: a trial outside the top k of some snapshot of the study stays
+    outside it when more trials finish, and the best trial so far is always inside it. The record
+    says so before any file is deleted.
+    """
     k = cfg.sweep.keep_best_k
     if k < 0:
         return
     sign = 1.0 if cfg.sweep.objectives[0].direction == "maximize" else -1.0
     ranked = []
-    for trial_dir in paths.trial_dirs():
-        record = io.read_json(trial_dir / io.TRIAL_METRICS)
-        if not record or record.get("state") != "COMPLETE" or not record.get("weights"):
+    for frozen in handle.trials():
+        if frozen.state.is_finished():
+            _remove_staging(paths.trial(frozen.number))  # left by a save that was killed
+        if frozen.state != optuna.trial.TrialState.COMPLETE or not frozen.values:
             continue
-        objective = record.get("objective")
-        score = sign * objective if objective is not None and math.isfinite(objective) else -math.inf
-        ranked.append((not record.get("feasible", True), -score, record["trial"], trial_dir, record))
-    ranked.sort(key=lambda r: r[:3])
-    for _, _, _, trial_dir, record in ranked[k:]:
-        shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+        score = sign * frozen.values[0] if math.isfinite(frozen.values[0]) else -math.inf
+        violations = frozen.user_attrs.get(VIOLATIONS) or {}
+        feasible = all(float(v) <= 0 for v in violations.values())
+        ranked.append((not feasible, -score, frozen.number))
+    ranked.sort()
+    for _, _, number in ranked[k:]:
+        trial_dir = paths.trial(number)
+        record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        if not record or not record.get("weights"):
+            continue
         record["weights"] = None
         record["weights_removed"] = f"not among the best {k} (sweep.keep_best_k)"
         io.atomic_write_json(trial_dir / io.TRIAL_METRICS, record)
+        shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+
+
+def _remove_staging(trial_dir: Path) -> None:
+    for leftover in trial_dir.glob(f".{io.TRIAL_WEIGHTS}.*.staging"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 __all__ = ["RunSpec", "TrialSlot", "compose_config", "execute_run", "execute_baseline"]
