@@ -189,7 +189,9 @@ def test_a_run_of_a_sigkilled_driver_is_finished_from_its_checkpoint_by_another_
 
 # ---- Ctrl-C and SIGTERM ----------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_interrupt_hands_the_run_back_and_a_rerun_completes_it(signum, code, tmp_path, drivers):
     study_dir = tmp_path / "par"
     args = sweep_args(tmp_path, "sweep.workers=1")
