@@ -210,7 +210,7 @@ class SweepEngine:
         runs = plan_runs(pending, self.cfg, self.sweep.share_milestones)
         if not self.announced:
             self.announced = True
-            log(
+            self.say(
                 f"study '{self.cfg.study}': {len(points)} grid points, {len(decided)} already done, "
                 f"{len(live)} running elsewhere, {len(pending)} to run in {len(runs)} training run(s)"
             )

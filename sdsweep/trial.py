@@ -449,9 +449,12 @@ def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle)
         return
     sign = 1.0 if cfg.sweep.objectives[0].direction == "maximize" else -1.0
     ranked = []
+    unranked = []
     for frozen in handle.trials():
         if frozen.state.is_finished():
             _remove_staging(paths.trial(frozen.number))  # left by a save that was killed
+        if frozen.state.is_finished() and frozen.state != optuna.trial.TrialState.COMPLETE:
+            unranked.append(frozen.number)  # e.g. killed after its save and retried: not a result
         if frozen.state != optuna.trial.TrialState.COMPLETE or not frozen.values:
             continue
         score = sign * frozen.values[0] if math.isfinite(frozen.values[0]) else -math.inf
@@ -459,13 +462,15 @@ def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle)
         feasible = all(float(v) <= 0 for v in violations.values())
         ranked.append((not feasible, -score, frozen.number))
     ranked.sort()
-    for _, _, number in ranked[k:]:
+    losers = [(number, f"not among the best {k} (sweep.keep_best_k)") for _, _, number in ranked[k:]]
+    losers += [(number, "this attempt has no result in the study (sweep.keep_best_k)") for number in unranked]
+    for number, why in losers:
         trial_dir = paths.trial(number)
         record = io.read_json(trial_dir / io.TRIAL_METRICS)
         if not record or not record.get("weights"):
             continue
         record["weights"] = None
-        record["weights_removed"] = f"not among the best {k} (sweep.keep_best_k)"
+        record["weights_removed"] = why
         io.atomic_write_json(trial_dir / io.TRIAL_METRICS, record)
         shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
 
