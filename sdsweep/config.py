@@ -181,7 +181,8 @@ class SweepConfig:
     # Training runs at once on this machine: an int, or "auto" (one per visible CUDA device, 1 on CPU).
     # Each worker is a long-lived process that imports torch once and runs many runs.
     workers: Any = 1
-    devices: Optional[list[int]] = None  # CUDA device indices to use (None: all visible); worker i -> devices[i % n]
+    # CUDA device indices to use (None: all visible); worker i runs on devices[i % len(devices)].
+    devices: Optional[list[int]] = None
     max_retries: int = 2  # a run whose worker died is retried this often before its trials stay FAIL
     heartbeat_interval: float = 10.0  # seconds between a worker's heartbeats in the storage
     grace_period: float = 60.0  # a RUNNING trial silent this long is taken over by another worker
@@ -390,12 +391,16 @@ def _validate_sweep(cfg: Config) -> None:
 
 def _validate_parallel(sweep: SweepConfig) -> None:
     workers = sweep.workers
-    if not (workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1)):
+    if not (
+        workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1)
+    ):
         _fail("sweep.workers", workers, 'give a whole number >= 1 or "auto" (one per visible GPU).')
     if sweep.devices is not None and (
         not sweep.devices or any(not isinstance(d, int) or d < 0 for d in sweep.devices)
     ):
-        _fail("sweep.devices", sweep.devices, "give CUDA device indices, e.g. [0,1], or null for all visible.")
+        _fail(
+            "sweep.devices", sweep.devices, "give CUDA device indices, e.g. [0,1], or null for all visible."
+        )
     if sweep.max_retries < 0:
         _fail("sweep.max_retries", sweep.max_retries, "it must be 0 or more.")
     if sweep.stop_after_failures < 0:

@@ -78,7 +78,8 @@ class WorkerPool:
         self.paths = engine.paths
         self.paths.runs.mkdir(parents=True, exist_ok=True)
         self.job = io.atomic_write_text(
-            self.paths.runs / f"pool-{engine.token}.json", json.dumps({"overrides": engine.overrides})
+            self.paths.runs / f"pool-{engine.token}.json",
+            json.dumps({"overrides": engine.overrides, "retry_below": engine.retry_below}),
         )
 
     def spawn(self, index: int) -> Worker:

@@ -110,7 +110,8 @@ class StudyHandle:
         if self.study.metric_names is None and names:
             import warnings
 
-            with warnings.catch_warnings():  # "experimental" since Optuna 3.2; still the way to name objectives
+            # "experimental" since Optuna 3.2, and still the way to name objectives.
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.set_metric_names(names)  # optuna-dashboard shows "eval/clip_score", not "values_0"
 

@@ -72,7 +72,13 @@ def host_name() -> str:
 class SweepEngine:
     """Plan from the storage, claim a run, execute it, repeat; one per process that trains."""
 
-    def __init__(self, overrides: list[str], label: str = "driver", token: str | None = None):
+    def __init__(
+        self,
+        overrides: list[str],
+        label: str = "driver",
+        token: str | None = None,
+        retry_below: int | None = None,
+    ):
         self.overrides = user_overrides(list(overrides))
         self.cfg: Config = compose_config(self.overrides)
         self.sweep: SweepConfig = self.cfg.sweep
@@ -85,6 +91,9 @@ class SweepEngine:
         self.token = token or uuid.uuid4().hex[:8]
         self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]")
         self.heartbeat: Heartbeat | None = None
+        # sweep.retry_failed re-runs failures of EARLIER invocations only (trial numbers below this),
+        # never a failure of this sweep, which would loop forever.
+        self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
         self.started = time.monotonic()
         self.announced = False
         self.stop_message: str | None = None
@@ -123,7 +132,11 @@ class SweepEngine:
             if frozen.number in superseded:
                 continue
             key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
-            if frozen.state == TrialState.FAIL and self.sweep.retry_failed:
+            if (
+                frozen.state == TrialState.FAIL
+                and self.sweep.retry_failed
+                and frozen.number < self.retry_below
+            ):
                 self.supersede(frozen.number)
                 continue
             decided.setdefault(key, []).append(frozen)
@@ -162,12 +175,8 @@ class SweepEngine:
                     f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
                 )
                 return None
-            reason = self.config_failure()
-            if reason:
-                self.stop_message = (
-                    f"stopping: the first {self.sweep.stop_after_failures} trials all failed with a configuration "
-                    f"error ({reason[:300]}); fix it and re-run the same command"
-                )
+            if self.config_failure():
+                self.stop_message = self.why_stopped()
                 return None
             reaped = self.claims.reap_stale()
             if reaped:
@@ -318,8 +327,20 @@ class SweepEngine:
         finally:
             self.heartbeat.stop()
             self.heartbeat = None
-        if self.stop_message:
+        if self.stop_message and self.label == "driver":  # a pool's driver says it once for all workers
             self.say(self.stop_message)
+
+    def why_stopped(self) -> str | None:
+        """After the pool: the reason the workers stopped early, if any (said once, by the driver)."""
+        reason = self.config_failure()
+        if reason:
+            return (
+                f"stopping: the first {self.sweep.stop_after_failures} trials all failed with a configuration "
+                f"error ({reason[:300]}); fix it and re-run the same command"
+            )
+        if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
+            return f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
+        return None
 
     def run_one(self, spec: RunSpec) -> None:
         slots = spec.slots
@@ -421,6 +442,9 @@ class SweepDriver:
                 pool = WorkerPool(self.engine)
                 pool.run()
                 self.outcome.runs_launched, self.outcome.trials_launched = pool.launched()
+                self.engine.stop_message = self.engine.why_stopped()
+                if self.engine.stop_message:
+                    log(self.engine.stop_message)
         except signals.HandBack as stop:
             log(
                 f"stopped by {stop}: its runs were handed back; re-run the same command to resume from their checkpoints"

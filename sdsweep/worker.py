@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from sdsweep.sweep import SweepEngine
 
-        engine = SweepEngine(job["overrides"], label=label, token=token)
+        engine = SweepEngine(job["overrides"], label=label, token=token, retry_below=job.get("retry_below"))
         try:
             engine.ensure_baseline()
         except signals.HandBack:
