@@ -151,7 +151,10 @@ class Claims:
         now = time.time()
         reaped = 0
         for frozen in self.handle.trials(states=(TrialState.RUNNING,)):
-            if is_superseded(frozen) or not self.is_stale(frozen, now):
+            if not self.is_stale(frozen, now):
+                continue
+            if is_superseded(frozen):  # its owner died while retiring it: finish the job, no retry counted
+                self.retire(frozen.number, str(frozen.user_attrs.get(FAIL_REASON) or "superseded"))
                 continue
             silent = now - self.last_beat(frozen)
             owner = frozen.user_attrs.get(OWNER, "an earlier sweep process")
