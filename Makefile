@@ -45,17 +45,29 @@ demo-methods: $(STAMP) ## Offline full/DreamBooth/TI/LoRA x v1.5/v2.1-flavoured 
 sweep: $(STAMP) ## Run a sweep: make sweep ARGS="+sweep=lr_steps model=sd15 data=imagefolder data.path=..."
 	$(PY) -m sdsweep $(ARGS)
 
+# N workers on one study: one driver with sweep.workers=N (a persistent worker per slot; on CPU they
+# split the cores). Run the same line on other machines with a shared sweep.storage to join the study.
+N ?= 2
+workers: $(STAMP) ## N local workers on one study: make workers N=4 ARGS="+experiment=demo" (one driver, sweep.workers=N)
+	$(PY) -m sdsweep $(ARGS) sweep.workers=$(N)
+
 test: $(STAMP) browser ## Run the test suite (tiny models, offline)
 	$(PY) -m pytest -q $(ARGS)
 
-# The report test renders report.html in headless Chromium (Debian's package). Best effort: without
-# it that one test skips and says why.
+# System packages the tests use, from Debian; best effort, so a machine without apt still runs the rest:
+# chromium renders report.html (that one test skips without it); postgresql's server binaries
+# (initdb, pg_ctl) back the parallel-sweep tests' throwaway PostgreSQL cluster (they skip without it).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Debian chromium for the report render test"; \
 	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
 	  echo "chromium could not be installed; the render test will be skipped"; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian postgresql for the shared-storage tests"; \
+	  (apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1)) || \
+	  echo "postgresql could not be installed; the PostgreSQL tests will be skipped"; }
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
@@ -91,4 +103,4 @@ clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup browser demo demo-shapes demo-methods sweep test test-fast lint bench report export dashboard clean distclean
+.PHONY: help setup browser demo demo-shapes demo-methods sweep workers test test-fast lint bench report export dashboard clean distclean

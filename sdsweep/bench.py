@@ -400,6 +400,12 @@ def bench_eval(plan: Plan) -> dict[str, Any]:
 
 
 # ---- 4. GPU -------------------------------------------------------------------------------------------
+def run_parallel_bench(out: dict[str, Any], quick: bool, workdir: Path) -> dict[str, Any]:
+    from sdsweep import bench_parallel
+
+    return bench_parallel.run_parallel_bench(out, quick=quick, workdir=workdir)
+
+
 def bench_gpu(quick: bool, workdir: Path) -> dict[str, Any]:
     from sdsweep import bench_gpu as gpu
 
@@ -474,6 +480,10 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"   speedup {ev['speedup']:.2f}x")
     lines.append("")
     lines += gpu_lines(results.get("gpu", {}))
+    if "parallel" in results:
+        from sdsweep.bench_parallel import table as parallel_table
+
+        lines += ["", "5. " + parallel_table(results["parallel"])]
     lines.append("")
     lines.append("Targets:")
     for key, verdict in results.get("verdicts", {}).items():
@@ -531,7 +541,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sdsweep.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("--quick", action="store_true", help="tiny grid and few repeats (smoke test)")
-    parser.add_argument("--sections", default="sweep,step,eval,gpu", help="comma-separated subset to run")
+    parser.add_argument(
+        "--sections", default="sweep,step,eval,gpu,parallel", help="comma-separated subset to run"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -558,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
             "step": lambda: bench_step(plan),
             "eval": lambda: bench_eval(plan),
             "gpu": lambda: bench_gpu(args.quick, workdir),
+            # 1 vs 2 workers, and the default worker pool against in-process and the plain way
+            "parallel": lambda: run_parallel_bench({}, quick=args.quick, workdir=workdir / "parallel"),
         }
         for name, fn in sections.items():
             if name in wanted:

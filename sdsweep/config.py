@@ -206,9 +206,26 @@ class SweepConfig:
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
     constraints: list[str] = field(default_factory=list)  # e.g. "eval/appropriate_rate >= 0.75"
     pruner: str = "none"  # none | median | hyperband
-    n_trials: Optional[int] = None  # None: the whole grid (grid) or 20 (tpe/random)
+    # Trials WITH A RESULT (complete, pruned, or failed for good) the study should reach: None means
+    # the whole grid (grid) or 20 (tpe/random). Attempts that were handed back (Ctrl-C), taken over
+    # from a dead worker and retried, or lost a claim race do not count.
+    n_trials: Optional[int] = None
     timeout: Optional[float] = None  # seconds
-    storage: Optional[str] = None  # None: sqlite under the study folder; any Optuna RDB URL or *.journal
+    # Optuna storage shared by every worker and machine on this study. None: sqlite under the study
+    # folder. Also sqlite:///path.db, postgresql+psycopg://user@host/db (many machines), or a
+    # JournalStorage file on a shared filesystem: journal:///abs/path/study.log (or a path ending .log/.journal).
+    storage: Optional[str] = None
+    # Training runs at once on this machine: an int, or "auto" (one per visible CUDA device, 1 on CPU).
+    # Each worker is a long-lived process that imports torch once and runs many runs.
+    workers: Any = 1
+    # CUDA device indices to use (None: all visible); worker i runs on devices[i % len(devices)].
+    devices: Optional[list[int]] = None
+    max_retries: int = 2  # a run whose worker died is retried this often before its trials stay FAIL
+    heartbeat_interval: float = 10.0  # seconds between a worker's heartbeats in the storage
+    grace_period: float = 60.0  # a RUNNING trial silent this long is taken over by another worker
+    # Stop early, with one message, when the first this-many trials all fail with the same
+    # configuration-type error (missing model, bad config): nothing else would succeed either. 0: never.
+    stop_after_failures: int = 3
     share_milestones: bool = True  # one training run serves every step count of a grid row
     keep_best_k: int = 3  # trials outside the best k lose their weights (-1 keeps all)
     isolation: str = "subprocess"  # subprocess (crash-proof) | inprocess (faster, for tests)
@@ -493,6 +510,33 @@ def _validate_sweep(cfg: Config) -> None:
     check_metric_names(cfg)
     if sweep.n_trials is not None and sweep.n_trials <= 0:
         _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
+    _validate_parallel(sweep)
+
+
+def _validate_parallel(sweep: SweepConfig) -> None:
+    workers = sweep.workers
+    if not (
+        workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1)
+    ):
+        _fail("sweep.workers", workers, 'give a whole number >= 1 or "auto" (one per visible GPU).')
+    if sweep.devices is not None and (
+        not sweep.devices or any(not isinstance(d, int) or d < 0 for d in sweep.devices)
+    ):
+        _fail(
+            "sweep.devices", sweep.devices, "give CUDA device indices, e.g. [0,1], or null for all visible."
+        )
+    if sweep.max_retries < 0:
+        _fail("sweep.max_retries", sweep.max_retries, "it must be 0 or more.")
+    if sweep.stop_after_failures < 0:
+        _fail("sweep.stop_after_failures", sweep.stop_after_failures, "it must be 0 (never) or more.")
+    if sweep.heartbeat_interval <= 0:
+        _fail("sweep.heartbeat_interval", sweep.heartbeat_interval, "it must be greater than zero seconds.")
+    if sweep.grace_period <= 2 * sweep.heartbeat_interval:
+        _fail(
+            "sweep.grace_period",
+            sweep.grace_period,
+            f"it must exceed twice sweep.heartbeat_interval ({sweep.heartbeat_interval}s), or live runs are taken over.",
+        )
 
 
 def _schema_of(annotation: Any) -> Any:

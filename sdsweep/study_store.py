@@ -7,7 +7,6 @@ results reach the storage even when the driver is killed.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ INTERRUPTED = "interrupted"
 SUPERSEDED = "superseded"  # an interrupted trial whose grid point was queued again
 GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_key)
 RUN_KEY = "run_key"
+TRIAL_DIR = "trial_dir"  # where the trial's files are, for a person reading the study in optuna-dashboard
+WANDB_RUN_ID = "wandb_run_id"
 
 
 def single_run_sweep():
@@ -38,19 +39,49 @@ def storage_url(cfg: Config, study_root: Path) -> str:
     return f"sqlite:///{(study_root / 'study.db').resolve()}"
 
 
+def journal_path(url: str) -> str | None:
+    """``journal:///abs/study.log`` (or a bare path ending in .log/.journal) names a JournalStorage file."""
+    if url.startswith("journal:"):
+        return url.removeprefix("journal:").removeprefix("//")
+    if "://" not in url and url.endswith((".log", ".journal")):
+        return url
+    return None
+
+
 def open_storage(url: str):
-    if url.endswith(".journal") or url.startswith("journal:"):
+    path = journal_path(url)
+    if path is not None:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        path = url.removeprefix("journal:")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # SQLite under concurrent writers (driver + worker) needs a busy timeout.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return _create_rdb_storage(url, engine_kwargs)
+
+
+def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], attempts: int = 8):
+    """RDBStorage, retried: processes that start together on a new database race to create its tables.
+
+    SQLite answers the loser with a UNIQUE violation on alembic_version, PostgreSQL with one on pg_type;
+    by the next attempt the winner has created the schema and the loser just opens it.
+    """
+    import random
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def make_sampler(cfg: Config):
@@ -76,16 +107,55 @@ def directions(cfg: Config) -> list[str]:
     return [o.direction for o in cfg.sweep.objectives]
 
 
+class StudyHandle:
+    """An Optuna study together with the storage object we built for it.
+
+    Holding the storage ourselves gives its public methods (trial ids, attributes, state) without
+    reaching into ``study._storage``.
+    """
+
+    def __init__(self, cfg: Config, url: str, study_name: str):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.url = url
+        self.storage = open_storage(url)
+        self.study = optuna.create_study(
+            study_name=study_name,
+            storage=self.storage,
+            load_if_exists=True,
+            directions=directions(cfg),
+            sampler=make_sampler(cfg),
+            pruner=make_pruner(cfg),
+        )
+        self.study_id = self.storage.get_study_id_from_name(study_name)
+        names = [o.metric for o in cfg.sweep.objectives]
+        if self.study.metric_names is None and names:
+            import warnings
+
+            # "experimental" since Optuna 3.2, and still the way to name objectives.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.set_metric_names(names)  # optuna-dashboard shows "eval/clip_score", not "values_0"
+
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def trials(self, states=None) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states)
+
+    def get_trial(self, number: int) -> optuna.trial.FrozenTrial:
+        return self.storage.get_trial(self.trial_id(number))
+
+    def set_attr(self, number: int, key: str, value: Any) -> bool:
+        """Set a user attribute on a trial; False when the trial has already finished."""
+        try:
+            self.storage.set_trial_user_attr(self.trial_id(number), key, value)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            return False
+        return True
+
+
 def open_study(cfg: Config, url: str, study_name: str) -> optuna.Study:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
-        study_name=study_name,
-        storage=open_storage(url),
-        load_if_exists=True,
-        directions=directions(cfg),
-        sampler=make_sampler(cfg),
-        pruner=make_pruner(cfg),
-    )
+    return StudyHandle(cfg, url, study_name).study
 
 
 def objective_values(cfg: Config, metrics: dict[str, Any]) -> list[float] | str:
@@ -102,13 +172,14 @@ def objective_values(cfg: Config, metrics: dict[str, Any]) -> list[float] | str:
 class TrialLink:
     """Report and tell one Optuna trial from whichever process trains it."""
 
-    def __init__(self, study: optuna.Study, number: int, trial_id: int):
-        self.study = study
+    def __init__(self, handle: StudyHandle, number: int):
+        self.handle = handle
+        self.study = handle.study
         self.number = number
-        self.trial = optuna.trial.Trial(study, trial_id)
+        self.trial = optuna.trial.Trial(handle.study, handle.trial_id(number))
 
     def state(self) -> TrialState:
-        return self.study._storage.get_trial(self.trial._trial_id).state
+        return self.handle.get_trial(self.number).state
 
     def set_attr(self, key: str, value: Any) -> None:
         self.trial.set_user_attr(key, value)
@@ -123,7 +194,11 @@ class TrialLink:
     def complete(self, values: list[float], violations: dict[str, float]) -> None:
         self.set_attr(VIOLATIONS, violations)
         for name, violation in violations.items():
-            self.trial.set_constraint(name, float(violation))  # <= 0 means satisfied
+            self.trial.set_constraint(name, float(violation))  # <= 0 means satisfied, for Optuna
+            # ... and a line a person can read in the dashboard.
+            self.set_attr(
+                f"constraint: {name}", "satisfied" if violation <= 0 else f"violated by {violation:.4g}"
+            )
         self.study.tell(self.number, values=values if len(values) > 1 else values[0])
 
     def fail(self, reason: str) -> None:
@@ -133,11 +208,3 @@ class TrialLink:
     def prune(self, reason: str) -> None:
         self.set_attr(FAIL_REASON, reason[:2000])
         self.study.tell(self.number, state=TrialState.PRUNED)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

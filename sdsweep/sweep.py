@@ -1,28 +1,35 @@
-"""The sweep driver: one Optuna study per ``study`` name, one training run at a time, resumable.
+"""The sweep: one Optuna study per ``study`` name, shared by every worker on every machine, resumable.
 
-Re-running the same command continues the study: trials a killed process left RUNNING are failed
-and their grid points queued again, finished grid points are never re-run, and a finished grid is
-reported as finished instead of being sampled again.
+``SweepEngine`` plans from the storage and claims one training run at a time (sdsweep/claims.py);
+it runs inside the driver (``sweep.isolation=inprocess``) or inside each long-lived worker of the
+pool (sdsweep/pool.py). The grid is planned again every time a worker looks for work, so drivers on
+other machines that join the study simply take the runs nobody holds. Re-running the same command
+continues the study: runs whose heartbeat stopped are taken over and resume from their checkpoint,
+finished grid points are never re-run, and a finished grid is reported as finished.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from sdsweep import io
+from sdsweep import io, signals
+from sdsweep.claims import HEARTBEAT, OWNER, Claims, Heartbeat
 from sdsweep.compose import user_overrides
 from sdsweep.config import Config, ParamSpec, SweepConfig
+from sdsweep.fingerprint import ensure_study_identity
 from sdsweep.plan import (
     STEP_KEY,
     RunPlan,
@@ -33,20 +40,16 @@ from sdsweep.plan import (
     point_key,
     short_params,
 )
+from sdsweep.preflight import available_search_space
 from sdsweep.progress import Progress
 from sdsweep.results import best_trial, write_results
-from sdsweep.study_store import (
-    FAIL_REASON,
-    GRID_POINT,
-    INTERRUPTED,
-    SUPERSEDED,
-    open_study,
-    pid_alive,
-    storage_url,
-)
+from sdsweep.study_store import FAIL_REASON, GRID_POINT, RUN_KEY, SUPERSEDED, StudyHandle, storage_url
 from sdsweep.trial import RunSpec, TrialSlot, compose_config, execute_baseline, execute_run
 
-DRIVER = "driver"  # user attr: host:pid of the process that owns a RUNNING trial
+TICKET = "ticket"  # user attr: this trial was its run's claim ticket (the run's first point)
+# Exceptions that say the configuration is wrong, not the trial: K of them in a row stop the sweep.
+CONFIG_ERRORS = ("ConfigError", "ModelUnavailableError", "DataError", "UserError")
+WAIT, AGAIN = "wait", "again"  # next_run's internal answers: others hold the rest / lost a race
 
 
 @dataclass
@@ -64,96 +67,193 @@ def log(message: str) -> None:
     print(f"[sdsweep] {message}", flush=True)
 
 
-class SweepDriver:
-    def __init__(self, overrides: list[str]):
+def host_name() -> str:
+    """The host an sdsweep process reports; SDSWEEP_HOST overrides it (tests simulate a second machine)."""
+    return os.environ.get("SDSWEEP_HOST") or socket.gethostname()
+
+
+class SweepEngine:
+    """Plan from the storage, claim a run, execute it, repeat; one per process that trains."""
+
+    def __init__(
+        self,
+        overrides: list[str],
+        label: str = "driver",
+        token: str | None = None,
+        retry_below: int | None = None,
+    ):
         self.overrides = user_overrides(list(overrides))
         self.cfg: Config = compose_config(self.overrides)
         self.sweep: SweepConfig = self.cfg.sweep
+        if self.sweep.skip_unavailable:  # the preflight named what is left out
+            self.sweep.params, _ = available_search_space(self.cfg)
         self.paths = io.StudyPaths.of(self.cfg.paths.root, self.cfg.study)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.storage = storage_url(self.cfg, self.paths.root)
-        self.study = open_study(self.cfg, self.storage, self.cfg.study)
-        self.me = f"{socket.gethostname()}:{os.getpid()}"
-        self.outcome = SweepOutcome(self.paths.root, self.paths.results_csv)
+        self.handle = StudyHandle(self.cfg, self.storage, self.cfg.study)
+        self.study = self.handle.study
+        self.label = label
+        self.token = token or uuid.uuid4().hex[:8]
+        self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]")
+        self.heartbeat: Heartbeat | None = None
+        # sweep.retry_failed re-runs failures of EARLIER invocations only (trial numbers below this),
+        # never a failure of this sweep, which would loop forever.
+        self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
+        self.started = time.monotonic()
+        self.overall: Progress | None = None  # points done of those this process found pending
+        self.announced = False
+        self.stop_message: str | None = None
+        self.runs_launched = 0
+        self.trials_launched = 0
         # A single run is identified by its whole config, so changing any value runs again.
         self.single_key = None
         if self.sweep.name == "single":
-            import hashlib
-
             from sdsweep.config import to_yaml
 
             self.single_key = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
 
+    def say(self, message: str) -> None:
+        log(f"{self.label}: {message}" if self.label != "driver" else message)
+
     def key_of(self, point: dict[str, Any]) -> str:
         return self.single_key if self.single_key and not point else point_key(point)
 
-    # ---- resume -------------------------------------------------------------------------------
-    def recover_interrupted(self) -> int:
-        """Fail trials whose owning process is gone, so their grid points are queued again."""
-        host = socket.gethostname()
-        recovered = 0
-        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = str(frozen.user_attrs.get(DRIVER, ""))
-            owner_host, _, owner_pid = owner.partition(":")
-            if owner_host == host and owner_pid.isdigit() and pid_alive(int(owner_pid)) and owner != self.me:
-                continue  # another driver on this machine is still working on it
-            # Attributes first: a finished trial can no longer be changed.
-            self.study._storage.set_trial_user_attr(frozen._trial_id, INTERRUPTED, True)
-            self.study._storage.set_trial_user_attr(frozen._trial_id, SUPERSEDED, True)
-            self.study._storage.set_trial_user_attr(
-                frozen._trial_id, FAIL_REASON, "interrupted: the sweep process was killed during this trial"
-            )
-            self.study.tell(frozen.number, state=TrialState.FAIL)
-            recovered += 1
-        for _waiting in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            trial = self.study.ask()  # a queued point from a killed driver: retire it, it is re-planned
-            trial.set_user_attr(SUPERSEDED, True)
-            self.study.tell(trial.number, state=TrialState.FAIL)
-        if recovered:
-            log(f"resuming: {recovered} interrupted trial(s) marked FAIL and their grid points queued again")
-        return recovered
-
+    # ---- what the study holds -------------------------------------------------------------------
     def superseded(self) -> set[int]:
-        """Trials whose grid point was queued again; kept in storage, left out of results."""
-        marked = {t.number for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(SUPERSEDED)}
-        return marked | set(self.study.user_attrs.get(SUPERSEDED, []))
+        """Trials that are not results: lost claims, handed-back and retried attempts, retry_failed."""
+        marked = {t.number for t in self.handle.trials() if t.user_attrs.get(SUPERSEDED)}
+        prefix = f"{SUPERSEDED}:"
+        study_marks = {int(k[len(prefix) :]) for k in self.study.user_attrs if k.startswith(prefix)}
+        return marked | study_marks | set(self.study.user_attrs.get(SUPERSEDED, []))
 
     def supersede(self, number: int) -> None:
-        numbers = set(self.study.user_attrs.get(SUPERSEDED, []))
-        if number not in numbers:
-            self.study.set_user_attr(SUPERSEDED, sorted(numbers | {number}))
+        # One key per trial: concurrent workers never lose each other's marks (no read-modify-write).
+        self.study.set_user_attr(f"{SUPERSEDED}:{number}", True)
 
     def decided_points(self) -> dict[str, list[optuna.trial.FrozenTrial]]:
         """Grid points that already have an outcome that should stand."""
         decided: dict[str, list[optuna.trial.FrozenTrial]] = {}
         superseded = self.superseded()
-        for frozen in self.study.get_trials(deepcopy=False):
-            key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
+        for frozen in self.handle.trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
             if frozen.number in superseded:
                 continue
-            if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED):
-                decided.setdefault(key, []).append(frozen)
-            elif frozen.state == TrialState.FAIL:
-                if frozen.user_attrs.get(INTERRUPTED) or self.sweep.retry_failed:
-                    self.supersede(frozen.number)
-                else:
-                    decided.setdefault(key, []).append(frozen)
+            key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
+            if (
+                frozen.state == TrialState.FAIL
+                and self.sweep.retry_failed
+                and frozen.number < self.retry_below
+            ):
+                self.supersede(frozen.number)
+                continue
+            decided.setdefault(key, []).append(frozen)
         return decided
 
-    # ---- trials ---------------------------------------------------------------------------------
-    def new_slot(self, point: dict[str, Any], step: int) -> TrialSlot:
-        self.study.enqueue_trial({k: canonical(v) for k, v in point.items()}, skip_if_exists=False)
-        trial = self.study.ask()
+    def live_points(self) -> set[str]:
+        now = time.time()
+        return {
+            t.user_attrs.get(GRID_POINT) or point_key(t.params)
+            for t in self.handle.trials(states=(TrialState.RUNNING,))
+            if self.claims.is_live(t, now)
+        }
+
+    def config_failure(self) -> str | None:
+        """The shared reason when the first K finished trials all failed on the configuration."""
+        k = self.sweep.stop_after_failures
+        if k <= 0:
+            return None
+        superseded = self.superseded()
+        finished = [t for t in self.handle.trials() if t.state.is_finished() and t.number not in superseded][
+            :k
+        ]
+        if len(finished) < k or any(t.state != TrialState.FAIL for t in finished):
+            return None
+        kinds = {str(t.user_attrs.get(FAIL_REASON, "")).split(":", 1)[0] for t in finished}
+        if len(kinds) == 1 and kinds & set(CONFIG_ERRORS):
+            return str(finished[0].user_attrs.get(FAIL_REASON))
+        return None
+
+    # ---- claiming ---------------------------------------------------------------------------------
+    def next_run(self) -> RunSpec | None:
+        """Claim the next run for this process; None when the study needs nothing more from it."""
+        while True:
+            if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
+                self.stop_message = (
+                    f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
+                )
+                return None
+            if self.config_failure():
+                self.stop_message = self.why_stopped()
+                return None
+            reaped = self.claims.reap_stale()
+            if reaped:
+                self.say(f"resuming: {reaped} interrupted trial(s) whose heartbeat stopped are taken over")
+            answer = self.claim_grid() if self.sweep.sampler == "grid" else self.claim_search()
+            if answer == WAIT:
+                time.sleep(min(self.sweep.heartbeat_interval, 2.0))
+            elif answer != AGAIN:
+                return answer
+
+    def params_of(self, point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        params, distributions = {}, {}
         for key, spec in self.sweep.params.items():
             if key in point:
-                choices = [canonical(c) for c in spec.choices] if spec.choices else [canonical(point[key])]
-                trial.suggest_categorical(key, choices)
-        trial.set_user_attr(GRID_POINT, self.key_of(point))
-        trial.set_user_attr(DRIVER, self.me)
-        return TrialSlot(number=trial.number, trial_id=trial._trial_id, step=step, params=point)
+                value = canonical(point[key])
+                choices = [canonical(c) for c in spec.choices] if spec.choices else [value]
+                params[key], distributions[key] = value, CategoricalDistribution(choices)
+        return params, distributions
 
-    def sampled_slot(self) -> TrialSlot:
-        trial = self.study.ask()
+    def new_trial(self, point: dict[str, Any], run: RunPlan, ticket: bool) -> TrialSlot:
+        params, distributions = self.params_of(point)
+        attrs = {GRID_POINT: self.key_of(point), RUN_KEY: run.key, TICKET: ticket}
+        number = self.claims.create_ticket(params, distributions, attrs)
+        step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
+        return TrialSlot(number=number, trial_id=self.handle.trial_id(number), step=step, params=point)
+
+    def claim_grid(self) -> RunSpec | str | None:
+        points = grid_points(self.sweep.params) if self.sweep.params else [{}]
+        decided = self.decided_points()
+        live = self.live_points()
+        pending = [p for p in points if self.key_of(p) not in decided and self.key_of(p) not in live]
+        if self.sweep.n_trials is not None:
+            pending = pending[: max(0, self.sweep.n_trials - len(decided) - len(live))]
+        if not pending:
+            if live:
+                return WAIT  # the rest is being trained elsewhere; wait in case its worker dies
+            if not self.announced:
+                log(f"grid finished: all {len(points)} grid points have results; nothing to run")
+            return None
+        runs = plan_runs(pending, self.cfg, self.sweep.share_milestones)
+        if not self.announced:
+            self.announced = True
+            self.overall = Progress(
+                f"sweep {self.cfg.study} ({self.label})", len(pending), "points", lines_only=True
+            )
+            self.say(
+                f"study '{self.cfg.study}': {len(points)} grid points, {len(decided)} already done, "
+                f"{len(live)} running elsewhere, {len(pending)} to run in {len(runs)} training run(s)"
+            )
+        for run in runs:
+            keys = {self.key_of(p) for p in run.points}
+            first = self.new_trial(run.points[0], run, ticket=True)
+            if not self.claims.won(first.number, run.key, keys, set(self.decided_points())):
+                self.claims.lose(first.number)
+                continue
+            slots = [first] + [self.new_trial(p, run, ticket=False) for p in run.points[1:]]
+            return self.spec_for(run, slots)
+        return AGAIN  # every run was claimed by someone else meanwhile: plan again
+
+    def claim_search(self) -> RunSpec | str | None:
+        target = self.sweep.n_trials or 20
+        done = sum(len(v) for v in self.decided_points().values())
+        running = len(self.live_points())
+        if done >= target:
+            log(f"search finished: {done}/{target} trials have results")
+            return None
+        if done + running >= target:
+            return WAIT
+        trial = self.study.ask()  # a new trial per call: nothing to race for
+        trial.set_user_attr(OWNER, self.claims.owner)
+        trial.set_user_attr(HEARTBEAT, time.time())
         point: dict[str, Any] = {}
         for key, spec in sorted(self.sweep.params.items()):
             point[key] = suggest(trial, key, spec)
@@ -162,10 +262,16 @@ class SweepDriver:
             # A separate Optuna parameter per method: each keeps its own distribution.
             spec = self.sweep.learning_rate_by_method[method]
             point["method.learning_rate"] = suggest(trial, f"method.learning_rate[{method}]", spec)
+        run = RunPlan(base=point, points=[point], shared=False)
         trial.set_user_attr(GRID_POINT, point_key(point))
-        trial.set_user_attr(DRIVER, self.me)
+        trial.set_user_attr(RUN_KEY, run.key)
+        trial.set_user_attr(TICKET, True)
         step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
-        return TrialSlot(number=trial.number, trial_id=trial._trial_id, step=step, params=point)
+        slot = TrialSlot(
+            number=trial.number, trial_id=self.handle.trial_id(trial.number), step=step, params=point
+        )
+        self.say(f"trial {slot.number} ({done + running + 1}/{target}): {short_params(point)}")
+        return self.spec_for(run, [slot])
 
     def spec_for(self, run: RunPlan, slots: list[TrialSlot]) -> RunSpec:
         overrides = self.overrides + overrides_for(run.base if run.shared else run.points[0])
@@ -186,163 +292,94 @@ class SweepDriver:
             report_every=report_every,
         )
 
-    def execute(self, spec: RunSpec) -> None:
-        if self.sweep.isolation == "inprocess":
-            (execute_baseline if spec.kind == "baseline" else execute_run)(spec)
-            return
-        self.paths.runs.mkdir(parents=True, exist_ok=True)
-        name = "baseline" if spec.kind == "baseline" else f"{spec.run_key}-t{spec.slots[0].number:04d}"
-        spec_path = io.atomic_write_text(self.paths.runs / f"{name}.json", spec.to_json())
-        log_path = self.paths.runs / f"{name}.log"
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.run(
-                [sys.executable, "-m", "sdsweep.worker", str(spec_path)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        if proc.returncode != 0:
-            tail = _tail(log_path)
-            how = (
-                f"killed by signal {-proc.returncode}"
-                if proc.returncode < 0
-                else f"exit code {proc.returncode}"
-            )
-            reason = f"worker process {how}; last output: {tail}"
-            if spec.kind == "baseline":
-                raise RuntimeError(f"The baseline evaluation failed ({reason}). Full log: {log_path}")
-            self.fail_leftovers(spec.slots, reason)
-
-    def fail_leftovers(self, slots: list[TrialSlot], reason: str) -> None:
-        """Trials a crashed worker could not close: FAIL with the crash as the reason."""
-        for slot in slots:
-            frozen = self.study._storage.get_trial(slot.trial_id)
-            if frozen.state == TrialState.RUNNING:
-                self.study._storage.set_trial_user_attr(slot.trial_id, FAIL_REASON, reason[:2000])
-                self.study.tell(slot.number, state=TrialState.FAIL)
-                record = {
-                    "trial": slot.number,
-                    "state": "FAIL",
-                    "params": slot.params,
-                    "fail_reason": reason,
-                    "step": slot.step,
-                }
-                io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
-
-    # ---- the loop ---------------------------------------------------------------------------------
-    def write_study_json(self) -> None:
-        cfg = self.cfg
-        payload = {
-            "study": cfg.study,
-            "storage": self.storage,
-            "sweep": self.sweep.name,
-            "sampler": self.sweep.sampler,
-            "params": sorted(self.sweep.params),
-            "objectives": [{"metric": o.metric, "direction": o.direction} for o in self.sweep.objectives],
-            "constraints": list(self.sweep.constraints),
-            "model": cfg.model.name,
-            "pretrained": cfg.model.path or cfg.model.pretrained,
-            "method": cfg.method.name,
-            "trigger_word": cfg.data.trigger_word,
-            "placeholder_token": cfg.method.placeholder_token
-            if cfg.method.name == "textual_inversion"
-            else None,
-            "eval": {
-                "prompts": list(cfg.eval.prompts),
-                "seeds": [cfg.eval.seed + i for i in range(cfg.eval.num_images_per_prompt)],
-                "scheduler": cfg.eval.scheduler,
-                "num_inference_steps": cfg.eval.num_inference_steps,
-            },
-            "overrides": self.overrides,
-        }
-        io.atomic_write_json(self.paths.study_json, payload)
-
+    # ---- executing ----------------------------------------------------------------------------------
     def ensure_baseline(self) -> None:
-        if not self.cfg.eval.baseline:
+        """Evaluate the untuned model once per study folder; a file lock makes concurrent workers wait."""
+        if not self.cfg.eval.baseline or self.baseline_done():
             return
-        if (io.read_json(self.paths.baseline / io.TRIAL_METRICS) or {}).get("state") == "COMPLETE":
-            return
-        log("evaluating the untuned base model once for this study (baseline)")
-        spec = RunSpec(
-            kind="baseline",
-            study=self.cfg.study,
-            study_root=str(self.paths.root.resolve()),
-            storage=self.storage,
-            overrides=self.overrides,
-        )
-        self.execute(spec)
-
-    def run(self) -> SweepOutcome:
-        started = time.monotonic()
-        self.write_study_json()
-        self.recover_interrupted()
-        self.ensure_baseline()
-        if self.sweep.sampler == "grid":
-            self.run_grid(started)
-        else:
-            self.run_search(started)
-        return self.finish()
-
-    def out_of_time(self, started: float) -> bool:
-        return self.sweep.timeout is not None and time.monotonic() - started > self.sweep.timeout
-
-    def run_grid(self, started: float) -> None:
-        points = grid_points(self.sweep.params) if self.sweep.params else [{}]
-        decided = self.decided_points()
-        pending = [p for p in points if self.key_of(p) not in decided]
-        if self.sweep.n_trials is not None:
-            pending = pending[: max(0, self.sweep.n_trials - len(decided))]
-        if not pending:
-            log(f"grid finished: all {len(points)} grid points have results; nothing to run")
-            self.outcome.finished = True
-            return
-        runs = plan_runs(pending, self.cfg, self.sweep.share_milestones)
-        log(
-            f"study '{self.cfg.study}': {len(points)} grid points, {len(points) - len(pending)} already done, "
-            f"{len(pending)} to run in {len(runs)} training run(s)"
-        )
-        overall = Progress(f"sweep {self.cfg.study}", len(pending), "points", lines_only=True)
-        for index, run in enumerate(runs, 1):
-            if self.out_of_time(started):
-                log(f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue")
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        with open(self.paths.root / ".baseline.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.baseline_done():
                 return
-            default_step = self.cfg.train.max_train_steps
-            slots = [self.new_slot(p, int(p.get(STEP_KEY, default_step))) for p in run.points]
-            what = (
-                f"milestones {'/'.join(str(s.step) for s in slots)}"
-                if run.shared
-                else f"{slots[0].step} steps"
+            self.say("evaluating the untuned base model once for this study (baseline)")
+            spec = RunSpec(
+                kind="baseline",
+                study=self.cfg.study,
+                study_root=str(self.paths.root.resolve()),
+                storage=self.storage,
+                overrides=self.overrides,
             )
-            log(f"run {index}/{len(runs)}: {short_params(run.base) or 'config as given'} ({what})")
-            self.execute(self.spec_for(run, slots))
-            self.after_run(slots)
-            overall.advance(len(slots), runs_left=len(runs) - index)
-        self.outcome.finished = True
+            execute_baseline(spec)
 
-    def run_search(self, started: float) -> None:
-        target = self.sweep.n_trials or 20
-        while True:
-            decided = self.decided_points()
-            done = sum(len(v) for v in decided.values())
-            if done >= target:
-                log(f"search finished: {done}/{target} trials have results")
-                self.outcome.finished = True
-                return
-            if self.out_of_time(started):
-                log(f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue")
-                return
-            slot = self.sampled_slot()
-            run = RunPlan(base=slot.params, points=[slot.params], shared=False)
-            log(f"trial {slot.number} ({done + 1}/{target}): {short_params(slot.params)}")
-            self.execute(self.spec_for(run, [slot]))
-            self.after_run([slot])
+    def is_finished(self) -> bool:
+        """Every grid point (or n_trials of them, or the search target) has a result that stands."""
+        if self.stop_message:
+            return False
+        decided = self.decided_points()
+        if self.sweep.sampler != "grid":
+            return sum(len(v) for v in decided.values()) >= (self.sweep.n_trials or 20)
+        points = grid_points(self.sweep.params) if self.sweep.params else [{}]
+        done = sum(1 for p in points if self.key_of(p) in decided)
+        return done >= min(len(points), self.sweep.n_trials or len(points))
+
+    def baseline_done(self) -> bool:
+        return (io.read_json(self.paths.baseline / io.TRIAL_METRICS) or {}).get("state") == "COMPLETE"
+
+    def work(self) -> None:
+        """Claim -> run -> claim ... until the study needs nothing more from this process."""
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(self.handle, self.sweep.heartbeat_interval)
+        try:
+            while (spec := self.next_run()) is not None:
+                self.run_one(spec)
+        finally:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self.stop_message and self.label == "driver":  # a pool's driver says it once for all workers
+            self.say(self.stop_message)
+
+    def why_stopped(self) -> str | None:
+        """After the pool: the reason the workers stopped early, if any (said once, by the driver)."""
+        reason = self.config_failure()
+        if reason:
+            return (
+                f"stopping: the first {self.sweep.stop_after_failures} trials all failed with a configuration "
+                f"error ({reason[:300]}); fix it and re-run the same command"
+            )
+        if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
+            return f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
+        return None
+
+    def run_one(self, spec: RunSpec) -> None:
+        slots = spec.slots
+        what = (
+            f"milestones {'/'.join(str(s.step) for s in slots)}" if spec.shared else f"{slots[0].step} steps"
+        )
+        numbers = [s.number for s in slots]
+        params = {k: v for k, v in slots[0].params.items() if not (spec.shared and k == STEP_KEY)}
+        self.say(
+            f"run {short_params(params) or 'config as given'} ({what}), "
+            f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+        )
+        assert self.heartbeat is not None
+        self.heartbeat.watch(numbers)
+        try:
+            execute_run(spec)
+        except signals.HandBack as stop:
+            left = [n for n in numbers if self.handle.get_trial(n).state == TrialState.RUNNING]
+            self.claims.hand_back(left, f"{stop} received")
+            raise
+        finally:
+            self.heartbeat.watch([])
+        self.runs_launched += 1
+        self.trials_launched += len(slots)
+        self.after_run(slots)
 
     def after_run(self, slots: list[TrialSlot]) -> None:
-        self.outcome.runs_launched += 1
-        self.outcome.trials_launched += len(slots)
         for slot in slots:
-            record = io.read_json(self.paths.trial(slot.number) / io.TRIAL_METRICS) or {}
-            state = record.get("state", self.study._storage.get_trial(slot.trial_id).state.name)
+            record = io.read_json_or_none(self.paths.trial(slot.number) / io.TRIAL_METRICS) or {}
+            state = record.get("state", self.handle.get_trial(slot.number).state.name)
             metrics = record.get("metrics") or {}
             shown = ", ".join(
                 f"{k.removeprefix('eval/')}={v:.4g}"
@@ -350,19 +387,70 @@ class SweepDriver:
                 if k.count("/") == 1 and isinstance(v, (int, float))
             )
             reason = record.get("fail_reason")
-            log(
+            self.say(
                 f"  trial {slot.number} [{short_params(slot.params)}]: {state}"
                 + (f" {shown}" if shown else "")
                 + (f" ({reason})" if reason else "")
             )
-        write_results(self.paths, self.study.get_trials(deepcopy=False), self.superseded())
+        write_results(self.paths, self.handle.trials(), self.superseded())
+        if self.overall is not None:
+            self.overall.advance(len(slots))
+
+
+class SweepDriver:
+    """The command a user runs: joins the study, runs the pool (or one in-process loop), reports."""
+
+    def __init__(self, overrides: list[str]):
+        self.engine = SweepEngine(overrides, label="driver")
+        self.overrides = self.engine.overrides
+        self.cfg: Config = self.engine.cfg
+        self.sweep: SweepConfig = self.engine.sweep
+        self.paths = self.engine.paths
+        self.storage = self.engine.storage
+        self.study = self.engine.study
+        self.outcome = SweepOutcome(self.paths.root, self.paths.results_csv)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self) -> SweepOutcome:
+        previous = signals.install()
+        try:
+            # study.json is written once with the study's fingerprint; a changed setup stops here.
+            ensure_study_identity(self.cfg, self.paths, self.overrides)
+            if self.sweep.isolation == "inprocess":
+                self.engine.ensure_baseline()
+                self.engine.work()
+                self.outcome.runs_launched = self.engine.runs_launched
+                self.outcome.trials_launched = self.engine.trials_launched
+            else:
+                from sdsweep.pool import WorkerPool
+
+                pool = WorkerPool(self.engine)
+                pool.run()
+                self.outcome.runs_launched, self.outcome.trials_launched = pool.launched()
+                self.engine.stop_message = self.engine.why_stopped()
+                if self.engine.stop_message:
+                    log(self.engine.stop_message)
+        except signals.HandBack as stop:
+            log(
+                f"stopped by {stop}: its runs were handed back; re-run the same command to resume from their checkpoints"
+            )
+            raise SystemExit(stop.exit_code) from None
+        finally:
+            signals.restore(previous)
+        self.outcome.finished = self.engine.is_finished()
+        return self.finish()
 
     def finish(self) -> SweepOutcome:
-        trials = self.study.get_trials(deepcopy=False)
-        frame = write_results(self.paths, trials, self.superseded())
+        trials = self.engine.handle.trials()
+        frame = write_results(self.paths, trials, self.engine.superseded())
         states = frame["state"].value_counts().to_dict() if "state" in frame else {}
         self.outcome.states = {str(k): int(v) for k, v in states.items()}
-        self.outcome.best = best_trial(frame, self.sweep.objectives[0].direction, feasible_only=False)
+        counts = self.outcome.states
+        log(
+            f"{sum(counts.get(k, 0) for k in ('COMPLETE', 'FAIL', 'PRUNED'))} finished ({counts.get('COMPLETE', 0)} complete, {counts.get('FAIL', 0)} failed, "
+            f"{counts.get('PRUNED', 0)} pruned)"
+        )
+        self.outcome.best = best_trial(frame, self.sweep.objectives, feasible_only=False)
         self.track_study(frame)
         return self.outcome
 
@@ -401,15 +489,6 @@ def suggest(trial: optuna.Trial, key: str, spec: ParamSpec) -> Any:
     return trial.suggest_float(
         key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step
     )
-
-
-def _tail(path: Path, limit: int = 600) -> str:
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return "(no log)"
-    lines = [line for line in text.splitlines() if line.strip()]
-    return " | ".join(lines[-4:])[-limit:]
 
 
 def run_sweep(overrides: list[str]) -> SweepOutcome:

@@ -355,8 +355,8 @@ def best_trial_summary(cfg: Config, results: Any) -> dict[str, Any]:
     """``best/*`` summary keys for the study run (empty when no trial completed)."""
     from sdsweep.results import best_trial
 
-    direction = cfg.sweep.objectives[0].direction if cfg.sweep and cfg.sweep.objectives else "maximize"
-    best = best_trial(results, direction, feasible_only=False)
+    objectives = cfg.sweep.objectives if cfg.sweep and cfg.sweep.objectives else "maximize"
+    best = best_trial(results, objectives, feasible_only=False)  # the rule the CLI and export use
     if best is None:
         return {"best/trial": None}
     return {f"best/{k}": _table_value(v) for k, v in best.items() if _table_value(v) is not None}

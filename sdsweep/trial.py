@@ -11,20 +11,38 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 
-from sdsweep import io
+from sdsweep import io, signals
 from sdsweep.config import Config, resolved_resolution, to_yaml
 from sdsweep.constraints import parse_constraint
 from sdsweep.progress import Progress
-from sdsweep.study_store import RUN_KEY, TrialLink, objective_values, open_study
+from sdsweep.study_store import (
+    RUN_KEY,
+    TRIAL_DIR,
+    VIOLATIONS,
+    WANDB_RUN_ID,
+    StudyHandle,
+    TrialLink,
+    objective_values,
+)
+
+# Test-only fault injection: SDSWEEP_FAULT=after_record makes the process SIGKILL itself right after a
+# trial's metrics.json is written and before Optuna is told (tests/test_parallel.py checks that
+# keep_best_k and resume handle that window). Never set it outside tests.
+FAULT = os.environ.get("SDSWEEP_FAULT", "")
+# Errors from telling a trial that someone else already finished (it was taken over as stale).
+TAKEN_OVER = (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError)
 
 
 @dataclass
@@ -68,15 +86,27 @@ class TrialRecorder:
         self.paths = paths
         self.baseline = baseline
         self.constraints = [parse_constraint(c) for c in cfg.sweep.constraints]
-        self.study = open_study(cfg, spec.storage, spec.study)
+        self.handle = StudyHandle(cfg, spec.storage, spec.study)
+        self.study = self.handle.study
         from sdsweep import tracking
 
         self.live = tracking.LiveTrialRuns(cfg, spec.study, spec.slots, paths.wandb)  # W&B while training
 
     def link(self, slot: TrialSlot) -> TrialLink:
-        link = TrialLink(self.study, slot.number, slot.trial_id)
+        link = TrialLink(self.handle, slot.number)
         link.set_attr(RUN_KEY, self.spec.run_key)
+        link.set_attr(TRIAL_DIR, str(self.paths.trial(slot.number)))
         return link
+
+    def tell(self, slot: TrialSlot, action) -> None:
+        """Tell Optuna; a trial finished by someone else meanwhile (taken over as stale) is left alone."""
+        try:
+            action()
+        except TAKEN_OVER as error:
+            print(
+                f"[sdsweep] trial {slot.number} was taken over by another worker ({error}); its result is kept on disk only",
+                flush=True,
+            )
 
     def base_record(self, slot: TrialSlot) -> dict[str, Any]:
         return {
@@ -128,7 +158,12 @@ class TrialRecorder:
         record["state"] = "COMPLETE"
         record["objective"] = values[0]
         io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
-        link.complete(values, record["violations"])
+        if FAULT == "after_record":
+            os.kill(os.getpid(), signal.SIGKILL)
+        for name, value in metrics.items():  # every metric readable per trial in the dashboard
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tell(slot, lambda n=name, v=value: link.set_attr(n, float(v)))
+        self.tell(slot, lambda: link.complete(values, record["violations"]))
 
     def fail(
         self, slot: TrialSlot, record: dict[str, Any], link: TrialLink, reason: str, state: str = "FAIL"
@@ -136,10 +171,7 @@ class TrialRecorder:
         record["state"] = state
         record["fail_reason"] = reason
         io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
-        if state == "PRUNED":
-            link.prune(reason)
-        else:
-            link.fail(reason)
+        self.tell(slot, lambda: link.prune(reason) if state == "PRUNED" else link.fail(reason))
 
     def track(self, slot: TrialSlot, record: dict[str, Any], images: dict) -> None:
         from sdsweep import tracking
@@ -150,6 +182,7 @@ class TrialRecorder:
         if run_id:
             record["wandb_run_id"] = run_id
             io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
+            self.handle.set_attr(slot.number, WANDB_RUN_ID, run_id)  # False once finished: kept on disk
 
 
 def compose_config(overrides: list[str]) -> Config:
@@ -170,6 +203,16 @@ def with_placeholder_prompts(cfg: Config) -> Config:
             " ".join(placeholder if w == trigger else w for w in p.split()) for p in cfg.eval.prompts
         ]
     return cfg
+
+
+def memory_record(setup: _Setup | None) -> dict[str, float | None]:
+    """The predicted peak next to the measured one (CUDA only), so the prediction can be checked on any GPU."""
+    if setup is None:
+        return {}
+    measured = None
+    if setup.device.type == "cuda":
+        measured = round(torch.cuda.max_memory_allocated(setup.device) / 2**30, 3)
+    return {"predicted_peak_memory_gb": round(setup.memory.total / 2**30, 3), "peak_memory_gb": measured}
 
 
 def release_memory() -> None:
@@ -193,12 +236,19 @@ class _Setup:
         from sdsweep.cache import build_training_dataset
         from sdsweep.data import ImageCaptionDataset, collate, load_examples, load_pil_images, split_examples
         from sdsweep.evaluate import Evaluator
+        from sdsweep.memory import check_fits
         from sdsweep.methods import get_method
         from sdsweep.models import load_components, select_device
 
         self.device = select_device(cfg.device)
         examples = load_examples(cfg)
         self.train_examples, heldout = split_examples(examples, cfg.data.num_heldout)
+        # Predicted before any weights load; on a GPU with too little memory the trial fails here with the
+        # settings that would fit, instead of an OOM minutes later.
+        self.memory = check_fits(cfg, self.device)
+        print(f"[sdsweep] {self.memory.describe()}", flush=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.components = load_components(cfg, self.device)
         self.method = get_method(cfg.method.name)(cfg, self.components, self.device, cache_dir=paths.cache)
         self.method.prepare()
@@ -304,13 +354,14 @@ def execute_run(spec: RunSpec) -> None:
         record["history"] = [h for h in history if h["step"] <= slot.step]
         record["evals"] = [e for e in evals if e["step"] <= slot.step]
         record["train_seconds"] = round(time.perf_counter() - t_start, 3)
+        record.update(memory_record(setup))
         if state == "COMPLETE":
             recorder.complete(slot, record, links[slot.number])
         else:
             recorder.fail(slot, record, links[slot.number], reason or "unknown", state=state)
         images = {"eval/grid": [g for g in grids if g[0] <= slot.step]}
         recorder.track(slot, record, images)
-        _enforce_keep_best_k(cfg, paths, recorder)
+        _enforce_keep_best_k(cfg, paths, recorder.handle)
         open_slots.remove(slot)
 
     def on_step(step: int, logs: dict[str, float]) -> None:
@@ -341,12 +392,13 @@ def execute_run(spec: RunSpec) -> None:
             recorder.live.log_eval(step, result.metrics, result.grid)
             grids.append((step, result.grid))
             weights = trial_dir / io.TRIAL_WEIGHTS
-            staging = io.staging_dir(weights)
-            setup.method.save(staging)
-            io.replace_dir(staging, weights)
-            record["weights"] = io.TRIAL_WEIGHTS
-            val_loss = result.metrics.get("eval/val_loss")
-            finish_slot(slot, "COMPLETE")
+            with signals.critical():  # a Ctrl-C here waits until the trial is recorded
+                staging = io.staging_dir(weights)
+                setup.method.save(staging)
+                io.replace_dir(staging, weights)
+                record["weights"] = io.TRIAL_WEIGHTS
+                val_loss = result.metrics.get("eval/val_loss")
+                finish_slot(slot, "COMPLETE")
             rate = result.metrics.get("eval/appropriate_rate")
             if rate is not None and rate == 0.0 and open_slots:
                 reason = f"stopped: eval/appropriate_rate collapsed to 0 at step {step} (every image degenerate or unsafe)"
@@ -388,6 +440,9 @@ def execute_run(spec: RunSpec) -> None:
         if not open_slots and checkpoint_dir is not None:
             # Every milestone is recorded: nothing is left to resume from.
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    except signals.HandBack:
+        open_slots.clear()  # not failed: the caller hands these trials back to the study
+        raise
     except TrainingDiverged as error:
         for slot in list(open_slots):
             finish_slot(slot, "FAIL", f"training diverged: {error}")
@@ -409,30 +464,53 @@ def execute_run(spec: RunSpec) -> None:
         for slot in list(open_slots):  # the loop ended before this milestone (should not happen)
             finish_slot(slot, "FAIL", f"training stopped before step {slot.step}")
         bar.close()
-        del setup
+        setup = None  # drop the models before the next run loads its own
         release_memory()
 
 
-def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, recorder: TrialRecorder) -> None:
-    """Keep weights only for the best k complete trials (feasible first), so disk use stays bounded."""
+def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) -> None:
+    """Keep weights only for the best k COMPLETE trials in the storage (feasible first).
+
+    The ranking comes from the study, not from trial folders: a folder whose metrics.json says
+    COMPLETE but whose trial was never told (killed in between) is not a result and is never ranked.
+    Safe with concurrent workers: a trial outside the top k of some snapshot of the study stays
+    outside it when more trials finish, and the best trial so far is always inside it. The record
+    says so before any file is deleted.
+    """
     k = cfg.sweep.keep_best_k
     if k < 0:
         return
     sign = 1.0 if cfg.sweep.objectives[0].direction == "maximize" else -1.0
     ranked = []
-    for trial_dir in paths.trial_dirs():
-        record = io.read_json(trial_dir / io.TRIAL_METRICS)
-        if not record or record.get("state") != "COMPLETE" or not record.get("weights"):
+    unranked = []
+    for frozen in handle.trials():
+        if frozen.state.is_finished():
+            _remove_staging(paths.trial(frozen.number))  # left by a save that was killed
+        if frozen.state.is_finished() and frozen.state != optuna.trial.TrialState.COMPLETE:
+            unranked.append(frozen.number)  # e.g. killed after its save and retried: not a result
+        if frozen.state != optuna.trial.TrialState.COMPLETE or not frozen.values:
             continue
-        objective = record.get("objective")
-        score = sign * objective if objective is not None and math.isfinite(objective) else -math.inf
-        ranked.append((not record.get("feasible", True), -score, record["trial"], trial_dir, record))
-    ranked.sort(key=lambda r: r[:3])
-    for _, _, _, trial_dir, record in ranked[k:]:
-        shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+        score = sign * frozen.values[0] if math.isfinite(frozen.values[0]) else -math.inf
+        violations = frozen.user_attrs.get(VIOLATIONS) or {}
+        feasible = all(float(v) <= 0 for v in violations.values())
+        ranked.append((not feasible, -score, frozen.number))
+    ranked.sort()
+    losers = [(number, f"not among the best {k} (sweep.keep_best_k)") for _, _, number in ranked[k:]]
+    losers += [(number, "this attempt has no result in the study (sweep.keep_best_k)") for number in unranked]
+    for number, why in losers:
+        trial_dir = paths.trial(number)
+        record = io.read_json(trial_dir / io.TRIAL_METRICS)
+        if not record or not record.get("weights"):
+            continue
         record["weights"] = None
-        record["weights_removed"] = f"not among the best {k} (sweep.keep_best_k)"
+        record["weights_removed"] = why
         io.atomic_write_json(trial_dir / io.TRIAL_METRICS, record)
+        shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+
+
+def _remove_staging(trial_dir: Path) -> None:
+    for leftover in trial_dir.glob(f".{io.TRIAL_WEIGHTS}.*.staging"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 __all__ = ["RunSpec", "TrialSlot", "compose_config", "execute_run", "execute_baseline"]

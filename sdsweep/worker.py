@@ -1,28 +1,58 @@
-"""``python -m sdsweep.worker <run.json>``: run one training run in its own process.
+"""``python -m sdsweep.worker <pool.json> <label> <token>``: one long-lived worker of the pool.
 
-Isolation means a segfault, an out-of-memory kill or a leaked CUDA context ends only this process;
-the driver then fails whatever trials the worker left RUNNING, with the exit status as the reason,
-and GPU memory is returned to the driver's next run.
+It imports torch once, evaluates the baseline if nobody has, then claims and trains runs until the
+study needs nothing more (SweepEngine.work). A crash, a segfault or an out-of-memory kill ends only
+this process: the driver fails its running trials with the reason and starts a replacement.
+SIGINT/SIGTERM (also sent when the driver dies) hand the current run back and exit.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
-from sdsweep.trial import RunSpec, execute_baseline, execute_run
+from sdsweep import signals
+
+BASELINE_FAILED = 3  # same value as sdsweep.pool.BASELINE_FAILED (not imported: keeps start-up small)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m sdsweep.worker <run.json>", file=sys.stderr)
+    if len(args) != 3:
+        print("usage: python -m sdsweep.worker <pool.json> <label> <token>", file=sys.stderr)
         return 2
-    spec = RunSpec.from_json(Path(args[0]).read_text())
-    if spec.kind == "baseline":
-        execute_baseline(spec)
-    else:
-        execute_run(spec)
+    job, label, token = json.loads(Path(args[0]).read_text()), args[1], args[2]
+    signals.install()
+    signals.watch_parent()  # fallback for PR_SET_PDEATHSIG (set by the pool when it started us)
+    try:
+        import torch
+
+        from sdsweep import progress, warnings_filter
+
+        warnings_filter.install()  # no torchvision advice: sdsweep runs without it on purpose
+        progress.quiet_library_bars()
+        threads = os.environ.get("SDSWEEP_TORCH_THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))  # N workers on one CPU split its cores
+
+        from sdsweep.sweep import SweepEngine
+
+        engine = SweepEngine(job["overrides"], label=label, token=token, retry_below=job.get("retry_below"))
+        try:
+            engine.ensure_baseline()
+        except signals.HandBack:
+            raise
+        except Exception as error:
+            print(
+                f"[sdsweep] {label}: the baseline evaluation failed: {type(error).__name__}: {error}",
+                flush=True,
+            )
+            return BASELINE_FAILED
+        engine.work()
+    except signals.HandBack:
+        return 0  # the run was handed back in SweepEngine.run_one; the driver prints the one line
     return 0
 
 

@@ -96,3 +96,42 @@ def finished_study(tmp_path_factory):
     outcome = run_sweep(FINISHED_STUDY_OVERRIDES + [f"paths.root={root}"])
     assert outcome.finished
     return outcome.study_dir
+
+
+# ---- parallel sweeps: a real PostgreSQL server and real driver processes ---------------------------------
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster on a free local port for the whole session (tests/pg.py)."""
+    from pg import PostgresServer, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
+        pytest.skip(reason)
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh empty database per test; its SQLAlchemy URL (postgresql+psycopg://...)."""
+    import uuid
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    url = postgres_server.create_database(name)
+    yield url
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def drivers(tmp_path):
+    """Start ``python -m sdsweep`` drivers; every process they spawned is killed at teardown."""
+    from drivers import DriverGroup
+
+    group = DriverGroup(tmp_path / "driver-logs")
+    try:
+        yield group
+    finally:
+        group.kill_all()

@@ -17,7 +17,18 @@ from sdsweep import bench
 def test_quick_bench_writes_results(tmp_path, capsys):
     out = tmp_path / "results.json"
 
-    code = bench.main(["--out", str(out), "--quick", "--workdir", str(tmp_path / "work")])
+    # The parallel section starts worker pools (minutes); tests/test_parallel.py covers that code path.
+    code = bench.main(
+        [
+            "--out",
+            str(out),
+            "--quick",
+            "--sections",
+            "sweep,step,eval,gpu",
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    )
 
     assert code == 0, capsys.readouterr().out[-3000:]
     results = json.loads(out.read_text())

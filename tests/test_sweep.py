@@ -171,6 +171,9 @@ def test_sigkill_mid_sweep_then_resume_completes_every_point_exactly_once(tmp_pa
             "sweep.learning_rates=[1e-4,1e-3]",
             "sweep.steps=[2,6]",
             "sweep.isolation=subprocess",
+            # Liveness is a heartbeat in the storage: the re-run takes the killed run over once it is silent.
+            "sweep.heartbeat_interval=1",
+            "sweep.grace_period=4",
             f"paths.root={tmp_path}",
             "study=killed",
         ]
