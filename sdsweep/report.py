@@ -74,7 +74,16 @@ class StudyData:
 
     @property
     def params(self) -> list[str]:
-        return list(self.info.get("params") or [])
+        """The swept keys; for single runs (no sweep: e.g. a Hydra -m multirun) the keys that differ between them."""
+        swept = list(self.info.get("params") or [])
+        if swept or self.results.empty:
+            return swept
+        candidates = [
+            c
+            for c in self.results.columns
+            if "." in c and not c.startswith(("eval/", "delta/", "human/", "truth/"))
+        ]
+        return sorted(c for c in candidates if self.results[c].nunique(dropna=True) > 1)
 
     @property
     def baseline_metrics(self) -> dict[str, float]:

@@ -107,10 +107,14 @@ class SweepEngine:
         self.trials_launched = 0
         # A single run is identified by its whole config, so changing any value runs again.
         self.single_key = None
+        self.single_params: dict[str, Any] = {}
         if self.sweep.name == "single":
             from sdsweep.config import to_yaml
 
             self.single_key = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
+            # What the user set on the command line (e.g. each job of a Hydra -m multirun) is what tells
+            # single runs apart: it becomes the trial's parameters in results and the report.
+            self.single_params = command_line_values(self.overrides)
 
     def say(self, message: str) -> None:
         log(f"{self.label}: {message}" if self.label != "driver" else message)
@@ -207,7 +211,8 @@ class SweepEngine:
         attrs = {GRID_POINT: self.key_of(point), RUN_KEY: run.key, TICKET: ticket}
         number = self.claims.create_ticket(params, distributions, attrs)
         step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
-        return TrialSlot(number=number, trial_id=self.handle.trial_id(number), step=step, params=point)
+        shown = point or self.single_params  # a single run plans no point; record what set it apart
+        return TrialSlot(number=number, trial_id=self.handle.trial_id(number), step=step, params=shown)
 
     def claim_grid(self) -> RunSpec | str | None:
         points = grid_points(self.sweep.params) if self.sweep.params else [{}]
@@ -293,6 +298,14 @@ class SweepEngine:
         )
 
     # ---- executing ----------------------------------------------------------------------------------
+    def baseline_overrides(self) -> list[list[str]]:
+        """One baseline per model the sweep can choose (each version has its own untuned baseline)."""
+        spec = self.sweep.params.get("model")
+        if spec is None or not spec.choices:
+            return [self.overrides]
+        others = [o for o in self.overrides if not o.lstrip("+~").startswith("model=")]
+        return [others + [f"model={choice}"] for choice in spec.choices]
+
     def ensure_baseline(self) -> None:
         """Evaluate the untuned model once per study folder; a file lock makes concurrent workers wait."""
         if not self.cfg.eval.baseline or self.baseline_done():
@@ -303,14 +316,15 @@ class SweepEngine:
             if self.baseline_done():
                 return
             self.say("evaluating the untuned base model once for this study (baseline)")
-            spec = RunSpec(
-                kind="baseline",
-                study=self.cfg.study,
-                study_root=str(self.paths.root.resolve()),
-                storage=self.storage,
-                overrides=self.overrides,
-            )
-            execute_baseline(spec)
+            for overrides in self.baseline_overrides():
+                spec = RunSpec(
+                    kind="baseline",
+                    study=self.cfg.study,
+                    study_root=str(self.paths.root.resolve()),
+                    storage=self.storage,
+                    overrides=overrides,
+                )
+                execute_baseline(spec)  # returns at once for a model whose baseline exists
 
     def is_finished(self) -> bool:
         """Every grid point (or n_trials of them, or the search target) has a result that stands."""
@@ -324,7 +338,16 @@ class SweepEngine:
         return done >= min(len(points), self.sweep.n_trials or len(points))
 
     def baseline_done(self) -> bool:
-        return (io.read_json(self.paths.baseline / io.TRIAL_METRICS) or {}).get("state") == "COMPLETE"
+        spec = self.sweep.params.get("model")
+        folders = (
+            [self.paths.baseline / str(m) for m in spec.choices]
+            if spec and spec.choices
+            else [self.paths.baseline]
+        )
+        return all(
+            (io.read_json_or_none(folder / io.TRIAL_METRICS) or {}).get("state") == "COMPLETE"
+            for folder in folders
+        )
 
     def work(self) -> None:
         """Claim -> run -> claim ... until the study needs nothing more from this process."""
@@ -489,6 +512,28 @@ def suggest(trial: optuna.Trial, key: str, spec: ParamSpec) -> Any:
     return trial.suggest_float(
         key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step
     )
+
+
+# Keys that place or log a run but do not change what it trains.
+NOT_PARAMETERS = ("hydra", "paths.", "tracking.", "study", "sweep.", "device")
+
+
+def command_line_values(overrides: list[str]) -> dict[str, Any]:
+    """``a.b=value`` settings from the command line as parameters (group choices like ``model=sd15`` too)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, raw = override.lstrip("+").partition("=")
+        if not sep or override.startswith("~") or key.startswith(NOT_PARAMETERS) or key == "experiment":
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (int, float, str, bool)):
+            values[key] = value
+    return values
 
 
 def run_sweep(overrides: list[str]) -> SweepOutcome:

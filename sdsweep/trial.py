@@ -221,8 +221,14 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _load_baseline(paths: io.StudyPaths) -> dict[str, float]:
-    record = io.read_json(paths.baseline / io.TRIAL_METRICS, {}) or {}
+def baseline_folder(paths: io.StudyPaths, cfg: Config) -> Path:
+    """``baseline/<model>/`` when the sweep switches models, so each model version is compared with its own
+    untuned self; ``baseline/`` otherwise."""
+    return paths.baseline / cfg.model.name if "model" in cfg.sweep.params else paths.baseline
+
+
+def _load_baseline(folder: Path) -> dict[str, float]:
+    record = io.read_json_or_none(folder / io.TRIAL_METRICS) or {}
     return {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
 
 
@@ -295,14 +301,15 @@ class _Setup:
 def execute_baseline(spec: RunSpec) -> dict[str, Any]:
     """Evaluate the untuned model once per study, with the trials' prompts, seeds and metrics."""
     paths = io.StudyPaths(Path(spec.study_root))
-    existing = io.read_json(paths.baseline / io.TRIAL_METRICS)
+    cfg = compose_config(spec.overrides)
+    folder = baseline_folder(paths, cfg)
+    existing = io.read_json_or_none(folder / io.TRIAL_METRICS)
     if existing and existing.get("state") == "COMPLETE":
         return existing
-    cfg = compose_config(spec.overrides)
     setup = _Setup(cfg, paths)
     pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
     result = setup.evaluator.evaluate(
-        pipeline, setup.method, setup.heldout_batch, out_dir=paths.baseline, label="baseline"
+        pipeline, setup.method, setup.heldout_batch, out_dir=folder, label=f"baseline {cfg.model.name}"
     )
     record = {
         "trial": None,
@@ -315,8 +322,8 @@ def execute_baseline(spec: RunSpec) -> dict[str, Any]:
         "warnings": result.warnings,
         "eval_seconds": result.seconds,
     }
-    io.atomic_write_text(paths.baseline / io.TRIAL_CONFIG, to_yaml(cfg))
-    io.atomic_write_json(paths.baseline / io.TRIAL_METRICS, record)
+    io.atomic_write_text(folder / io.TRIAL_CONFIG, to_yaml(cfg))
+    io.atomic_write_json(folder / io.TRIAL_METRICS, record)
     del setup, pipeline
     release_memory()
     return record
@@ -328,7 +335,7 @@ def execute_run(spec: RunSpec) -> None:
 
     paths = io.StudyPaths(Path(spec.study_root))
     cfg = compose_config(spec.overrides)
-    baseline = _load_baseline(paths)
+    baseline = _load_baseline(baseline_folder(paths, cfg))
     recorder = TrialRecorder(cfg, spec, paths, baseline)
     slots = sorted(spec.slots, key=lambda s: s.step)
     links = {s.number: recorder.link(s) for s in slots}

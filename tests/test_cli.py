@@ -62,6 +62,31 @@ def test_single_run_without_sweep_writes_the_same_layout(tmp_path):
     assert "results.csv" in result.stdout
 
 
+@pytest.mark.slow
+def test_multirun_jobs_land_under_paths_root_with_their_parameters(tmp_path):
+    """Hydra's -m: every job is a single run of one study, shown with the values that set it apart."""
+    result = run_cli(
+        "-m",
+        *[o for o in TINY_OVERRIDES if not o.startswith("train.max_train_steps")],
+        *FAST_EVAL,
+        f"paths.root={tmp_path}",
+        "study=multi",
+        "train.max_train_steps=2",
+        "method.learning_rate=1e-4,1e-3",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (REPO / "multirun").exists() or (tmp_path / "multirun").exists()
+    assert (tmp_path / "multirun").is_dir()  # Hydra's job folders under paths.root, not ./multirun
+    results = pd.read_csv(tmp_path / "multi" / "results.csv")
+    assert sorted(results["method.learning_rate"]) == [1e-4, 1e-3]
+    assert (results["state"] == "COMPLETE").all()
+    assert "trial 0 []" not in result.stdout
+    report = (tmp_path / "multi" / "report.md").read_text()
+    leaderboard = report.split("## Leaderboard", 1)[1]
+    header = next(line for line in leaderboard.splitlines() if line.startswith("|"))
+    assert "| lr |" in header  # the parameter that differs between the jobs is a column
+
+
 @pytest.mark.parametrize(
     "args,expected",
     [

@@ -194,3 +194,14 @@ def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
     assert cells == {(m, x) for m in ("shapes", "tiny_sd21") for x in methods}
     assert (results["state"] == "COMPLETE").all()
     assert results["truth/prior_accuracy"].notna().all()
+    # Each model version is compared with its own untuned baseline, and the report has every cell.
+    for model in ("shapes", "tiny_sd21"):
+        record = json.loads((outcome.study_dir / "baseline" / model / "metrics.json").read_text())
+        assert record["state"] == "COMPLETE" and record["model"] == model
+    markdown = (outcome.study_dir / "report.md").read_text()
+    comparison = markdown.split("## Comparison by model × method", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in comparison.splitlines()
+    }
+    assert {(m, x) for m in ("shapes", "tiny_sd21") for x in methods} <= rows
+    assert "no baseline" not in comparison  # every row has its own model's deltas
