@@ -497,7 +497,7 @@ class Evaluator:
         reliable = n >= self.cfg.eval.min_reliable_fid_images
         if not reliable:
             warnings.append(
-                f"FID on {n} images is unreliable (eval.min_reliable_fid_images={self.cfg.eval.min_reliable_fid_images}); "
+                f"{'FID' if self.fid_key == 'eval/fid' else 'FD_CLIP'} on {n} images is unreliable (eval.min_reliable_fid_images={self.cfg.eval.min_reliable_fid_images}); "
                 "use it to rank trials of this study only."
             )
         return {self.fid_key: value, f"{self.fid_key}_reliable": 1.0 if reliable else 0.0}

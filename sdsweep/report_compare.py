@@ -93,7 +93,8 @@ def comparison_table(data: StudyData, metrics: list[str]) -> ComparisonTable:
     table = ComparisonTable(columns, [])
     if frame.empty or "method" not in frame:
         return table
-    keys = frame[["model", "method"]].astype(str).drop_duplicates().itertuples(index=False)
+    # A damaged trial has no model or method: it is listed in the leaderboard, not compared here.
+    keys = frame[["model", "method"]].dropna().astype(str).drop_duplicates().itertuples(index=False)
     for model, method in sorted(keys):
         group = frame[(frame["model"].astype(str) == model) & (frame["method"].astype(str) == method)]
         best = best_trial(group, objectives, feasible_only=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,7 +143,7 @@ def test_help_teaches_the_commands_from_any_folder(tmp_path):
     assert "hyperparameter sweeps for fine-tuning Stable Diffusion" in out
     for command in ("+experiment=demo", "data.path=", "sdsweep.report", "sdsweep.export", "--plan"):
         assert command in out
-    assert "sweep: lr_steps, methods, tpe" in out and "model: sd15" in out  # the config groups
+    assert re.search(r"sweep: .*lr_steps.*methods.*tpe", out) and "model: sd15" in out  # the config groups
     assert "powered by Hydra" not in out
 
 

@@ -67,7 +67,7 @@ def test_evaluate_is_reproducible_and_writes_samples_and_grid(evaluator, pipelin
     assert first.seeds == [1234, 1235, 1234, 1235]
     assert first.prompts == [evaluator.cfg.eval.prompts[0]] * 2 + [evaluator.cfg.eval.prompts[1]] * 2
     assert all(image.size == (32, 32) for image in first.images)
-    assert any("FID on 4 images is unreliable" in w for w in first.warnings)
+    assert any("FD_CLIP on 4 images is unreliable" in w for w in first.warnings)  # named by what it measures
     assert first.metrics["eval/fd_clip_reliable"] == 0.0
 
     names = sorted(p.name for p in (tmp_path / "a" / io.TRIAL_SAMPLES).iterdir())

@@ -59,7 +59,7 @@ def test_export_copies_the_best_trial_with_a_model_card(finished_study, tmp_path
     for tag in ("stable-diffusion", "text-to-image", "diffusers", "sdsweep", record["method"]):
         assert f"- {tag}\n" in front
     assert "StableDiffusionPipeline.from_pretrained" in card
-    assert "| `eval/clip_score` ↑ |" in card and "| `eval/fid` ↓ |" in card  # metrics with direction
+    assert "| `eval/clip_score` ↑ |" in card and "| `eval/fd_clip` ↓ |" in card  # metrics with direction
     assert "fid_reliable" not in card  # an internal flag, not a metric
     info = json.loads((finished_study / "study.json").read_text())
     for prompt in info["eval"]["prompts"]:

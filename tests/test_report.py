@@ -257,14 +257,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 def test_metrics_read_with_direction_warnings_and_no_flags(report):
     study, html_path, md_path = report
     md, page = md_path.read_text(), html_path.read_text()
-    assert "eval/clip_score ↑" in md and "eval/fid ↓" in md and "eval/val_loss ↓" in md
+    assert "eval/clip_score ↑" in md and "eval/fd_clip ↓" in md and "eval/val_loss ↓" in md
     assert "fid_reliable" not in md and "fid_reliable" not in page
     results = pd.read_csv(study / "results.csv")
-    fid_warned = results["warnings"].fillna("").str.contains("FID on")
+    fid_warned = results["warnings"].fillna("").str.contains("FD_CLIP on")
     if fid_warned.any():  # the tiny study evaluates 2 images: FID is flagged beside its number
-        assert re.search(r"^- ⚠ \*\*eval/fid ↓\*\*: FID on \d+ images is unreliable", md, re.M)
+        assert re.search(r"^- ⚠ \*\*eval/fd_clip ↓\*\*: FD_CLIP on \d+ images is unreliable", md, re.M)
         assert re.search(r"\| \d+(\.\d+)? \([+-][^)]*\) ⚠ \|", md)
-        assert "class='warn' title='FID on" in page
+        assert "class='warn' title='FD_CLIP on" in page
     assert "| 1e-4 |" in md and "| 1e-2 |" in md  # not 1e-04 or 0.0001
     assert "white-space:nowrap" in page
 
@@ -320,7 +320,7 @@ def test_two_objective_report_shows_the_front_and_one_best(finished_study, tmp_p
     from sdsweep.results import best_trial, pareto_front
 
     study = copy_study(finished_study, tmp_path)
-    objectives = [("eval/clip_score", "maximize"), ("eval/fid", "minimize")]
+    objectives = [("eval/clip_score", "maximize"), ("eval/fd_clip", "minimize")]
     info = io.read_json(study / "study.json")
     info["objectives"] = [{"metric": m, "direction": d} for m, d in objectives]
     io.atomic_write_json(study / "study.json", info)
@@ -331,7 +331,7 @@ def test_two_objective_report_shows_the_front_and_one_best(finished_study, tmp_p
     assert best_trial(results, "maximize")["trial"] == best_trial(results, objectives[:1])["trial"]
     _, md_path = build_report(study)
     md = md_path.read_text()
-    assert "## Pareto front" in md and "Objectives: maximize eval/clip_score ↑, minimize eval/fid ↓" in md
+    assert "## Pareto front" in md and "Objectives: maximize eval/clip_score ↑, minimize eval/fd_clip ↓" in md
     assert f"Best feasible trial: {best:04d}" in md and "closest to the utopia point" in md
     with Image.open(study / "report_files" / "pareto_front.png") as plot:
         assert plot.width >= 1200
