@@ -18,9 +18,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value is impossible. The message names the key and the fix."""
+from sdsweep import constraints
+from sdsweep.errors import ConfigError
 
 
 @dataclass
@@ -313,24 +312,31 @@ def get_key(cfg: Any, dotted: str) -> Any:
     return node
 
 
-def set_key(cfg: Any, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = cfg
-    for part in parents:
-        node = getattr(node, part)
-    if not hasattr(node, last):
-        raise ConfigError(
-            f"Unknown config key '{dotted}'. Check the spelling against conf/ or sdsweep/config.py."
-        )
-    setattr(node, last, value)
-
-
 def _fail(key: str, value: Any, fix: str) -> None:
     raise ConfigError(f"Invalid config value {key}={value!r}: {fix}")
 
 
+def sweep_params(sweep: SweepConfig) -> dict[str, ParamSpec]:
+    """``sweep.params`` with the ``sweep.learning_rates`` / ``sweep.steps`` shorthands applied (a new dict)."""
+    params = dict(sweep.params)
+    if sweep.learning_rates is not None:
+        params["method.learning_rate"] = ParamSpec(choices=list(sweep.learning_rates))
+    if sweep.steps is not None:
+        params["train.max_train_steps"] = ParamSpec(choices=list(sweep.steps), type="int")
+    return params
+
+
+def normalise(cfg: Config) -> Config:
+    """The one step that rewrites a config: the sweep shorthands become ``sweep.params`` entries.
+
+    Called where configs are built (``to_typed``, ``load_yaml``), before ``validate``, which only reads."""
+    if cfg.sweep is not None:
+        cfg.sweep.params = sweep_params(cfg.sweep)
+    return cfg
+
+
 def validate(cfg: Config) -> Config:
-    """Reject impossible values with a message naming the key and what is allowed."""
+    """Reject impossible values with a message naming the key and what is allowed; changes nothing."""
     for key, allowed in ALLOWED.items():
         if key.startswith("sweep.") and cfg.sweep is None:
             continue
@@ -349,8 +355,7 @@ def validate(cfg: Config) -> Config:
         _fail("train.lr_warmup_steps", cfg.train.lr_warmup_steps, "it must be 0 or more.")
     if cfg.data.num_heldout < 0:
         _fail("data.num_heldout", cfg.data.num_heldout, "it must be 0 or more.")
-    if not cfg.eval.prompts or any(not str(p).strip() for p in cfg.eval.prompts):
-        _fail("eval.prompts", cfg.eval.prompts, "give at least one non-empty validation prompt.")
+    check_eval_prompts(cfg.eval.prompts)
     unknown = set(cfg.eval.metrics) - KNOWN_METRICS
     if unknown:
         _fail(
@@ -365,30 +370,61 @@ def validate(cfg: Config) -> Config:
             "data=demo trains on the built-in demo images and would ignore it. Add data=imagefolder "
             "(captions in metadata.jsonl/csv) or data=instances (one prompt for all images).",
         )
-    from sdsweep.constraints import check_eval_protocol  # local import keeps config free of cycles
-
-    check_eval_protocol(cfg)
+    constraints.check_eval_protocol(cfg)
     if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
-    if cfg.method.name == "dreambooth" and not (cfg.data.instance_prompt or cfg.data.kind == "demo"):
-        _fail(
-            "data.instance_prompt",
-            None,
-            "DreamBooth needs an instance prompt with a rare identifier, e.g. data.instance_prompt='a photo of sks dog'.",
-        )
-    if cfg.method.name == "dreambooth" and cfg.method.with_prior_preservation and not cfg.method.class_prompt:
-        _fail(
-            "method.class_prompt",
-            None,
-            "prior preservation needs a class prompt, e.g. method.class_prompt='a photo of a dog' "
-            "(or set method.with_prior_preservation=false).",
-        )
+    if cfg.method.name == "dreambooth":
+        check_dreambooth_prompts(cfg)
     if not 0.0 < cfg.method.ema_decay < 1.0:
         _fail("method.ema_decay", cfg.method.ema_decay, "it must lie strictly between 0 and 1.")
     _validate_recipes(cfg)
     if cfg.sweep is not None:
         _validate_sweep(cfg)
     return cfg
+
+
+def check_eval_prompts(prompts: list[str]) -> None:
+    """The one rule for validation prompts; the evaluator calls it too (for prompts it is handed)."""
+    if not prompts or any(not str(p).strip() for p in prompts):
+        _fail(
+            "eval.prompts",
+            list(prompts or []),
+            "give at least one non-empty validation prompt, e.g. eval.prompts='[a photo of sks]'.",
+        )
+
+
+def check_dreambooth_prompts(cfg: Config) -> None:
+    """The one DreamBooth rule set: ``validate`` runs it, and so does the method before it trains."""
+    method = cfg.method
+    if not cfg.data.instance_prompt:
+        _fail(
+            "data.instance_prompt",
+            None,
+            "DreamBooth needs the one prompt every instance image is trained with; it should contain a "
+            "rare identifier bound to the subject, e.g. data.instance_prompt='a photo of sks dog'.",
+        )
+    if not method.with_prior_preservation:
+        return
+    if not method.class_prompt:
+        _fail(
+            "method.class_prompt",
+            None,
+            "prior preservation needs a class prompt for the subject's class without the identifier, "
+            "e.g. method.class_prompt='a photo of a dog' (or set method.with_prior_preservation=false).",
+        )
+    if method.num_class_images < 1:
+        _fail(
+            "method.num_class_images",
+            method.num_class_images,
+            "prior preservation needs class images; use 50-200 (or set method.with_prior_preservation=false).",
+        )
+    if cfg.train.bucketing:
+        _fail(
+            "train.bucketing",
+            True,
+            "DreamBooth prior preservation trains square class images in the same batch; set "
+            "method.with_prior_preservation=false or train.bucketing=false.",
+        )
 
 
 def _validate_recipes(cfg: Config) -> None:
@@ -424,13 +460,6 @@ def _validate_recipes(cfg: Config) -> None:
         _fail(
             "train.bucket_max_ratio", train.bucket_max_ratio, "it must be at least 1 (1 means square only)."
         )
-    if train.bucketing and cfg.method.name == "dreambooth" and cfg.method.with_prior_preservation:
-        _fail(
-            "train.bucketing",
-            True,
-            "DreamBooth prior preservation trains square class images in the same batch; set "
-            "method.with_prior_preservation=false or train.bucketing=false.",
-        )
     from sdsweep.optimizers import check_optimizer_available  # local import keeps config free of cycles
 
     check_optimizer_available(cfg)
@@ -451,13 +480,10 @@ def _validate_recipes(cfg: Config) -> None:
 def _validate_sweep(cfg: Config) -> None:
     sweep = cfg.sweep
     assert sweep is not None
-    if sweep.learning_rates is not None:
-        sweep.params["method.learning_rate"] = ParamSpec(choices=list(sweep.learning_rates))
-    if sweep.steps is not None:
-        sweep.params["train.max_train_steps"] = ParamSpec(choices=list(sweep.steps), type="int")
-    if not sweep.params:
+    params = sweep_params(sweep)  # what normalise() will store; validate() itself changes nothing
+    if not params:
         _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
-    for key, spec in sweep.params.items():
+    for key, spec in params.items():
         try:
             get_key(cfg, key)
         except (AttributeError, KeyError):
@@ -501,13 +527,9 @@ def _validate_sweep(cfg: Config) -> None:
                 obj.metric,
                 "name a logged metric such as eval/clip_score or eval/fd_clip.",
             )
-    from sdsweep.constraints import parse_constraint  # local import keeps config free of cycles
-
     for text in sweep.constraints:
-        parse_constraint(text)
-    from sdsweep.constraints import check_metric_names
-
-    check_metric_names(cfg)
+        constraints.parse_constraint(text)
+    constraints.check_metric_names(cfg)
     if sweep.n_trials is not None and sweep.n_trials <= 0:
         _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
     _validate_parallel(sweep)
@@ -608,13 +630,13 @@ def reject_unknown_keys(raw: DictConfig) -> None:
 def to_typed(cfg: DictConfig | Config) -> Config:
     """A composed DictConfig -> a validated ``Config`` dataclass with interpolations resolved."""
     if isinstance(cfg, Config):
-        return validate(cfg)
+        return validate(normalise(cfg))
     reject_unknown_keys(cfg)
     typed = OmegaConf.to_object(cfg)
     if not isinstance(typed, Config):  # composed without the schema (e.g. a saved trial config)
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
         typed = OmegaConf.to_object(merged)
-    return validate(typed)
+    return validate(normalise(typed))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -623,7 +645,7 @@ def to_yaml(cfg: Config) -> str:
 
 def load_yaml(path: str) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
-    return validate(OmegaConf.to_object(merged))
+    return validate(normalise(OmegaConf.to_object(merged)))
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from sdsweep.errors import ConfigError
+
 _PATTERN = re.compile(r"^\s*([A-Za-z0-9_/.\-]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -35,8 +37,6 @@ class Constraint:
 
 
 def parse_constraint(text: str) -> Constraint:
-    from sdsweep.config import ConfigError
-
     match = _PATTERN.match(text)
     if not match:
         raise ConfigError(
@@ -96,8 +96,6 @@ def computable_eval_keys(cfg) -> set[str]:
 
 def check_metric_names(cfg) -> None:
     """An objective or constraint on an ``eval/*`` metric the study cannot compute is a config error."""
-    from sdsweep.config import ConfigError
-
     sweep = cfg.sweep
     if sweep is None:
         return
@@ -128,8 +126,6 @@ def check_metric_names(cfg) -> None:
 
 def check_eval_protocol(cfg) -> None:
     """Protocol-specific impossibilities, before any model loads."""
-    from sdsweep.config import ConfigError
-
     ev = cfg.eval
     if ev.protocol == "heldout_captions":
         if ev.reference_dir:

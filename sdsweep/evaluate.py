@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sdsweep import io, metrics
-from sdsweep.config import Config, ConfigError, resolved_guidance_rescale
+from sdsweep.config import Config, ConfigError, check_eval_prompts, resolved_guidance_rescale
 from sdsweep.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.data import IMAGE_SUFFIXES, open_rgb
 from sdsweep.judge import judge_truth
@@ -243,11 +243,7 @@ class Evaluator:
             self.prompts = captions
         else:
             self.prompts = list(ev.prompts)
-        if not self.prompts or any(not str(p).strip() for p in self.prompts):
-            raise ConfigError(
-                f"eval.prompts={list(ev.prompts)!r}: give at least one non-empty validation prompt, "
-                "e.g. eval.prompts='[a photo of sks]'."
-            )
+        check_eval_prompts(self.prompts)
         self.wanted = list(dict.fromkeys(ev.metrics))
         self.resolution = ev.resolution or cfg.model.resolution
         if self.heldout:  # one image per caption; caption i always starts from the noise of seed + i

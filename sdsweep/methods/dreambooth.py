@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.config import ConfigError, resolved_resolution
+from sdsweep.config import check_dreambooth_prompts, resolved_resolution
 from sdsweep.data import open_rgb
 from sdsweep.methods.base import Batch
 from sdsweep.methods.full import FullFineTune
@@ -42,26 +42,7 @@ class DreamBooth(FullFineTune):
         super().prepare()
 
     def _validate_options(self) -> None:
-        method = self.cfg.method
-        if not self.cfg.data.instance_prompt:
-            raise ConfigError(
-                "DreamBooth needs data.instance_prompt, the one prompt every instance image is trained "
-                "with; it should contain a rare identifier bound to the subject, e.g. "
-                "data.instance_prompt='a photo of sks dog'."
-            )
-        if not method.with_prior_preservation:
-            return
-        if not method.class_prompt:
-            raise ConfigError(
-                "DreamBooth prior preservation needs method.class_prompt, a prompt for the subject's "
-                "class without the identifier, e.g. method.class_prompt='a photo of a dog' (or set "
-                "method.with_prior_preservation=false)."
-            )
-        if method.num_class_images < 1:
-            raise ConfigError(
-                f"method.num_class_images={method.num_class_images} leaves prior preservation without "
-                "class images; use 50-200 (or set method.with_prior_preservation=false)."
-            )
+        check_dreambooth_prompts(self.cfg)  # the config rule; a config edited after compose still fails here
 
     def transform_caption(self, caption: str) -> str:
         # DreamBooth binds the subject to the identifier by training every image on the same prompt.
