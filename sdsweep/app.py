@@ -28,7 +28,7 @@ class StudyApp:
     """The study's data plus a cache of loaded pipelines, one per trial (weights load once)."""
 
     def __init__(self, study_dir: str | Path, device: str = "auto"):
-        from sdsweep.report import load_study
+        from sdsweep.study_folder import load_study
 
         self.study_dir = Path(study_dir)
         self.data = load_study(self.study_dir)  # StudyFolderError names the fix for a wrong folder

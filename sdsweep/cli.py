@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from sdsweep.config import ConfigError, to_typed
+from sdsweep.study_folder import is_feasible
 
 
 class UserError(Exception):
@@ -64,6 +65,11 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
         best = outcome.best
         log(
             f"best trial: {best.get('trial')} (objective {best.get('objective')}) weights: {best.get('weights_dir') or 'removed'}"
+            + (
+                ""
+                if is_feasible(best.get("feasible"))
+                else " (no trial meets the constraints; this one violates them)"
+            )
         )
     log(f"W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*")
     return 0

@@ -2,7 +2,7 @@
 
 ``python -m sdsweep.export experiments/<study> --to <dir> [--trial N] [--force]``
 
-The best trial is ``sdsweep.results.best_trial`` over the study's objectives, the same trial the sweep,
+The best trial is ``sdsweep.study_folder.best_trial`` over the study's objectives, the same trial the sweep,
 the report and W&B call best: the best feasible COMPLETE trial; with several objectives the Pareto-front
 member closest to the utopia point. When no COMPLETE trial is feasible the sweep still names the best
 infeasible one, so export exports it too, with the violated constraints at the top of the model card.
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import export_card, io
-from sdsweep.report import StudyData, StudyFolderError, fmt_param, load_study
-from sdsweep.results import best_trial, is_feasible
+from sdsweep.metric_names import fmt_param
+from sdsweep.record import TrialRecord, TrialState
+from sdsweep.study_folder import StudyData, StudyFolderError, best_trial, is_feasible, load_study
 
 CARD_TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sdsweep"]
 TRIAL_FILE = "sdsweep_trial.json"
@@ -41,7 +42,7 @@ class ExportError(RuntimeError):
 @dataclass
 class SelectedTrial:
     number: int
-    record: dict[str, Any]
+    record: TrialRecord
     trial_dir: Path
 
 
@@ -50,14 +51,14 @@ def select_trial(data: StudyData, trial: int | None = None) -> SelectedTrial:
     study = data.info.get("study", data.root.name)
     if trial is None:
         states = data.results["state"].value_counts().to_dict() if not data.results.empty else {}
-        if states.get("COMPLETE", 0) == 0:
+        if states.get(TrialState.COMPLETE.value, 0) == 0:
             shown = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no trials"
             raise ExportError(
                 f"Study '{study}' has no COMPLETE trial ({shown}); nothing to export. "
                 "Check the fail reasons in results.csv or report.html and run the sweep again."
             )
-        # feasible_only=False: the same trial the sweep and W&B name as best, even when none is feasible.
-        best = best_trial(data.results, data.objectives, feasible_only=False)
+        # The one rule: the same trial the sweep and W&B name as best, even when none is feasible.
+        best = best_trial(data.results, data.objectives)
         if best is None:
             constraints = ", ".join(data.info.get("constraints") or [])
             raise ExportError(
@@ -70,22 +71,22 @@ def select_trial(data: StudyData, trial: int | None = None) -> SelectedTrial:
         raise ExportError(
             f"Trial {trial} of study '{study}' has no {io.TRIAL_METRICS}; known trials: {sorted(data.records)}."
         )
-    if record.get("state") != "COMPLETE":
+    if not record.complete:
         raise ExportError(
-            f"Trial {trial} of study '{study}' is {record.get('state')} ({record.get('fail_reason') or 'no reason recorded'}); "
+            f"Trial {trial} of study '{study}' is {record.state.value} ({record.fail_reason or 'no reason recorded'}); "
             "only COMPLETE trials can be exported."
         )
     return SelectedTrial(trial, record, data.paths.trial(trial))
 
 
-def rerun_command(data: StudyData, record: dict[str, Any]) -> str:
+def rerun_command(data: StudyData, record: TrialRecord) -> str:
     """A command that trains this grid point again as its own single-run study (which keeps its weights)."""
     from sdsweep.plan import overrides_for
 
     study = data.info.get("study", data.root.name)
     base = [o for o in data.info.get("overrides") or [] if not o.lstrip("+").startswith(("sweep", "study="))]
-    params = overrides_for(record.get("params") or {})
-    args = base + params + [f"study={study}-t{int(record['trial']):04d}"]
+    params = overrides_for(record.params)
+    args = base + params + [f"study={study}-t{int(record.trial or 0):04d}"]
     return "python -m sdsweep " + " ".join(_quote(a) for a in args)
 
 
@@ -97,11 +98,11 @@ def _quote(arg: str) -> str:
 
 def weights_dir(data: StudyData, selected: SelectedTrial) -> Path:
     """The trial's weights folder; raises ``ExportError`` naming the trial and how to re-run it."""
-    relative = selected.record.get("weights")
+    relative = selected.record.weights
     folder = selected.trial_dir / (relative or io.TRIAL_WEIGHTS)
     if relative and folder.is_dir() and any(folder.iterdir()):
         return folder
-    why = selected.record.get("weights_removed") or "the weights folder is missing"
+    why = selected.record.weights_removed or "the weights folder is missing"
     raise ExportError(
         f"Trial {selected.number} has no weights to export ({why}; expected {folder}). "
         f"Train it again with:\n  {rerun_command(data, selected.record)}\n"
@@ -141,13 +142,14 @@ def trigger_of(data: StudyData, config: dict[str, Any]) -> str | None:
     return data.info.get("trigger_word") or (config.get("data") or {}).get("trigger_word")
 
 
-def hyperparameters(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+def hyperparameters(record: TrialRecord, config: dict[str, Any]) -> dict[str, Any]:
     """The swept params first, then the training settings that matter to reproduce the trial."""
     train = config.get("train") or {}
     method = config.get("method") or {}
-    values: dict[str, Any] = dict(record.get("params") or {})
-    values.setdefault("method.learning_rate", record.get("learning_rate", method.get("learning_rate")))
-    values.setdefault("train.max_train_steps", record.get("max_train_steps", record.get("step")))
+    values: dict[str, Any] = dict(record.params)
+    learning_rate = record.learning_rate if record.learning_rate is not None else method.get("learning_rate")
+    values.setdefault("method.learning_rate", learning_rate)
+    values.setdefault("train.max_train_steps", record.max_train_steps or record.step)
     for key in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -164,7 +166,7 @@ def hyperparameters(record: dict[str, Any], config: dict[str, Any]) -> dict[str,
         "dreambooth": ("with_prior_preservation", "prior_loss_weight", "class_prompt", "train_text_encoder"),
         "full": ("use_ema", "train_text_encoder"),
     }
-    for key in per_method.get(method.get("name", record.get("method")), ()):
+    for key in per_method.get(method.get("name", record.method), ()):
         if key in method:
             values.setdefault(f"method.{key}", method[key])
     return values
@@ -209,8 +211,8 @@ def model_card(
     data: StudyData, selected: SelectedTrial, fmt_name: str, config: dict[str, Any], has_grid: bool
 ) -> str:
     record = selected.record
-    method = str(record.get("method") or data.info.get("method"))
-    base_model = str(record.get("pretrained") or data.info.get("pretrained") or data.info.get("model"))
+    method = str(record.method or data.info.get("method"))
+    base_model = str(record.pretrained or data.info.get("pretrained") or data.info.get("model"))
     trigger = trigger_of(data, config)
     evaluation = {**(config.get("eval") or {}), **(data.info.get("eval") or {})}
     prompts = evaluation.get("prompts") or [f"a photo of {trigger or 'sks'}"]
@@ -219,9 +221,9 @@ def model_card(
     front += [f"- {t}" for t in CARD_TAGS + [method]]
     front += ["---", ""]
     lines = [f"# {data.info.get('study', data.root.name)} · trial {selected.number:04d}", ""]
-    feasible = is_feasible(record.get("feasible"))
+    feasible = is_feasible(record.feasible)
     if not feasible:
-        violated = "; ".join(str(v) for v in record.get("violations") or []) or "see sdsweep_trial.json"
+        violated = "; ".join(str(v) for v in record.violations) or "see sdsweep_trial.json"
         lines += [
             "> ⚠ **This trial violates the study's constraints** "
             f"({', '.join(data.info.get('constraints') or [])}: {violated}). No trial of the study satisfied "
@@ -235,7 +237,7 @@ def model_card(
         f"Fine-tuned from `{base_model}` with **{method}** by sdsweep "
         f"({how} of study `{data.info.get('study')}`: {objectives})."
     )
-    if export_card.is_tiny(base_model, record.get("model") or data.info.get("model")):
+    if export_card.is_tiny(base_model, record.model or data.info.get("model")):
         lines += [
             "",
             f"> **Test model.** `{base_model}` is a tiny, randomly initialised model built by `sdsweep.tiny` "
@@ -303,17 +305,17 @@ def trial_summary(
         "study": data.info.get("study"),
         "study_dir": str(data.root.resolve()),
         "trial": selected.number,
-        "state": record.get("state"),
-        "model": record.get("model"),
-        "pretrained": record.get("pretrained") or data.info.get("pretrained"),
-        "method": record.get("method"),
+        "state": record.state.value,
+        "model": record.model,
+        "pretrained": record.pretrained or data.info.get("pretrained"),
+        "method": record.method,
         "weights_format": fmt_name,
-        "params": record.get("params"),
-        "objective": {"metric": metric, "direction": direction, "value": record.get("objective")},
-        "metrics": record.get("metrics"),
-        "delta": record.get("delta"),
+        "params": record.params,
+        "objective": {"metric": metric, "direction": direction, "value": record.objective},
+        "metrics": record.metrics,
+        "delta": record.delta,
         "baseline": data.baseline_metrics,
-        "feasible": record.get("feasible"),
+        "feasible": record.feasible,
         "constraints": data.info.get("constraints"),
         "eval": data.info.get("eval"),
         "files": files,

@@ -10,6 +10,7 @@ from typing import Any
 
 from sdsweep import io
 from sdsweep.metric_names import direction_arrow, direction_words, fmt_number, warnings_for
+from sdsweep.record import TrialRecord
 
 # eval.scheduler name -> (diffusers class, extra config), the same choices as
 # sdsweep.models.make_inference_scheduler (kept in step by tests/test_export.py).
@@ -89,16 +90,16 @@ def eval_lines(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
     return lines
 
 
-def metric_rows(record: dict[str, Any], baseline: dict[str, float]) -> list[str]:
+def metric_rows(record: TrialRecord, baseline: dict[str, float]) -> list[str]:
     """``| metric ↑ | this model | baseline | delta | better |``, internal flags left out."""
     from sdsweep.metric_names import is_internal
 
     rows = []
-    for key, value in sorted((record.get("metrics") or {}).items()):
+    for key, value in sorted(record.metrics.items()):
         if key.count("/") != 1 or is_internal(key):
             continue  # per-prompt breakdowns stay in sdsweep_trial.json; flags are not metrics
         delta = value - baseline[key] if isinstance(value, (int, float)) and key in baseline else None
-        warned = " ⚠" if warnings_for(key, record.get("warnings")) else ""
+        warned = " ⚠" if warnings_for(key, record.warnings) else ""
         rows.append(
             f"| `{key}`{' ' + direction_arrow(key) if direction_arrow(key) else ''} | {fmt_number(value)}{warned} | {fmt_number(baseline.get(key))} | "
             f"{'–' if delta is None else f'{delta:+.4g}'} | {direction_words(key) or '–'} |"
@@ -106,5 +107,5 @@ def metric_rows(record: dict[str, Any], baseline: dict[str, float]) -> list[str]
     return rows
 
 
-def warning_lines(record: dict[str, Any]) -> list[str]:
-    return [f"- ⚠ {w}" for w in record.get("warnings") or []]
+def warning_lines(record: TrialRecord) -> list[str]:
+    return [f"- ⚠ {w}" for w in record.warnings]

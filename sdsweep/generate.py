@@ -20,7 +20,7 @@ from typing import Any
 
 from sdsweep import io
 from sdsweep.export import ExportError, select_trial, weights_dir
-from sdsweep.report import StudyFolderError, load_study
+from sdsweep.study_folder import StudyFolderError, load_study
 
 
 @dataclass

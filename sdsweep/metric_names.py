@@ -96,3 +96,20 @@ def fmt_sci(value: float) -> str:
     mantissa, exponent = f"{float(value):.3e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
+
+
+def fmt(value: Any) -> str:
+    """A table cell: ``–`` for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt_number(value)
+
+
+def fmt_param(key: str, value: Any) -> str:
+    """A parameter value: the learning rate in short scientific notation, whole numbers without ``.0``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if key == "method.learning_rate" and number:
+        return fmt_sci(value)
+    if number and float(value).is_integer():
+        return str(int(value))
+    return fmt(value)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import math
 import os
 import shutil
 import sys
@@ -28,8 +27,15 @@ from typing import Any
 import pandas as pd
 
 from sdsweep import io, metric_names
-from sdsweep.metric_names import fmt_number, fmt_sci
-from sdsweep.results import best_trial, is_feasible
+from sdsweep.metric_names import fmt, fmt_param, fmt_sci
+from sdsweep.results import is_feasible
+from sdsweep.study_folder import (  # noqa: F401  load_study and StudyFolderError: re-exported for callers
+    StudyData,
+    StudyFolderError,
+    best_feasible_trial,
+    is_number,
+    load_study,
+)
 
 LR_KEY = "method.learning_rate"  # same keys as sdsweep.plan (which imports the config schema)
 STEP_KEY = "train.max_train_steps"
@@ -43,93 +49,7 @@ FIGURE_DPI = 200
 _STATE_COLOURS = {"COMPLETE": "#2b8a3e", "PRUNED": "#e67700", "FAIL": "#c92a2a"}
 
 
-# ---- reading a study folder ----------------------------------------------------------------------
-
-
-@dataclass
-class StudyData:
-    """Everything the report, export and generate read from one study folder."""
-
-    root: Path
-    info: dict[str, Any]  # study.json
-    results: pd.DataFrame  # results.csv (trials only; the baseline lives in ``baseline``)
-    baseline: dict[str, Any] | None  # baseline/metrics.json
-    records: dict[int, dict[str, Any]] = field(default_factory=dict)  # trials/NNNN/metrics.json
-
-    @property
-    def paths(self) -> io.StudyPaths:
-        return io.StudyPaths(self.root)
-
-    @property
-    def objective(self) -> tuple[str, str]:
-        """(metric, direction) of the study's first objective."""
-        objectives = self.info.get("objectives") or [{"metric": "eval/clip_score", "direction": "maximize"}]
-        return objectives[0]["metric"], objectives[0].get("direction", "maximize")
-
-    @property
-    def objectives(self) -> list[tuple[str, str]]:
-        """Every (metric, direction); ``results.best_trial`` takes this list."""
-        specs = self.info.get("objectives") or [{"metric": "eval/clip_score", "direction": "maximize"}]
-        return [(o["metric"], o.get("direction", "maximize")) for o in specs]
-
-    @property
-    def params(self) -> list[str]:
-        """The swept keys; for single runs (no sweep: e.g. a Hydra -m multirun) the keys that differ between them."""
-        swept = list(self.info.get("params") or [])
-        if swept or self.results.empty:
-            return swept
-        candidates = [
-            c
-            for c in self.results.columns
-            if "." in c and not c.startswith(("eval/", "delta/", "human/", "truth/"))
-        ]
-        return sorted(c for c in candidates if self.results[c].nunique(dropna=True) > 1)
-
-    @property
-    def baseline_metrics(self) -> dict[str, float]:
-        metrics = (self.baseline or {}).get("metrics") or {}
-        return {k: v for k, v in metrics.items() if _is_number(v)}
-
-
-class StudyFolderError(FileNotFoundError):
-    """The folder is not a study (no study.json / results.csv). The message names the fix."""
-
-
-def load_study(study_dir: str | os.PathLike) -> StudyData:
-    root = Path(study_dir)
-    paths = io.StudyPaths(root)
-    info = io.read_json(paths.study_json)
-    if info is None:
-        raise StudyFolderError(
-            f"{paths.study_json} not found: {root} is not a sdsweep study folder "
-            "(run a sweep first: python -m sdsweep +sweep=lr_steps ...)."
-        )
-    records = {}
-    for trial_dir in paths.trial_dirs():
-        record = io.read_json_or_none(trial_dir / io.TRIAL_METRICS)  # damaged: shown from results.csv
-        if record and record.get("trial") is not None:
-            records[int(record["trial"])] = record
-    results = _read_results(paths, records)
-    return StudyData(root, info, results, io.read_json(paths.baseline / io.TRIAL_METRICS), records)
-
-
-def _read_results(paths: io.StudyPaths, records: dict[int, dict[str, Any]]) -> pd.DataFrame:
-    """results.csv when present; otherwise rows rebuilt from the trial records (a sweep still running)."""
-    if paths.results_csv.is_file() and paths.results_csv.stat().st_size > 0:
-        frame = pd.read_csv(paths.results_csv)
-    else:
-        from sdsweep.results import build_results
-
-        frame = build_results(paths)
-    if frame.empty:
-        return frame
-    frame = frame[frame["trial"] >= 0].copy()  # a baseline row (trial -1) is kept separately
-    frame["trial"] = frame["trial"].astype(int)
-    return frame.sort_values("trial").reset_index(drop=True)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+_is_number = is_number
 
 
 def metric_columns(results: pd.DataFrame) -> list[str]:
@@ -144,20 +64,6 @@ def metric_columns(results: pd.DataFrame) -> list[str]:
 
 def short_label(key: str) -> str:
     return {LR_KEY: "lr", STEP_KEY: "steps"}.get(key, key.split(".")[-1])
-
-
-def fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return fmt_number(value)
-
-
-def fmt_param(key: str, value: Any) -> str:
-    if key == LR_KEY and _is_number(value):
-        return fmt_sci(value)
-    if _is_number(value) and float(value).is_integer():
-        return str(int(value))
-    return fmt(value)
 
 
 # ---- leaderboard ------------------------------------------------------------------------------------
@@ -189,7 +95,7 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
     metrics = metric_columns(frame)
     metrics = [metric] + [m for m in metrics if m != metric] if metric in metrics else metrics
     base = data.baseline_metrics
-    best = best_trial(frame, data.objectives)
+    best = best_feasible_trial(frame, data.objectives)
     columns = ["#", "trial", "state"] + [short_label(p) for p in data.params]
     columns += [metric_names.label(m) for m in metrics] + ["feasible", "note"]
     rows: list[list[str]] = []
@@ -331,7 +237,7 @@ def contact_sheet(data: StudyData, out_png: Path) -> Path | str:
     lrs, steps = axes_values
     sample = first_sample_name(data)
     baseline_path = data.paths.baseline / io.TRIAL_SAMPLES / sample
-    best = best_trial(data.results, data.objectives)
+    best = best_feasible_trial(data.results, data.objectives)
     plt = _pyplot()
     columns = [0] + steps
     fig, grid = plt.subplots(
@@ -627,12 +533,12 @@ def _summary_lines(data: StudyData, board: Leaderboard) -> list[str]:
         "Trials: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none yet"),
     ]
     if board.best_trial is not None:
-        record = data.records.get(board.best_trial, {})
+        record = data.records.get(board.best_trial)
         params = ", ".join(
-            f"{short_label(k)}={fmt_param(k, v)}" for k, v in (record.get("params") or {}).items()
+            f"{short_label(k)}={fmt_param(k, v)}" for k, v in (record.params if record else {}).items()
         )
         values = ", ".join(
-            f"{metric_names.label(m)} = {fmt((record.get('metrics') or {}).get(m))}"
+            f"{metric_names.label(m)} = {fmt((record.metrics if record else {}).get(m))}"
             for m, _ in data.objectives
         )
         rule = " (Pareto front member closest to the utopia point)" if len(data.objectives) > 1 else ""
@@ -644,9 +550,11 @@ def _summary_lines(data: StudyData, board: Leaderboard) -> list[str]:
 
 
 def _trial_caption(data: StudyData, trial: int) -> str:
-    record = data.records.get(trial, {})
-    params = " ".join(f"{short_label(k)}={fmt_param(k, v)}" for k, v in (record.get("params") or {}).items())
-    return f"trial {trial:04d} · {record.get('state')} · {params}".strip()
+    record = data.records.get(trial)
+    params = " ".join(
+        f"{short_label(k)}={fmt_param(k, v)}" for k, v in (record.params if record else {}).items()
+    )
+    return f"trial {trial:04d} · {record.state.value if record else None} · {params}".strip()
 
 
 def _comparison(data: StudyData) -> Any:
@@ -711,7 +619,7 @@ def render_markdown(data: StudyData, board: Leaderboard, figures: Figures, md_pa
         if trial in figures.trial_grids:
             out.append(figure(figures.trial_grids[trial], f"trial {trial} grid", ""))
         else:
-            reason = data.records[trial].get("fail_reason") or "no grid"
+            reason = data.records[trial].fail_reason or "no grid"
             out.append(f"_no images: {reason}_")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
@@ -867,7 +775,7 @@ def render_html(data: StudyData, board: Leaderboard, figures: Figures) -> str:
         if trial in figures.trial_grids:
             body = _grid_img(figures.trial_grids[trial], f"trial {trial} grid")
         else:
-            body = f"<p class='note'>no images: {esc(str(data.records[trial].get('fail_reason') or 'no grid'))}</p>"
+            body = f"<p class='note'>no images: {esc(str(data.records[trial].fail_reason or 'no grid'))}</p>"
         parts.append(f"<figure>{body}<figcaption>{caption}</figcaption></figure>")
     parts.append(_LIGHTBOX + "</body></html>")
     return "\n".join(parts) + "\n"

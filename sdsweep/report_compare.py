@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from sdsweep import io
 from sdsweep.metric_names import fmt_number, fmt_sci, label
-from sdsweep.results import best_trial, is_feasible, pareto_front
-
-if TYPE_CHECKING:
-    from sdsweep.report import StudyData
+from sdsweep.results import is_feasible, pareto_front
+from sdsweep.study_folder import StudyData, best_trial
 
 LR_KEY = "method.learning_rate"
 STEP_KEY = "train.max_train_steps"
@@ -31,26 +29,14 @@ def objectives_of(data: StudyData) -> list[tuple[str, str]]:
 
 
 def baseline_for(data: StudyData, model: Any) -> dict[str, float] | None:
-    """The untuned metrics of ``model``: ``baseline/<model>/metrics.json`` when the sweep wrote one per
-    model, else ``baseline/metrics.json`` if it was measured on that model (or says nothing about it)."""
-    if model is not None and not (isinstance(model, float) and pd.isna(model)):
-        record = io.read_json(data.paths.baseline / str(model) / io.TRIAL_METRICS)
-        if record:
-            return _numbers(record.get("metrics"))
-    record = data.baseline or {}
-    if record and record.get("model") in (None, model) or (record and model is None):
-        return _numbers(record.get("metrics"))
-    return None
-
-
-def _numbers(metrics: dict[str, Any] | None) -> dict[str, float]:
-    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and v == v}
+    return data.baseline_for(model)
 
 
 def weights_bytes(data: StudyData, trial: int) -> int | None:
     """Total size of the trial's saved weights (the folder is found relative to the study folder, so a
     copied or moved study still measures its own files); None when they were not kept."""
-    relative = (data.records.get(trial) or {}).get("weights")
+    record = data.records.get(trial)
+    relative = record.weights if record else None
     folder = data.paths.trial(trial) / relative if relative else None
     if folder is None or not folder.is_dir():
         return None
@@ -97,7 +83,7 @@ def comparison_table(data: StudyData, metrics: list[str]) -> ComparisonTable:
     keys = frame[["model", "method"]].dropna().astype(str).drop_duplicates().itertuples(index=False)
     for model, method in sorted(keys):
         group = frame[(frame["model"].astype(str) == model) & (frame["method"].astype(str) == method)]
-        best = best_trial(group, objectives, feasible_only=False)
+        best = best_trial(group, objectives)
         baseline = baseline_for(data, model)
         if baseline is None:
             table.notes.append(f"{model}: no baseline measured for this model, so no deltas.")
@@ -137,7 +123,7 @@ def _pyplot():
 
 def pareto_plot(data: StudyData, out_png: Path, dpi: int = 200) -> Path | str:
     """The first two objectives of every complete trial, the Pareto front joined and highlighted,
-    every trial named, the best (results.best_trial) starred."""
+    every trial named, the best (study_folder.best_trial) starred."""
     objectives = objectives_of(data)
     if len(objectives) < 2:
         return "single-objective study: no Pareto front"
@@ -149,7 +135,7 @@ def pareto_plot(data: StudyData, out_png: Path, dpi: int = 200) -> Path | str:
     if done.empty:
         return f"no Pareto front: no COMPLETE trial has both {mx} and {my} yet"
     front = set(pareto_front(frame, objectives[:2], feasible_only=False))
-    best = best_trial(frame, objectives, feasible_only=False)
+    best = best_trial(frame, objectives)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 6))
     for _, row in done.iterrows():
@@ -276,7 +262,7 @@ def _ranked(rows: pd.DataFrame, objectives: list[tuple[str, str]]) -> list[dict[
     ranked = []
     left = rows
     while not left.empty:
-        best = best_trial(left, objectives, feasible_only=False)
+        best = best_trial(left, objectives)
         if best is None:
             break
         ranked.append(best)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from sdsweep import io, ratings
 from sdsweep.protocol_files import HELDOUT_TABLE
+from sdsweep.study_folder import read_baseline_metrics
 
 HUMAN_COLUMNS = [
     "human/appropriate_rate",
@@ -58,9 +59,7 @@ def human_section(study_dir: str | Path, results: pd.DataFrame | None = None) ->
         if results is not None and "eval/appropriate_rate" in results.columns
         else pd.DataFrame(columns=["trial", "eval/appropriate_rate"])
     )
-    baseline = (io.read_json(io.StudyPaths(study_dir).baseline / io.TRIAL_METRICS, {}) or {}).get(
-        "metrics"
-    ) or {}
+    baseline = read_baseline_metrics(study_dir)
     if "eval/appropriate_rate" in baseline and -1 not in set(automatic["trial"]):
         row = pd.DataFrame([{"trial": -1, "eval/appropriate_rate": baseline["eval/appropriate_rate"]}])
         automatic = pd.concat([row, automatic], ignore_index=True) if len(automatic) else row

@@ -10,9 +10,10 @@ from typing import Any, Union
 import pandas as pd
 
 from sdsweep import io
+from sdsweep.record import TrialRecord, TrialState, read_record
 
 LEADING_COLUMNS = ["trial", "state", "model", "method", "learning_rate", "max_train_steps"]
-DAMAGED = "DAMAGED"  # the trial's metrics.json exists but cannot be read; fail_reason says why
+DAMAGED = TrialState.DAMAGED.value  # the trial's metrics.json exists but cannot be read; fail_reason says why
 
 
 def trial_rows(
@@ -24,7 +25,7 @@ def trial_rows(
     rows: dict[int, dict[str, Any]] = {}
     for trial_dir in paths.trial_dirs():
         try:
-            record = io.read_json(trial_dir / io.TRIAL_METRICS)
+            record = read_record(trial_dir / io.TRIAL_METRICS)
         except io.DamagedFileError as error:
             # One torn file must not hide the rest of the study: the trial is listed as damaged.
             number = int(trial_dir.name)
@@ -35,7 +36,7 @@ def trial_rows(
                 "trial_dir": str(trial_dir),
             }
             continue
-        if not record:
+        if record is None:
             continue
         row = _row_from_record(record, trial_dir)
         rows[row["trial"]] = row
@@ -55,35 +56,47 @@ def trial_rows(
     return [rows[k] for k in sorted(rows) if k not in superseded]
 
 
-def _row_from_record(record: dict[str, Any], trial_dir: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {k: record.get(k) for k in LEADING_COLUMNS}
-    row.update(record.get("params") or {})
-    row.update({k: v for k, v in (record.get("metrics") or {}).items()})
-    row.update(record.get("delta") or {})
-    row["feasible"] = record.get("feasible")
-    row["objective"] = record.get("objective")
-    row["fail_reason"] = record.get("fail_reason")
-    row["missing"] = "; ".join(f"{k}: {v}" for k, v in (record.get("missing") or {}).items()) or None
-    row["warnings"] = "; ".join(record.get("warnings") or []) or None
-    row["train_seconds"] = record.get("train_seconds")
-    row["eval_seconds"] = record.get("eval_seconds")
+def _row_from_record(record: TrialRecord, trial_dir: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "trial": record.trial,
+        "state": record.state.value,
+        "model": record.model,
+        "method": record.method,
+        "learning_rate": record.learning_rate,
+        "max_train_steps": record.max_train_steps,
+    }
+    row.update(record.params)
+    row.update(record.metrics)
+    row.update(record.delta)
+    row["feasible"] = record.feasible
+    row["objective"] = record.objective
+    row["fail_reason"] = record.fail_reason
+    row["missing"] = "; ".join(f"{k}: {v}" for k, v in record.missing.items()) or None
+    row["warnings"] = "; ".join(record.warnings) or None
+    row["train_seconds"] = record.train_seconds
+    row["eval_seconds"] = record.eval_seconds
     row["trial_dir"] = str(trial_dir)
-    weights = record.get("weights")
+    weights = record.weights
     row["weights_dir"] = str(trial_dir / weights) if weights and (trial_dir / weights).exists() else None
     if weights and row["weights_dir"] is None:
         note = f"weights {trial_dir / weights} no longer exist"
         row["warnings"] = f"{row['warnings']}; {note}" if row["warnings"] else note
-    row["wandb_run_id"] = record.get("wandb_run_id")
+    row["wandb_run_id"] = record.wandb_run_id
     return row
 
 
 def baseline_row(paths: io.StudyPaths) -> dict[str, Any] | None:
-    record = io.read_json(paths.baseline / io.TRIAL_METRICS)
-    if not record:
+    record = read_record(paths.baseline / io.TRIAL_METRICS)
+    if record is None:
         return None
-    row = {"trial": -1, "state": "BASELINE", "model": record.get("model"), "method": "baseline (untuned)"}
+    row = {
+        "trial": -1,
+        "state": TrialState.BASELINE.value,
+        "model": record.model,
+        "method": "baseline (untuned)",
+    }
     row["max_train_steps"] = 0
-    row.update(record.get("metrics") or {})
+    row.update(record.metrics)
     return row
 
 
@@ -156,7 +169,7 @@ def _candidates(results: pd.DataFrame, columns: list[str], feasible_only: bool) 
     """COMPLETE trials with every objective value; feasible ones, or all when none is and allowed."""
     if results.empty or "state" not in results or any(c not in results for c in columns):
         return None
-    pool = results[results["state"] == "COMPLETE"]
+    pool = results[results["state"] == TrialState.COMPLETE.value]
     for column in columns:
         pool = pool[pd.to_numeric(pool[column], errors="coerce").map(_finite)]
     if "trial" in pool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import socket
 import time
@@ -42,7 +41,9 @@ from sdsweep.plan import (
 )
 from sdsweep.preflight import available_search_space
 from sdsweep.progress import Progress
-from sdsweep.results import best_trial, write_results
+from sdsweep.record import read_record_or_none
+from sdsweep.results import write_results
+from sdsweep.study_folder import best_trial
 from sdsweep.study_store import FAIL_REASON, GRID_POINT, RUN_KEY, SUPERSEDED, StudyHandle, storage_url
 from sdsweep.trial import RunSpec, TrialSlot, compose_config, execute_baseline, execute_run
 
@@ -344,10 +345,8 @@ class SweepEngine:
             if spec and spec.choices
             else [self.paths.baseline]
         )
-        return all(
-            (io.read_json_or_none(folder / io.TRIAL_METRICS) or {}).get("state") == "COMPLETE"
-            for folder in folders
-        )
+        records = [read_record_or_none(folder / io.TRIAL_METRICS) for folder in folders]
+        return all(record is not None and record.complete for record in records)
 
     def work(self) -> None:
         """Claim -> run -> claim ... until the study needs nothing more from this process."""
@@ -401,15 +400,15 @@ class SweepEngine:
 
     def after_run(self, slots: list[TrialSlot]) -> None:
         for slot in slots:
-            record = io.read_json_or_none(self.paths.trial(slot.number) / io.TRIAL_METRICS) or {}
-            state = record.get("state", self.handle.get_trial(slot.number).state.name)
-            metrics = record.get("metrics") or {}
+            record = read_record_or_none(self.paths.trial(slot.number) / io.TRIAL_METRICS)
+            state = record.state.value if record else self.handle.get_trial(slot.number).state.name
+            metrics = record.metrics if record else {}
             shown = ", ".join(
                 f"{k.removeprefix('eval/')}={v:.4g}"
                 for k, v in metrics.items()
                 if k.count("/") == 1 and isinstance(v, (int, float))
             )
-            reason = record.get("fail_reason")
+            reason = record.fail_reason if record else None
             self.say(
                 f"  trial {slot.number} [{short_params(slot.params)}]: {state}"
                 + (f" {shown}" if shown else "")
@@ -473,7 +472,7 @@ class SweepDriver:
             f"{sum(counts.get(k, 0) for k in ('COMPLETE', 'FAIL', 'PRUNED'))} finished ({counts.get('COMPLETE', 0)} complete, {counts.get('FAIL', 0)} failed, "
             f"{counts.get('PRUNED', 0)} pruned)"
         )
-        self.outcome.best = best_trial(frame, self.sweep.objectives, feasible_only=False)
+        self.outcome.best = best_trial(frame, self.sweep.objectives)
         self.track_study(frame)
         return self.outcome
 
@@ -538,9 +537,3 @@ def command_line_values(overrides: list[str]) -> dict[str, Any]:
 
 def run_sweep(overrides: list[str]) -> SweepOutcome:
     return SweepDriver(overrides).run()
-
-
-def dumps_outcome(outcome: SweepOutcome) -> str:
-    return json.dumps(
-        {"study_dir": str(outcome.study_dir), "states": outcome.states, "best": outcome.best}, default=str
-    )

@@ -30,6 +30,7 @@ from typing import Any
 
 from sdsweep.config import Config, flatten
 from sdsweep.plan import canonical, short_params
+from sdsweep.record import TrialRecord, TrialState, as_record
 
 # Config keys whose last part is one of these words may hold credentials; they are never logged.
 _SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}
@@ -114,18 +115,19 @@ def _finite(value: Any) -> Any:
 
 
 def history_by_step(
-    record: dict[str, Any], images: dict[str, list[tuple[int, Any]]] | None = None
+    record: TrialRecord | dict[str, Any], images: dict[str, list[tuple[int, Any]]] | None = None
 ) -> list[tuple[int, dict[str, Any]]]:
     """Merge training history, milestone evaluations and images into one row per step, in step order.
 
     W&B rejects a step lower than one already logged, so everything logged at the same step must go
     in one ``log`` call. Image values stay whatever the caller passed (converted when logging).
     """
+    record = as_record(record)
     rows: dict[int, dict[str, Any]] = {}
-    for entry in record.get("history") or []:
+    for entry in record.history or []:
         step = int(entry["step"])
         rows.setdefault(step, {}).update({k: _finite(v) for k, v in entry.items() if k != "step"})
-    for entry in record.get("evals") or []:
+    for entry in record.evals or []:
         step = int(entry["step"])
         scalars = {k: _finite(v) for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}
         rows.setdefault(step, {}).update(scalars)
@@ -136,15 +138,16 @@ def history_by_step(
     return sorted(rows.items())
 
 
-def trial_summary(record: dict[str, Any]) -> dict[str, Any]:
+def trial_summary(record: TrialRecord | dict[str, Any]) -> dict[str, Any]:
     """Final metrics and the trial's outcome, overriding W&B's "last logged value" summary."""
-    summary: dict[str, Any] = {k: _finite(v) for k, v in (record.get("metrics") or {}).items()}
-    summary.update({k: _finite(v) for k, v in (record.get("delta") or {}).items()})
-    summary["state"] = record.get("state")
-    summary["fail_reason"] = record.get("fail_reason")
+    record = as_record(record)
+    summary: dict[str, Any] = {k: _finite(v) for k, v in record.metrics.items()}
+    summary.update({k: _finite(v) for k, v in record.delta.items()})
+    summary["state"] = record.state.value
+    summary["fail_reason"] = record.fail_reason
     for key in ("trial", "objective", "feasible", "step", "train_seconds", "eval_seconds"):
-        if key in record:
-            summary[key] = _finite(record[key])
+        if getattr(record, key) is not None:
+            summary[key] = _finite(getattr(record, key))
     return summary
 
 
@@ -205,7 +208,7 @@ def record_trial(
     study: str,
     trial_number: int,
     params: dict[str, Any],
-    record: dict[str, Any],
+    record: TrialRecord | dict[str, Any],
     images: dict[str, list[tuple[int, Any]]],
     run_dir: Path,
 ) -> str | None:
@@ -294,14 +297,14 @@ class LiveTrialRuns:
         values = {k: _finite(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self._log(step, values, grid if self.cfg.tracking.log_images else None)
 
-    def finish(self, number: int, record: dict[str, Any]) -> str | None:
+    def finish(self, number: int, record: TrialRecord | dict[str, Any]) -> str | None:
         """Write the trial's summary and finish its run; None when it has no live run."""
         run = self.runs.pop(number, None)
         if run is None:
             return None
         try:
             run.summary.update(trial_summary(record))
-            run.finish(exit_code=1 if record.get("state") == "FAIL" else 0)
+            run.finish(exit_code=1 if as_record(record).state == TrialState.FAIL else 0)
             return run.id
         except Exception as error:
             _warn(f"trial {number}", error)
@@ -313,7 +316,7 @@ class LiveTrialRuns:
     def close(self) -> None:
         """Finish any run left open (a crash between steps); their trials are marked by the caller."""
         for number in list(self.runs):
-            self.finish(number, {"state": "FAIL", "fail_reason": "training stopped"})
+            self.finish(number, TrialRecord(number, TrialState.FAIL, fail_reason="training stopped"))
 
 
 # Counts that pandas turns into floats when a row lacks them (the baseline has no trial number).
@@ -353,10 +356,10 @@ def results_table_data(results: Any) -> tuple[list[str], list[list[Any]]]:
 
 def best_trial_summary(cfg: Config, results: Any) -> dict[str, Any]:
     """``best/*`` summary keys for the study run (empty when no trial completed)."""
-    from sdsweep.results import best_trial
+    from sdsweep.study_folder import best_trial
 
     objectives = cfg.sweep.objectives if cfg.sweep and cfg.sweep.objectives else "maximize"
-    best = best_trial(results, objectives, feasible_only=False)  # the rule the CLI and export use
+    best = best_trial(results, objectives)  # the one rule: the CLI, the report and export use it
     if best is None:
         return {"best/trial": None}
     return {f"best/{k}": _table_value(v) for k, v in best.items() if _table_value(v) is not None}

@@ -27,6 +27,7 @@ from sdsweep import io, signals
 from sdsweep.config import Config, resolved_resolution, to_yaml
 from sdsweep.constraints import parse_constraint
 from sdsweep.progress import Progress
+from sdsweep.record import TrialRecord, TrialState, read_record, read_record_or_none
 from sdsweep.study_store import (
     RUN_KEY,
     TRIAL_DIR,
@@ -108,26 +109,18 @@ class TrialRecorder:
                 flush=True,
             )
 
-    def base_record(self, slot: TrialSlot) -> dict[str, Any]:
-        return {
-            "trial": slot.number,
-            "params": slot.params,
-            "step": slot.step,
-            "model": self.cfg.model.name,
-            "pretrained": self.cfg.model.path or self.cfg.model.pretrained,
-            "method": self.cfg.method.name,
-            "learning_rate": self.cfg.method.learning_rate,
-            "max_train_steps": slot.step,
-            "metrics": {},
-            "delta": {},
-            "missing": {},
-            "warnings": [],
-            "feasible": None,
-            "violations": {},
-            "fail_reason": None,
-            "weights": None,
-            "run_key": self.spec.run_key,
-        }
+    def base_record(self, slot: TrialSlot) -> TrialRecord:
+        return TrialRecord(
+            trial=slot.number,
+            params=slot.params,
+            step=slot.step,
+            model=self.cfg.model.name,
+            pretrained=self.cfg.model.path or self.cfg.model.pretrained,
+            method=self.cfg.method.name,
+            learning_rate=self.cfg.method.learning_rate,
+            max_train_steps=slot.step,
+            run_key=self.spec.run_key,
+        )
 
     def write_config(self, slot: TrialSlot) -> None:
         trial_dir = self.paths.trial(slot.number)
@@ -138,50 +131,55 @@ class TrialRecorder:
         )
         io.atomic_write_text(trial_dir / io.TRIAL_CONFIG, to_yaml(own))
 
-    def complete(self, slot: TrialSlot, record: dict[str, Any], link: TrialLink) -> None:
-        metrics = record["metrics"]
-        record["delta"] = {
+    def complete(self, slot: TrialSlot, record: TrialRecord, link: TrialLink) -> None:
+        metrics = record.metrics
+        record.delta = {
             f"delta/{k}": metrics[k] - v
             for k, v in self.baseline.items()
             if k in metrics and isinstance(v, (int, float)) and metrics[k] is not None
         }
         violations = [c.violation(metrics) for c in self.constraints]
-        record["violations"] = {str(c): v for c, v in zip(self.constraints, violations)}
-        record["feasible"] = all(v <= 0 for v in violations)
+        record.violations = {str(c): v for c, v in zip(self.constraints, violations)}
+        record.feasible = all(v <= 0 for v in violations)
         values = objective_values(self.cfg, metrics)
         if isinstance(values, str):
-            reason = f"{values}: {record['missing'].get(self.cfg.sweep.objectives[0].metric.split('/', 1)[-1], '')}".rstrip(
+            reason = f"{values}: {record.missing.get(self.cfg.sweep.objectives[0].metric.split('/', 1)[-1], '')}".rstrip(
                 ": "
             )
             self.fail(slot, record, link, reason)
             return
-        record["state"] = "COMPLETE"
-        record["objective"] = values[0]
-        io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
+        record.state = TrialState.COMPLETE
+        record.objective = values[0]
+        record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
         if FAULT == "after_record":
             os.kill(os.getpid(), signal.SIGKILL)
         for name, value in metrics.items():  # every metric readable per trial in the dashboard
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tell(slot, lambda n=name, v=value: link.set_attr(n, float(v)))
-        self.tell(slot, lambda: link.complete(values, record["violations"]))
+        self.tell(slot, lambda: link.complete(values, record.violations))
 
     def fail(
-        self, slot: TrialSlot, record: dict[str, Any], link: TrialLink, reason: str, state: str = "FAIL"
+        self,
+        slot: TrialSlot,
+        record: TrialRecord,
+        link: TrialLink,
+        reason: str,
+        state: TrialState = TrialState.FAIL,
     ) -> None:
-        record["state"] = state
-        record["fail_reason"] = reason
-        io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
-        self.tell(slot, lambda: link.prune(reason) if state == "PRUNED" else link.fail(reason))
+        record.state = state
+        record.fail_reason = reason
+        record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
+        self.tell(slot, lambda: link.prune(reason) if state == TrialState.PRUNED else link.fail(reason))
 
-    def track(self, slot: TrialSlot, record: dict[str, Any], images: dict) -> None:
+    def track(self, slot: TrialSlot, record: TrialRecord, images: dict) -> None:
         from sdsweep import tracking
 
         run_id = self.live.finish(slot.number, record) or tracking.record_trial(
             self.cfg, self.spec.study, slot.number, slot.params, record, images, self.paths.wandb
         )
         if run_id:
-            record["wandb_run_id"] = run_id
-            io.atomic_write_json(self.paths.trial(slot.number) / io.TRIAL_METRICS, record)
+            record.wandb_run_id = run_id
+            record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
             self.handle.set_attr(slot.number, WANDB_RUN_ID, run_id)  # False once finished: kept on disk
 
 
@@ -228,8 +226,8 @@ def baseline_folder(paths: io.StudyPaths, cfg: Config) -> Path:
 
 
 def _load_baseline(folder: Path) -> dict[str, float]:
-    record = io.read_json_or_none(folder / io.TRIAL_METRICS) or {}
-    return {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    record = read_record_or_none(folder / io.TRIAL_METRICS)
+    return record.numeric_metrics() if record else {}
 
 
 _EVALUATORS: dict[str, Any] = {}
@@ -298,32 +296,32 @@ class _Setup:
         self.evaluator = _EVALUATORS["evaluator"]
 
 
-def execute_baseline(spec: RunSpec) -> dict[str, Any]:
+def execute_baseline(spec: RunSpec) -> TrialRecord:
     """Evaluate the untuned model once per study, with the trials' prompts, seeds and metrics."""
     paths = io.StudyPaths(Path(spec.study_root))
     cfg = compose_config(spec.overrides)
     folder = baseline_folder(paths, cfg)
-    existing = io.read_json_or_none(folder / io.TRIAL_METRICS)
-    if existing and existing.get("state") == "COMPLETE":
+    existing = read_record_or_none(folder / io.TRIAL_METRICS)
+    if existing and existing.complete:
         return existing
     setup = _Setup(cfg, paths)
     pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
     result = setup.evaluator.evaluate(
         pipeline, setup.method, setup.heldout_batch, out_dir=folder, label=f"baseline {cfg.model.name}"
     )
-    record = {
-        "trial": None,
-        "state": "COMPLETE",
-        "step": 0,
-        "model": cfg.model.name,
-        "method": cfg.method.name,
-        "metrics": result.metrics,
-        "missing": result.missing,
-        "warnings": result.warnings,
-        "eval_seconds": result.seconds,
-    }
+    record = TrialRecord(
+        trial=None,
+        state=TrialState.COMPLETE,
+        step=0,
+        model=cfg.model.name,
+        method=cfg.method.name,
+        metrics=result.metrics,
+        missing=result.missing,
+        warnings=result.warnings,
+        eval_seconds=result.seconds,
+    )
     io.atomic_write_text(folder / io.TRIAL_CONFIG, to_yaml(cfg))
-    io.atomic_write_json(folder / io.TRIAL_METRICS, record)
+    record.write(folder / io.TRIAL_METRICS)
     del setup, pipeline
     release_memory()
     return record
@@ -356,13 +354,14 @@ def execute_run(spec: RunSpec) -> None:
         time_from_first_update=True,
     )
 
-    def finish_slot(slot: TrialSlot, state: str, reason: str | None = None) -> None:
+    def finish_slot(slot: TrialSlot, state: TrialState, reason: str | None = None) -> None:
         record = records[slot.number]
-        record["history"] = [h for h in history if h["step"] <= slot.step]
-        record["evals"] = [e for e in evals if e["step"] <= slot.step]
-        record["train_seconds"] = round(time.perf_counter() - t_start, 3)
-        record.update(memory_record(setup))
-        if state == "COMPLETE":
+        record.history = [h for h in history if h["step"] <= slot.step]
+        record.evals = [e for e in evals if e["step"] <= slot.step]
+        record.train_seconds = round(time.perf_counter() - t_start, 3)
+        for key, value in memory_record(setup).items():
+            setattr(record, key, value)
+        if state == TrialState.COMPLETE:
             recorder.complete(slot, record, links[slot.number])
         else:
             recorder.fail(slot, record, links[slot.number], reason or "unknown", state=state)
@@ -393,8 +392,9 @@ def execute_run(spec: RunSpec) -> None:
             )
             del pipeline
             record = records[slot.number]
-            record.update(metrics=result.metrics, missing=result.missing, warnings=result.warnings)
-            record["eval_seconds"] = round(result.seconds, 3)
+            record.metrics, record.missing = result.metrics, result.missing
+            record.warnings = result.warnings
+            record.eval_seconds = round(result.seconds, 3)
             evals.append({"step": step, **result.metrics})
             recorder.live.log_eval(step, result.metrics, result.grid)
             grids.append((step, result.grid))
@@ -403,14 +403,14 @@ def execute_run(spec: RunSpec) -> None:
                 staging = io.staging_dir(weights)
                 setup.method.save(staging)
                 io.replace_dir(staging, weights)
-                record["weights"] = io.TRIAL_WEIGHTS
+                record.weights = io.TRIAL_WEIGHTS
                 val_loss = result.metrics.get("eval/val_loss")
-                finish_slot(slot, "COMPLETE")
+                finish_slot(slot, TrialState.COMPLETE)
             rate = result.metrics.get("eval/appropriate_rate")
             if rate is not None and rate == 0.0 and open_slots:
                 reason = f"stopped: eval/appropriate_rate collapsed to 0 at step {step} (every image degenerate or unsafe)"
                 for other in list(open_slots):
-                    finish_slot(other, "PRUNED", reason)
+                    finish_slot(other, TrialState.PRUNED, reason)
                 return True
         if not open_slots:
             return True
@@ -422,7 +422,7 @@ def execute_run(spec: RunSpec) -> None:
         if representative.should_prune():
             reason = f"pruned at step {step} by the {cfg.sweep.pruner} pruner (val_loss {val_loss:.4g})"
             for other in list(open_slots):
-                finish_slot(other, "PRUNED", reason)
+                finish_slot(other, TrialState.PRUNED, reason)
             return True
         return False
 
@@ -452,12 +452,12 @@ def execute_run(spec: RunSpec) -> None:
         raise
     except TrainingDiverged as error:
         for slot in list(open_slots):
-            finish_slot(slot, "FAIL", f"training diverged: {error}")
+            finish_slot(slot, TrialState.FAIL, f"training diverged: {error}")
     except torch.OutOfMemoryError:
         for slot in list(open_slots):
             finish_slot(
                 slot,
-                "FAIL",
+                TrialState.FAIL,
                 "out of memory: lower train.train_batch_size, enable train.gradient_checkpointing=true, "
                 "or use method=lora",
             )
@@ -466,10 +466,10 @@ def execute_run(spec: RunSpec) -> None:
         for slot in list(open_slots):
             trial_dir = paths.trial(slot.number)
             io.atomic_write_text(trial_dir / "error.txt", traceback.format_exc())
-            finish_slot(slot, "FAIL", reason)
+            finish_slot(slot, TrialState.FAIL, reason)
     finally:
         for slot in list(open_slots):  # the loop ended before this milestone (should not happen)
-            finish_slot(slot, "FAIL", f"training stopped before step {slot.step}")
+            finish_slot(slot, TrialState.FAIL, f"training stopped before step {slot.step}")
         bar.close()
         setup = None  # drop the models before the next run loads its own
         release_memory()
@@ -506,12 +506,12 @@ def _enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle)
     losers += [(number, "this attempt has no result in the study (sweep.keep_best_k)") for number in unranked]
     for number, why in losers:
         trial_dir = paths.trial(number)
-        record = io.read_json(trial_dir / io.TRIAL_METRICS)
-        if not record or not record.get("weights"):
+        record = read_record(trial_dir / io.TRIAL_METRICS)
+        if not record or not record.weights:
             continue
-        record["weights"] = None
-        record["weights_removed"] = why
-        io.atomic_write_json(trial_dir / io.TRIAL_METRICS, record)
+        record.weights = None
+        record.weights_removed = why
+        record.write(trial_dir / io.TRIAL_METRICS)
         shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
 
 

@@ -7,10 +7,11 @@ import math
 
 import pandas as pd
 import pytest
+import wandb_records
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep import tracking, wandb_records
+from sdsweep import tracking
 
 
 @pytest.fixture

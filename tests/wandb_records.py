@@ -12,7 +12,7 @@ the transaction log. Its layout (the same framing as a LevelDB log):
 The crc is ``zlib.crc32(payload, zlib.crc32(bytes([type])))`` (what wandb's writer computes);
 chunks that fail it are skipped and counted, so a run killed mid-write still reads up to the tear.
 
-``python -m sdsweep.wandb_records <run dir or .wandb file>`` prints the parsed run as JSON.
+``python tests/wandb_records.py <run dir or .wandb file>`` prints the parsed run as JSON.
 This module imports wandb's protobuf definitions only (no ``wandb.init``); ``tracking.py`` stays the
 only module that talks to W&B itself.
 """
