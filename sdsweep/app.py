@@ -55,7 +55,7 @@ class StudyApp:
         return results[shown].round(4) if not results.empty else results
 
     def contact_sheet(self) -> str | None:
-        from sdsweep.report import contact_sheet
+        from sdsweep.report_figures import contact_sheet
 
         out = Path(tempfile.mkdtemp(prefix="sdsweep-app-")) / "contact_sheet.png"
         made = contact_sheet(self.data, out)

@@ -108,8 +108,24 @@ def fmt(value: Any) -> str:
 def fmt_param(key: str, value: Any) -> str:
     """A parameter value: the learning rate in short scientific notation, whole numbers without ``.0``."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if key == "method.learning_rate" and number:
+    if key == LR_KEY and number:
         return fmt_sci(value)
     if number and float(value).is_integer():
         return str(int(value))
     return fmt(value)
+
+
+LR_KEY = "method.learning_rate"  # same keys as sdsweep.plan (which imports the config schema)
+STEP_KEY = "train.max_train_steps"
+
+
+def short_label(key: str) -> str:
+    return {LR_KEY: "lr", STEP_KEY: "steps"}.get(key, key.split(".")[-1])
+
+
+def metric_columns(results: Any) -> list[str]:
+    """Headline metrics of a results table (``eval/clip_score``, not the per-prompt ``eval/clip_score/p0``);
+    internal flags such as ``eval/fid_reliable`` are not metrics and never shown as one."""
+    return sorted(
+        c for c in results.columns if c.startswith("eval/") and c.count("/") == 1 and not is_internal(c)
+    )

@@ -216,7 +216,7 @@ def method_sheets(data: StudyData, out_dir: Path, dpi: int = 150) -> list[Path]:
     frame = data.results
     if frame.empty or "method" not in frame:
         return []
-    from sdsweep.report import first_sample_name
+    from sdsweep.report_figures import first_sample_name
 
     if frame["method"].dropna().astype(str).nunique() < 2:
         return []  # one method: the lr x steps contact sheet already shows it
