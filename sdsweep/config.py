@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdsweep import constraints
 from sdsweep.errors import ConfigError
+from sdsweep.method_schemas import METHOD_SCHEMAS, MethodConfig, check_method_options
 
 
 @dataclass
@@ -39,36 +40,6 @@ class ModelConfig:
     variant: Optional[str] = None
     resolution: int = 32  # the model's native training resolution
     prediction_type: str = "auto"  # auto (read from the scheduler) | epsilon | v_prediction
-
-
-@dataclass
-class MethodConfig:
-    """One schema for all methods; each ``conf/method/*.yaml`` sets the options that apply to it."""
-
-    name: str = "full"
-    learning_rate: float = 1e-5
-    scale_lr: bool = False  # multiply lr by batch size x grad accumulation
-    train_text_encoder: bool = False
-    # full
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    use_8bit_adam: bool = False
-    # dreambooth
-    with_prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 50
-    class_prompt: Optional[str] = None
-    # textual_inversion
-    placeholder_token: str = "<sks>"
-    initializer_token: str = "person"
-    num_vectors: int = 1
-    template: str = "object"  # object | style | none (use the dataset captions)
-    # lora
-    rank: int = 4
-    alpha: float = 4.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    text_encoder_rank: int = 4
 
 
 @dataclass
@@ -268,6 +239,8 @@ def data_tag(kind: str, path: Optional[str] = None) -> str:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    for name, schema in METHOD_SCHEMAS.items():  # conf/method/<name>.yaml sets only these options
+        cs.store(group="method", name=f"{name}_schema", node=schema)
     OmegaConf.register_new_resolver("data_tag", data_tag, replace=True)
 
 
@@ -373,6 +346,8 @@ def validate(cfg: Config) -> Config:
     constraints.check_eval_protocol(cfg)
     if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
+    swept = (sweep_params(cfg.sweep).get("method") or ParamSpec()) if cfg.sweep else ParamSpec()
+    check_method_options(cfg.method, [str(m) for m in swept.choices or []])
     if cfg.method.name == "dreambooth":
         check_dreambooth_prompts(cfg)
     if not 0.0 < cfg.method.ema_decay < 1.0:

@@ -29,9 +29,11 @@ CPU = torch.device("cpu")
 
 # ---- helpers -------------------------------------------------------------------------------------
 def method_config(method: str, model: str, *extra: str):
+    # num_class_images is a DreamBooth option: other methods reject it (sdsweep.method_schemas).
+    own = ["method.num_class_images=3"] if method == "dreambooth" else []
     return compose(
         TINY_OVERRIDES
-        + [f"model={model}", f"method={method}", "method.num_class_images=3", "eval.num_inference_steps=2"]
+        + [f"model={model}", f"method={method}", *own, "eval.num_inference_steps=2"]
         + list(extra)
     )
 
