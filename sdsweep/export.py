@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import export_card, io
+from sdsweep.method_schemas import EMBEDS_FILE, METHOD_SPECS
 from sdsweep.metric_names import fmt_param
 from sdsweep.record import TrialRecord, TrialState
 from sdsweep.study_folder import StudyData, StudyFolderError, best_trial, is_feasible, load_study
@@ -31,8 +32,6 @@ from sdsweep.study_folder import StudyData, StudyFolderError, best_trial, is_fea
 CARD_TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sdsweep"]
 TRIAL_FILE = "sdsweep_trial.json"
 GRID_FILE = "samples_grid.png"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-EMBEDS_FILE = "learned_embeds.safetensors"
 
 
 class ExportError(RuntimeError):
@@ -110,17 +109,15 @@ def weights_dir(data: StudyData, selected: SelectedTrial) -> Path:
     )
 
 
-def weights_format(folder: Path) -> str:
-    """``pipeline`` | ``lora`` | ``textual_inversion``, from the files the method saved."""
-    if (folder / "model_index.json").is_file():
-        return "pipeline"
-    if (folder / LORA_FILE).is_file():
-        return "lora"
-    if (folder / EMBEDS_FILE).is_file():
-        return "textual_inversion"
-    raise ExportError(
-        f"{folder} holds no diffusers weights (no model_index.json, {LORA_FILE} or {EMBEDS_FILE})."
-    )
+def weights_format(folder: Path, method: str | None = None) -> str:
+    """``pipeline`` | ``lora`` | ``textual_inversion``: the trial's method says (``MethodSpec``), and the
+    file that method saves must be there; a record without a method is matched against every spec."""
+    specs = [METHOD_SPECS[method]] if method in METHOD_SPECS else list(METHOD_SPECS.values())
+    for spec in specs:
+        if (folder / spec.weights_file).is_file():
+            return spec.weights_format
+    expected = " or ".join(sorted({spec.weights_file for spec in specs}))
+    raise ExportError(f"{folder} holds no diffusers weights of method {method or '?'} (no {expected}).")
 
 
 def _trial_config(selected: SelectedTrial) -> dict[str, Any]:
@@ -328,7 +325,7 @@ def export_trial(study_dir: Path, to: Path, trial: int | None = None, force: boo
     data = load_study(study_dir)
     selected = select_trial(data, trial)
     source = weights_dir(data, selected)
-    fmt_name = weights_format(source)
+    fmt_name = weights_format(source, selected.record.method)
     to = Path(to)
     if to.exists() and any(to.iterdir()) and not force:
         raise ExportError(f"{to} exists and is not empty; choose another --to or pass --force to overwrite.")

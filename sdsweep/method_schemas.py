@@ -58,12 +58,28 @@ class LoraOptions(MethodOptions):
     text_encoder_rank: int = 4
 
 
-METHOD_SCHEMAS: dict[str, type[MethodOptions]] = {
-    "full": FullOptions,
-    "dreambooth": DreamBoothOptions,
-    "textual_inversion": TextualInversionOptions,
-    "lora": LoraOptions,
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the layers above ``methods/`` need to know about a method, without importing torch."""
+
+    schema: type[MethodOptions]
+    weights_format: str  # pipeline | lora | textual_inversion: how the saved weights load
+    weights_file: str  # the file that marks a saved weights folder of this method
+    # Whether train.adam_weight_decay applies. Textual inversion must not decay the embedding matrix:
+    # decay would shrink the learned vector away from the scale of the other token embeddings.
+    decays_weights: bool = True
+
+
+PIPELINE_FILE = "model_index.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDS_FILE = "learned_embeds.safetensors"
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "full": MethodSpec(FullOptions, "pipeline", PIPELINE_FILE),
+    "dreambooth": MethodSpec(DreamBoothOptions, "pipeline", PIPELINE_FILE),
+    "textual_inversion": MethodSpec(TextualInversionOptions, "textual_inversion", EMBEDS_FILE, False),
+    "lora": MethodSpec(LoraOptions, "lora", LORA_FILE),
 }
+METHOD_SCHEMAS: dict[str, type[MethodOptions]] = {name: spec.schema for name, spec in METHOD_SPECS.items()}
 
 
 @dataclass
@@ -111,6 +127,8 @@ def check_method_options(method: Any, swept_methods: list[str] | None = None) ->
 
 __all__ = [
     "METHOD_SCHEMAS",
+    "METHOD_SPECS",
+    "MethodSpec",
     "DreamBoothOptions",
     "FullOptions",
     "LoraOptions",

@@ -16,6 +16,7 @@ import logging
 import torch
 
 from sdsweep.config import Config, ConfigError
+from sdsweep.method_schemas import METHOD_SPECS
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def check_optimizer_available(cfg: Config) -> None:
 
 
 def weight_decay_of(cfg: Config) -> float:
-    # Textual inversion must not decay the embedding matrix: decay would shrink the learned vector away
-    # from the scale of the other token embeddings.
-    return 0.0 if cfg.method.name == "textual_inversion" else cfg.train.adam_weight_decay
+    """train.adam_weight_decay, or 0 for a method that must not decay (``MethodSpec.decays_weights``)."""
+    spec = METHOD_SPECS.get(cfg.method.name)
+    return cfg.train.adam_weight_decay if spec is None or spec.decays_weights else 0.0
 
 
 def make_optimizer(

@@ -40,20 +40,8 @@ def load_trained_pipeline(
     full/dreambooth saved a whole pipeline folder; textual inversion and LoRA saved a file that is
     applied to the base model named by ``cfg.model``.
     """
-    from sdsweep.methods.lora import WEIGHTS_NAME as LORA_WEIGHTS
-    from sdsweep.methods.textual_inversion import WEIGHTS_NAME as TI_WEIGHTS
-    from sdsweep.models import load_pipeline, resolve_model_source
-
-    get_method(cfg.method.name)  # an unknown name fails here with the allowed list
-    weights_dir = Path(weights_dir)
-    if cfg.method.name in (FullFineTune.name, DreamBooth.name):
-        return load_pipeline(str(weights_dir), scheduler, device)
-    pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
-    if cfg.method.name == TextualInversion.name:
-        pipe.load_textual_inversion(str(weights_dir / TI_WEIGHTS))
-    else:
-        pipe.load_lora_weights(str(weights_dir), weight_name=LORA_WEIGHTS)
-    return pipe
+    method = get_method(cfg.method.name)  # an unknown name fails here with the allowed list
+    return method.load_trained(cfg, Path(weights_dir), device, scheduler)
 
 
 __all__ = ["METHODS", "FineTuneMethod", "get_method", "load_trained_pipeline"]

@@ -37,6 +37,11 @@ class FineTuneMethod(ABC):
         self.device = torch.device(device)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
+    @classmethod
+    def load_trained(cls, cfg: Config, weights_dir: Path, device: Any, scheduler: str):
+        """A pipeline with the weights this method saved, loaded through diffusers' own loaders."""
+        raise NotImplementedError(f"{cls.__name__} does not say how its saved weights load")
+
     # ---- setup -----------------------------------------------------------------------------------
     @abstractmethod
     def prepare(self) -> None:

@@ -13,6 +13,13 @@ from sdsweep.models import SDComponents, build_pipeline
 
 class FullFineTune(FineTuneMethod):
     name = "full"
+
+    @classmethod
+    def load_trained(cls, cfg, weights_dir: Path, device, scheduler: str):
+        from sdsweep.models import load_pipeline
+
+        return load_pipeline(str(weights_dir), scheduler, device)  # a whole pipeline folder
+
     ema = None  # a diffusers EMAModel once prepare() ran with method.use_ema
 
     def prepare(self) -> None:

@@ -10,15 +10,24 @@ from pathlib import Path
 
 import torch
 
+from sdsweep.method_schemas import LORA_FILE
 from sdsweep.methods.base import FineTuneMethod
 
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+WEIGHTS_NAME = LORA_FILE  # one name, in the method spec (export finds it there without torch)
 # CLIP text encoder attention projections (the UNet's are named to_q/to_k/to_v/to_out.0).
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class LoRA(FineTuneMethod):
     name = "lora"
+
+    @classmethod
+    def load_trained(cls, cfg, weights_dir: Path, device, scheduler: str):
+        from sdsweep.models import load_pipeline, resolve_model_source
+
+        pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
+        pipe.load_lora_weights(str(weights_dir), weight_name=WEIGHTS_NAME)
+        return pipe
 
     def prepare(self) -> None:
         from peft import LoraConfig

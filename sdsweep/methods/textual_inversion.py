@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from sdsweep.config import ConfigError
+from sdsweep.method_schemas import EMBEDS_FILE
 from sdsweep.methods.base import FineTuneMethod
 
-WEIGHTS_NAME = "learned_embeds.safetensors"
+WEIGHTS_NAME = EMBEDS_FILE  # one name, in the method spec (export finds it there without torch)
 
 # Prompt templates of the original paper: the placeholder in varied contexts, so the embedding learns
 # the subject (object) or the look (style) rather than one caption.
@@ -46,6 +47,14 @@ TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 class TextualInversion(FineTuneMethod):
     name = "textual_inversion"
+
+    @classmethod
+    def load_trained(cls, cfg, weights_dir: Path, device, scheduler: str):
+        from sdsweep.models import load_pipeline, resolve_model_source
+
+        pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
+        pipe.load_textual_inversion(str(weights_dir / WEIGHTS_NAME))
+        return pipe
 
     def placeholder_tokens(self) -> list[str]:
         base = self.cfg.method.placeholder_token
