@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
-from sdsweep.config import Config, ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.method_schemas import METHOD_SPECS
+
+if TYPE_CHECKING:  # config calls check_optimizer_available while it validates: no runtime import back
+    from sdsweep.config import Config
 
 logger = logging.getLogger(__name__)
 

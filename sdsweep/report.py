@@ -25,10 +25,10 @@ from sdsweep import io
 
 # Re-exported: callers and tests import these names from the report.
 from sdsweep.metric_names import LR_KEY, STEP_KEY  # noqa: F401
-from sdsweep.report_figures import contact_sheet, first_sample_name, make_figures  # noqa: F401
+from sdsweep.report_figures import contact_sheet, make_figures  # noqa: F401
 from sdsweep.report_leaderboard import Leaderboard, build_leaderboard  # noqa: F401
 from sdsweep.report_render import render_html, render_markdown
-from sdsweep.study_folder import StudyData, StudyFolderError, load_study  # noqa: F401
+from sdsweep.study_folder import StudyData, StudyFolderError, first_sample_name, load_study  # noqa: F401
 
 FILES_DIR = "report_files"
 

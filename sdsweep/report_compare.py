@@ -14,7 +14,7 @@ import pandas as pd
 from sdsweep import io
 from sdsweep.metric_names import fmt_number, fmt_sci, label
 from sdsweep.results import is_feasible, pareto_front
-from sdsweep.study_folder import StudyData, best_trial
+from sdsweep.study_folder import StudyData, best_trial, first_sample_name
 
 LR_KEY = "method.learning_rate"
 STEP_KEY = "train.max_train_steps"
@@ -216,7 +216,6 @@ def method_sheets(data: StudyData, out_dir: Path, dpi: int = 150) -> list[Path]:
     frame = data.results
     if frame.empty or "method" not in frame:
         return []
-    from sdsweep.report_figures import first_sample_name
 
     if frame["method"].dropna().astype(str).nunique() < 2:
         return []  # one method: the lr x steps contact sheet already shows it

@@ -16,7 +16,7 @@ import pandas as pd
 from sdsweep import io, metric_names
 from sdsweep.metric_names import LR_KEY, STEP_KEY, fmt, fmt_sci, metric_columns
 from sdsweep.results import is_feasible
-from sdsweep.study_folder import StudyData, best_feasible_trial, is_number
+from sdsweep.study_folder import StudyData, best_feasible_trial, first_sample_name, is_number
 
 # Importances need a few points per parameter to mean anything.
 MIN_TRIALS_FOR_IMPORTANCE = 4
@@ -81,11 +81,6 @@ def _cell_trial(data: StudyData, lr: float, steps: int) -> pd.Series | None:
         return None
     complete = match[match["state"] == "COMPLETE"]
     return (complete if not complete.empty else match).iloc[-1]
-
-
-def first_sample_name(data: StudyData) -> str:
-    seeds = (data.info.get("eval") or {}).get("seeds") or [0]
-    return io.sample_name(0, int(seeds[0]))
 
 
 def _open_image(path: Path):

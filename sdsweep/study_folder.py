@@ -136,6 +136,12 @@ def read_baseline_metrics(study_dir: str | os.PathLike) -> dict[str, Any]:
     return dict(record.metrics) if record else {}
 
 
+def first_sample_name(data: StudyData) -> str:
+    """The file name of each trial's first sample (first prompt, first seed): the contact sheets show it."""
+    seeds = (data.info.get("eval") or {}).get("seeds") or [0]
+    return io.sample_name(0, int(seeds[0]))
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
