@@ -38,7 +38,8 @@ def build_report(study_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pa
     data = load_study(study_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path(study_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    target = io.StudyPaths(out_dir)  # the study folder's layout, also for a report written elsewhere
+    html_path, md_path = target.report_html, target.report_md
     files_dir = out_dir / FILES_DIR
     shutil.rmtree(files_dir, ignore_errors=True)  # no stale figures from an earlier, larger study
     figures = make_figures(data, files_dir)
