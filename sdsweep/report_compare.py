@@ -13,6 +13,7 @@ import pandas as pd
 
 from sdsweep import io
 from sdsweep.metric_names import fmt_number, fmt_sci, label
+from sdsweep.record import TrialState
 from sdsweep.results import is_feasible, pareto_front
 from sdsweep.study_folder import StudyData, best_trial, first_sample_name
 
@@ -131,7 +132,7 @@ def pareto_plot(data: StudyData, out_png: Path, dpi: int = 200) -> Path | str:
     frame = data.results
     if frame.empty or mx not in frame or my not in frame:
         return f"no Pareto front: no trial has both {mx} and {my} yet"
-    done = frame[(frame["state"] == "COMPLETE") & frame[mx].notna() & frame[my].notna()]
+    done = frame[(frame["state"] == TrialState.COMPLETE.value) & frame[mx].notna() & frame[my].notna()]
     if done.empty:
         return f"no Pareto front: no COMPLETE trial has both {mx} and {my} yet"
     front = set(pareto_front(frame, objectives[:2], feasible_only=False))
@@ -194,7 +195,7 @@ def lr_panels(data: StudyData, out_png: Path, dpi: int = 200) -> Path | str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods) + 1, 4), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        rows = frame[(frame["method"].astype(str) == method) & (frame["state"] == "COMPLETE")]
+        rows = frame[(frame["method"].astype(str) == method) & (frame["state"] == TrialState.COMPLETE.value)]
         rows = rows[rows[LR_KEY].notna() & rows[metric].notna()]
         for model, part in rows.groupby(rows["model"].astype(str)):
             ax.scatter(part[LR_KEY].astype(float), part[metric].astype(float), label=model)
@@ -224,7 +225,7 @@ def method_sheets(data: StudyData, out_dir: Path, dpi: int = 150) -> list[Path]:
     plt = _pyplot()
     written = []
     for method in sorted(frame["method"].dropna().astype(str).unique()):
-        rows = frame[(frame["method"].astype(str) == method) & (frame["state"] == "COMPLETE")]
+        rows = frame[(frame["method"].astype(str) == method) & (frame["state"] == TrialState.COMPLETE.value)]
         ranked = _ranked(rows, objectives)[:MAX_SHEET_COLUMNS]
         if not ranked:
             continue

@@ -15,6 +15,7 @@ import pandas as pd
 
 from sdsweep import io, metric_names
 from sdsweep.metric_names import LR_KEY, STEP_KEY, fmt, fmt_sci, metric_columns
+from sdsweep.record import TrialState
 from sdsweep.results import is_feasible
 from sdsweep.study_folder import StudyData, best_feasible_trial, first_sample_name, is_number
 
@@ -24,7 +25,11 @@ MIN_PARAMS_FOR_IMPORTANCE = 2
 MIN_TRIALS_FOR_HISTORY = 2
 # 200 dpi: a 6-inch figure is 1200 px, the page's content width, so text stays sharp when shown full width.
 FIGURE_DPI = 200
-_STATE_COLOURS = {"COMPLETE": "#2b8a3e", "PRUNED": "#e67700", "FAIL": "#c92a2a"}
+_STATE_COLOURS = {
+    TrialState.COMPLETE.value: "#2b8a3e",
+    TrialState.PRUNED.value: "#e67700",
+    TrialState.FAIL.value: "#c92a2a",
+}
 _is_number = is_number
 
 
@@ -79,7 +84,7 @@ def _cell_trial(data: StudyData, lr: float, steps: int) -> pd.Series | None:
     match = _cell_rows(data, lr, steps)
     if match.empty:
         return None
-    complete = match[match["state"] == "COMPLETE"]
+    complete = match[match["state"] == TrialState.COMPLETE.value]
     return (complete if not complete.empty else match).iloc[-1]
 
 
@@ -120,7 +125,7 @@ def contact_sheet(data: StudyData, out_png: Path) -> Path | str:
                 state = str(row["state"]) if row is not None else "not run"
                 path = data.paths.trial(trial) / io.TRIAL_SAMPLES / sample if trial is not None else None
                 label = f"t{trial:04d} {state}" if trial is not None else state
-                if state == "COMPLETE" and not is_feasible(row.get("feasible")):
+                if state == TrialState.COMPLETE.value and not is_feasible(row.get("feasible")):
                     label += " (infeasible)"
                 colour = _STATE_COLOURS.get(state, "#868e96")
                 if best is not None and trial == int(best["trial"]):
@@ -171,7 +176,7 @@ def metric_heatmaps(data: StudyData, out_dir: Path) -> list[Path] | str:
                 row = _cell_trial(data, lr, step)
                 if row is None:
                     labels[r][c] = "not run"
-                elif row["state"] == "COMPLETE" and _is_number(row.get(metric)):
+                elif row["state"] == TrialState.COMPLETE.value and _is_number(row.get(metric)):
                     values[r, c] = float(row[metric])
                     labels[r][c] = f"{float(row[metric]):.3g}"
                 else:

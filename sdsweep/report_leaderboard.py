@@ -9,6 +9,7 @@ import pandas as pd
 
 from sdsweep import metric_names
 from sdsweep.metric_names import fmt, fmt_param, metric_columns, short_label
+from sdsweep.record import TrialState
 from sdsweep.results import is_feasible
 from sdsweep.study_folder import StudyData, best_feasible_trial, is_number
 
@@ -49,7 +50,8 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
     cell_warnings: dict[tuple[int, int], list[str]] = {}
     if not frame.empty:
         complete = frame[
-            (frame["state"] == "COMPLETE") & frame.get("objective", pd.Series(dtype=float)).notna()
+            (frame["state"] == TrialState.COMPLETE.value)
+            & frame.get("objective", pd.Series(dtype=float)).notna()
         ]
         complete = complete.sort_values(["objective", "trial"], ascending=[direction == "minimize", True])
         others = frame.drop(complete.index).sort_values("trial")
@@ -70,7 +72,9 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
                 cells.append(cell)
             state = row.get("state")
             cells.append(
-                ("yes" if is_feasible(row.get("feasible")) else "no") if state == "COMPLETE" else "–"
+                ("yes" if is_feasible(row.get("feasible")) else "no")
+                if state == TrialState.COMPLETE.value
+                else "–"
             )
             cells.append(_note(row, best))
             rows.append(cells)
@@ -97,6 +101,6 @@ def _note(row: pd.Series, best: dict[str, Any] | None) -> str:
     reason = row.get("fail_reason")
     if isinstance(reason, str) and reason:
         return reason if len(reason) < 160 else reason[:157] + "..."
-    if row.get("state") == "COMPLETE" and not is_feasible(row.get("feasible")):
+    if row.get("state") == TrialState.COMPLETE.value and not is_feasible(row.get("feasible")):
         return "violates a constraint"
     return ""
