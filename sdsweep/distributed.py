@@ -50,6 +50,7 @@ TIMEOUT = timedelta(hours=2)
 # crashed on start) fails the run after this long rather than after TIMEOUT.
 JOIN_TIMEOUT = timedelta(minutes=5)
 CHILD_EXIT_SECONDS = 120  # how long rank 0 waits for the other ranks to leave after the last step
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception)|Killed)\b.*")
 
 
@@ -332,7 +333,9 @@ class Ranks:
             if code in (0, None, -signal.SIGTERM, -signal.SIGKILL):  # stopped by us, not crashed
                 continue
             lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-            errors = [line.strip() for line in lines if _ERROR_LINE.match(line.strip())]
+            # torch prefixes a distributed process's traceback lines with "[rankN]: "
+            stripped = [_RANK_PREFIX.sub("", line).strip() for line in lines]
+            errors = [line for line in stripped if _ERROR_LINE.match(line)]
             detail = errors[-1] if errors else f"exit code {code}"
             return f"rank {rank} of {self.world_size} failed: {detail} (log: {log_path})"
         return None

@@ -6,6 +6,7 @@ written, no Optuna or W&B. Exits non-zero with the error on its last line when a
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
         method = get_method(cfg.method.name)(cfg, components, device, cache_dir=paths.cache)
         method.prepare()
         dataset = build_training_dataset(cfg, components, method, train_examples, paths.cache)
+        if os.environ.get("SDSWEEP_FAULT") == "rank_crash":  # tests only: a rank dies mid-run
+            raise RuntimeError("injected fault: this rank crashed")
         checkpoint_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
         try:
             train(cfg, method, dataset, spec.milestones, checkpoint_dir=checkpoint_dir)
