@@ -48,7 +48,7 @@ class MethodConfig:
 
     name: str = "full"
     learning_rate: float = 1e-5
-    scale_lr: bool = False  # multiply lr by batch size x grad accumulation
+    scale_lr: bool = False  # multiply lr by batch size x grad accumulation x train.num_processes
     train_text_encoder: bool = False
     # full
     use_ema: bool = False

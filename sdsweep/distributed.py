@@ -101,6 +101,12 @@ def check_devices(cfg: Config, device: torch.device) -> None:
         )
 
 
+def process_rank() -> int:
+    """This process's rank in the run's group (0 outside data-parallel runs)."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if initialized else 0
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((MASTER_ADDR, 0))

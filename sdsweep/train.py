@@ -78,7 +78,8 @@ class TrainResult:
 def effective_learning_rate(cfg: Config) -> float:
     lr = cfg.method.learning_rate
     if cfg.method.scale_lr:
-        lr *= cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps
+        # The global batch, as diffusers' examples scale it.
+        lr *= cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps * cfg.train.num_processes
     return lr
 
 

@@ -111,3 +111,19 @@ def test_a_crashed_rank_fails_the_trial_with_its_reason(tmp_path, monkeypatch):
     assert outcome.states == {"FAIL": 1}
     assert record["fail_reason"].startswith("RankFailed: rank 1 of 2 failed: RuntimeError: injected fault")
     assert rank_processes() == []
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl)"
+)
+def test_two_ranks_on_two_gpus(tmp_path):
+    """The same functions on nccl: one GPU per rank, rank 0 evaluates and records."""
+    outcome, trial_dir, record = single_run(
+        tmp_path, "gpus", "device=cuda", "train.train_batch_size=1", "train.num_processes=2"
+    )
+    assert outcome.states == {"COMPLETE": 1}, record["fail_reason"]
+    assert len(record["history"]) == STEPS and all(h["train/loss"] > 0 for h in record["history"])
+    assert unet_weights(trial_dir / "weights")
+    assert rank_processes() == []
