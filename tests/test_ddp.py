@@ -15,6 +15,7 @@ from sdsweep.config import ConfigError
 from sdsweep.distributed import check_devices
 from sdsweep.pool import worker_devices
 from sdsweep.sweep import run_sweep
+from sdsweep.train import SeededInfiniteSampler, noise_seeds
 
 STEPS = 3
 # One run, scored by the cheapest metric: the test is about training, not evaluation.
@@ -127,3 +128,19 @@ def test_two_ranks_on_two_gpus(tmp_path):
     assert len(record["history"]) == STEPS and all(h["train/loss"] > 0 for h in record["history"])
     assert unet_weights(trial_dir / "weights")
     assert rank_processes() == []
+
+
+def test_ranks_split_each_global_batch_and_its_noise_seeds_like_one_process():
+    def take(sampler, n):
+        stream = iter(sampler)
+        return [next(stream) for _ in range(n)]
+
+    # Batch 2 per rank x 2 ranks x 3 steps, resumed after 4 global draws: the ranks' chunks interleave
+    # into exactly the single stream of batch 4.
+    single = take(SeededInfiniteSampler(5, seed=3, start=4, draw_keys=True), 12)
+    ranks = [take(SeededInfiniteSampler(5, 3, 4, True, rank=r, world_size=2, chunk=2), 6) for r in (0, 1)]
+    interleaved = [key for step in range(3) for r in (0, 1) for key in ranks[r][2 * step : 2 * step + 2]]
+    assert interleaved == single
+    # The noise seeds of step 5: rank r's batch starts at global index r x batch.
+    assert noise_seeds(7, 5, 0, 2) + noise_seeds(7, 5, 2, 2) == noise_seeds(7, 5, 0, 4)
+    assert len(set(noise_seeds(7, 5, 0, 4) + noise_seeds(7, 6, 0, 4))) == 8
