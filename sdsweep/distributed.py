@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sdsweep import signals
+from sdsweep import io, signals
 from sdsweep.config import Config, ConfigError
 
 MASTER_ADDR = "127.0.0.1"  # one machine: the ranks of a run never span hosts
@@ -258,12 +258,14 @@ class Ranks:
                 cuda=cuda,
             )
             log_path = self.log_dir / f"{self.label}-rank{rank}.log"
+            # A file, not argv: overrides may hold a storage URL with a password, and argv is public.
+            spec_path = io.atomic_write_text(self.log_dir / f"{self.label}-rank{rank}.json", spec.to_json())
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             if threads:
                 env["OMP_NUM_THREADS"] = env["SDSWEEP_TORCH_THREADS"] = str(threads)
             with open(log_path, "w", encoding="utf-8") as log_file:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "sdsweep.rank", spec.to_json()],
+                    [sys.executable, "-m", "sdsweep.rank", str(spec_path)],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     env=env,

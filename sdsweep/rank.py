@@ -1,4 +1,4 @@
-"""``python -m sdsweep.rank SPEC_JSON``: rank 1..N-1 of a data-parallel run (see sdsweep/distributed.py).
+"""``python -m sdsweep.rank SPEC.json``: rank 1..N-1 of a data-parallel run (see sdsweep/distributed.py).
 
 Builds the same model, method and training set as rank 0, then trains: no evaluation, no files
 written, no Optuna or W&B. Exits non-zero with the error on its last line when anything fails.
@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
     from sdsweep.distributed import RankSpec, joined
 
     signals.watch_parent()  # fallback for PR_SET_PDEATHSIG, set by rank 0 when it started us
-    spec = RankSpec.from_json(argv[0])
+    spec = RankSpec.from_json(Path(argv[0]).read_text())
     from sdsweep import io, progress, warnings_filter
     from sdsweep.cache import build_training_dataset
     from sdsweep.data import load_examples, split_examples
