@@ -81,6 +81,11 @@ class TrainConfig:
     loss_explosion_factor: float = 100.0  # fail the trial when loss > factor x its first value
     log_every: int = 1
     checkpoint_at_milestones: bool = True  # lets an interrupted run resume from the last milestone
+    # Data-parallel ranks for one run (README "Several GPUs for one run"): each rank trains
+    # train_batch_size samples per micro-step, so the global batch is
+    # train_batch_size x num_processes x gradient_accumulation_steps. One device per rank on CUDA;
+    # on CPU the ranks share the cores (gloo).
+    num_processes: int = 1
     # ---- recipe knobs (README "Recipe knobs"); every one is sweepable as train.<name>
     # adamw | adamw8bit (bitsandbytes, CUDA) | prodigy (prodigyopt; lr is then a multiplier, normally
     # 1.0) | lion (lion-pytorch; wants ~3-10x smaller lr and ~3-10x larger weight decay than AdamW)
@@ -353,6 +358,8 @@ def validate(cfg: Config) -> Config:
     if not 0.0 < cfg.method.ema_decay < 1.0:
         _fail("method.ema_decay", cfg.method.ema_decay, "it must lie strictly between 0 and 1.")
     _validate_recipes(cfg)
+    if not isinstance(cfg.train.num_processes, int) or cfg.train.num_processes < 1:
+        _fail("train.num_processes", cfg.train.num_processes, "give a whole number >= 1 (ranks of one run).")
     if cfg.sweep is not None:
         _validate_sweep(cfg)
     return cfg

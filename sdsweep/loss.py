@@ -76,25 +76,43 @@ def diffusion_loss(
     return per_sample if reduction == "none" else per_sample.mean()
 
 
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """``torch.randn``; with one generator per sample (a list), row i comes from generator i, so a
+    sample's draw does not depend on which batch or rank it lands in (data-parallel equivalence)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def randint(high: int, size: int, generator: Generators, device: torch.device) -> torch.Tensor:
+    if isinstance(generator, list):
+        return torch.cat([torch.randint(0, high, (1,), generator=g, device=device) for g in generator])
+    return torch.randint(0, high, (size,), generator=generator, device=device)
+
+
 def sample_noise_and_timesteps(
     latents: torch.Tensor,
     num_train_timesteps: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian noise shaped like ``latents`` and one uniform timestep per sample.
 
-    With a generator every draw comes from it, on the CPU, so a fixed seed gives the same noise on any
-    device (the fixed-seed validation loss is then comparable across steps, trials and machines).
+    With a generator (or one per sample) every draw comes from it, on the CPU, so a fixed seed gives
+    the same noise on any device (the fixed-seed validation loss is then comparable across steps,
+    trials and machines; training noise is the same for 1 or N data-parallel ranks).
     """
     draw_device = torch.device("cpu") if generator is not None else latents.device
     batch, channels = latents.shape[0], latents.shape[1]
-    noise = torch.randn(latents.shape, generator=generator, device=draw_device)
-    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=draw_device)
+    noise = randn(tuple(latents.shape), generator, draw_device)
+    timesteps = randint(num_train_timesteps, batch, generator, draw_device)
     if noise_offset:
         # A per-channel constant shift lets the model learn to change overall brightness (very dark or
         # bright images), which zero-mean noise never asks of it.
-        offset = torch.randn((batch, channels, 1, 1), generator=generator, device=draw_device)
+        offset = randn((batch, channels, 1, 1), generator, draw_device)
         noise = noise + noise_offset * offset
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
 
@@ -103,7 +121,7 @@ def denoising_loss(
     components: SDComponents,
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
@@ -121,7 +139,7 @@ def denoising_loss(
     input_noise = noise
     if input_perturbation:
         draw_device = torch.device("cpu") if generator is not None else latents.device
-        xi = torch.randn(latents.shape, generator=generator, device=draw_device)
+        xi = randn(tuple(latents.shape), generator, draw_device)
         input_noise = noise + input_perturbation * xi.to(latents.device, latents.dtype)
     noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)
     model_pred = components.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]

@@ -22,7 +22,7 @@ class MethodOptions:
 
     name: str = "full"
     learning_rate: float = 1e-5
-    scale_lr: bool = False  # multiply lr by batch size x grad accumulation
+    scale_lr: bool = False  # multiply lr by batch size x grad accumulation x train.num_processes
     train_text_encoder: bool = False
     use_8bit_adam: bool = False  # legacy spelling of train.optimizer=adamw8bit; any method
 

@@ -26,6 +26,11 @@ class CLIPUnavailableError(RuntimeError):
     """The configured CLIP model cannot be loaded (offline, typo). Raised before any generation."""
 
 
+# Every score is computed by one process. torchmetrics would otherwise gather its state over a live
+# torch.distributed group: with train.num_processes > 1, rank 0 evaluates while the others wait.
+LOCAL = {"sync_on_compute": False}
+
+
 # ---- image conversion ------------------------------------------------------------------------------------
 def images_to_uint8(images: Sequence[Image.Image], device: torch.device | str = "cpu") -> torch.Tensor:
     """PIL images of one size -> uint8 tensor [N,3,H,W] (what torchmetrics' image metrics expect)."""
@@ -111,7 +116,7 @@ def clip_score(model, processor, images: Sequence[Image.Image], prompts: Sequenc
         raise ValueError(
             f"CLIP score needs one prompt per image (got {len(images)} images, {len(prompts)} prompts)."
         )
-    metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor), **LOCAL)
     # torchmetrics moves the model to the images' device, so keep them where the model lives.
     metric.update(list(images_to_uint8(images, _model_device(model))), list(prompts))
     return float(metric.compute())
@@ -208,7 +213,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
             f"FID needs at least 2 images per set (got {len(real)} reference, {len(fake)} generated)."
         )
     # torchmetrics' FID uses torch.linalg.eigvals for the matrix square root: no scipy needed.
-    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), **LOCAL)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     # FID is >= 0 by definition; the eigenvalue square root can dip a hair below for identical sets.
@@ -231,7 +236,7 @@ def kernel_inception_distance(
     with warnings.catch_warnings():  # "KID keeps all features in memory": intended, our sets are small
         warnings.simplefilter("ignore", UserWarning)
         metric = KernelInceptionDistance(
-            feature=_PrecomputedFeatures(real.shape[1]), subset_size=subset_size, subsets=subsets
+            feature=_PrecomputedFeatures(real.shape[1]), subset_size=subset_size, subsets=subsets, **LOCAL
         )
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -373,7 +378,9 @@ class TorchmetricsLPIPS:
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
         try:
-            self.metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=False).to(device)
+            self.metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=False, **LOCAL).to(
+                device
+            )
         except Exception as error:
             raise MetricUnavailable(
                 f"LPIPS {net} weights could not be loaded offline ({type(error).__name__}); "

@@ -30,17 +30,23 @@ STOP_WAIT_SECONDS = 60  # how long a stopping worker may take to hand its run ba
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)|Killed)\b.*")
 
 
-def worker_devices(workers, devices: list[int] | None) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES for each worker (None: leave it alone, e.g. on CPU)."""
+def worker_devices(workers, devices: list[int] | None, per_worker: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each worker (None: leave it alone, e.g. on CPU); with
+    ``per_worker`` > 1 (train.num_processes) each worker gets that many devices, e.g. "0,1"."""
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     chosen = list(devices) if devices is not None else list(range(visible))
-    count = max(1, len(chosen)) if workers == "auto" else int(workers)
+    count = max(1, len(chosen) // per_worker) if workers == "auto" else int(workers)
     # Indices count within the devices this process may see (SLURM sets CUDA_VISIBLE_DEVICES).
     inherited = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     physical = [inherited[d] if d < len(inherited) else str(d) for d in chosen]
-    return [physical[i % len(physical)] if physical else None for i in range(count)]
+    if not physical:
+        return [None] * count
+    return [
+        ",".join(physical[(i * per_worker + k) % len(physical)] for k in range(per_worker))
+        for i in range(count)
+    ]
 
 
 def cpu_cores() -> int:
@@ -69,7 +75,7 @@ class WorkerPool:
     def __init__(self, engine):
         self.engine = engine
         self.sweep = engine.sweep
-        self.devices = worker_devices(self.sweep.workers, self.sweep.devices)
+        self.devices = worker_devices(self.sweep.workers, self.sweep.devices, engine.cfg.train.num_processes)
         cpu_only = all(d is None for d in self.devices)
         self.threads = max(1, cpu_cores() // len(self.devices)) if cpu_only else None
         self.workers: list[Worker] = []

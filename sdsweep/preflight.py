@@ -260,6 +260,9 @@ def run_preflight(overrides: list[str]):
         unavailable = unavailable_features(cfg, device)
         if unavailable:
             raise PreflightError("requested but unavailable here: " + "; ".join(unavailable) + ".")
+        from sdsweep.distributed import check_devices
+
+        check_devices(cfg, device)  # one GPU per rank of every worker
         memory = check_fits(cfg, device)  # a ConfigError listing settings that fit, on a too-small GPU
         summary = summarize_dataset(cfg, _token_counter(source))
         space = search_space_problem(cfg)
@@ -272,4 +275,12 @@ def run_preflight(overrides: list[str]):
         raise PreflightError(str(error)) from None
     print(f"[sdsweep] {summary.describe()}", flush=True)
     print(f"[sdsweep] training memory on {device}: {memory.describe()}", flush=True)
+    if cfg.train.num_processes > 1:
+        t = cfg.train
+        print(
+            f"[sdsweep] {t.num_processes} ranks per run: global batch {t.train_batch_size} x {t.num_processes} x "
+            f"{t.gradient_accumulation_steps} = {t.train_batch_size * t.num_processes * t.gradient_accumulation_steps}"
+            " (train_batch_size x num_processes x gradient_accumulation_steps); memory above is per device",
+            flush=True,
+        )
     return summary

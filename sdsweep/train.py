@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdsweep import io, optimizers
+from sdsweep import distributed, io, optimizers
 from sdsweep.buckets import BucketBatchSampler
 from sdsweep.config import Config, flatten
 from sdsweep.data import collate, draw_seed, split_key
+from sdsweep.methods.base import NOISE_SEEDS
 from sdsweep.models import resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class TrainResult:
 def effective_learning_rate(cfg: Config) -> float:
     lr = cfg.method.learning_rate
     if cfg.method.scale_lr:
-        lr *= cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps
+        # The global batch, as diffusers' examples scale it.
+        lr *= cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps * cfg.train.num_processes
     return lr
 
 
@@ -126,12 +128,26 @@ class SeededInfiniteSampler(torch.utils.data.Sampler):
 
     Datasets that declare ``supports_draw_keys`` get ``(index, draw)`` keys, which seed their
     per-draw augmentation (flip, crop, VAE sample); others get plain indices.
+
+    With ``world_size`` > 1 the stream is cut into chunks of ``chunk`` draws (one rank's batch) and
+    rank r keeps chunks r, r + world_size, ...: the ranks' batches of one step together are exactly the
+    draws a single process takes with a world_size times larger batch.
     """
 
-    def __init__(self, size: int, seed: int, start: int = 0, draw_keys: bool = True):
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        start: int = 0,
+        draw_keys: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        chunk: int = 1,
+    ):
         if size < 1:
             raise ValueError("The training dataset is empty; there is nothing to train on.")
         self.size, self.seed, self.start, self.draw_keys = size, seed, start, draw_keys
+        self.rank, self.world_size, self.chunk = rank, world_size, chunk
 
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -142,14 +158,33 @@ class SeededInfiniteSampler(torch.utils.data.Sampler):
         while True:
             epoch, offset = divmod(draw, self.size)
             for index in self.epoch_order(epoch)[offset:]:
-                yield (index, draw) if self.draw_keys else index
+                if (draw // self.chunk) % self.world_size == self.rank:
+                    yield (index, draw) if self.draw_keys else index
                 draw += 1
 
 
+class RankBatches(torch.utils.data.Sampler):
+    """Every ``world_size``-th batch of a batch sampler, from batch ``rank`` on (bucketed data)."""
+
+    def __init__(self, batches: torch.utils.data.Sampler, rank: int, world_size: int):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        for number, batch in enumerate(self.batches):
+            if number % self.world_size == self.rank:
+                yield batch
+
+
 def infinite_batches(
-    dataset: torch.utils.data.Dataset, batch_size: int, seed: int, skip: int = 0
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    seed: int,
+    skip: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[dict[str, Any]]:
-    """Collated batches forever, starting after ``skip`` draws.
+    """Collated batches forever, starting after ``skip`` draws (of all ranks together); with
+    ``world_size`` > 1 only this rank's share (deterministic: see ``SeededInfiniteSampler``).
 
     No worker processes: items are cached latents or pre-decoded, pre-resized images (a crop and a
     tensor conversion), cheaper than a worker's IPC; on CPU workers would also take the model's cores.
@@ -159,13 +194,21 @@ def infinite_batches(
         batch_sampler = BucketBatchSampler(bucket_ids, batch_size, seed, start=skip // batch_size)
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=batch_sampler,
+            batch_sampler=RankBatches(batch_sampler, rank, world_size) if world_size > 1 else batch_sampler,
             collate_fn=collate,
             num_workers=0,
             generator=torch.Generator().manual_seed(seed),  # as below: keep the global RNG untouched
         )
         return iter(loader)
-    sampler = SeededInfiniteSampler(len(dataset), seed, skip, getattr(dataset, "supports_draw_keys", False))
+    sampler = SeededInfiniteSampler(
+        len(dataset),
+        seed,
+        skip,
+        getattr(dataset, "supports_draw_keys", False),
+        rank=rank,
+        world_size=world_size,
+        chunk=batch_size,
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -341,6 +384,16 @@ def load_checkpoint(path: Path, method: Any, optimizer: Any, lr_schedule: Any) -
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
+NOISE_SALT = 0x401_5E  # keeps the noise stream apart from the flip/crop and caption-dropout streams
+
+
+def noise_seeds(seed: int, step: int, first: int, count: int) -> list[int]:
+    """Seeds of samples ``first .. first+count-1`` of the global batch of optimizer step ``step``
+    (global index: micro-step, then rank, then position), the same for 1 or N ranks."""
+    return [draw_seed(seed + NOISE_SALT, first + i, step) for i in range(count)]
+
+
+# ---- configuring the model ----------------------------------------------------------------------------------------------
 def _configure_unet(cfg: Config, method: Any, device: torch.device) -> None:
     unet = method.components.unet
     if cfg.train.gradient_checkpointing and not unet.is_gradient_checkpointing:
@@ -387,7 +440,7 @@ def train(
     training (a sweep killed during an evaluation).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
     started = time.perf_counter()
     hooks = hooks or TrainHooks()
@@ -399,7 +452,18 @@ def train(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         cpu=device.type == "cpu",
         device_placement=False,  # the method placed its modules; optimizer state follows the parameters
+        # One schedule step per optimizer step whatever the rank count (accelerate would otherwise step
+        # the schedule num_processes times, for a dataloader it shortened).
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=distributed.TIMEOUT)],
     )
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if world_size != cfg.train.num_processes:
+        raise ValueError(
+            f"train.num_processes={cfg.train.num_processes}, but this process is in a group of {world_size}: "
+            "start data-parallel runs through sdsweep.distributed.Ranks (sdsweep.trial does)."
+        )
+    is_main = rank == 0
     _configure_unet(cfg, method, device)
     params = method.trainable_parameters()
     if not params:
@@ -412,7 +476,9 @@ def train(
     loop = LoopState()
     resume = latest_checkpoint(checkpoint_dir, at_most=milestones[0])
     if resume is None:
-        set_seed(cfg.train.seed)  # python, numpy, torch and CUDA: noise and timesteps are reproducible
+        # Python, numpy, torch and CUDA. Noise and timesteps come from per-sample seeds (NOISE_SEEDS);
+        # what still draws from the global RNG differs per rank, rank 0 matching a single process.
+        set_seed(cfg.train.seed + rank)
     else:
         logger.info("resuming from %s", resume[1])
         check_resumable(resume[1], cfg)
@@ -421,12 +487,17 @@ def train(
     save_checkpoints = checkpoint_dir is not None and cfg.train.checkpoint_at_milestones
 
     def reach_milestone(step: int, save: bool) -> bool:
-        """Checkpoint (before the caller's evaluation, which may be killed), then call back."""
-        if save:
-            save_checkpoint(checkpoint_dir, cfg, method, optimizer, lr_schedule, loop)
-        method.set_train_mode(False)
-        stop = hooks.on_milestone(step)
-        method.set_train_mode(True)
+        """Checkpoint (before the caller's evaluation, which may be killed), then call back; rank 0
+        only, the other ranks wait for its decision."""
+        stop = False
+        if is_main:
+            if save:
+                save_checkpoint(checkpoint_dir, cfg, method, optimizer, lr_schedule, loop)
+            method.set_train_mode(False)
+            stop = hooks.on_milestone(step)
+            method.set_train_mode(True)
+        if world_size > 1:
+            stop = distributed.agree(stop, device)
         if stop and step < last:
             result.stopped_early = True
             result.stop_reason = f"on_milestone asked to stop at step {step}"
@@ -436,7 +507,12 @@ def train(
     batch_size = cfg.train.train_batch_size
     dataset = with_caption_dropout(cfg, method, dataset)
     batches = infinite_batches(
-        dataset, batch_size, cfg.train.seed, skip=loop.step * batch_size * accumulation
+        dataset,
+        batch_size,
+        cfg.train.seed,
+        skip=loop.step * batch_size * accumulation * world_size,
+        rank=rank,
+        world_size=world_size,
     )
     modules = [m for m in (method.components.unet, method.components.text_encoder) if m is not None]
     method.set_train_mode(True)
@@ -445,12 +521,17 @@ def train(
     while not stop and loop.step < last:
         tick = time.perf_counter()
         loss_sum = None
-        for _ in range(accumulation):
-            batch = method.augment_batch(next(batches))
+        for micro in range(accumulation):
+            batch = next(batches)
+            first = ((loop.step * accumulation + micro) * world_size + rank) * batch_size
+            batch[NOISE_SEEDS] = noise_seeds(cfg.train.seed, loop.step, first, method.batch_size_of(batch))
+            batch = method.augment_batch(batch)
             with accelerator.accumulate(*modules):
                 with accelerator.autocast():
                     loss, logs = method.compute_loss(batch)
                 accelerator.backward(loss)  # divides by the accumulation steps
+                if accelerator.sync_gradients and world_size > 1:
+                    distributed.average_gradients(params, world_size)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 optimizer.step()  # prepared: a no-op on accumulation micro-steps
@@ -460,10 +541,12 @@ def train(
             loss_sum = detached if loss_sum is None else loss_sum + detached
         method.after_optimizer_step()
         loop.step += 1
+        if world_size > 1:  # the global batch's loss, the same on every rank (divergence agrees)
+            loss_sum = distributed.mean_over_ranks(loss_sum, world_size)
         value = float(loss_sum) / accumulation  # the one host sync per step
         _check_loss(cfg, value, loop.step, loop)
         result.step_seconds.append(time.perf_counter() - tick)
-        if loop.step % cfg.train.log_every == 0:
+        if is_main and loop.step % cfg.train.log_every == 0:
             step_logs = {key: float(v) for key, v in logs.items()}
             step_logs.update({"train/loss": value, "train/lr": lr_schedule.get_last_lr()[0]})
             hooks.on_step(loop.step, step_logs)

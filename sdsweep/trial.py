@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 import torch
 
-from sdsweep import io, signals
+from sdsweep import distributed, io, signals
 from sdsweep.config import Config, resolved_resolution, to_yaml
 from sdsweep.constraints import parse_constraint
 from sdsweep.progress import Progress
@@ -427,7 +427,6 @@ def execute_run(spec: RunSpec) -> None:
         return False
 
     try:
-        setup = _Setup(cfg, paths)
         milestones = sorted({s.step for s in slots})
         if spec.report_every:
             milestones = sorted(
@@ -436,14 +435,20 @@ def execute_run(spec: RunSpec) -> None:
         checkpoint_dir = (
             paths.runs / spec.run_key if spec.shared and cfg.train.checkpoint_at_milestones else None
         )
-        train(
-            cfg,
-            setup.method,
-            setup.dataset,
-            milestones,
-            TrainHooks(on_step=on_step, on_milestone=on_milestone),
-            checkpoint_dir,
-        )
+        label = spec.run_key or f"t{slots[0].number}"
+        # train.num_processes > 1: the other ranks start now and load their models alongside ours.
+        with distributed.Ranks(
+            cfg, spec.overrides, paths.root, paths.runs, milestones, checkpoint_dir, label
+        ):
+            setup = _Setup(cfg, paths)
+            train(
+                cfg,
+                setup.method,
+                setup.dataset,
+                milestones,
+                TrainHooks(on_step=on_step, on_milestone=on_milestone),
+                checkpoint_dir,
+            )
         if not open_slots and checkpoint_dir is not None:
             # Every milestone is recorded: nothing is left to resume from.
             shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -13,10 +13,19 @@ from typing import Any, ClassVar
 import torch
 
 from sdsweep.config import Config
-from sdsweep.loss import denoising_loss
+from sdsweep.loss import Generators, denoising_loss, randn
 from sdsweep.models import SDComponents, build_pipeline, tokenize_prompts
 
 Batch = dict[str, Any]
+# Batch key set by the training loop: one seed per sample, from (train.seed, step, global sample index).
+# Each sample's VAE draw, noise, timestep, noise offset and input perturbation come from a generator
+# with its seed, so a sample trains identically whichever batch or data-parallel rank it lands in.
+NOISE_SEEDS = "noise_seeds"
+
+
+def sample_generators(batch: Batch) -> list[torch.Generator] | None:
+    seeds = batch.get(NOISE_SEEDS)
+    return None if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 class FineTuneMethod(ABC):
@@ -67,10 +76,12 @@ class FineTuneMethod(ABC):
     def compute_loss(
         self, batch: Batch, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean denoising loss of a batch; with ``generator`` the noise and timesteps come from it."""
-        latents = self.latents_of(batch, generator=generator)
+        """Mean denoising loss of a batch; with ``generator`` (validation) the noise and timesteps come
+        from it, else from the batch's per-sample ``NOISE_SEEDS`` (training), else from the global RNG."""
+        draws = generator if generator is not None else sample_generators(batch)
+        latents = self.latents_of(batch, generator=draws)
         text_embeddings = self.text_embeddings_of(batch)
-        loss = self.per_sample_loss(latents, text_embeddings, generator).mean()
+        loss = self.per_sample_loss(latents, text_embeddings, draws).mean()
         return loss, {"train/loss": loss.detach()}
 
     def after_optimizer_step(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
@@ -87,23 +98,22 @@ class FineTuneMethod(ABC):
         self,
         latents: torch.Tensor,
         text_embeddings: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         # The noise offset (and input perturbation) are training augmentations: a fixed-seed validation
-        # loss leaves them out so that trials with different offsets are scored on the same task.
+        # loss (one generator) leaves them out so trials with different offsets are scored on the same task.
+        validation = isinstance(generator, torch.Generator)
         return denoising_loss(
             self.components,
             latents,
             text_embeddings,
             generator=generator,
             snr_gamma=self.cfg.train.snr_gamma,
-            noise_offset=0.0 if generator is not None else self.cfg.train.noise_offset,
-            input_perturbation=0.0 if generator is not None else self.cfg.train.input_perturbation,
+            noise_offset=0.0 if validation else self.cfg.train.noise_offset,
+            input_perturbation=0.0 if validation else self.cfg.train.input_perturbation,
         )
 
-    def latents_of(
-        self, batch: Batch, prefix: str = "", generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def latents_of(self, batch: Batch, prefix: str = "", generator: Generators = None) -> torch.Tensor:
         """Scaled latents: the batch's cached ``latents``, else the frozen VAE's encoding of its pixels."""
         cached = batch.get(f"{prefix}latents")
         if cached is not None:
@@ -116,8 +126,14 @@ class FineTuneMethod(ABC):
         vae = self.components.vae
         with torch.no_grad():
             distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-            # A fixed-seed validation loss must not draw from the global RNG: it scores the mean latent.
-            latents = distribution.mode() if generator is not None else distribution.sample()
+            if isinstance(generator, list):  # training with per-sample seeds: sample i from generator i
+                xi = randn(tuple(distribution.mean.shape), generator, torch.device("cpu"))
+                latents = distribution.mean + distribution.std * xi.to(distribution.mean)
+            elif generator is not None:
+                # A fixed-seed validation loss must not draw from the global RNG: it scores the mean latent.
+                latents = distribution.mode()
+            else:
+                latents = distribution.sample()
         # A half-precision VAE (on CUDA) feeds the fp32 noise and loss: compute those in fp32.
         return latents.float() * self.components.latent_scaling
 

@@ -19,6 +19,7 @@ from PIL import Image
 from sdsweep import io
 from sdsweep.config import check_dreambooth_prompts, resolved_resolution
 from sdsweep.data import open_rgb
+from sdsweep.distributed import process_rank
 from sdsweep.methods.base import Batch
 from sdsweep.methods.full import FullFineTune
 from sdsweep.models import sampling_precision
@@ -35,7 +36,8 @@ class DreamBooth(FullFineTune):
             # Before super().prepare(): the class images must come from the untouched base model.
             images = self._class_images()
             self.class_latent_mean, self.class_latent_std = self._encode_class_images(images)
-            self.class_rng = torch.Generator().manual_seed(self.cfg.train.seed)
+            # Data-parallel ranks draw different class images (rank 0 as a single process does).
+            self.class_rng = torch.Generator().manual_seed(self.cfg.train.seed + 1_000_003 * process_rank())
             self.class_text_embedding = (
                 self.encode_text([self.cfg.method.class_prompt]) if self.uses_frozen_text_encoder() else None
             )
