@@ -66,7 +66,7 @@ def test_sweep_shortcuts_replace_the_grid():
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_experiments_compose(experiment):
-    extra = [] if experiment == "demo" else ["data.path=/tmp"]
+    extra = [] if experiment == "demo_tiny" else ["data.path=/tmp"]
     cfg = compose([f"+experiment={experiment}"] + extra)
     assert cfg.sweep is not None and cfg.study
 

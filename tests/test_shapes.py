@@ -59,7 +59,7 @@ def test_tokenizer_has_the_star_and_a_one_token_initializer():
 def test_concept_dataset_holds_only_captioned_stars(tmp_path):
     folder = shapes.write_concept_dataset(tmp_path / "stars", num_images=6)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(" star " in row["text"] for row in rows)
+    assert len(rows) == 6 and all(row["text"].endswith(" star") for row in rows)
     for row in rows:
         verdict = judge.judge_image(Image.open(folder / row["file_name"]))
         assert verdict.shape == "star" and verdict.colour in row["text"]
