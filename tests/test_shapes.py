@@ -188,7 +188,7 @@ METHOD_RUNS = {
         "method=textual_inversion",
         "method.learning_rate=5e-3",  # scale_lr: x batch 4
         "train.max_train_steps=150",
-        "method.placeholder_token=<star>",
+        'method.placeholder_token="<star>"',
         "method.initializer_token=triangle",
         "method.template=none",
     ],
@@ -280,4 +280,6 @@ TOP_K = 3
 SPEARMAN_PRIOR_MIN = 0.7
 SPEARMAN_CONCEPT_MIN = 0.3
 METHOD_VAL_LOSS_RATIO = {"full": 0.5, "dreambooth": 0.5, "textual_inversion": 1.0, "lora": 0.8}
-METHOD_PRIOR_MIN = {"full": 0.2, "dreambooth": 0.2, "textual_inversion": 0.5, "lora": 0.2}
+# Measured (150 steps): val_loss / baseline full 0.15 (lr 1e-4), DreamBooth 0.16 (lr 1e-4), LoRA 0.31 (lr 1e-2);
+# prior accuracy full 0.75, DreamBooth 0.92 (prior preservation keeps it), LoRA 0.25; concept 0 for all.
+METHOD_PRIOR_MIN = {"full": 0.5, "dreambooth": 0.75, "textual_inversion": 0.5, "lora": 0.1}
