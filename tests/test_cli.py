@@ -148,7 +148,9 @@ def test_help_teaches_the_commands_from_any_folder(tmp_path):
 
 
 def test_plan_shows_the_effective_grid_and_loads_nothing(tmp_path):
-    result = run_from(tmp_path, "--plan", "+experiment=demo_tiny", "sweep.steps=[2,4]", f"paths.root={tmp_path}")
+    result = run_from(
+        tmp_path, "--plan", "+experiment=demo_tiny", "sweep.steps=[2,4]", f"paths.root={tmp_path}"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "train.max_train_steps: 2, 4" in out  # the override, not the recipe's 10/20/40
