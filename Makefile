@@ -28,14 +28,14 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## Create .venv and install sdsweep with dev tools
 	@echo "venv ready: $(VENV)"
 
-demo: $(STAMP) ## Offline lr x steps sweep on the tiny model (CPU, about a minute)
+demo: $(STAMP) ## lr x steps grid teaching the shapes model a star it never saw (CPU; the first run builds it, minutes)
+	$(PY) -m sdsweep.shapes
 	$(PY) -m sdsweep +experiment=demo $(ARGS)
 	$(PY) -m sdsweep.report experiments/demo
 
-demo-shapes: $(STAMP) ## The lr x steps grid in the known-answer shapes world (CPU; the first run builds it, ~5 min)
-	$(PY) -m sdsweep.shapes
-	$(PY) -m sdsweep +experiment=demo_shapes $(ARGS)
-	$(PY) -m sdsweep.report experiments/demo_shapes
+demo-tiny: $(STAMP) ## The same machinery on the random-weight tiny model (CPU, about a minute; images are noise)
+	$(PY) -m sdsweep +experiment=demo_tiny $(ARGS)
+	$(PY) -m sdsweep.report experiments/demo_tiny
 
 demo-methods: $(STAMP) ## Offline full/DreamBooth/TI/LoRA x v1.5/v2.1-flavoured comparison (CPU, minutes)
 	$(PY) -m sdsweep.shapes
@@ -48,7 +48,7 @@ sweep: $(STAMP) ## Run a sweep: make sweep ARGS="+sweep=lr_steps model=sd15 data
 # N workers on one study: one driver with sweep.workers=N (a persistent worker per slot; on CPU they
 # split the cores). Run the same line on other machines with a shared sweep.storage to join the study.
 N ?= 2
-workers: $(STAMP) ## N local workers on one study: make workers N=4 ARGS="+experiment=demo" (one driver, sweep.workers=N)
+workers: $(STAMP) ## N local workers on one study: make workers N=4 ARGS="+experiment=demo_tiny" (one driver, sweep.workers=N)
 	$(PY) -m sdsweep $(ARGS) sweep.workers=$(N)
 
 test: $(STAMP) browser ## Run the test suite (tiny models, offline)
@@ -103,4 +103,4 @@ clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup browser demo demo-shapes demo-methods sweep workers test test-fast lint bench report export dashboard clean distclean
+.PHONY: help setup browser demo demo-tiny demo-methods sweep workers test test-fast lint bench report export dashboard clean distclean

@@ -20,7 +20,7 @@ from sdsweep import shapes as world
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as "drawn"
 MIN_BLOB_PIXELS = 12  # smaller blobs (at 32 px) are noise, not a shape
 MAX_COLOUR_DISTANCE = 110.0  # a blob whose mean is this far from every palette colour has no colour
-MAX_SHAPE_SIDE = 24  # world shapes are at most 16 px across; a blob much larger is no shape
+MAX_SHAPE_SIDE = 27  # world shapes are at most 20 px across; a blob much larger is no shape
 MIN_SHAPE_IOU = 0.55  # a blob that overlaps no template this well has no shape
 _PLACEHOLDER = re.compile(r"^<[^>]+>$")  # a textual-inversion token such as <star>
 

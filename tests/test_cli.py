@@ -31,7 +31,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_demo_experiment_end_to_end_in_a_subprocess(tmp_path):
     result = run_cli(
-        "+experiment=demo",
+        "+experiment=demo_tiny",
         f"paths.root={tmp_path}",
         "sweep.steps=[2,4]",
         "sweep.learning_rates=[1e-4,1e-2]",
@@ -39,7 +39,7 @@ def test_demo_experiment_end_to_end_in_a_subprocess(tmp_path):
         "eval.num_images_per_prompt=1",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    study_dir = tmp_path / "demo"
+    study_dir = tmp_path / "demo_tiny"
     assert str(study_dir / "results.csv") in result.stdout  # every run says where its results are
     results = pd.read_csv(study_dir / "results.csv")
     assert len(results) == 4 and (results["state"] == "COMPLETE").all()
@@ -148,7 +148,9 @@ def test_help_teaches_the_commands_from_any_folder(tmp_path):
 
 
 def test_plan_shows_the_effective_grid_and_loads_nothing(tmp_path):
-    result = run_from(tmp_path, "--plan", "+experiment=demo", "sweep.steps=[2,4]", f"paths.root={tmp_path}")
+    result = run_from(
+        tmp_path, "--plan", "+experiment=demo_tiny", "sweep.steps=[2,4]", f"paths.root={tmp_path}"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "train.max_train_steps: 2, 4" in out  # the override, not the recipe's 10/20/40

@@ -66,7 +66,7 @@ def test_sweep_shortcuts_replace_the_grid():
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_experiments_compose(experiment):
-    extra = [] if experiment == "demo" else ["data.path=/tmp"]
+    extra = [] if experiment == "demo_tiny" else ["data.path=/tmp"]
     cfg = compose([f"+experiment={experiment}"] + extra)
     assert cfg.sweep is not None and cfg.study
 
@@ -168,7 +168,7 @@ def test_grid_shortcuts_without_a_sweep_say_to_add_one():
     message = override_mistake(["sweep.learning_rates=[1e-5,1e-4]"])
     assert message and "+sweep=lr_steps" in message
     assert override_mistake(["+sweep=lr_steps", "sweep.learning_rates=[1e-5]"]) is None
-    assert override_mistake(["+experiment=demo", "sweep.steps=[1]"]) is None
+    assert override_mistake(["+experiment=demo_tiny", "sweep.steps=[1]"]) is None
 
 
 def test_unquoted_paths_get_a_quoting_hint():
@@ -186,12 +186,12 @@ def test_default_study_name_includes_the_dataset():
 
 
 def test_a_recipe_composes_with_another_sweep_as_a_plain_override():
-    cfg = compose(["+experiment=demo", "sweep=methods"])
-    assert cfg.sweep.name == "methods" and cfg.study == "demo"
+    cfg = compose(["+experiment=demo_tiny", "sweep=methods"])
+    assert cfg.sweep.name == "methods" and cfg.study == "demo_tiny"
     assert {"method", "model"} <= set(cfg.sweep.params)
     assert cfg.sweep.params["train.max_train_steps"].choices == [10, 20, 40]  # the recipe's CPU-sized steps
-    assert compose(["+experiment=demo", "sweep=tpe"]).sweep.sampler == "tpe"
-    message = override_mistake(["+experiment=demo", "+sweep=methods"])
+    assert compose(["+experiment=demo_tiny", "sweep=tpe"]).sweep.sampler == "tpe"
+    message = override_mistake(["+experiment=demo_tiny", "+sweep=methods"])
     assert message and "sweep=methods (without the '+')" in message
 
 
