@@ -186,9 +186,10 @@ class TrialRecorder:
             self.handle.set_attr(slot.number, WANDB_RUN_ID, run_id)  # False once finished: kept on disk
 
 
-# Per-process memo of composed configs: a long-lived worker composes the same few override lists again
-# and again (Hydra takes ~0.5 s each on 2 cores). Keyed by the overrides and the conf files' stamps, so an
-# edited conf/ is composed afresh; callers get a deep copy (a Config is mutable).
+# Per-process memo of composed configs: the driver composes the same overrides for the preflight and again
+# for the sweep (Hydra takes ~0.5 s each on 2 cores, before any worker can start), a worker for its engine
+# and each baseline. Keyed by the overrides and the conf files' stamps, so an edited conf/ is composed
+# afresh; callers get a deep copy (a Config is mutable).
 _COMPOSED: dict[tuple, Config] = {}
 
 
