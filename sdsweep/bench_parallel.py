@@ -87,17 +87,29 @@ def grid_overrides(grid: tuple[tuple[float, ...], tuple[int, ...]]) -> list[str]
     ]
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its finished children (the pool's workers): on a shared
+    machine this is steadier than wall time, which other processes' load stretches."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed_sweep(overrides: list[str]) -> dict[str, Any]:
     """One real sweep through the driver (which starts its own worker pool when not in-process)."""
     from sdsweep.sweep import run_sweep
 
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     outcome = run_sweep(overrides)
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu_before
     if not outcome.finished:
         raise RuntimeError(f"sweep {overrides[-1]} did not finish: {outcome.states}")
     return {
         "wall_seconds": seconds,
+        "cpu_seconds": cpu,
         "runs_launched": outcome.runs_launched,
         "trials_launched": outcome.trials_launched,
         "states": outcome.states,
@@ -114,11 +126,14 @@ def compare(arms: dict[str, list[str]], common: list[str], rounds: int, workdir:
             log(f"{tag} arm '{arm}' round {index + 1}: {' '.join(arms[arm])}")
             row = timed_sweep(overrides)
             rows[arm].append(row)
-            log(f"  {row['wall_seconds']:.1f}s, {row['runs_launched']} runs")
+            log(
+                f"  {row['wall_seconds']:.1f}s wall, {row['cpu_seconds']:.1f}s CPU, {row['runs_launched']} runs"
+            )
     return {
         arm: {
             **min(found, key=lambda r: r["wall_seconds"]),
             "all_wall_seconds": [r["wall_seconds"] for r in found],
+            "all_cpu_seconds": [r["cpu_seconds"] for r in found],
         }
         for arm, found in rows.items()
     }
@@ -156,6 +171,9 @@ def bench_parallel(plan: ParallelPlan, workdir: Path) -> dict[str, Any]:
             "ratio_default_vs_plain": isolation["default"]["ratio_to_plain"],
             "ratio_default_vs_inprocess": isolation["default"]["wall_seconds"]
             / isolation["inprocess"]["wall_seconds"],
+            # CPU seconds: steadier than wall time on a shared machine (reported next to it, not a target).
+            "cpu_ratio_default_vs_plain": isolation["default"]["cpu_seconds"]
+            / isolation["plain"]["cpu_seconds"],
         },
     }
 
@@ -204,12 +222,14 @@ def table(section: dict[str, Any]) -> str:
         f"   workers, grid lr {w['grid']['learning_rates']} x steps {w['grid']['steps']} (4 independent runs)",
     ]
     for arm, row in w["arms"].items():
-        lines.append(f"   {arm:<12}{row['wall_seconds']:>8.1f} s{row['runs_launched']:>4} runs")
+        lines.append(
+            f"   {arm:<12}{row['wall_seconds']:>8.1f} s{row.get('cpu_seconds', float('nan')):>8.1f} s CPU{row['runs_launched']:>4} runs"
+        )
     lines.append(f"   2 workers / 1 worker: {w['ratio_2_vs_1']:.2f}x")
     lines.append(f"   isolation, grid lr {i['grid']['learning_rates']} x steps {i['grid']['steps']}")
     for arm, row in i["arms"].items():
         lines.append(
-            f"   {arm:<12}{row['wall_seconds']:>8.1f} s{row['runs_launched']:>4} runs{row['ratio_to_plain']:>7.2f}x plain"
+            f"   {arm:<12}{row['wall_seconds']:>8.1f} s{row.get('cpu_seconds', float('nan')):>8.1f} s CPU{row['runs_launched']:>4} runs{row['ratio_to_plain']:>7.2f}x plain"
         )
     lines.append(f"   default / in-process: {i['ratio_default_vs_inprocess']:.2f}x")
     for key, verdict in section.get("verdicts", {}).items():

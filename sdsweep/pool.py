@@ -80,6 +80,9 @@ class WorkerPool:
         self.threads = max(1, cpu_cores() // len(self.devices)) if cpu_only else None
         self.workers: list[Worker] = []
         self.tokens: list[str] = []
+        # Set by a worker's output reader at EOF (the worker exited): the watch loop wakes at once instead of
+        # polling, and otherwise sleeps, so the driver costs no CPU while workers train.
+        self.exited = threading.Event()
         self.spawned = 0
         self.paths = engine.paths
         self.paths.runs.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,8 @@ class WorkerPool:
                 stripped = line.strip()
                 if _ERROR_LINE.match(stripped) or "out of memory" in stripped.lower():
                     worker.error_lines = (worker.error_lines + [stripped])[-5:]
+        worker.proc.wait()  # EOF comes just before the exit status: wake the watch loop once it is there
+        self.exited.set()
 
     def crash_reason(self, worker: Worker, code: int) -> str:
         if code < 0:
@@ -150,6 +155,7 @@ class WorkerPool:
         budget = n * (self.sweep.max_retries + 2) + 4
         try:
             while self.workers:
+                self.exited.clear()
                 for worker in list(self.workers):
                     code = worker.proc.poll()
                     if code is None:
@@ -166,9 +172,11 @@ class WorkerPool:
                     for frozen in failed:
                         self.engine.claims.crashed(frozen, reason)
                     self.engine.say(f"{reason}; {len(failed)} trial(s) failed, replacing the worker")
+                    self.engine.nudge()  # idle peers re-plan now: the failed run may be retried
                     if self.spawned < budget:
                         self.workers.append(self.spawn(worker.index))
-                time.sleep(0.2)
+                if self.workers:
+                    self.exited.wait(timeout=1.0)  # the timeout only bounds a missed wake-up
         except signals.HandBack as stop:
             self.stop(stop.signum)
             raise

@@ -7,6 +7,7 @@ decides what happens at each milestone: evaluate, save weights, tell Optuna, log
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -183,14 +184,32 @@ class TrialRecorder:
             self.handle.set_attr(slot.number, WANDB_RUN_ID, run_id)  # False once finished: kept on disk
 
 
+# Per-process memo of composed configs: the driver composes the same overrides for the preflight and again
+# for the sweep (Hydra takes ~0.5 s each on 2 cores, before any worker can start), a worker for its engine
+# and each baseline. Keyed by the overrides and the conf files' stamps, so an edited conf/ is composed
+# afresh; callers get a deep copy (a Config is mutable).
+_COMPOSED: dict[tuple, Config] = {}
+
+
+def _conf_stamp() -> tuple:
+    from sdsweep.compose import CONF_DIR
+
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(CONF_DIR.rglob("*.yaml")))
+
+
 def compose_config(overrides: list[str]) -> Config:
     from sdsweep.compose import compose_typed
     from sdsweep.study_store import single_run_sweep
 
-    cfg = compose_typed(overrides)
-    if cfg.sweep is None:
-        cfg.sweep = single_run_sweep()
-    return with_placeholder_prompts(cfg)
+    key = (tuple(overrides), _conf_stamp())
+    if key not in _COMPOSED:
+        cfg = compose_typed(overrides)
+        if cfg.sweep is None:
+            cfg.sweep = single_run_sweep()
+        if len(_COMPOSED) > 64:
+            _COMPOSED.clear()
+        _COMPOSED[key] = with_placeholder_prompts(cfg)
+    return copy.deepcopy(_COMPOSED[key])
 
 
 def with_placeholder_prompts(cfg: Config) -> Config:
@@ -231,6 +250,24 @@ def _load_baseline(folder: Path) -> dict[str, float]:
 
 
 _EVALUATORS: dict[str, Any] = {}
+# Per-process memo of memory predictions: the estimate depends only on the model's config files and the
+# run's footprint (not on learning rate or steps), and tracing it costs ~1 s per run on 2 cores.
+_ESTIMATES: dict[tuple, Any] = {}
+
+
+def _checked_memory(cfg: Config, device: torch.device):
+    from sdsweep.memory import check_fits, device_memory, footprint_from_config
+    from sdsweep.models import resolve_model_source
+
+    key = (str(device), resolve_model_source(cfg.model, cfg.paths.cache), footprint_from_config(cfg, device))
+    known = _ESTIMATES.get(key)
+    if known is not None:
+        available = device_memory(device)  # free memory changes: the fit is checked again every run
+        if available is None or known.total <= available:
+            return known
+    estimate = check_fits(cfg, device)  # raises the ConfigError that lists what would fit
+    _ESTIMATES[key] = estimate
+    return estimate
 
 
 class _Setup:
@@ -240,7 +277,6 @@ class _Setup:
         from sdsweep.cache import build_training_dataset
         from sdsweep.data import ImageCaptionDataset, collate, load_examples, load_pil_images, split_examples
         from sdsweep.evaluate import Evaluator
-        from sdsweep.memory import check_fits
         from sdsweep.methods import get_method
         from sdsweep.models import load_components, select_device
 
@@ -249,7 +285,7 @@ class _Setup:
         self.train_examples, heldout = split_examples(examples, cfg.data.num_heldout)
         # Predicted before any weights load; on a GPU with too little memory the trial fails here with the
         # settings that would fit, instead of an OOM minutes later.
-        self.memory = check_fits(cfg, self.device)
+        self.memory = _checked_memory(cfg, self.device)
         print(f"[sdsweep] {self.memory.describe()}", flush=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -288,3 +289,46 @@ def test_postgres_fixture_serves_concurrent_optuna_workers(postgres_url):
         thread.join(timeout=60)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
     assert len({t.number for t in study.trials}) == 6
+
+
+# ---- what a worker pool costs (in-process pieces of the pool's fast paths) -------------------------------
+def test_with_several_workers_the_longest_run_is_claimed_first(tmp_path):
+    """Longest run first: 4 runs of 2/4/2/4 steps on 2 workers take 6 steps of wall time, not 8."""
+    from sdsweep.sweep import SweepEngine
+
+    engine = SweepEngine(sweep_args(tmp_path, "sweep.workers=2", "sweep.share_milestones=false"))
+    first, second = engine.next_run(), engine.next_run()
+    assert [first.slots[0].step, second.slots[0].step] == [max(STEPS), max(STEPS)]
+    assert {first.slots[0].params[LR_KEY], second.slots[0].params[LR_KEY]} == set(LEARNING_RATES)
+    one = SweepEngine(sweep_args(tmp_path, "sweep.share_milestones=false", study="one"))
+    assert one.next_run().slots[0].step == min(STEPS), "one worker keeps the grid's order"
+
+
+def test_an_idle_worker_wakes_when_a_run_ends_not_after_its_poll_interval(tmp_path):
+    from sdsweep.sweep import SweepEngine
+
+    waiting = SweepEngine(sweep_args(tmp_path))
+    finisher = SweepEngine(sweep_args(tmp_path))
+    timer = threading.Timer(0.3, finisher.nudge)  # what a process does when it has finished a run
+    started = time.monotonic()
+    timer.start()
+    waiting.idle_wait(20.0)
+    assert time.monotonic() - started < 5.0
+    started = time.monotonic()
+    waiting.idle_wait(0.5)  # no run ended: it waits the whole interval
+    assert time.monotonic() - started >= 0.5
+
+
+def test_memoised_configs_are_private_copies(tmp_path):
+    """A worker composes each run's config once per override list; a run that edits its config (as textual
+    inversion does with its prompts) must not change the next run's."""
+    from sdsweep.trial import compose_config
+
+    overrides = sweep_args(tmp_path)
+    first = compose_config(overrides)
+    first.eval.prompts.append("edited by run 1")
+    first.method.learning_rate = 123.0
+    second = compose_config(overrides)
+    assert "edited by run 1" not in second.eval.prompts
+    assert second.method.learning_rate != 123.0
+    assert second == compose_config(overrides)
