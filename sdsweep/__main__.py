@@ -11,8 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sdsweep.compose import CONF_DIR
-from sdsweep.config import register_configs
+from sdsweep.config.compose import CONF_DIR
+from sdsweep.config.schema import register_configs
 from sdsweep.warnings_filter import install as install_warning_filters
 
 register_configs()
@@ -32,7 +32,7 @@ def _hydra_main(raw: DictConfig) -> None:
 
 
 def main() -> None:
-    from sdsweep.compose import override_mistake
+    from sdsweep.config.compose import override_mistake
 
     mistake = override_mistake(sys.argv[1:])  # before Hydra prints a traceback for it
     if mistake:

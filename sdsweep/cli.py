@@ -11,8 +11,8 @@ import sys
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from sdsweep.config import ConfigError, to_typed
-from sdsweep.study_folder import is_feasible
+from sdsweep.config.schema import ConfigError, to_typed
+from sdsweep.results.study_folder import is_feasible
 
 
 class UserError(Exception):
@@ -20,8 +20,8 @@ class UserError(Exception):
 
 
 def preflight(overrides: list[str]) -> None:
-    """Cheap checks that would otherwise fail after minutes of work (sdsweep.preflight)."""
-    from sdsweep.preflight import PreflightError, run_preflight
+    """Cheap checks that would otherwise fail after minutes of work (sdsweep.sweep.preflight)."""
+    from sdsweep.sweep.preflight import PreflightError, run_preflight
 
     try:
         run_preflight(overrides)
@@ -30,7 +30,7 @@ def preflight(overrides: list[str]) -> None:
 
 
 def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
-    from sdsweep.sweep import log, run_sweep
+    from sdsweep.sweep.engine import log, run_sweep
 
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
@@ -81,7 +81,7 @@ def plan_text(cfg) -> str:
     Uses the typed config, so shorthands such as ``sweep.steps=[...]`` are already applied: this is
     the grid the sweep will run, not the YAML's choices. Pure: no storage, model or data is touched.
     """
-    from sdsweep.plan import STEP_KEY, grid_points, plan_runs, short_params
+    from sdsweep.sweep.plan import STEP_KEY, grid_points, plan_runs, short_params
 
     sweep = cfg.sweep
     lines = [f"study '{cfg.study}' -> {cfg.paths.root}/{cfg.study}"]

@@ -27,7 +27,7 @@ def compose(overrides: list[str] | None = None, typed: bool = True):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sdsweep.config import register_configs, to_typed
+    from sdsweep.config.schema import register_configs, to_typed
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -56,21 +56,21 @@ def tiny_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs():
-    from sdsweep import tiny
+    from sdsweep.models import tiny
 
     return {flavour: tiny.ensure_tiny_model(flavour) for flavour in tiny.FLAVOURS}
 
 
 @pytest.fixture(scope="session")
 def demo_data_dir():
-    from sdsweep import tiny
+    from sdsweep.models import tiny
 
     return tiny.ensure_demo_dataset()
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir():
-    from sdsweep import tiny
+    from sdsweep.models import tiny
 
     return tiny.ensure_tiny_clip()
 
@@ -90,7 +90,7 @@ FINISHED_STUDY_OVERRIDES = TINY_OVERRIDES + [
 
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory):
-    from sdsweep.sweep import run_sweep
+    from sdsweep.sweep.engine import run_sweep
 
     root = tmp_path_factory.mktemp("finished-study")
     outcome = run_sweep(FINISHED_STUDY_OVERRIDES + [f"paths.root={root}"])

@@ -20,7 +20,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(finished_study):
-    from sdsweep.app import StudyApp, build_ui
+    from sdsweep.results.app import StudyApp, build_ui
 
     app = StudyApp(finished_study, device="cpu")
     demo = build_ui(app)

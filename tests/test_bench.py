@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m sdsweep.bench --quick``: it runs end to end and writes a well-formed JSON.
+"""Smoke test of ``python -m bench --quick``: it runs end to end and writes a well-formed JSON.
 
 No timing assertions: speed targets live in the bench output (bench/results.json), and a shared 2-core
 CI machine would make them flaky. Only the structure and the sanity of the ratios are checked.
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from sdsweep import bench
+from bench import run as bench
 
 
 @pytest.mark.slow

@@ -8,7 +8,15 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.cache import (
+from sdsweep.data.images import (
+    ImageCaptionDataset,
+    collate,
+    load_examples,
+    load_pil_images,
+    resize_and_crop,
+    to_tensor,
+)
+from sdsweep.data.latent_cache import (
     FLIPPED,
     PLAIN,
     CachedLatentDataset,
@@ -17,16 +25,8 @@ from sdsweep.cache import (
     cache_key,
     split_parameters,
 )
-from sdsweep.data import (
-    ImageCaptionDataset,
-    collate,
-    load_examples,
-    load_pil_images,
-    resize_and_crop,
-    to_tensor,
-)
-from sdsweep.methods import get_method
-from sdsweep.models import load_components
+from sdsweep.models.loading import load_components
+from sdsweep.training.methods import get_method
 
 CPU = torch.device("cpu")
 

@@ -141,7 +141,13 @@ def test_help_teaches_the_commands_from_any_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "hyperparameter sweeps for fine-tuning Stable Diffusion" in out
-    for command in ("+experiment=demo", "data.path=", "sdsweep.report", "sdsweep.export", "--plan"):
+    for command in (
+        "+experiment=demo",
+        "data.path=",
+        "sdsweep.results.report",
+        "sdsweep.results.export",
+        "--plan",
+    ):
         assert command in out
     assert re.search(r"sweep: .*lr_steps.*methods.*tpe", out) and "model: sd15" in out  # the config groups
     assert "powered by Hydra" not in out

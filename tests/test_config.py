@@ -6,7 +6,7 @@ import pytest
 from conftest import CONF_DIR, TINY_OVERRIDES, compose
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from sdsweep.config import Config, ConfigError, flatten
+from sdsweep.config.schema import Config, ConfigError, flatten
 
 GROUPS = {
     "model": ["sd15", "sd21", "sd21_base", "shapes", "tiny", "tiny_sd21"],
@@ -125,7 +125,7 @@ def test_flatten_gives_dotted_keys():
 
 
 # ---- unknown keys, misplaced options, recipes with any sweep (#12, #18) --------------------------------
-from sdsweep.compose import override_mistake  # noqa: E402
+from sdsweep.config.compose import override_mistake  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_added_keys_outside_the_schema_are_rejected_with_the_closest_key(overrid
 
 
 def test_unknown_keys_are_found_inside_sweep_params_and_objectives():
-    from sdsweep.config import unknown_keys
+    from sdsweep.config.schema import unknown_keys
 
     container = {
         "sweep": {

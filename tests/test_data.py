@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep.data import (
+from sdsweep.data.images import (
     DataError,
     Example,
     ImageCaptionDataset,
@@ -200,7 +200,7 @@ def test_load_pil_images_returns_rgb_images(tmp_path):
 
 
 # ---- robustness: encodings, image modes, bombs, layouts, the summary ----------------------------------
-from sdsweep.data import open_rgb, summarize_dataset  # noqa: E402
+from sdsweep.data.images import open_rgb, summarize_dataset  # noqa: E402
 
 
 def write_metadata(folder: Path, text: str, name: str, encoding: str) -> None:

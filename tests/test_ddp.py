@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.config import ConfigError
-from sdsweep.distributed import check_devices
-from sdsweep.pool import worker_devices
-from sdsweep.sweep import run_sweep
-from sdsweep.train import SeededInfiniteSampler, noise_seeds
+from sdsweep.config.schema import ConfigError
+from sdsweep.sweep.engine import run_sweep
+from sdsweep.sweep.pool import worker_devices
+from sdsweep.training.distributed import check_devices
+from sdsweep.training.train import SeededInfiniteSampler, noise_seeds
 
 STEPS = 3
 # One run, scored by the cheapest metric: the test is about training, not evaluation.
@@ -42,7 +42,7 @@ def rank_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if "sdsweep.rank" in " ".join(proc.cmdline()):
+            if "sdsweep.training.rank" in " ".join(proc.cmdline()):
                 found.append(proc)
         except psutil.NoSuchProcess:
             pass
@@ -107,7 +107,7 @@ def test_the_pool_gives_each_worker_its_ranks_devices(monkeypatch):
 
 @pytest.mark.slow
 def test_a_crashed_rank_fails_the_trial_with_its_reason(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDSWEEP_FAULT", "rank_crash")  # read by sdsweep.rank only
+    monkeypatch.setenv("SDSWEEP_FAULT", "rank_crash")  # read by sdsweep.training.rank only
     outcome, _, record = single_run(tmp_path, "crash", "train.train_batch_size=1", "train.num_processes=2")
     assert outcome.states == {"FAIL": 1}
     assert record["fail_reason"].startswith("RankFailed: rank 1 of 2 failed: RuntimeError: injected fault")

@@ -11,9 +11,11 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep import io, metrics, models
-from sdsweep.config import ConfigError
-from sdsweep.evaluate import Evaluator, generate, sample_plan
+from sdsweep import io
+from sdsweep.config.schema import ConfigError
+from sdsweep.evaluation import metrics
+from sdsweep.evaluation.evaluate import Evaluator, generate, sample_plan
+from sdsweep.models import loading as models
 
 EVAL_OVERRIDES = TINY_OVERRIDES + ["eval.num_images_per_prompt=2", "eval.num_inference_steps=2"]
 
@@ -175,7 +177,7 @@ def test_reference_dir_replaces_the_given_reference_images(tmp_path, demo_data_d
 
 @pytest.fixture(scope="module")
 def full_method(tmp_path_factory):
-    from sdsweep.methods import get_method
+    from sdsweep.training.methods import get_method
 
     cfg = make_cfg(tmp_path_factory.mktemp("method"), "method=full")
     components = models.load_components(cfg, torch.device("cpu"))
@@ -186,8 +188,8 @@ def full_method(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def heldout_batch(full_method):
-    from sdsweep.config import resolved_resolution
-    from sdsweep.data import ImageCaptionDataset, collate, load_examples, split_examples
+    from sdsweep.config.schema import resolved_resolution
+    from sdsweep.data.images import ImageCaptionDataset, collate, load_examples, split_examples
 
     cfg, _ = full_method
     _, heldout = split_examples(load_examples(cfg), cfg.data.num_heldout)
@@ -253,7 +255,7 @@ def test_heldout_captions_protocol_pairs_each_caption_with_its_photo(tmp_path, d
         assert np.array_equal(np.asarray(truth), np.asarray(evaluator.reference_images[index]))
 
     # The report's test-set table: caption, ground truth, baseline, best trial, LPIPS per row.
-    from sdsweep.report_protocols import heldout_section
+    from sdsweep.results.protocols import heldout_section
 
     section = heldout_section(paths.root, best_trial=0)
     assert all(caption in section.markdown for caption in CAPTIONS)
@@ -314,8 +316,8 @@ def test_objectives_on_computable_metrics_validate(tmp_path):
 
 @pytest.mark.slow
 def test_heldout_protocol_through_a_real_sweep_scores_baseline_and_trial(tmp_path):
-    from sdsweep.report_protocols import heldout_section
-    from sdsweep.sweep import run_sweep
+    from sdsweep.results.protocols import heldout_section
+    from sdsweep.sweep.engine import run_sweep
 
     outcome = run_sweep(
         TINY_OVERRIDES

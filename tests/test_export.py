@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.export import TRIAL_FILE, ExportError, export_trial, main
-from sdsweep.results import write_results
+from sdsweep.results.export import TRIAL_FILE, ExportError, export_trial, main
+from sdsweep.results.table import write_results
 
 
 def copy_study(study: Path, tmp_path: Path) -> Path:
@@ -102,8 +102,8 @@ def test_export_schedulers_match_the_evaluation_schedulers(tmp_path):
     """export_card.SCHEDULERS writes the same class (and settings) as models.make_inference_scheduler."""
     from diffusers import PNDMScheduler
 
-    from sdsweep.export_card import SCHEDULERS, set_pipeline_scheduler
-    from sdsweep.models import make_inference_scheduler
+    from sdsweep.models.loading import make_inference_scheduler
+    from sdsweep.results.export_card import SCHEDULERS, set_pipeline_scheduler
 
     base = dict(PNDMScheduler(skip_prk_steps=True).config)
     for name, (cls, extra) in SCHEDULERS.items():
@@ -146,7 +146,7 @@ def test_deleted_weights_name_the_trial_and_how_to_rerun(finished_study, tmp_pat
 def test_no_feasible_trial_exports_what_the_sweep_called_best_with_a_warning(
     finished_study, tmp_path, capsys
 ):
-    from sdsweep.results import best_trial
+    from sdsweep.results.table import best_trial
 
     study = copy_study(finished_study, tmp_path)
     set_records(study, feasible=False, violations=["eval/appropriate_rate = 0.5 < 0.75"])
@@ -172,8 +172,8 @@ def test_explicit_trial_is_exported(finished_study, tmp_path):
 
 @pytest.mark.slow
 def test_generate_writes_reproducible_pngs(finished_study, tmp_path, capsys):
-    from sdsweep.config import load_yaml, resolved_resolution
-    from sdsweep.generate import main as generate_main
+    from sdsweep.config.schema import load_yaml, resolved_resolution
+    from sdsweep.results.generate import main as generate_main
 
     args = [str(finished_study), "--prompt", "a photo of sks", "--num-images", "2", "--steps", "2"]
     assert generate_main(args + ["--out", str(tmp_path / "a")]) == 0
@@ -191,7 +191,7 @@ def test_generate_writes_reproducible_pngs(finished_study, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_generate_baseline_to_a_file(finished_study, tmp_path):
-    from sdsweep.generate import main as generate_main
+    from sdsweep.results.generate import main as generate_main
 
     out = tmp_path / "base.png"
     assert (

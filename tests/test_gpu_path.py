@@ -10,14 +10,14 @@ import shutil
 import pytest
 import torch
 
-from sdsweep.methods import get_method
-from sdsweep.models import (
+from sdsweep.models.loading import (
     frozen_weight_dtype,
     load_components,
     sampling_dtype,
     sampling_precision,
     unavailable_features,
 )
+from sdsweep.training.methods import get_method
 
 
 def test_cpu_keeps_fp32_and_cuda_settings_resolve(tiny_cfg):
@@ -68,7 +68,7 @@ def test_compile_trains_on_cpu(tiny_cfg):
     """train.compile=true runs inductor on the CPU (it needs a C compiler) through the real training loop."""
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: torch.compile's inductor backend cannot build CPU kernels here")
-    from sdsweep.train import train
+    from sdsweep.training.train import train
 
     tiny_cfg.train.compile = True
     tiny_cfg.train.channels_last = True
@@ -78,13 +78,13 @@ def test_compile_trains_on_cpu(tiny_cfg):
     components = load_components(tiny_cfg, device)
     method = get_method("full")(tiny_cfg, components, device)
     method.prepare()
-    from sdsweep.cache import build_training_dataset
-    from sdsweep.data import load_examples, split_examples
+    from sdsweep.data.images import load_examples, split_examples
+    from sdsweep.data.latent_cache import build_training_dataset
 
     examples, _ = split_examples(load_examples(tiny_cfg), tiny_cfg.data.num_heldout)
     dataset = build_training_dataset(tiny_cfg, components, method, examples, None)
     losses = []
-    from sdsweep.train import TrainHooks
+    from sdsweep.training.train import TrainHooks
 
     result = train(
         tiny_cfg, method, dataset, [2], TrainHooks(on_step=lambda s, logs: losses.append(logs["train/loss"]))

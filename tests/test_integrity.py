@@ -18,8 +18,8 @@ from PIL import Image
 
 from sdsweep import io
 from sdsweep.cli import UserError, preflight
-from sdsweep.config import ConfigError
-from sdsweep.fingerprint import RESET_MARKER_ENV
+from sdsweep.config.schema import ConfigError
+from sdsweep.sweep.fingerprint import RESET_MARKER_ENV
 
 
 def folder_digest(folder: Path) -> str:
@@ -218,7 +218,7 @@ def test_trials_without_their_study_db_are_not_overwritten(tmp_path):
 
 # ---- one damaged trial in results and the report -----------------------------------------------------
 def test_a_torn_trial_record_is_listed_as_damaged(tmp_path):
-    from sdsweep.results import DAMAGED, build_results
+    from sdsweep.results.table import DAMAGED, build_results
 
     paths = io.StudyPaths(tmp_path / "study")
     good = paths.trial(0)
@@ -240,8 +240,8 @@ def test_a_torn_trial_record_is_listed_as_damaged(tmp_path):
 
 @pytest.mark.slow
 def test_report_and_results_survive_a_torn_trial_record(finished_study, tmp_path):
-    from sdsweep.report import build_report
-    from sdsweep.results import DAMAGED, write_results
+    from sdsweep.results.report import build_report
+    from sdsweep.results.table import DAMAGED, write_results
 
     study = tmp_path / "study"
     shutil.copytree(finished_study, study)

@@ -15,7 +15,7 @@ MODELS = ["tiny", "tiny_sd21"]
 @pytest.fixture(scope="module")
 def components():
     """{model name: SDComponents}; the loss never changes the modules, so one load per model suffices."""
-    from sdsweep.models import load_components
+    from sdsweep.models.loading import load_components
 
     return {
         model: load_components(compose(TINY_OVERRIDES + [f"model={model}"]), torch.device("cpu"))
@@ -40,7 +40,7 @@ def test_tiny_models_have_the_expected_prediction_types(components):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_target_follows_the_prediction_type(components, model):
-    from sdsweep.loss import diffusion_target
+    from sdsweep.training.loss import diffusion_target
 
     scheduler = components[model].noise_scheduler
     latents, noise = random_latents(seed=1), random_latents(seed=2)
@@ -56,7 +56,7 @@ def test_target_follows_the_prediction_type(components, model):
 
 
 def test_unknown_prediction_type_is_an_error(components):
-    from sdsweep.loss import diffusion_target
+    from sdsweep.training.loss import diffusion_target
 
     scheduler = copy.deepcopy(components["tiny"].noise_scheduler)
     scheduler.register_to_config(prediction_type="sample")
@@ -66,7 +66,7 @@ def test_unknown_prediction_type_is_an_error(components):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_unweighted_loss_is_the_mse_per_sample_and_its_mean(components, model):
-    from sdsweep.loss import diffusion_loss
+    from sdsweep.training.loss import diffusion_loss
 
     scheduler = components[model].noise_scheduler
     prediction, target = random_latents(seed=3), random_latents(seed=4)
@@ -83,7 +83,7 @@ def test_unweighted_loss_is_the_mse_per_sample_and_its_mean(components, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_min_snr_weighting_matches_the_paper_for_the_prediction_type(components, model):
-    from sdsweep.loss import diffusion_loss
+    from sdsweep.training.loss import diffusion_loss
 
     scheduler = components[model].noise_scheduler
     prediction, target = random_latents(seed=5), random_latents(seed=6)
@@ -105,7 +105,7 @@ def test_min_snr_weighting_matches_the_paper_for_the_prediction_type(components,
 @pytest.mark.parametrize("model", MODELS)
 def test_denoising_loss_trains_the_unet_on_the_scheduler_target(components, model):
     """Reproduce the shared step by hand: same draws, the UNet's prediction, the right target."""
-    from sdsweep.loss import denoising_loss, sample_noise_and_timesteps
+    from sdsweep.training.loss import denoising_loss, sample_noise_and_timesteps
 
     parts = components[model]
     scheduler = parts.noise_scheduler
@@ -127,7 +127,7 @@ def test_denoising_loss_trains_the_unet_on_the_scheduler_target(components, mode
 
 
 def test_denoising_loss_is_reproducible_with_a_generator(components):
-    from sdsweep.loss import denoising_loss
+    from sdsweep.training.loss import denoising_loss
 
     parts = components["tiny"]
     latents = random_latents(batch=2, seed=9)
@@ -147,7 +147,7 @@ def test_denoising_loss_is_reproducible_with_a_generator(components):
 
 
 def test_input_perturbation_noises_the_unet_input_but_not_the_target(components):
-    from sdsweep.loss import denoising_loss, sample_noise_and_timesteps
+    from sdsweep.training.loss import denoising_loss, sample_noise_and_timesteps
 
     parts = components["tiny"]
     latents = random_latents(batch=2, seed=3)

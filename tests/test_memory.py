@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from sdsweep.config import ConfigError
-from sdsweep.memory import (
+from sdsweep.config.schema import ConfigError
+from sdsweep.models.loading import load_components, resolve_model_source
+from sdsweep.training.memory import (
     GIB,
     SavedTensorCounter,
     TrainingFootprint,
@@ -18,7 +19,6 @@ from sdsweep.memory import (
     footprint_from_config,
     load_model_configs,
 )
-from sdsweep.models import load_components, resolve_model_source
 
 
 @pytest.fixture(scope="module")

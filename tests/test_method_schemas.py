@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdsweep.config import ConfigError
-from sdsweep.method_schemas import METHOD_SCHEMAS, MethodConfig, option_names
+from sdsweep.config.methods import METHOD_SCHEMAS, MethodConfig, option_names
+from sdsweep.config.schema import ConfigError
 from tests.conftest import compose
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 
 # ---- helpers -------------------------------------------------------------------------------------
 def method_config(method: str, model: str, *extra: str):
-    # num_class_images is a DreamBooth option: other methods reject it (sdsweep.method_schemas).
+    # num_class_images is a DreamBooth option: other methods reject it (sdsweep.config.methods).
     own = ["method.num_class_images=3"] if method == "dreambooth" else []
     return compose(
         TINY_OVERRIDES
@@ -40,8 +40,8 @@ def method_config(method: str, model: str, *extra: str):
 
 def build_method(method: str, model: str, cache_dir: Path, *extra: str, prepare: bool = True):
     """A method on freshly loaded components (methods add tokens/adapters to the modules they get)."""
-    from sdsweep.methods import get_method
-    from sdsweep.models import load_components
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.methods import get_method
 
     cfg = method_config(method, model, *extra)
     instance = get_method(method)(cfg, load_components(cfg, CPU), CPU, cache_dir=cache_dir)
@@ -164,7 +164,7 @@ def test_training_lowers_the_fixed_seed_validation_loss(trained, method_name, mo
 @pytest.mark.parametrize("method_name", METHOD_NAMES)
 def test_saved_weights_reload_through_diffusers_and_generate(trained, tmp_path, method_name, model):
     """The saved output loads with diffusers' loaders and reproduces the live model's image."""
-    from sdsweep.methods import load_trained_pipeline
+    from sdsweep.training.methods import load_trained_pipeline
 
     method = trained(method_name, model).method
     written = method.save(tmp_path / "weights")
@@ -177,8 +177,8 @@ def test_saved_weights_reload_through_diffusers_and_generate(trained, tmp_path, 
 
 
 def test_unknown_method_names_the_allowed_ones():
-    from sdsweep.config import ConfigError
-    from sdsweep.methods import METHODS, get_method
+    from sdsweep.config.schema import ConfigError
+    from sdsweep.training.methods import METHODS, get_method
 
     assert sorted(METHODS) == sorted(METHOD_NAMES)
     with pytest.raises(ConfigError, match="dreambooth.*full.*lora.*textual_inversion"):
@@ -250,7 +250,7 @@ def test_full_ema_weights_are_evaluated_and_saved(study_cache, training_images, 
 
 # ---- DreamBooth ------------------------------------------------------------------------------------------
 def test_dreambooth_loss_is_instance_mean_plus_weighted_prior_mean(study_cache, training_images):
-    from sdsweep.loss import denoising_loss
+    from sdsweep.training.loss import denoising_loss
 
     method = build_method("dreambooth", "tiny", study_cache, "method.prior_loss_weight=0.5")
     batch = method.augment_batch(captioned_batch(method, training_images))
@@ -298,7 +298,7 @@ def test_dreambooth_class_images_are_generated_once_and_reused(study_cache, trai
 
 
 def test_dreambooth_config_errors(study_cache):
-    from sdsweep.config import ConfigError
+    from sdsweep.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="data.instance_prompt"):
         build_method("dreambooth", "tiny", study_cache, "data.instance_prompt=null")
@@ -338,7 +338,7 @@ def test_textual_inversion_captions(study_cache):
 
 
 def test_textual_inversion_multi_vector_file_loads_as_all_its_tokens(study_cache, tmp_path):
-    from sdsweep.models import load_pipeline
+    from sdsweep.models.loading import load_pipeline
 
     method = build_method("textual_inversion", "tiny", study_cache, "method.num_vectors=2")
     path = method.save(tmp_path)
@@ -351,7 +351,7 @@ def test_textual_inversion_multi_vector_file_loads_as_all_its_tokens(study_cache
 
 
 def test_textual_inversion_config_errors(study_cache):
-    from sdsweep.config import ConfigError
+    from sdsweep.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="'photo' already exists"):
         build_method("textual_inversion", "tiny", study_cache, "method.placeholder_token=photo")
@@ -359,7 +359,7 @@ def test_textual_inversion_config_errors(study_cache):
         build_method("textual_inversion", "tiny", study_cache, "method.initializer_token='a photo'")
     # The same placeholder twice on one tokenizer: the second would overwrite the first.
     method = build_method("textual_inversion", "tiny", study_cache)
-    from sdsweep.methods import get_method
+    from sdsweep.training.methods import get_method
 
     again = get_method("textual_inversion")(method.cfg, method.components, CPU, cache_dir=study_cache)
     with pytest.raises(ConfigError, match="'<sks>' already exists"):
@@ -379,7 +379,7 @@ def test_lora_trains_only_adapter_parameters(trained, model):
 
 
 def test_lora_on_the_text_encoder_saves_and_reloads(study_cache, training_images, tmp_path):
-    from sdsweep.methods import load_trained_pipeline
+    from sdsweep.training.methods import load_trained_pipeline
 
     method = build_method("lora", "tiny", study_cache, "method.train_text_encoder=true")
     encoder_trainable = [n for n, p in method.components.text_encoder.named_parameters() if p.requires_grad]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from sdsweep import metrics
+from sdsweep.evaluation import metrics
 
 RESOLUTION = 32
 

@@ -247,7 +247,7 @@ def test_a_driver_on_another_host_never_takes_over_a_live_run(tmp_path, drivers)
 # ---- keep_best_k under a kill between record and tell ------------------------------------------------
 @pytest.mark.slow
 def test_keep_best_k_keeps_the_best_weights_after_a_kill_between_record_and_tell(tmp_path, drivers):
-    from sdsweep.results import best_trial
+    from sdsweep.results.table import best_trial
 
     study_dir = tmp_path / "par"
     args = sweep_args(tmp_path, "sweep.keep_best_k=1", "sweep.isolation=inprocess")
@@ -294,7 +294,7 @@ def test_postgres_fixture_serves_concurrent_optuna_workers(postgres_url):
 # ---- what a worker pool costs (in-process pieces of the pool's fast paths) -------------------------------
 def test_with_several_workers_the_longest_run_is_claimed_first(tmp_path):
     """Longest run first: 4 runs of 2/4/2/4 steps on 2 workers take 6 steps of wall time, not 8."""
-    from sdsweep.sweep import SweepEngine
+    from sdsweep.sweep.engine import SweepEngine
 
     engine = SweepEngine(sweep_args(tmp_path, "sweep.workers=2", "sweep.share_milestones=false"))
     first, second = engine.next_run(), engine.next_run()
@@ -305,7 +305,7 @@ def test_with_several_workers_the_longest_run_is_claimed_first(tmp_path):
 
 
 def test_an_idle_worker_wakes_when_a_run_ends_not_after_its_poll_interval(tmp_path):
-    from sdsweep.sweep import SweepEngine
+    from sdsweep.sweep.engine import SweepEngine
 
     waiting = SweepEngine(sweep_args(tmp_path))
     finisher = SweepEngine(sweep_args(tmp_path))
@@ -322,7 +322,7 @@ def test_an_idle_worker_wakes_when_a_run_ends_not_after_its_poll_interval(tmp_pa
 def test_memoised_configs_are_private_copies(tmp_path):
     """A worker composes each run's config once per override list; a run that edits its config (as textual
     inversion does with its prompts) must not change the next run's."""
-    from sdsweep.trial import compose_config
+    from sdsweep.sweep.trial import compose_config
 
     overrides = sweep_args(tmp_path)
     first = compose_config(overrides)

@@ -9,9 +9,9 @@ from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
 from sdsweep.cli import UserError, preflight
-from sdsweep.config import ConfigError
-from sdsweep.fingerprint import RESET_MARKER_ENV
-from sdsweep.preflight import available_search_space
+from sdsweep.config.schema import ConfigError
+from sdsweep.sweep.fingerprint import RESET_MARKER_ENV
+from sdsweep.sweep.preflight import available_search_space
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,10 @@ import pytest
 from cdp import Browser, chromium_available
 from PIL import Image
 
-from sdsweep import io, rate, ratings, report_protocols, results
+from sdsweep import io
+from sdsweep.evaluation import rate, ratings
+from sdsweep.results import protocols as report_protocols
+from sdsweep.results import table as results
 
 
 def _write_sample(folder: Path, name: str, black: bool = False, seed: int = 0) -> None:

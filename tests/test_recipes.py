@@ -12,13 +12,13 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep.buckets import BucketBatchSampler, BucketGrid, nearest_bucket
-from sdsweep.cache import ROWS, LatentCache, build_training_dataset
-from sdsweep.config import ConfigError, resolved_guidance_rescale, validate
-from sdsweep.data import load_examples, split_examples
-from sdsweep.methods import get_method
-from sdsweep.models import load_components, make_inference_scheduler
-from sdsweep.train import CaptionDropout, infinite_batches, train, with_caption_dropout
+from sdsweep.config.schema import ConfigError, resolved_guidance_rescale, validate
+from sdsweep.data.buckets import BucketBatchSampler, BucketGrid, nearest_bucket
+from sdsweep.data.images import load_examples, split_examples
+from sdsweep.data.latent_cache import ROWS, LatentCache, build_training_dataset
+from sdsweep.models.loading import load_components, make_inference_scheduler
+from sdsweep.training.methods import get_method
+from sdsweep.training.train import CaptionDropout, infinite_batches, train, with_caption_dropout
 
 CPU = torch.device("cpu")
 # (width, height) of the varied-aspect test set: portrait, landscape, square and one beyond 2:1.
@@ -114,7 +114,7 @@ def test_zero_terminal_snr_has_terminal_alpha_bar_zero_and_a_finite_loss():
     plain = load_components(compose(TINY_OVERRIDES + ["model=tiny_sd21"]), CPU).noise_scheduler
     assert plain.alphas_cumprod[-1].item() > 0  # the stock schedule never reaches pure noise
 
-    from sdsweep.loss import diffusion_loss, diffusion_target
+    from sdsweep.training.loss import diffusion_loss, diffusion_target
 
     scheduler, last = components.noise_scheduler, cfg.model.resolution
     latents = torch.randn(2, 4, last // 2, last // 2)
@@ -221,7 +221,7 @@ def test_each_option_trains_and_resumes_like_an_uninterrupted_run(tmp_path, aspe
     cfg, method, dataset = setup(tmp_path / "cache", *extra)
     before = trainable_copy(method)
     losses: list[float] = []
-    from sdsweep.train import TrainHooks
+    from sdsweep.training.train import TrainHooks
 
     hooks = TrainHooks(on_step=lambda step, logs: losses.append(logs["train/loss"]))
     train(cfg, method, dataset, [1, 2], hooks, tmp_path / "straight")
@@ -255,7 +255,7 @@ def test_latent_cache_counts_one_encode_per_bucket_chunk(tmp_path, aspect_dir):
 def test_a_checkpoint_from_before_the_recipe_keys_still_resumes(tmp_path):
     import json as json_module
 
-    from sdsweep.train import TRAINING_STATE, check_resumable
+    from sdsweep.training.train import TRAINING_STATE, check_resumable
 
     cfg, method, dataset = setup(tmp_path / "cache", "train.train_batch_size=1")
     train(cfg, method, dataset, [1], checkpoint_dir=tmp_path / "run")
@@ -278,7 +278,7 @@ def test_a_sweep_over_the_optimizer_runs_each_choice_end_to_end(tmp_path):
     """A categorical train.* parameter goes through the grid, into each trial's saved config."""
     import pandas as pd
 
-    from sdsweep.sweep import run_sweep
+    from sdsweep.sweep.engine import run_sweep
 
     outcome = run_sweep(
         TINY_OVERRIDES

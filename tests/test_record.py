@@ -7,10 +7,10 @@ import json
 import pandas as pd
 
 from sdsweep import io
-from sdsweep.config import normalise, validate
-from sdsweep.record import SCHEMA_VERSION, TrialRecord, TrialState, read_record
-from sdsweep.results import build_results
-from sdsweep.study_folder import best_feasible_trial, best_trial, load_study
+from sdsweep.config.schema import normalise, validate
+from sdsweep.results.record import SCHEMA_VERSION, TrialRecord, TrialState, read_record
+from sdsweep.results.study_folder import best_feasible_trial, best_trial, load_study
+from sdsweep.results.table import build_results
 
 # A trial record exactly as the sdsweep before TrialRecord wrote it (no schema_version).
 OLD_TRIAL = {

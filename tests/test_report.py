@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.report import LR_KEY, STEP_KEY, build_report, load_study, main, report_plots
-from sdsweep.results import write_results
+from sdsweep.results.report import LR_KEY, STEP_KEY, build_report, load_study, main, report_plots
+from sdsweep.results.table import write_results
 
 
 def copy_study(study: Path, tmp_path: Path) -> Path:
@@ -165,7 +165,7 @@ def test_single_parameter_sweep_skips_the_grid_figures_with_a_note(finished_stud
 def test_cli_and_no_torch_import(finished_study, tmp_path, capsys):
     study = copy_study(finished_study, tmp_path)
     code = (
-        "import sys; from sdsweep.report import main; rc = main([sys.argv[1]]);"
+        "import sys; from sdsweep.results.report import main; rc = main([sys.argv[1]]);"
         "assert 'torch' not in sys.modules, 'report imported torch'; sys.exit(rc)"
     )
     done = subprocess.run(
@@ -317,7 +317,7 @@ def expected_compromise(results: pd.DataFrame, objectives: list[tuple[str, str]]
 
 def test_two_objective_report_shows_the_front_and_one_best(finished_study, tmp_path):
     """A two-objective study (the finished study's real trials judged on CLIP score and FID)."""
-    from sdsweep.results import best_trial, pareto_front
+    from sdsweep.results.table import best_trial, pareto_front
 
     study = copy_study(finished_study, tmp_path)
     objectives = [("eval/clip_score", "maximize"), ("eval/fd_clip", "minimize")]

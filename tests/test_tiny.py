@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdsweep import tiny
+from sdsweep.models import tiny
 
 
 def test_tokenizer_keeps_prompt_words_whole():

@@ -11,7 +11,7 @@ import wandb_records
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep import tracking
+from sdsweep.sweep import tracking
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.cache import build_training_dataset
-from sdsweep.config import ConfigError
-from sdsweep.data import load_examples, split_examples
-from sdsweep.methods import get_method
-from sdsweep.models import load_components
-from sdsweep.train import (
+from sdsweep.config.schema import ConfigError
+from sdsweep.data.images import load_examples, split_examples
+from sdsweep.data.latent_cache import build_training_dataset
+from sdsweep.models.loading import load_components
+from sdsweep.training.methods import get_method
+from sdsweep.training.train import (
     TrainHooks,
     TrainingDiverged,
     latest_checkpoint,
@@ -183,7 +183,7 @@ def test_adamw_keeps_its_settings_and_textual_inversion_never_decays():
 
 
 def test_the_loop_never_imports_tracking_or_search_libraries():
-    source = Path(__file__).resolve().parents[1] / "sdsweep" / "train.py"
+    source = Path(__file__).resolve().parents[1] / "sdsweep" / "training" / "train.py"
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):

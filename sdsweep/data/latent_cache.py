@@ -1,0 +1,295 @@
+"""A latent and text-embedding cache shared by every trial of a study.
+
+The frozen VAE gives the same latent distribution for the same image in every trial, so a study
+encodes its dataset once (both flips when flipping is on) and every trial samples from the stored
+distribution. We store the distribution's parameters (mean and log-variance, diffusers'
+``latent_dist.parameters``) rather than its mean: the published training scripts sample a fresh
+latent every step, and that VAE noise is a (mild) augmentation a cached run should keep.
+
+The file name is a hash of everything that changes the result (image bytes, captions, model folder
+and weight files, revision, resolution, crop and flip settings, VAE dtype), so a stale cache is never
+read; files are written atomically, so trials running side by side at worst encode twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from sdsweep import io
+from sdsweep.config.schema import Config, resolved_resolution
+from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, fit_to_bucket, grid_for
+from sdsweep.data.images import (
+    Example,
+    ImageCaptionDataset,
+    ItemKey,
+    dataset_for,
+    draw_seed,
+    load_pil_images,
+    resize_and_crop,
+    split_key,
+    to_tensor,
+)
+from sdsweep.models.loading import tokenize_prompts
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # bump when the file layout or the encoding changes
+ENCODE_BATCH_SIZE = 8  # images per VAE call: bounded memory at 512-768 px on a GPU
+PLAIN, FLIPPED, TEXT = "latent_params", "latent_params_flipped", "text_embeddings"
+ROWS, BUCKET_SEP = "rows", "@"  # bucketed caches: "latent_params@24x40" holds the images in "rows@24x40"
+
+
+def _weights_fingerprint(source: str, subfolders: tuple[str, ...]) -> list[list[Any]]:
+    """Name, size and mtime of the weight files: a re-saved model at the same path changes the key
+    without hashing gigabytes of weights for every trial."""
+    root = Path(source)
+    entries = []
+    for sub in subfolders:
+        folder = root / sub
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.is_file():
+                    stat = path.stat()
+                    entries.append([f"{sub}/{path.name}", stat.st_size, stat.st_mtime_ns])
+    return entries
+
+
+def cache_key(cfg: Config, components: Any, examples: list[Example], captions: list[str] | None) -> str:
+    """The content hash naming a cache file; ``captions`` is None when no text is cached."""
+    digest = hashlib.sha256()
+    header = {
+        "version": CACHE_VERSION,
+        "model": components.source,
+        "revision": cfg.model.revision,
+        "variant": cfg.model.variant,
+        "weights": _weights_fingerprint(components.source, ("vae", "text_encoder") if captions else ("vae",)),
+        "vae_dtype": str(components.vae.dtype),
+        "text_encoder_dtype": str(components.text_encoder.dtype) if captions else None,
+        "resolution": resolved_resolution(cfg),
+        "center_crop": cfg.data.center_crop,
+        "random_flip": cfg.data.random_flip,
+        "captions": captions,
+    }
+    if cfg.train.bucketing:  # only then, so that square caches keep their names
+        header["buckets"] = grid_for(cfg, components).buckets()
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for example in examples:
+        digest.update(hashlib.sha256(example.image_path.read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
+class LatentCache:
+    """Loads the study's encoded dataset, encoding it on first use.
+
+    ``encode_calls`` counts VAE encode calls made by every LatentCache in this process, so tests and
+    benchmarks can see that a second trial reused the file.
+    """
+
+    encode_calls: ClassVar[int] = 0
+
+    def __init__(self, cfg: Config, components: Any, cache_dir: Path):
+        self.cfg = cfg
+        self.components = components
+        self.folder = Path(cache_dir) / "latents"
+
+    def path_for(self, examples: list[Example], captions: list[str] | None) -> Path:
+        return self.folder / f"{cache_key(self.cfg, self.components, examples, captions)}.safetensors"
+
+    def load_or_encode(self, examples: list[Example], captions: list[str] | None) -> dict[str, torch.Tensor]:
+        """``latent_params`` [N, 2C, h, w] (+ ``latent_params_flipped``) and, with captions,
+        ``text_embeddings`` [U, 77, D] for the sorted unique captions."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, save
+
+        path = self.path_for(examples, captions)
+        if path.exists():
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError) as error:  # unreadable (disk trouble): rebuild it
+                logger.warning("latent cache %s is unreadable (%s); encoding again", path, error)
+        tensors = self._encode_images(examples)
+        if captions is not None:
+            tensors[TEXT] = self._encode_text(sorted(set(captions)))
+        io.atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
+        return tensors
+
+    @torch.no_grad()
+    def _encode_images(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        images = load_pil_images(examples)
+        if self.cfg.train.bucketing:
+            return self._encode_bucketed(images)
+        resolution = resolved_resolution(self.cfg)
+        return self._encode_pixels(torch.stack([to_tensor(resize_and_crop(im, resolution)) for im in images]))
+
+    def _encode_pixels(self, pixels: torch.Tensor, suffix: str = "") -> dict[str, torch.Tensor]:
+        vae = self.components.vae
+        device = next(vae.parameters()).device
+        variants = {PLAIN: pixels}
+        if self.cfg.data.random_flip:
+            variants[FLIPPED] = pixels.flip(-1)
+        out = {}
+        for name, batch in variants.items():
+            chunks = []
+            for chunk in batch.split(ENCODE_BATCH_SIZE):
+                chunks.append(vae.encode(chunk.to(device, vae.dtype)).latent_dist.parameters.float().cpu())
+                LatentCache.encode_calls += 1
+            out[name + suffix] = torch.cat(chunks)
+        return out
+
+    def _encode_bucketed(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """Per bucket ``WxH``: ``latent_params@WxH`` (+ flipped) and ``rows@WxH``, the image indices."""
+        assigned = assign_buckets(images, grid_for(self.cfg, self.components).buckets())
+        out: dict[str, torch.Tensor] = {}
+        for bucket in sorted(set(assigned)):
+            rows = [i for i, b in enumerate(assigned) if b == bucket]
+            suffix = f"{BUCKET_SEP}{bucket[0]}x{bucket[1]}"
+            pixels = torch.stack([to_tensor(fit_to_bucket(images[i], bucket)) for i in rows])
+            out.update(self._encode_pixels(pixels, suffix))
+            out[ROWS + suffix] = torch.tensor(rows, dtype=torch.int64)
+        return out
+
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
+        device = next(encoder.parameters()).device
+        outputs = []
+        for start in range(0, len(captions), ENCODE_BATCH_SIZE):
+            ids = tokenize_prompts(tokenizer, captions[start : start + ENCODE_BATCH_SIZE]).to(device)
+            outputs.append(encoder(ids, return_dict=False)[0].float().cpu())
+        return torch.cat(outputs)
+
+
+def split_parameters(parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std from stored parameters, exactly as diffusers' DiagonalGaussianDistribution does."""
+    mean, logvar = torch.chunk(parameters, 2, dim=1)
+    return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Items ``{"latents": [C, h, w] x scaling, "caption", "index"}`` (+ ``encoder_hidden_states``).
+
+    Each draw samples its latent (and picks its flip) from a generator seeded by ``(seed, index,
+    draw)``, so training is reproducible and resumable whatever the fetch order.
+    """
+
+    supports_draw_keys = True
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        captions: list[str],
+        scaling: float,
+        seed: int = 0,
+        caption_transform: Callable[[str], str] | None = None,
+    ):
+        # Mean and std are split once here: the per-item work is one randn and one fused multiply-add.
+        self.means, self.stds = {}, {}
+        for name in (PLAIN, FLIPPED):
+            if name in tensors:
+                self.means[name], self.stds[name] = split_parameters(tensors[name])
+        self.bucket_ids: list[int] | None = None  # bucketed: image i's bucket number (one shape each)
+        if PLAIN not in tensors:
+            self._split_buckets(tensors, len(captions))
+        self.captions = list(captions)
+        self.scaling = scaling
+        self.seed = seed
+        self.caption_transform = caption_transform
+        self.text_rows: list[int] | None = None
+        if TEXT in tensors:
+            # Rows of the stored embeddings follow the sorted unique captions (an instance set has one).
+            row_of = {caption: row for row, caption in enumerate(sorted(set(self.captions)))}
+            self.text = tensors[TEXT]
+            self.text_rows = [row_of[caption] for caption in self.captions]
+
+    def _split_buckets(self, tensors: dict[str, torch.Tensor], count: int) -> None:
+        """Per-image views of a bucketed cache: ``means[variant][i]`` then works as for a square one."""
+        suffixes = sorted(key.split(BUCKET_SEP, 1)[1] for key in tensors if key.startswith(ROWS + BUCKET_SEP))
+        self.bucket_ids = [-1] * count
+        for name in (PLAIN, FLIPPED):
+            if f"{name}{BUCKET_SEP}{suffixes[0]}" in tensors:
+                self.means[name], self.stds[name] = [None] * count, [None] * count
+        for number, suffix in enumerate(suffixes):
+            rows = tensors[f"{ROWS}{BUCKET_SEP}{suffix}"].tolist()
+            for name in self.means:
+                means, stds = split_parameters(tensors[f"{name}{BUCKET_SEP}{suffix}"])
+                for position, row in enumerate(rows):
+                    self.means[name][row], self.stds[name][row] = means[position], stds[position]
+            for row in rows:
+                self.bucket_ids[row] = number
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def sample_latents(self, index: int, flipped: bool, generator: torch.Generator) -> torch.Tensor:
+        """A scaled latent drawn from the stored distribution of image ``index``."""
+        variant = FLIPPED if flipped else PLAIN
+        mean, std = self.means[variant][index], self.stds[variant][index]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return (mean + std * noise) * self.scaling
+
+    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
+        index, draw = split_key(key)
+        seed = draw_seed(self.seed, index, draw)
+        flipped = FLIPPED in self.means and random.Random(seed).random() < 0.5
+        latents = self.sample_latents(index, flipped, torch.Generator().manual_seed(seed))
+        caption = self.captions[index]
+        if self.caption_transform is not None:
+            caption = self.caption_transform(caption)
+        item = {"latents": latents, "caption": caption, "index": index}
+        if self.text_rows is not None:
+            item["encoder_hidden_states"] = self.text[self.text_rows[index]]
+        return item
+
+
+def build_training_dataset(
+    cfg: Config, components: Any, method: Any, examples: list[Example], cache_dir: Path | None
+) -> torch.utils.data.Dataset:
+    """The cached dataset when ``train.use_latent_cache`` (the default), else the pixel dataset.
+
+    Random crops differ every draw, and caching one crop would silently remove that augmentation, so
+    ``data.center_crop=false`` also uses the pixel dataset (the VAE then encodes every step).
+    """
+    if not cfg.train.use_latent_cache or cache_dir is None or not cfg.data.center_crop:
+        if cfg.train.bucketing:
+            return BucketedImageDataset(
+                examples,
+                grid_for(cfg, components),
+                center_crop=cfg.data.center_crop,
+                random_flip=cfg.data.random_flip,
+                seed=cfg.train.seed,
+                caption_transform=method.transform_caption,
+            )
+        return dataset_for(cfg, examples, method.transform_caption)
+    cache = LatentCache(cfg, components, Path(cache_dir))
+    if method.uses_frozen_text_encoder():
+        # A frozen-text method's caption transform is fixed per caption, so it runs once, here.
+        captions = [method.transform_caption(e.caption) for e in examples]
+        tensors = cache.load_or_encode(examples, captions)
+        return CachedLatentDataset(tensors, captions, components.latent_scaling, cfg.train.seed)
+    # Trained text (or embeddings): captions are transformed per draw (textual inversion templates).
+    tensors = cache.load_or_encode(examples, None)
+    return CachedLatentDataset(
+        tensors,
+        [e.caption for e in examples],
+        components.latent_scaling,
+        cfg.train.seed,
+        caption_transform=method.transform_caption,
+    )
+
+
+__all__ = [
+    "CachedLatentDataset",
+    "ImageCaptionDataset",
+    "LatentCache",
+    "build_training_dataset",
+    "cache_key",
+    "split_parameters",
+]

@@ -1,0 +1,1 @@
+"""sdsweep.evaluation."""

@@ -1,0 +1,557 @@
+"""Judge a pipeline the same way every time: fixed prompts, fixed seeds, one sampler, one set of metrics.
+
+``Evaluator`` is built once per run (it loads CLIP and the reference features once) and ``evaluate`` is
+called at every milestone. A metric that cannot be computed is recorded in ``missing`` with the reason;
+``evaluate`` never raises, so one broken metric never loses a trial. Impossible *configuration* (no
+prompts, a missing reference folder, a CLIP model that is not available offline) raises at construction,
+before any image is generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from sdsweep import io
+from sdsweep.config.constraints import distance_keys, resolved_lpips_backbone
+from sdsweep.config.schema import Config, ConfigError, check_eval_prompts, resolved_guidance_rescale
+from sdsweep.data.images import IMAGE_SUFFIXES, open_rgb
+from sdsweep.evaluation import metrics
+from sdsweep.evaluation.judge import judge_truth
+from sdsweep.evaluation.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
+from sdsweep.models.loading import make_inference_scheduler, sampling_precision
+from sdsweep.progress import Progress
+
+MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    missing: dict[str, str]  # metric key -> why it could not be computed
+    warnings: list[str]
+    images: list[Image.Image]
+    prompts: list[str]  # one per image
+    seeds: list[int]  # one per image
+    grid: Image.Image
+    seconds: float
+    # heldout_captions protocol: per-image values keyed like the metric (e.g. "eval/lpips_clip": [..]).
+    per_image: dict[str, list[float]] = field(default_factory=dict)
+
+
+# ---- generation ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleSpec:
+    prompt_index: int
+    prompt: str
+    seed: int
+
+
+@dataclass
+class Generated:
+    specs: list[SampleSpec]
+    arrays: list[np.ndarray] = field(default_factory=list)  # float (H,W,3) in [0,1]; NaN kept visible
+    images: list[Image.Image] = field(default_factory=list)
+    features: torch.Tensor | None = None  # FID/KID features, computed on first use and shared by both
+
+
+def sample_plan(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -> list[SampleSpec]:
+    """Image i of every prompt uses ``seed + i``, so every trial sees the same starting noise."""
+    return [
+        SampleSpec(p, prompt, seed + i)
+        for p, prompt in enumerate(prompts)
+        for i in range(num_images_per_prompt)
+    ]
+
+
+def generate(
+    pipeline,
+    plan: Sequence[SampleSpec],
+    *,
+    scheduler: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    batch_size: int,
+    zero_terminal_snr: bool = False,
+    guidance_rescale: float = 0.0,
+    dtype: str = "auto",
+) -> Generated:
+    """Run the pipeline over the plan in batches; one generator per image makes results batch-independent.
+
+    ``dtype`` (``eval.dtype``): auto samples under half-precision autocast on CUDA and in fp32 on CPU.
+    """
+    result = Generated(specs=list(plan))
+    original_scheduler = pipeline.scheduler
+    # Swap the sampler in for the evaluation only: the caller's pipeline is left as it was given.
+    # zero_terminal_snr: trials and the baseline alike sample with the rescaled, trailing schedule.
+    pipeline.scheduler = make_inference_scheduler(scheduler, original_scheduler.config, zero_terminal_snr)
+    pipeline.set_progress_bar_config(disable=True)
+    bar = Progress("eval", len(plan), "images", leave=False)
+    try:
+        for start in range(0, len(plan), batch_size):
+            chunk = plan[start : start + batch_size]
+            with sampling_precision(dtype, pipeline.device):
+                output = pipeline(
+                    prompt=[spec.prompt for spec in chunk],
+                    generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in chunk],
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    guidance_rescale=guidance_rescale,
+                    height=resolution,
+                    width=resolution,
+                    output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
+                )
+            result.arrays.extend(np.asarray(image, dtype=np.float32) for image in output.images)
+            bar.advance(len(chunk))
+    finally:
+        bar.close()
+        pipeline.scheduler = original_scheduler
+    result.images = [metrics.float_to_pil(array) for array in result.arrays]
+    return result
+
+
+# ---- grid and files --------------------------------------------------------------------------------------
+def make_grid(
+    images: Sequence[Image.Image], specs: Sequence[SampleSpec], prompts: Sequence[str]
+) -> Image.Image:
+    """Rows = prompts, columns = seeds, with the prompt text on the left and the seed above each column."""
+    font = ImageFont.load_default(size=14)  # a scalable font: the bitmap default's spaces vanish when scaled
+    seeds = sorted({spec.seed for spec in specs})
+    side = max([MIN_GRID_CELL] + [max(image.size) for image in images])
+    label_width, header = 220, 22
+    grid = Image.new("RGB", (label_width + side * len(seeds), header + side * max(1, len(prompts))), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, seed in enumerate(seeds):
+        draw.text((label_width + column * side + 4, 4), f"seed {seed}", fill="black", font=font)
+    for row, prompt in enumerate(prompts):
+        lines = textwrap.wrap(f"p{row:02d}: {prompt}", width=26)[:8]
+        draw.multiline_text((4, header + row * side + 4), "\n".join(lines), fill="black", font=font)
+    for image, spec in zip(images, specs):
+        # NEAREST keeps small samples crisp instead of blurring them into the label text's scale.
+        cell = image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+        grid.paste(cell, (label_width + seeds.index(spec.seed) * side, header + spec.prompt_index * side))
+    return grid
+
+
+def save_outputs(
+    out_dir: Path, images: Sequence[Image.Image], specs: Sequence[SampleSpec], grid: Image.Image
+) -> None:
+    samples = out_dir / io.TRIAL_SAMPLES
+    for image, spec in zip(images, specs):
+        io.atomic_save_image(samples / io.sample_name(spec.prompt_index, spec.seed), image)
+    io.atomic_save_image(out_dir / io.TRIAL_GRID, grid)
+
+
+# ---- validation loss -------------------------------------------------------------------------------------
+@torch.no_grad()
+def validation_loss(method, batch: dict[str, Any], seed: int, timesteps: int) -> float:
+    """Mean loss over ``timesteps`` fixed draws of noise and timesteps: comparable across steps and trials."""
+    losses = []
+    cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # The global RNG is also seeded (inside a fork, so training's random stream is untouched): any draw a
+    # method makes without the generator (e.g. the VAE's latent_dist.sample()) must not change the score.
+    with torch.random.fork_rng(devices=cuda_devices):
+        for k in range(timesteps):
+            torch.manual_seed(seed + k)
+            loss, _ = method.compute_loss(batch, generator=torch.Generator().manual_seed(seed + k))
+            losses.append(float(loss.detach().float().cpu()))
+    return float(np.mean(losses))
+
+
+# ---- reference features ----------------------------------------------------------------------------------
+def load_reference_dir(folder: str | Path) -> list[Image.Image]:
+    """Every image in ``eval.reference_dir`` (sorted, so the cache key is stable)."""
+    path = Path(folder).expanduser()
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if not files:
+        raise ConfigError(
+            f"eval.reference_dir={str(folder)!r} is not a folder with images (.png/.jpg/.webp/.bmp). Point it at "
+            "the real images FID/KID should compare against, or set eval.reference_dir=null to use the held-out images."
+        )
+    return [open_rgb(file) for file in files]
+
+
+def reference_key(images: Sequence[Image.Image], feature_id: str, resolution: int) -> str:
+    digest = hashlib.sha256(f"{feature_id}|{resolution}|{len(images)}".encode())
+    for image in images:
+        digest.update(f"{image.size}".encode())
+        digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_reference_features(
+    cache_dir: Path, key: str, compute: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, bool]:
+    """(features, came_from_cache). Computed once per study; trials and re-runs read the file."""
+    from safetensors.torch import load_file, save
+
+    path = cache_dir / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["features"], True
+        except Exception:  # an unreadable cache file is rebuilt, never fatal
+            pass
+    features = compute().contiguous()
+    io.atomic_write_bytes(path, save({"features": features}))
+    return features, False
+
+
+# ---- the evaluator ---------------------------------------------------------------------------------------
+def _reason(error: BaseException) -> str:
+    """A one-line reason for ``missing``; unexpected errors also say where they happened."""
+    if isinstance(error, metrics.MetricUnavailable):
+        return str(error)
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    where = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+class Evaluator:
+    """Loads CLIP, the FID/KID feature extractor and the reference features once; then judges pipelines."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        study_paths: io.StudyPaths,
+        device: torch.device | str,
+        reference_images: Sequence[Image.Image],
+        instance_images: Sequence[Image.Image] | None = None,
+        heldout_captions: Sequence[str] | None = None,
+    ):
+        """``heldout_captions`` (one per reference image, same order) drive eval.protocol=heldout_captions."""
+        self.cfg, self.device = cfg, torch.device(device)
+        ev = cfg.eval
+        self.heldout = ev.protocol == "heldout_captions"
+        if self.heldout:
+            captions = [str(c) for c in heldout_captions or []]
+            if not captions or len(captions) != len(reference_images) or any(not c.strip() for c in captions):
+                raise ConfigError(
+                    f"eval.protocol=heldout_captions needs one non-empty caption per held-out photo (got "
+                    f"{len(captions)} captions for {len(reference_images)} photos); use a captioned dataset "
+                    "(data=imagefolder with a caption column) and data.num_heldout >= 2."
+                )
+            self.prompts = captions
+        else:
+            self.prompts = list(ev.prompts)
+        check_eval_prompts(self.prompts)
+        self.wanted = list(dict.fromkeys(ev.metrics))
+        self.resolution = ev.resolution or cfg.model.resolution
+        if self.heldout:  # one image per caption; caption i always starts from the noise of seed + i
+            self.plan = [SampleSpec(i, caption, ev.seed + i) for i, caption in enumerate(self.prompts)]
+        else:
+            self.plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
+        self.fid_key, self.kid_key = distance_keys(ev.fid_features)
+        self.truth_dir = study_paths.root / HELDOUT_TRUTH
+        self.reference_cache = study_paths.cache / "reference"
+        self.static_warnings: list[str] = []
+        self._feature_error: str | None = None
+        self._reference: torch.Tensor | None = None
+        self.reference_from_cache: bool | None = None  # set once the reference features are known
+
+        references = load_reference_dir(ev.reference_dir) if ev.reference_dir else list(reference_images)
+        self.reference_images = [metrics.square_resize(image, self.resolution) for image in references]
+        self.instance_images = [metrics.square_resize(i, self.resolution) for i in instance_images or []]
+
+        wants_features = bool({"fid", "kid"} & set(self.wanted))
+        self.feature_kind = self._choose_feature_kind() if wants_features else None
+        self.lpips_backbone = resolved_lpips_backbone(ev.lpips_backbone) if "lpips" in self.wanted else None
+        needs_clip = (
+            bool({"clip_score", "clip_i"} & set(self.wanted))
+            or self.feature_kind == "clip"
+            or self.lpips_backbone == "clip"
+        )
+        self.clip_model, self.clip_processor = (None, None)
+        if needs_clip:  # CLIPUnavailableError propagates: a config problem, reported before any generation
+            self.clip_model, self.clip_processor = metrics.load_clip(
+                ev.clip_model, cfg.paths.cache, self.device
+            )
+        self.feature = self._build_feature_extractor() if wants_features else None
+        self.safety_checker = self._load_safety_checker() if ev.safety_checker else None
+        self._lpips_error: str | None = None
+        self.lpips = self._build_lpips() if self.lpips_backbone else None
+
+    # -- construction helpers
+    def _choose_feature_kind(self) -> str:
+        kind = self.cfg.eval.fid_features
+        if kind != "auto":
+            return kind
+        if metrics.torch_fidelity_available():
+            self.static_warnings.append(
+                "eval.fid_features=auto: using Inception features (torch-fidelity found)."
+            )
+            return "inception"
+        self.static_warnings.append(
+            "eval.fid_features=auto: torch-fidelity is not installed, so FID/KID use CLIP image features; "
+            "they rank trials but are not comparable with published Inception FIDs."
+        )
+        return "clip"
+
+    def _build_feature_extractor(self) -> torch.nn.Module | None:
+        try:
+            if self.feature_kind == "inception":
+                return metrics.inception_features().to(self.device)
+            # The resolved folder (not just "tiny") keys the cache, so a rebuilt CLIP never hits stale stats.
+            source = getattr(self.clip_model, "name_or_path", "") or self.cfg.eval.clip_model
+            return metrics.CLIPImageFeatures(self.clip_model, self.clip_processor, source)
+        except Exception as error:  # recorded per evaluation as missing FID/KID, never fatal
+            self._feature_error = f"no FID/KID feature extractor: {_reason(error)}"
+            return None
+
+    def _build_lpips(self):
+        """A callable (a, b in [-1, 1]) -> per-pair distances, or None with the reason kept for ``missing``."""
+        try:
+            if self.lpips_backbone == "clip":
+                feature = metrics.CLIPVisionLPIPSFeatures(self.clip_model, self.clip_processor).to(
+                    self.device
+                )
+                return lambda a, b: metrics.lpips_structured(feature, a, b)
+            return metrics.TorchmetricsLPIPS(self.lpips_backbone, self.device)
+        except Exception as error:
+            self._lpips_error = f"no LPIPS network: {_reason(error)}"
+            return None
+
+    def _load_safety_checker(self) -> metrics.SafetyChecker | None:
+        try:
+            return metrics.SafetyChecker(self.cfg.eval.safety_checker, self.device)
+        except Exception as error:
+            self.static_warnings.append(f"{error} eval/appropriate_rate uses the degeneracy check only.")
+            return None
+
+    def reference_features(self) -> torch.Tensor:
+        """Reference features, computed once per study and cached under ``cache/reference``."""
+        if self._reference is None:
+            if self.feature is None:
+                raise metrics.MetricUnavailable(self._feature_error or "no feature extractor")
+            if len(self.reference_images) < 2:
+                raise metrics.MetricUnavailable(
+                    f"FID/KID need at least 2 reference images, got {len(self.reference_images)}; set "
+                    "eval.reference_dir or data.num_heldout >= 2."
+                )
+            key = reference_key(self.reference_images, self.feature.feature_id, self.resolution)
+            self._reference, self.reference_from_cache = cached_reference_features(
+                self.reference_cache,
+                key,
+                lambda: metrics.extract_features(
+                    self.feature, self.reference_images, self.cfg.eval.batch_size
+                ),
+            )
+        return self._reference
+
+    # -- public API
+    def val_loss_only(self, method, heldout_batch: dict[str, Any]) -> float:
+        """The fixed-seed validation loss alone: a cheap signal for pruning between full evaluations."""
+        return validation_loss(method, heldout_batch, self.cfg.eval.seed, self.cfg.eval.val_loss_timesteps)
+
+    def evaluate(
+        self,
+        pipeline,
+        method=None,
+        heldout_batch: dict[str, Any] | None = None,
+        out_dir: Path | None = None,
+        label: str = "",
+    ) -> EvalResult:
+        started = time.perf_counter()
+        ev = self.cfg.eval
+        values: dict[str, float] = {}
+        missing: dict[str, str] = {}
+        warnings = list(self.static_warnings)
+        prefix = f"{label}: " if label else ""
+        generated = Generated(specs=list(self.plan))
+        try:
+            generated = generate(
+                pipeline,
+                self.plan,
+                scheduler=ev.scheduler,
+                num_inference_steps=ev.num_inference_steps,
+                guidance_scale=ev.guidance_scale,
+                resolution=self.resolution,
+                batch_size=ev.batch_size,
+                zero_terminal_snr=self.cfg.train.zero_terminal_snr,
+                guidance_rescale=resolved_guidance_rescale(self.cfg),
+                dtype=ev.dtype,
+            )
+            nan_count = sum(not np.isfinite(a).all() for a in generated.arrays)
+            if nan_count:
+                warnings.append(
+                    f"{prefix}{nan_count} of {len(generated.arrays)} generated images contain NaN."
+                )
+        except Exception as error:  # no images: every image metric is missing, val_loss may still work
+            warnings.append(f"{prefix}generation failed: {_reason(error)}")
+            generation_error = f"generation failed: {_reason(error)}"
+        else:
+            generation_error = None
+
+        image_metrics = {
+            "clip_score": self._clip_score,
+            "fid": self._fid,
+            "kid": self._kid,
+            "lpips": self._lpips,
+            "clip_i": self._clip_i,
+            "appropriate_rate": self._appropriate_rate,
+        }
+        per_image: dict[str, list[float]] = {}
+        for name in self.wanted:
+            key = {"fid": self.fid_key, "kid": self.kid_key}.get(name, f"eval/{name}")
+            if name == "lpips":
+                key = metrics.lpips_key(self.lpips_backbone)
+            try:
+                if name == "val_loss":
+                    values[key] = self._val_loss(method, heldout_batch)
+                elif generation_error is not None:
+                    missing[key] = generation_error
+                else:
+                    values.update(image_metrics[name](generated, warnings, per_image))
+            except Exception as error:
+                missing[key] = _reason(error)
+
+        if ev.judge and generation_error is None:  # ground truth beside the metrics (known-answer worlds)
+            try:
+                values.update(judge_truth(ev.judge, generated.images, [s.prompt for s in generated.specs]))
+            except Exception as error:
+                missing["truth"] = _reason(error)
+        grid = make_grid(generated.images, generated.specs, self.prompts)
+        if out_dir is not None:
+            try:
+                save_outputs(Path(out_dir), generated.images, generated.specs, grid)
+                if self.heldout:
+                    self._save_heldout_table(Path(out_dir), generated, per_image)
+            except OSError as error:  # a full disk must not lose the metrics themselves
+                warnings.append(f"{prefix}could not save samples/grid to {out_dir}: {error}")
+        return EvalResult(
+            metrics=values,
+            missing=missing,
+            warnings=list(dict.fromkeys(warnings)),
+            images=generated.images,
+            prompts=[spec.prompt for spec in generated.specs],
+            seeds=[spec.seed for spec in generated.specs],
+            grid=grid,
+            seconds=time.perf_counter() - started,
+            per_image=per_image,
+        )
+
+    def _save_heldout_table(
+        self, out_dir: Path, generated: Generated, per_image: dict[str, list[float]]
+    ) -> None:
+        """The test-set table's rows for this model; the ground-truth photos are written once per study."""
+        rows = []
+        for index, spec in enumerate(generated.specs):
+            truth = self.truth_dir / truth_name(spec.prompt_index)
+            if not truth.exists():
+                io.atomic_save_image(truth, self.reference_images[spec.prompt_index])
+            row = {
+                "caption": spec.prompt,
+                "seed": spec.seed,
+                "sample": f"{io.TRIAL_SAMPLES}/{io.sample_name(spec.prompt_index, spec.seed)}",
+                "truth": f"{HELDOUT_TRUTH}/{truth_name(spec.prompt_index)}",
+            }
+            row.update({key: values[index] for key, values in per_image.items()})
+            rows.append(row)
+        io.atomic_write_json(out_dir / HELDOUT_TABLE, {"rows": rows})
+
+    # -- one method per metric; each returns {key: value} and may append warnings
+    def _clip_score(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+        prompts = [spec.prompt for spec in generated.specs]
+        out = {
+            "eval/clip_score": metrics.clip_score(
+                self.clip_model, self.clip_processor, generated.images, prompts
+            )
+        }
+        if self.heldout:  # one image per caption: the mean over (image, its caption) pairs is the score
+            return out
+        for index, prompt in enumerate(self.prompts):
+            mine = [
+                image for image, spec in zip(generated.images, generated.specs) if spec.prompt_index == index
+            ]
+            out[f"eval/clip_score/p{index}"] = metrics.clip_score(
+                self.clip_model, self.clip_processor, mine, [prompt] * len(mine)
+            )
+        return out
+
+    def _generated_features(self, generated: Generated) -> torch.Tensor:
+        if generated.features is None:
+            if self.feature is None:
+                raise metrics.MetricUnavailable(self._feature_error or "no feature extractor")
+            generated.features = metrics.extract_features(
+                self.feature, generated.images, self.cfg.eval.batch_size
+            )
+        return generated.features
+
+    def _fid(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+        reference = self.reference_features()
+        value = metrics.frechet_distance(reference, self._generated_features(generated))
+        n = len(generated.images)
+        reliable = n >= self.cfg.eval.min_reliable_fid_images
+        if not reliable:
+            warnings.append(
+                f"{'FID' if self.fid_key == 'eval/fid' else 'FD_CLIP'} on {n} images is unreliable (eval.min_reliable_fid_images={self.cfg.eval.min_reliable_fid_images}); "
+                "use it to rank trials of this study only."
+            )
+        return {self.fid_key: value, f"{self.fid_key}_reliable": 1.0 if reliable else 0.0}
+
+    def _kid(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+        reference = self.reference_features()
+        fake = self._generated_features(generated)
+        wanted = self.cfg.eval.kid_subset_size
+        subset = min(wanted, len(fake), len(reference))
+        if subset < wanted:
+            warnings.append(
+                f"KID subset size shrunk from eval.kid_subset_size={wanted} to {subset} "
+                f"({len(fake)} generated, {len(reference)} reference images)."
+            )
+        mean, _ = metrics.kernel_inception_distance(reference, fake, subset, seed=self.cfg.eval.seed)
+        return {self.kid_key: mean}
+
+    def _lpips(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+        """Paired LPIPS: image i against held-out photo i, both in [-1, 1]; per image and the mean."""
+        if self.lpips is None:
+            raise metrics.MetricUnavailable(self._lpips_error or "no LPIPS network")
+        key = metrics.lpips_key(self.lpips_backbone)
+        values: list[float] = []
+        batch = self.cfg.eval.batch_size
+        for start in range(0, len(generated.images), batch):
+            chunk = generated.specs[start : start + batch]
+            fake = metrics.pil_to_signed(generated.images[start : start + batch], self.device)
+            real = metrics.pil_to_signed([self.reference_images[s.prompt_index] for s in chunk], self.device)
+            values.extend(float(v) for v in self.lpips(fake, real))
+        per_image[key] = values
+        return {key: float(np.mean(values))}
+
+    def _clip_i(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+        if not self.instance_images:
+            raise metrics.MetricUnavailable("no instance (training) images were given to the Evaluator")
+        return {
+            "eval/clip_i": metrics.clip_i(
+                self.clip_model, self.clip_processor, generated.images, self.instance_images
+            )
+        }
+
+    def _appropriate_rate(
+        self, generated: Generated, warnings: list[str], per_image: dict
+    ) -> dict[str, float]:
+        unsafe = None
+        if self.safety_checker is not None:
+            try:
+                unsafe = self.safety_checker.unsafe(generated.arrays)
+            except Exception as error:
+                warnings.append(
+                    f"safety checker failed ({_reason(error)}); only the degeneracy check applied."
+                )
+        return {"eval/appropriate_rate": metrics.appropriate_rate(generated.arrays, unsafe)}
+
+    def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> float:
+        if method is None:
+            raise metrics.MetricUnavailable("no method given (a plain pipeline has no training loss)")
+        if heldout_batch is None:
+            raise metrics.MetricUnavailable("no held-out batch given (data.num_heldout=0?)")
+        return self.val_loss_only(method, heldout_batch)

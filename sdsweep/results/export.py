@@ -1,0 +1,384 @@
+"""Export a study's best trial as a ready-to-share diffusers model folder with a model card.
+
+``python -m sdsweep.export experiments/<study> --to <dir> [--trial N] [--force]``
+
+The best trial is ``sdsweep.results.study_folder.best_trial`` over the study's objectives, the same trial the sweep,
+the report and W&B call best: the best feasible COMPLETE trial; with several objectives the Pareto-front
+member closest to the utopia point. When no COMPLETE trial is feasible the sweep still names the best
+infeasible one, so export exports it too, with the violated constraints at the top of the model card.
+A pipeline is exported with the scheduler the trials were judged with (study.json ``eval.scheduler``). ``<dir>`` receives the trial's ``weights/`` exactly as the
+method saved them (a pipeline folder, ``pytorch_lora_weights.safetensors`` or
+``learned_embeds.safetensors``), a ``README.md`` model card, ``samples_grid.png`` and
+``sdsweep_trial.json``. No torch import: exporting is copying files and writing text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sdsweep import io
+from sdsweep.config.methods import EMBEDS_FILE, METHOD_SPECS
+from sdsweep.metric_names import fmt_param
+from sdsweep.results import export_card
+from sdsweep.results.record import TrialRecord, TrialState
+from sdsweep.results.study_folder import StudyData, StudyFolderError, best_trial, is_feasible, load_study
+
+CARD_TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sdsweep"]
+TRIAL_FILE = "sdsweep_trial.json"
+GRID_FILE = "samples_grid.png"
+
+
+class ExportError(RuntimeError):
+    """Nothing suitable to export; the message names the trial and what to do."""
+
+
+@dataclass
+class SelectedTrial:
+    number: int
+    record: TrialRecord
+    trial_dir: Path
+
+
+def select_trial(data: StudyData, trial: int | None = None) -> SelectedTrial:
+    """The requested trial, or the best feasible COMPLETE one; raises ``ExportError`` with the fix."""
+    study = data.info.get("study", data.root.name)
+    if trial is None:
+        states = data.results["state"].value_counts().to_dict() if not data.results.empty else {}
+        if states.get(TrialState.COMPLETE.value, 0) == 0:
+            shown = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no trials"
+            raise ExportError(
+                f"Study '{study}' has no COMPLETE trial ({shown}); nothing to export. "
+                "Check the fail reasons in results.csv or report.html and run the sweep again."
+            )
+        # The one rule: the same trial the sweep and W&B name as best, even when none is feasible.
+        best = best_trial(data.results, data.objectives)
+        if best is None:
+            constraints = ", ".join(data.info.get("constraints") or [])
+            raise ExportError(
+                f"No COMPLETE trial of study '{study}' has every objective value ({constraints or 'no constraints'}). "
+                "Pick one explicitly with --trial N (see the leaderboard in report.html)."
+            )
+        trial = int(best["trial"])
+    record = data.records.get(trial)
+    if record is None:
+        raise ExportError(
+            f"Trial {trial} of study '{study}' has no {io.TRIAL_METRICS}; known trials: {sorted(data.records)}."
+        )
+    if not record.complete:
+        raise ExportError(
+            f"Trial {trial} of study '{study}' is {record.state.value} ({record.fail_reason or 'no reason recorded'}); "
+            "only COMPLETE trials can be exported."
+        )
+    return SelectedTrial(trial, record, data.paths.trial(trial))
+
+
+def rerun_command(data: StudyData, record: TrialRecord) -> str:
+    """A command that trains this grid point again as its own single-run study (which keeps its weights)."""
+    from sdsweep.sweep.plan import overrides_for
+
+    study = data.info.get("study", data.root.name)
+    base = [o for o in data.info.get("overrides") or [] if not o.lstrip("+").startswith(("sweep", "study="))]
+    params = overrides_for(record.params)
+    args = base + params + [f"study={study}-t{int(record.trial or 0):04d}"]
+    return "python -m sdsweep " + " ".join(_quote(a) for a in args)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def weights_dir(data: StudyData, selected: SelectedTrial) -> Path:
+    """The trial's weights folder; raises ``ExportError`` naming the trial and how to re-run it."""
+    relative = selected.record.weights
+    folder = selected.trial_dir / (relative or io.TRIAL_WEIGHTS)
+    if relative and folder.is_dir() and any(folder.iterdir()):
+        return folder
+    why = selected.record.weights_removed or "the weights folder is missing"
+    raise ExportError(
+        f"Trial {selected.number} has no weights to export ({why}; expected {folder}). "
+        f"Train it again with:\n  {rerun_command(data, selected.record)}\n"
+        "or keep every trial's weights in future sweeps with sweep.keep_best_k=-1."
+    )
+
+
+def weights_format(folder: Path, method: str | None = None) -> str:
+    """``pipeline`` | ``lora`` | ``textual_inversion``: the trial's method says (``MethodSpec``), and the
+    file that method saves must be there; a record without a method is matched against every spec."""
+    specs = [METHOD_SPECS[method]] if method in METHOD_SPECS else list(METHOD_SPECS.values())
+    for spec in specs:
+        if (folder / spec.weights_file).is_file():
+            return spec.weights_format
+    expected = " or ".join(sorted({spec.weights_file for spec in specs}))
+    raise ExportError(f"{folder} holds no diffusers weights of method {method or '?'} (no {expected}).")
+
+
+def _trial_config(selected: SelectedTrial) -> dict[str, Any]:
+    """The trial's saved config as plain data (not validated: exporting must not depend on conf/)."""
+    from omegaconf import OmegaConf
+
+    path = selected.trial_dir / io.TRIAL_CONFIG
+    if not path.is_file():
+        return {}
+    container = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return container if isinstance(container, dict) else {}
+
+
+def trigger_of(data: StudyData, config: dict[str, Any]) -> str | None:
+    """The word that calls up the learned concept: TI placeholder token, else the data's trigger word."""
+    method = config.get("method") or {}
+    if (data.info.get("method") or method.get("name")) == "textual_inversion":
+        return data.info.get("placeholder_token") or method.get("placeholder_token")
+    return data.info.get("trigger_word") or (config.get("data") or {}).get("trigger_word")
+
+
+def hyperparameters(record: TrialRecord, config: dict[str, Any]) -> dict[str, Any]:
+    """The swept params first, then the training settings that matter to reproduce the trial."""
+    train = config.get("train") or {}
+    method = config.get("method") or {}
+    values: dict[str, Any] = dict(record.params)
+    learning_rate = record.learning_rate if record.learning_rate is not None else method.get("learning_rate")
+    values.setdefault("method.learning_rate", learning_rate)
+    values.setdefault("train.max_train_steps", record.max_train_steps or record.step)
+    for key in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "seed",
+        "snr_gamma",
+    ):
+        if key in train:
+            values.setdefault(f"train.{key}", train[key])
+    per_method = {
+        "lora": ("rank", "alpha", "target_modules"),
+        "textual_inversion": ("placeholder_token", "initializer_token", "num_vectors", "template"),
+        "dreambooth": ("with_prior_preservation", "prior_loss_weight", "class_prompt", "train_text_encoder"),
+        "full": ("use_ema", "train_text_encoder"),
+    }
+    for key in per_method.get(method.get("name", record.method), ()):
+        if key in method:
+            values.setdefault(f"method.{key}", method[key])
+    return values
+
+
+def usage_snippet(
+    fmt_name: str,
+    base_model: str,
+    trigger: str | None,
+    prompt: str,
+    scheduler: str | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+) -> str:
+    """Python that loads the exported folder with diffusers' own loaders (matches the weights format)."""
+    prompt_literal = json.dumps(prompt)
+    if fmt_name == "pipeline":
+        load = (
+            'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder", torch_dtype=torch.float16)'
+        )
+    elif fmt_name == "lora":
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            'pipe.load_lora_weights("path/to/this/folder")'
+        )
+    else:
+        token = f', token="{trigger}"' if trigger else ""
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            f'pipe.load_textual_inversion("path/to/this/folder/{EMBEDS_FILE}"{token})'
+        )
+    return (
+        "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f"{load}\n{export_card.scheduler_lines(scheduler, fmt_name)}"
+        'pipe = pipe.to("cuda")\n'
+        f"image = pipe({prompt_literal}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n"
+        'image.save("sample.png")\n'
+    )
+
+
+def model_card(
+    data: StudyData, selected: SelectedTrial, fmt_name: str, config: dict[str, Any], has_grid: bool
+) -> str:
+    record = selected.record
+    method = str(record.method or data.info.get("method"))
+    base_model = str(record.pretrained or data.info.get("pretrained") or data.info.get("model"))
+    trigger = trigger_of(data, config)
+    evaluation = {**(config.get("eval") or {}), **(data.info.get("eval") or {})}
+    prompts = evaluation.get("prompts") or [f"a photo of {trigger or 'sks'}"]
+    objectives = ", ".join(f"{d} `{m}`" for m, d in data.objectives)
+    front = ["---", f"base_model: {json.dumps(base_model)}", "library_name: diffusers", "tags:"]
+    front += [f"- {t}" for t in CARD_TAGS + [method]]
+    front += ["---", ""]
+    lines = [f"# {data.info.get('study', data.root.name)} · trial {selected.number:04d}", ""]
+    feasible = is_feasible(record.feasible)
+    if not feasible:
+        violated = "; ".join(str(v) for v in record.violations) or "see sdsweep_trial.json"
+        lines += [
+            "> ⚠ **This trial violates the study's constraints** "
+            f"({', '.join(data.info.get('constraints') or [])}: {violated}). No trial of the study satisfied "
+            "them; it is exported because it is the best one the sweep reported.",
+            "",
+        ]
+    how = "best trial" if feasible else "best (infeasible) trial"
+    if len(data.objectives) > 1:
+        how += ", the Pareto-front member closest to the utopia point,"
+    lines.append(
+        f"Fine-tuned from `{base_model}` with **{method}** by sdsweep "
+        f"({how} of study `{data.info.get('study')}`: {objectives})."
+    )
+    if export_card.is_tiny(base_model, record.model or data.info.get("model")):
+        lines += [
+            "",
+            f"> **Test model.** `{base_model}` is a tiny, randomly initialised model built by `sdsweep.models.tiny` "
+            "for tests and demos, not a real Stable Diffusion checkpoint. Its images are noise and its "
+            "metrics say nothing about image quality.",
+        ]
+    lines += ["", f"- Base model: `{base_model}`", f"- Method: `{method}` (weights format: {fmt_name})"]
+    lines.append(
+        f"- Trigger word / placeholder token: `{trigger}`"
+        if trigger
+        else "- Trigger word: none (style or general fine-tune)"
+    )
+    lines += ["", "## Training data", ""] + export_card.data_lines(data.info, config)
+    lines += ["", "## Hyperparameters", "", "| parameter | value |", "|---|---|"]
+    for key, value in hyperparameters(record, config).items():
+        lines.append(f"| `{key}` | {fmt_param(key, value)} |")
+    lines += ["", "## Evaluation", "", "Every trial and the untuned baseline were judged with:", ""]
+    lines += export_card.eval_lines(data.info, config)
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        "Deltas against the untuned base model; ↑ higher is better, ↓ lower is better; ⚠ see Warnings.",
+        "",
+    ]
+    lines += ["| metric | this model | baseline | delta | better |", "|---|---|---|---|---|"]
+    lines += export_card.metric_rows(record, data.baseline_metrics)
+    constraints = data.info.get("constraints") or []
+    if constraints:
+        lines += [
+            "",
+            "Constraints: " + ", ".join(f"`{c}`" for c in constraints) + f" (feasible: {feasible})",
+        ]
+    warnings = export_card.warning_lines(record)
+    if warnings:
+        lines += ["", "## Warnings", ""] + warnings
+    snippet = usage_snippet(
+        fmt_name,
+        base_model,
+        trigger,
+        prompts[0],
+        scheduler=evaluation.get("scheduler"),
+        steps=int(evaluation.get("num_inference_steps") or 25),
+        guidance=float(evaluation.get("guidance_scale") or 7.5),
+    )
+    lines += ["", "## Usage", "", "```python", snippet.rstrip(), "```", ""]
+    if has_grid:
+        lines += [
+            "## Samples",
+            "",
+            "Validation prompts (rows) × seeds (columns):",
+            "",
+            f"![samples]({GRID_FILE})",
+            "",
+        ]
+    return "\n".join(front + lines)
+
+
+def trial_summary(
+    data: StudyData, selected: SelectedTrial, fmt_name: str, files: list[str]
+) -> dict[str, Any]:
+    record = selected.record
+    metric, direction = data.objective
+    return {
+        "study": data.info.get("study"),
+        "study_dir": str(data.root.resolve()),
+        "trial": selected.number,
+        "state": record.state.value,
+        "model": record.model,
+        "pretrained": record.pretrained or data.info.get("pretrained"),
+        "method": record.method,
+        "weights_format": fmt_name,
+        "params": record.params,
+        "objective": {"metric": metric, "direction": direction, "value": record.objective},
+        "metrics": record.metrics,
+        "delta": record.delta,
+        "baseline": data.baseline_metrics,
+        "feasible": record.feasible,
+        "constraints": data.info.get("constraints"),
+        "eval": data.info.get("eval"),
+        "files": files,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def export_trial(study_dir: Path, to: Path, trial: int | None = None, force: bool = False) -> Path:
+    """Copy the chosen trial's weights to ``to`` with a model card; returns ``to``."""
+    data = load_study(study_dir)
+    selected = select_trial(data, trial)
+    source = weights_dir(data, selected)
+    fmt_name = weights_format(source, selected.record.method)
+    to = Path(to)
+    if to.exists() and any(to.iterdir()) and not force:
+        raise ExportError(f"{to} exists and is not empty; choose another --to or pass --force to overwrite.")
+    # Copy into a staging folder and swap it in, so a failed export never leaves half a model.
+    staging = io.staging_dir(to)
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        if fmt_name == "pipeline":  # load with the sampler the metrics were measured with, not PNDM
+            export_card.set_pipeline_scheduler(staging, (data.info.get("eval") or {}).get("scheduler"))
+        grid = selected.trial_dir / io.TRIAL_GRID
+        if grid.is_file():
+            shutil.copyfile(grid, staging / GRID_FILE)
+        config = _trial_config(selected)
+        io.atomic_write_text(
+            staging / "README.md", model_card(data, selected, fmt_name, config, grid.is_file())
+        )
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        io.atomic_write_json(
+            staging / TRIAL_FILE, trial_summary(data, selected, fmt_name, files + [TRIAL_FILE])
+        )
+        io.replace_dir(staging, to)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return to
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export the best (or a chosen) trial of a sdsweep study.")
+    parser.add_argument("study_dir", type=Path, help="experiments/<study>")
+    parser.add_argument("--to", type=Path, required=True, help="output folder for the model")
+    parser.add_argument(
+        "--trial", type=int, default=None, help="trial number (default: the best feasible trial)"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty --to folder")
+    args = parser.parse_args(argv)
+    try:
+        out = export_trial(args.study_dir, args.to, args.trial, args.force)
+    except (ExportError, StudyFolderError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = io.read_json(out / TRIAL_FILE) or {}
+    if not is_feasible(summary.get("feasible")):
+        print(
+            f"warning: trial {summary.get('trial')} violates the study's constraints "
+            f"({', '.join(summary.get('constraints') or [])}); no trial satisfied them. See {out / 'README.md'}.",
+            file=sys.stderr,
+        )
+    print(
+        f"exported trial {summary.get('trial')} ({summary.get('method')}, {summary.get('weights_format')}) to {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

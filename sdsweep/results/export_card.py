@@ -1,0 +1,111 @@
+"""Pieces of an exported model: the inference scheduler the trials were judged with (written as plain
+JSON, no torch import) and the model-card sections that say how the numbers were measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sdsweep import io
+from sdsweep.metric_names import direction_arrow, direction_words, fmt_number, warnings_for
+from sdsweep.results.record import TrialRecord
+
+# eval.scheduler name -> (diffusers class, extra config), the same choices as
+# sdsweep.models.loading.make_inference_scheduler (kept in step by tests/test_export.py).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
+# PNDM/DDIM-only keys that other schedulers would log as "not expected and will be ignored".
+_PNDM_ONLY = ("skip_prk_steps", "set_alpha_to_one")
+
+
+def scheduler_class(name: str | None) -> tuple[str, dict[str, Any]]:
+    return SCHEDULERS.get(str(name or "pndm"), SCHEDULERS["pndm"])
+
+
+def set_pipeline_scheduler(folder: Path, name: str | None) -> str:
+    """Make a saved pipeline folder load with the evaluation scheduler instead of the training one;
+    returns the class name. The noise schedule (betas, timesteps, prediction type) is kept as trained."""
+    cls, extra = scheduler_class(name)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = io.read_json(config_path) or {}
+    if cls not in ("PNDMScheduler", "DDIMScheduler"):
+        config = {k: v for k, v in config.items() if k not in _PNDM_ONLY}
+    config.update(extra)
+    config["_class_name"] = cls
+    io.atomic_write_json(config_path, config)
+    index_path = folder / "model_index.json"
+    index = io.read_json(index_path)
+    if index is not None:
+        index["scheduler"] = ["diffusers", cls]
+        io.atomic_write_json(index_path, index)
+    return cls
+
+
+def scheduler_lines(name: str | None, fmt_name: str) -> str:
+    """Python that puts the judged scheduler on a pipeline (LoRA / embeddings load onto the base model)."""
+    cls, extra = scheduler_class(name)
+    if fmt_name == "pipeline":
+        return ""  # already in the exported folder's scheduler/
+    args = "".join(f", {k}={json.dumps(v) if isinstance(v, str) else v!r}" for k, v in extra.items())
+    return f"from diffusers import {cls}\npipe.scheduler = {cls}.from_config(pipe.scheduler.config{args})\n"
+
+
+def is_tiny(base_model: str, model: str | None) -> bool:
+    return str(base_model).startswith("tiny") or model == "tiny"
+
+
+def data_lines(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The training data as recorded: study.json ``data`` (when the sweep writes one), else the trial's
+    config ``data`` section; empty settings are left out."""
+    data = info.get("data") if isinstance(info.get("data"), dict) else (config.get("data") or {})
+    lines = [
+        f"- `{key}`: {fmt_number(value) if isinstance(value, (int, float)) else value}"
+        for key, value in data.items()
+        if value not in (None, "", [], {}) and not isinstance(value, (dict, list))
+    ]
+    return lines or ["- not recorded"]
+
+
+def eval_lines(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Prompts, seeds, sampler, steps and guidance scale the metrics were measured with."""
+    recorded = info.get("eval") or {}
+    configured = config.get("eval") or {}
+    scheduler = recorded.get("scheduler", configured.get("scheduler"))
+    steps = recorded.get("num_inference_steps", configured.get("num_inference_steps"))
+    guidance = recorded.get("guidance_scale", configured.get("guidance_scale"))
+    seeds = recorded.get("seeds") or []
+    lines = [
+        f"- Sampler: `{scheduler}` ({scheduler_class(scheduler)[0]}), {fmt_number(steps)} steps, "
+        f"guidance scale {fmt_number(guidance)}",
+        f"- Seeds: {', '.join(str(s) for s in seeds) or 'not recorded'}",
+        "- Prompts:",
+    ]
+    lines += [f"  - `{p}`" for p in recorded.get("prompts") or configured.get("prompts") or []]
+    return lines
+
+
+def metric_rows(record: TrialRecord, baseline: dict[str, float]) -> list[str]:
+    """``| metric ↑ | this model | baseline | delta | better |``, internal flags left out."""
+    from sdsweep.metric_names import is_internal
+
+    rows = []
+    for key, value in sorted(record.metrics.items()):
+        if key.count("/") != 1 or is_internal(key):
+            continue  # per-prompt breakdowns stay in sdsweep_trial.json; flags are not metrics
+        delta = value - baseline[key] if isinstance(value, (int, float)) and key in baseline else None
+        warned = " ⚠" if warnings_for(key, record.warnings) else ""
+        rows.append(
+            f"| `{key}`{' ' + direction_arrow(key) if direction_arrow(key) else ''} | {fmt_number(value)}{warned} | {fmt_number(baseline.get(key))} | "
+            f"{'–' if delta is None else f'{delta:+.4g}'} | {direction_words(key) or '–'} |"
+        )
+    return rows
+
+
+def warning_lines(record: TrialRecord) -> list[str]:
+    return [f"- ⚠ {w}" for w in record.warnings]

@@ -1,0 +1,106 @@
+"""The report's leaderboard: complete trials by the objective, then the rest, the baseline as reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from sdsweep import metric_names
+from sdsweep.metric_names import fmt, fmt_param, metric_columns, short_label
+from sdsweep.results.record import TrialState
+from sdsweep.results.study_folder import StudyData, best_feasible_trial, is_number
+from sdsweep.results.table import is_feasible
+
+_is_number = is_number
+
+
+@dataclass
+class Leaderboard:
+    columns: list[str]
+    rows: list[list[str]]
+    best_trial: int | None
+    row_trials: list[int | None]  # None for the baseline row
+    # (row, column) -> the warnings that qualify that number (shown as ⚠ and listed under the table)
+    cell_warnings: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> dict[str, list[str]]:
+        """Column label -> the distinct warnings on its numbers, for the note under the table."""
+        found: dict[str, list[str]] = {}
+        for (_, column), items in sorted(self.cell_warnings.items()):
+            bucket = found.setdefault(self.columns[column], [])
+            bucket += [w for w in items if w not in bucket]
+        return found
+
+
+def build_leaderboard(data: StudyData) -> Leaderboard:
+    """Complete trials sorted by the objective, then pruned/failed ones; the baseline last as reference."""
+    frame = data.results
+    metric, direction = data.objective
+    metrics = metric_columns(frame)
+    metrics = [metric] + [m for m in metrics if m != metric] if metric in metrics else metrics
+    base = data.baseline_metrics
+    best = best_feasible_trial(frame, data.objectives)
+    columns = ["#", "trial", "state"] + [short_label(p) for p in data.params]
+    columns += [metric_names.label(m) for m in metrics] + ["feasible", "note"]
+    rows: list[list[str]] = []
+    row_trials: list[int | None] = []
+    cell_warnings: dict[tuple[int, int], list[str]] = {}
+    if not frame.empty:
+        complete = frame[
+            (frame["state"] == TrialState.COMPLETE.value)
+            & frame.get("objective", pd.Series(dtype=float)).notna()
+        ]
+        complete = complete.sort_values(["objective", "trial"], ascending=[direction == "minimize", True])
+        others = frame.drop(complete.index).sort_values("trial")
+        for rank, (_, row) in enumerate(pd.concat([complete, others]).iterrows(), 1):
+            trial = int(row["trial"])
+            cells = [
+                str(rank) if trial in complete["trial"].values else "",
+                f"{trial:04d}",
+                str(row.get("state")),
+            ]
+            cells += [fmt_param(p, row.get(p)) for p in data.params]
+            for m in metrics:
+                qualifiers = metric_names.warnings_for(m, row.get("warnings"))
+                cell = _with_delta(row.get(m), base.get(m))
+                if qualifiers and cell != "–":
+                    cell_warnings[(len(rows), len(cells))] = qualifiers
+                    cell += " ⚠"
+                cells.append(cell)
+            state = row.get("state")
+            cells.append(
+                ("yes" if is_feasible(row.get("feasible")) else "no")
+                if state == TrialState.COMPLETE.value
+                else "–"
+            )
+            cells.append(_note(row, best))
+            rows.append(cells)
+            row_trials.append(trial)
+    if data.baseline:
+        cells = ["", "baseline", "untuned"] + ["–" for _ in data.params]
+        cells += [fmt(base.get(m)) for m in metrics] + ["–", "step 0 (reference for deltas)"]
+        rows.append(cells)
+        row_trials.append(None)
+    return Leaderboard(columns, rows, int(best["trial"]) if best else None, row_trials, cell_warnings)
+
+
+def _with_delta(value: Any, baseline: Any) -> str:
+    if not _is_number(value):
+        return "–"
+    if not _is_number(baseline):
+        return fmt(value)
+    return f"{fmt(float(value))} ({float(value) - float(baseline):+.3g})"
+
+
+def _note(row: pd.Series, best: dict[str, Any] | None) -> str:
+    if best is not None and int(row["trial"]) == int(best["trial"]):
+        return "best feasible trial"
+    reason = row.get("fail_reason")
+    if isinstance(reason, str) and reason:
+        return reason if len(reason) < 160 else reason[:157] + "..."
+    if row.get("state") == TrialState.COMPLETE.value and not is_feasible(row.get("feasible")):
+        return "violates a constraint"
+    return ""

@@ -1,0 +1,575 @@
+"""The sweep: one Optuna study per ``study`` name, shared by every worker on every machine, resumable.
+
+``SweepEngine`` plans from the storage and claims one training run at a time (sdsweep/sweep/claims.py);
+it runs inside the driver (``sweep.isolation=inprocess``) or inside each long-lived worker of the
+pool (sdsweep/sweep/pool.py). The grid is planned again every time a worker looks for work, so drivers on
+other machines that join the study simply take the runs nobody holds. Re-running the same command
+continues the study: runs whose heartbeat stopped are taken over and resume from their checkpoint,
+finished grid points are never re-run, and a finished grid is reported as finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from sdsweep import io, signals
+from sdsweep.config.compose import user_overrides
+from sdsweep.config.schema import Config, ParamSpec, SweepConfig
+from sdsweep.progress import Progress
+from sdsweep.results.record import read_record_or_none
+from sdsweep.results.study_folder import best_trial
+from sdsweep.results.table import write_results
+from sdsweep.sweep.claims import HEARTBEAT, OWNER, Claims, Heartbeat
+from sdsweep.sweep.fingerprint import ensure_study_identity
+from sdsweep.sweep.plan import (
+    STEP_KEY,
+    RunPlan,
+    canonical,
+    grid_points,
+    overrides_for,
+    plan_runs,
+    point_key,
+    short_params,
+)
+from sdsweep.sweep.preflight import available_search_space
+from sdsweep.sweep.study_store import FAIL_REASON, GRID_POINT, RUN_KEY, SUPERSEDED, StudyHandle, storage_url
+from sdsweep.sweep.trial import RunSpec, TrialSlot, compose_config, execute_baseline, execute_run
+
+TICKET = "ticket"  # user attr: this trial was its run's claim ticket (the run's first point)
+# Exceptions that say the configuration is wrong, not the trial: K of them in a row stop the sweep.
+CONFIG_ERRORS = ("ConfigError", "ModelUnavailableError", "DataError", "UserError")
+WAIT, AGAIN = "wait", "again"  # next_run's internal answers: others hold the rest / lost a race
+WAKE_FILE = ".wake"  # under runs/: touched when a run ends, so idle workers re-check at once
+
+
+def _stamp(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+@dataclass
+class SweepOutcome:
+    study_dir: Path
+    results_csv: Path
+    states: dict[str, int] = field(default_factory=dict)
+    runs_launched: int = 0
+    trials_launched: int = 0
+    finished: bool = False
+    best: dict[str, Any] | None = None
+
+
+def log(message: str) -> None:
+    print(f"[sdsweep] {message}", flush=True)
+
+
+def host_name() -> str:
+    """The host an sdsweep process reports; SDSWEEP_HOST overrides it (tests simulate a second machine)."""
+    return os.environ.get("SDSWEEP_HOST") or socket.gethostname()
+
+
+class SweepEngine:
+    """Plan from the storage, claim a run, execute it, repeat; one per process that trains."""
+
+    def __init__(
+        self,
+        overrides: list[str],
+        label: str = "driver",
+        token: str | None = None,
+        retry_below: int | None = None,
+    ):
+        self.overrides = user_overrides(list(overrides))
+        self.cfg: Config = compose_config(self.overrides)
+        self.sweep: SweepConfig = self.cfg.sweep
+        if self.sweep.skip_unavailable:  # the preflight named what is left out
+            self.sweep.params, _ = available_search_space(self.cfg)
+        self.paths = io.StudyPaths.of(self.cfg.paths.root, self.cfg.study)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.storage = storage_url(self.cfg, self.paths.root)
+        self.handle = StudyHandle(self.cfg, self.storage, self.cfg.study)
+        self.study = self.handle.study
+        self.label = label
+        self.token = token or uuid.uuid4().hex[:8]
+        self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]")
+        self.heartbeat: Heartbeat | None = None
+        # sweep.retry_failed re-runs failures of EARLIER invocations only (trial numbers below this),
+        # never a failure of this sweep, which would loop forever.
+        self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
+        self.started = time.monotonic()
+        self.overall: Progress | None = None  # points done of those this process found pending
+        self.announced = False
+        self.stop_message: str | None = None
+        self.runs_launched = 0
+        self.trials_launched = 0
+        # A single run is identified by its whole config, so changing any value runs again.
+        self.single_key = None
+        self.single_params: dict[str, Any] = {}
+        if self.sweep.name == "single":
+            from sdsweep.config.schema import to_yaml
+
+            self.single_key = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
+            # What the user set on the command line (e.g. each job of a Hydra -m multirun) is what tells
+            # single runs apart: it becomes the trial's parameters in results and the report.
+            self.single_params = command_line_values(self.overrides)
+
+    def say(self, message: str) -> None:
+        log(f"{self.label}: {message}" if self.label != "driver" else message)
+
+    def key_of(self, point: dict[str, Any]) -> str:
+        return self.single_key if self.single_key and not point else point_key(point)
+
+    # ---- what the study holds -------------------------------------------------------------------
+    def superseded(self) -> set[int]:
+        """Trials that are not results: lost claims, handed-back and retried attempts, retry_failed."""
+        marked = {t.number for t in self.handle.trials() if t.user_attrs.get(SUPERSEDED)}
+        prefix = f"{SUPERSEDED}:"
+        study_marks = {int(k[len(prefix) :]) for k in self.study.user_attrs if k.startswith(prefix)}
+        return marked | study_marks | set(self.study.user_attrs.get(SUPERSEDED, []))
+
+    def supersede(self, number: int) -> None:
+        # One key per trial: concurrent workers never lose each other's marks (no read-modify-write).
+        self.study.set_user_attr(f"{SUPERSEDED}:{number}", True)
+
+    def decided_points(self) -> dict[str, list[optuna.trial.FrozenTrial]]:
+        """Grid points that already have an outcome that should stand."""
+        decided: dict[str, list[optuna.trial.FrozenTrial]] = {}
+        superseded = self.superseded()
+        for frozen in self.handle.trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+            if frozen.number in superseded:
+                continue
+            key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
+            if (
+                frozen.state == TrialState.FAIL
+                and self.sweep.retry_failed
+                and frozen.number < self.retry_below
+            ):
+                self.supersede(frozen.number)
+                continue
+            decided.setdefault(key, []).append(frozen)
+        return decided
+
+    def live_points(self) -> set[str]:
+        now = time.time()
+        return {
+            t.user_attrs.get(GRID_POINT) or point_key(t.params)
+            for t in self.handle.trials(states=(TrialState.RUNNING,))
+            if self.claims.is_live(t, now)
+        }
+
+    def config_failure(self) -> str | None:
+        """The shared reason when the first K finished trials all failed on the configuration."""
+        k = self.sweep.stop_after_failures
+        if k <= 0:
+            return None
+        superseded = self.superseded()
+        finished = [t for t in self.handle.trials() if t.state.is_finished() and t.number not in superseded][
+            :k
+        ]
+        if len(finished) < k or any(t.state != TrialState.FAIL for t in finished):
+            return None
+        kinds = {str(t.user_attrs.get(FAIL_REASON, "")).split(":", 1)[0] for t in finished}
+        if len(kinds) == 1 and kinds & set(CONFIG_ERRORS):
+            return str(finished[0].user_attrs.get(FAIL_REASON))
+        return None
+
+    # ---- claiming ---------------------------------------------------------------------------------
+    def next_run(self) -> RunSpec | None:
+        """Claim the next run for this process; None when the study needs nothing more from it."""
+        while True:
+            if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
+                self.stop_message = (
+                    f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
+                )
+                return None
+            if self.config_failure():
+                self.stop_message = self.why_stopped()
+                return None
+            reaped = self.claims.reap_stale()
+            if reaped:
+                self.say(f"resuming: {reaped} interrupted trial(s) whose heartbeat stopped are taken over")
+            answer = self.claim_grid() if self.sweep.sampler == "grid" else self.claim_search()
+            if answer == WAIT:
+                self.idle_wait(min(self.sweep.heartbeat_interval, 2.0))
+            elif answer != AGAIN:
+                return answer
+
+    def idle_wait(self, seconds: float) -> None:
+        """Wait while others hold the rest, but wake as soon as a process of this study folder finishes a run
+        (it touches the wake file): a worker waiting for its peer's last run then exits with it, not seconds later.
+        A stat every 0.1 s costs nothing; re-reading the study that often would."""
+        wake = self.paths.runs / WAKE_FILE
+        before = _stamp(wake)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if _stamp(wake) != before:
+                return
+
+    def nudge(self) -> None:
+        """Tell processes waiting in ``idle_wait`` on this machine that the study changed."""
+        try:
+            self.paths.runs.mkdir(parents=True, exist_ok=True)
+            (self.paths.runs / WAKE_FILE).touch()
+        except OSError:
+            pass  # only a hint: waiting processes re-read the study on their own within seconds
+
+    def params_of(self, point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        params, distributions = {}, {}
+        for key, spec in self.sweep.params.items():
+            if key in point:
+                value = canonical(point[key])
+                choices = [canonical(c) for c in spec.choices] if spec.choices else [value]
+                params[key], distributions[key] = value, CategoricalDistribution(choices)
+        return params, distributions
+
+    def new_trial(self, point: dict[str, Any], run: RunPlan, ticket: bool) -> TrialSlot:
+        params, distributions = self.params_of(point)
+        attrs = {GRID_POINT: self.key_of(point), RUN_KEY: run.key, TICKET: ticket}
+        number = self.claims.create_ticket(params, distributions, attrs)
+        step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
+        shown = point or self.single_params  # a single run plans no point; record what set it apart
+        return TrialSlot(number=number, trial_id=self.handle.trial_id(number), step=step, params=shown)
+
+    def claim_grid(self) -> RunSpec | str | None:
+        points = grid_points(self.sweep.params) if self.sweep.params else [{}]
+        decided = self.decided_points()
+        live = self.live_points()
+        pending = [p for p in points if self.key_of(p) not in decided and self.key_of(p) not in live]
+        if self.sweep.n_trials is not None:
+            pending = pending[: max(0, self.sweep.n_trials - len(decided) - len(live))]
+        if not pending:
+            if live:
+                return WAIT  # the rest is being trained elsewhere; wait in case its worker dies
+            if not self.announced:
+                log(f"grid finished: all {len(points)} grid points have results; nothing to run")
+            return None
+        runs = plan_runs(pending, self.cfg, self.sweep.share_milestones)
+        if self.sweep.workers != 1:
+            # Longest run first when runs go side by side: short runs then fill the tail, instead of one
+            # long run left alone at the end (4 runs of 20/40/20/40 steps on 2 workers: 60 steps, not 80).
+            runs.sort(
+                key=lambda run: -max(int(p.get(STEP_KEY, self.cfg.train.max_train_steps)) for p in run.points)
+            )
+        if not self.announced:
+            self.announced = True
+            self.overall = Progress(
+                f"sweep {self.cfg.study} ({self.label})", len(pending), "points", lines_only=True
+            )
+            self.say(
+                f"study '{self.cfg.study}': {len(points)} grid points, {len(decided)} already done, "
+                f"{len(live)} running elsewhere, {len(pending)} to run in {len(runs)} training run(s)"
+            )
+        for run in runs:
+            keys = {self.key_of(p) for p in run.points}
+            first = self.new_trial(run.points[0], run, ticket=True)
+            if not self.claims.won(first.number, run.key, keys, set(self.decided_points())):
+                self.claims.lose(first.number)
+                continue
+            slots = [first] + [self.new_trial(p, run, ticket=False) for p in run.points[1:]]
+            return self.spec_for(run, slots)
+        return AGAIN  # every run was claimed by someone else meanwhile: plan again
+
+    def claim_search(self) -> RunSpec | str | None:
+        target = self.sweep.n_trials or 20
+        done = sum(len(v) for v in self.decided_points().values())
+        running = len(self.live_points())
+        if done >= target:
+            log(f"search finished: {done}/{target} trials have results")
+            return None
+        if done + running >= target:
+            return WAIT
+        trial = self.study.ask()  # a new trial per call: nothing to race for
+        trial.set_user_attr(OWNER, self.claims.owner)
+        trial.set_user_attr(HEARTBEAT, time.time())
+        point: dict[str, Any] = {}
+        for key, spec in sorted(self.sweep.params.items()):
+            point[key] = suggest(trial, key, spec)
+        method = point.get("method")
+        if method in self.sweep.learning_rate_by_method:
+            # A separate Optuna parameter per method: each keeps its own distribution.
+            spec = self.sweep.learning_rate_by_method[method]
+            point["method.learning_rate"] = suggest(trial, f"method.learning_rate[{method}]", spec)
+        run = RunPlan(base=point, points=[point], shared=False)
+        trial.set_user_attr(GRID_POINT, point_key(point))
+        trial.set_user_attr(RUN_KEY, run.key)
+        trial.set_user_attr(TICKET, True)
+        step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
+        slot = TrialSlot(
+            number=trial.number, trial_id=self.handle.trial_id(trial.number), step=step, params=point
+        )
+        self.say(f"trial {slot.number} ({done + running + 1}/{target}): {short_params(point)}")
+        return self.spec_for(run, [slot])
+
+    def spec_for(self, run: RunPlan, slots: list[TrialSlot]) -> RunSpec:
+        overrides = self.overrides + overrides_for(run.base if run.shared else run.points[0])
+        if run.shared:
+            overrides.append(f"{STEP_KEY}={max(s.step for s in slots)}")
+        report_every = 0
+        if self.sweep.pruner != "none" and not run.shared:
+            report_every = max(1, max(s.step for s in slots) // 4)
+        return RunSpec(
+            kind="train",
+            study=self.cfg.study,
+            study_root=str(self.paths.root.resolve()),
+            storage=self.storage,
+            overrides=overrides,
+            run_key=run.key,
+            slots=slots,
+            shared=run.shared,
+            report_every=report_every,
+        )
+
+    # ---- executing ----------------------------------------------------------------------------------
+    def baseline_overrides(self) -> list[list[str]]:
+        """One baseline per model the sweep can choose (each version has its own untuned baseline)."""
+        spec = self.sweep.params.get("model")
+        if spec is None or not spec.choices:
+            return [self.overrides]
+        others = [o for o in self.overrides if not o.lstrip("+~").startswith("model=")]
+        return [others + [f"model={choice}"] for choice in spec.choices]
+
+    def ensure_baseline(self) -> None:
+        """Evaluate the untuned model once per study folder; a file lock makes concurrent workers wait."""
+        if not self.cfg.eval.baseline or self.baseline_done():
+            return
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        with open(self.paths.root / ".baseline.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.baseline_done():
+                return
+            self.say("evaluating the untuned base model once for this study (baseline)")
+            for overrides in self.baseline_overrides():
+                spec = RunSpec(
+                    kind="baseline",
+                    study=self.cfg.study,
+                    study_root=str(self.paths.root.resolve()),
+                    storage=self.storage,
+                    overrides=overrides,
+                )
+                execute_baseline(spec)  # returns at once for a model whose baseline exists
+
+    def is_finished(self) -> bool:
+        """Every grid point (or n_trials of them, or the search target) has a result that stands."""
+        if self.stop_message:
+            return False
+        decided = self.decided_points()
+        if self.sweep.sampler != "grid":
+            return sum(len(v) for v in decided.values()) >= (self.sweep.n_trials or 20)
+        points = grid_points(self.sweep.params) if self.sweep.params else [{}]
+        done = sum(1 for p in points if self.key_of(p) in decided)
+        return done >= min(len(points), self.sweep.n_trials or len(points))
+
+    def baseline_done(self) -> bool:
+        spec = self.sweep.params.get("model")
+        folders = (
+            [self.paths.baseline / str(m) for m in spec.choices]
+            if spec and spec.choices
+            else [self.paths.baseline]
+        )
+        records = [read_record_or_none(folder / io.TRIAL_METRICS) for folder in folders]
+        return all(record is not None and record.complete for record in records)
+
+    def work(self) -> None:
+        """Claim -> run -> claim ... until the study needs nothing more from this process."""
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(self.handle, self.sweep.heartbeat_interval)
+        try:
+            while (spec := self.next_run()) is not None:
+                self.run_one(spec)
+        finally:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self.stop_message and self.label == "driver":  # a pool's driver says it once for all workers
+            self.say(self.stop_message)
+
+    def why_stopped(self) -> str | None:
+        """After the pool: the reason the workers stopped early, if any (said once, by the driver)."""
+        reason = self.config_failure()
+        if reason:
+            return (
+                f"stopping: the first {self.sweep.stop_after_failures} trials all failed with a configuration "
+                f"error ({reason[:300]}); fix it and re-run the same command"
+            )
+        if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
+            return f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
+        return None
+
+    def run_one(self, spec: RunSpec) -> None:
+        slots = spec.slots
+        what = (
+            f"milestones {'/'.join(str(s.step) for s in slots)}" if spec.shared else f"{slots[0].step} steps"
+        )
+        numbers = [s.number for s in slots]
+        params = {k: v for k, v in slots[0].params.items() if not (spec.shared and k == STEP_KEY)}
+        self.say(
+            f"run {short_params(params) or 'config as given'} ({what}), "
+            f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+        )
+        assert self.heartbeat is not None
+        self.heartbeat.watch(numbers)
+        try:
+            execute_run(spec)
+        except signals.HandBack as stop:
+            left = [n for n in numbers if self.handle.get_trial(n).state == TrialState.RUNNING]
+            self.claims.hand_back(left, f"{stop} received")
+            raise
+        finally:
+            self.heartbeat.watch([])
+        self.runs_launched += 1
+        self.trials_launched += len(slots)
+        self.after_run(slots)
+
+    def after_run(self, slots: list[TrialSlot]) -> None:
+        for slot in slots:
+            record = read_record_or_none(self.paths.trial(slot.number) / io.TRIAL_METRICS)
+            state = record.state.value if record else self.handle.get_trial(slot.number).state.name
+            metrics = record.metrics if record else {}
+            shown = ", ".join(
+                f"{k.removeprefix('eval/')}={v:.4g}"
+                for k, v in metrics.items()
+                if k.count("/") == 1 and isinstance(v, (int, float))
+            )
+            reason = record.fail_reason if record else None
+            self.say(
+                f"  trial {slot.number} [{short_params(slot.params)}]: {state}"
+                + (f" {shown}" if shown else "")
+                + (f" ({reason})" if reason else "")
+            )
+        write_results(self.paths, self.handle.trials(), self.superseded())
+        self.nudge()
+        if self.overall is not None:
+            self.overall.advance(len(slots))
+
+
+class SweepDriver:
+    """The command a user runs: joins the study, runs the pool (or one in-process loop), reports."""
+
+    def __init__(self, overrides: list[str]):
+        self.engine = SweepEngine(overrides, label="driver")
+        self.overrides = self.engine.overrides
+        self.cfg: Config = self.engine.cfg
+        self.sweep: SweepConfig = self.engine.sweep
+        self.paths = self.engine.paths
+        self.storage = self.engine.storage
+        self.study = self.engine.study
+        self.outcome = SweepOutcome(self.paths.root, self.paths.results_csv)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self) -> SweepOutcome:
+        previous = signals.install()
+        try:
+            # study.json is written once with the study's fingerprint; a changed setup stops here.
+            ensure_study_identity(self.cfg, self.paths, self.overrides)
+            if self.sweep.isolation == "inprocess":
+                self.engine.ensure_baseline()
+                self.engine.work()
+                self.outcome.runs_launched = self.engine.runs_launched
+                self.outcome.trials_launched = self.engine.trials_launched
+            else:
+                from sdsweep.sweep.pool import WorkerPool
+
+                pool = WorkerPool(self.engine)
+                pool.run()
+                self.outcome.runs_launched, self.outcome.trials_launched = pool.launched()
+                self.engine.stop_message = self.engine.why_stopped()
+                if self.engine.stop_message:
+                    log(self.engine.stop_message)
+        except signals.HandBack as stop:
+            log(
+                f"stopped by {stop}: its runs were handed back; re-run the same command to resume from their checkpoints"
+            )
+            raise SystemExit(stop.exit_code) from None
+        finally:
+            signals.restore(previous)
+        self.outcome.finished = self.engine.is_finished()
+        return self.finish()
+
+    def finish(self) -> SweepOutcome:
+        trials = self.engine.handle.trials()
+        frame = write_results(self.paths, trials, self.engine.superseded())
+        states = frame["state"].value_counts().to_dict() if "state" in frame else {}
+        self.outcome.states = {str(k): int(v) for k, v in states.items()}
+        counts = self.outcome.states
+        log(
+            f"{sum(counts.get(k, 0) for k in ('COMPLETE', 'FAIL', 'PRUNED'))} finished ({counts.get('COMPLETE', 0)} complete, {counts.get('FAIL', 0)} failed, "
+            f"{counts.get('PRUNED', 0)} pruned)"
+        )
+        self.outcome.best = best_trial(frame, self.sweep.objectives)
+        self.track_study(frame)
+        return self.outcome
+
+    def track_study(self, frame) -> None:
+        """Build the local report, then hand its plots and the trial table to the study-level W&B run."""
+        import pandas as pd
+
+        from sdsweep.results import report
+        from sdsweep.results.table import baseline_row
+        from sdsweep.sweep import tracking
+
+        plots: dict[str, Path] = {}
+        try:
+            if self.sweep.build_report:
+                html, _ = report.build_report(self.paths.root)
+                plots = report.report_plots(self.paths.root)
+                log(f"report: {html}")
+        except Exception as error:  # the report is a convenience; results.csv is the record
+            log(f"warning: report not built ({type(error).__name__}: {error})")
+        base = baseline_row(self.paths)
+        table = pd.concat([pd.DataFrame([base]), frame], ignore_index=True) if base is not None else frame
+        try:
+            tracking.record_study(self.cfg, self.cfg.study, table, plots, self.paths.wandb)
+        except Exception as error:  # tracking never fails a sweep
+            log(f"warning: study-level tracking failed ({error})")
+
+
+def suggest(trial: optuna.Trial, key: str, spec: ParamSpec) -> Any:
+    if spec.choices is not None:
+        return trial.suggest_categorical(key, [canonical(c) for c in spec.choices])
+    assert spec.low is not None and spec.high is not None
+    if spec.type == "int":
+        step = int(spec.step or 1)
+        return trial.suggest_int(
+            key, int(spec.low), int(spec.high), step=step if not spec.log else 1, log=spec.log
+        )
+    return trial.suggest_float(
+        key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step
+    )
+
+
+# Keys that place or log a run but do not change what it trains.
+NOT_PARAMETERS = ("hydra", "paths.", "tracking.", "study", "sweep.", "device")
+
+
+def command_line_values(overrides: list[str]) -> dict[str, Any]:
+    """``a.b=value`` settings from the command line as parameters (group choices like ``model=sd15`` too)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, raw = override.lstrip("+").partition("=")
+        if not sep or override.startswith("~") or key.startswith(NOT_PARAMETERS) or key == "experiment":
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (int, float, str, bool)):
+            values[key] = value
+    return values
+
+
+def run_sweep(overrides: list[str]) -> SweepOutcome:
+    return SweepDriver(overrides).run()

@@ -1,0 +1,213 @@
+"""The worker pool of one machine: ``sweep.workers`` long-lived processes, one per device slot.
+
+Each worker (``python -m sdsweep.sweep.worker``) imports torch once and runs claim -> run -> claim until
+the study needs nothing more (sdsweep/sweep/engine.py, SweepEngine.work). The driver only watches: it
+echoes the workers' ``[sdsweep]`` lines, keeps everything else in ``runs/worker-<n>.log``, and when
+a worker dies it fails that worker's running trials with a readable reason (the retry rule is in
+sdsweep/sweep/claims.py) and starts a replacement. Workers get SIGTERM when the driver dies, even by
+SIGKILL (PR_SET_PDEATHSIG, plus a parent check), so no orphan keeps a GPU busy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdsweep import io, signals
+from sdsweep.sweep.claims import OWNER
+from sdsweep.sweep.study_store import FAIL_REASON
+
+BASELINE_FAILED = 3  # a worker's exit code: the baseline evaluation failed, nothing can run
+STOP_WAIT_SECONDS = 60  # how long a stopping worker may take to hand its run back before SIGKILL
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)|Killed)\b.*")
+
+
+def worker_devices(workers, devices: list[int] | None, per_worker: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each worker (None: leave it alone, e.g. on CPU); with
+    ``per_worker`` > 1 (train.num_processes) each worker gets that many devices, e.g. "0,1"."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    chosen = list(devices) if devices is not None else list(range(visible))
+    count = max(1, len(chosen) // per_worker) if workers == "auto" else int(workers)
+    # Indices count within the devices this process may see (SLURM sets CUDA_VISIBLE_DEVICES).
+    inherited = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    physical = [inherited[d] if d < len(inherited) else str(d) for d in chosen]
+    if not physical:
+        return [None] * count
+    return [
+        ",".join(physical[(i * per_worker + k) % len(physical)] for k in range(per_worker))
+        for i in range(count)
+    ]
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Worker:
+    index: int
+    device: str | None
+    token: str
+    proc: subprocess.Popen
+    log_path: Path
+    reader: threading.Thread
+    error_lines: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}" + (f" (cuda:{self.device})" if self.device is not None else "")
+
+
+class WorkerPool:
+    def __init__(self, engine):
+        self.engine = engine
+        self.sweep = engine.sweep
+        self.devices = worker_devices(self.sweep.workers, self.sweep.devices, engine.cfg.train.num_processes)
+        cpu_only = all(d is None for d in self.devices)
+        self.threads = max(1, cpu_cores() // len(self.devices)) if cpu_only else None
+        self.workers: list[Worker] = []
+        self.tokens: list[str] = []
+        # Set by a worker's output reader at EOF (the worker exited): the watch loop wakes at once instead of
+        # polling, and otherwise sleeps, so the driver costs no CPU while workers train.
+        self.exited = threading.Event()
+        self.spawned = 0
+        self.paths = engine.paths
+        self.paths.runs.mkdir(parents=True, exist_ok=True)
+        self.job = io.atomic_write_text(
+            self.paths.runs / f"pool-{engine.token}.json",
+            json.dumps({"overrides": engine.overrides, "retry_below": engine.retry_below}),
+        )
+
+    def spawn(self, index: int) -> Worker:
+        self.spawned += 1
+        device = self.devices[index]
+        token = f"{self.engine.token}.{index}.{self.spawned}"
+        self.tokens.append(token)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        if self.threads is not None:
+            env["SDSWEEP_TORCH_THREADS"] = env["OMP_NUM_THREADS"] = str(self.threads)
+        label = f"worker {index}" + (f" (cuda:{device})" if device is not None else "")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sdsweep.sweep.worker", str(self.job), label, token],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            errors="replace",
+            preexec_fn=signals.die_with_parent,
+        )
+        log_path = self.paths.runs / f"worker-{index}.log"
+        worker = Worker(index, device, token, proc, log_path, threading.Thread())
+        worker.reader = threading.Thread(target=self._pump, args=(worker,), daemon=True)
+        worker.reader.start()
+        return worker
+
+    def _pump(self, worker: Worker) -> None:
+        """Echo the worker's own status lines; keep all output in its log file and remember errors."""
+        assert worker.proc.stdout is not None
+        with open(worker.log_path, "a", encoding="utf-8") as log_file:
+            for line in worker.proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if line.startswith("[sdsweep]"):
+                    print(line, end="", flush=True)
+                stripped = line.strip()
+                if _ERROR_LINE.match(stripped) or "out of memory" in stripped.lower():
+                    worker.error_lines = (worker.error_lines + [stripped])[-5:]
+        worker.proc.wait()  # EOF comes just before the exit status: wake the watch loop once it is there
+        self.exited.set()
+
+    def crash_reason(self, worker: Worker, code: int) -> str:
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = " (the kernel's out-of-memory killer?)" if -code == signal.SIGKILL else ""
+            why = f"killed by {name}{hint}"
+        else:
+            oom = [line for line in worker.error_lines if "out of memory" in line.lower()]
+            last = (oom or worker.error_lines or [f"exit code {code}"])[-1]
+            why = f"crashed: {last[:500]}"
+        return f"{worker.name} {why}; full log: {worker.log_path}"
+
+    def run(self) -> None:
+        n = len(self.devices)
+        where = (
+            ", ".join(f"cuda:{d}" for d in self.devices if d is not None)
+            or f"CPU, {self.threads} thread(s) each"
+        )
+        self.engine.say(f"starting {n} worker(s) on {where}")
+        self.workers = [self.spawn(i) for i in range(n)]
+        # Enough replacements for every point's retries, without looping forever on a broken setup.
+        budget = n * (self.sweep.max_retries + 2) + 4
+        try:
+            while self.workers:
+                self.exited.clear()
+                for worker in list(self.workers):
+                    code = worker.proc.poll()
+                    if code is None:
+                        continue
+                    worker.reader.join(timeout=5)
+                    self.workers.remove(worker)
+                    if code == 0:
+                        continue
+                    if code == BASELINE_FAILED:
+                        self.stop(signal.SIGTERM)
+                        raise RuntimeError(f"The baseline evaluation failed. Full log: {worker.log_path}")
+                    reason = self.crash_reason(worker, code)
+                    failed = [t for t in self.engine.claims.running_of_token(worker.token)]
+                    for frozen in failed:
+                        self.engine.claims.crashed(frozen, reason)
+                    self.engine.say(f"{reason}; {len(failed)} trial(s) failed, replacing the worker")
+                    self.engine.nudge()  # idle peers re-plan now: the failed run may be retried
+                    if self.spawned < budget:
+                        self.workers.append(self.spawn(worker.index))
+                if self.workers:
+                    self.exited.wait(timeout=1.0)  # the timeout only bounds a missed wake-up
+        except signals.HandBack as stop:
+            self.stop(stop.signum)
+            raise
+
+    def stop(self, signum: int) -> None:
+        """Ask every worker to hand its run back, wait, then make sure none is left."""
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        for worker in self.workers:
+            try:
+                worker.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
+            worker.reader.join(timeout=5)
+        for worker in self.workers:  # a worker killed before it could hand back
+            left = [t.number for t in self.engine.claims.running_of_token(worker.token)]
+            self.engine.claims.hand_back(left, "the sweep was stopped")
+        self.workers = []
+
+    def launched(self) -> tuple[int, int]:
+        """(runs, trials) this driver's workers trained, from the storage."""
+        runs = trials = 0
+        for frozen in self.engine.handle.trials():
+            owner = str(frozen.user_attrs.get(OWNER, ""))
+            if not any(f"[{token}]" in owner for token in self.tokens):
+                continue
+            if str(frozen.user_attrs.get(FAIL_REASON, "")).startswith("superseded: another worker"):
+                continue  # a lost claim race: nothing was trained
+            trials += 1
+            runs += bool(frozen.user_attrs.get("ticket"))
+        return runs, trials

@@ -1,0 +1,286 @@
+"""Checks that would otherwise fail after minutes of work, run before any model loads.
+
+The study folder is intact, the model and every model/method/data the sweep can switch to are
+available, the CLIP model and safety checker are reachable, the reference images exist, every data
+file decodes, and the study folder belongs to this setup (sdsweep.sweep.fingerprint).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sdsweep import io
+from sdsweep.config.compose import CONF_DIR
+from sdsweep.config.schema import Config, MethodConfig, ModelConfig, ParamSpec
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+GROUP_SCHEMAS = {"model": ModelConfig, "method": MethodConfig}
+
+
+class PreflightError(Exception):
+    """Something the user must fix before the sweep can start; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class MissingChoice:
+    key: str  # the swept group: model | method | data
+    value: str
+    reason: str
+
+
+# ---- the study folder -------------------------------------------------------------------------------
+def _way_out(path: Path, study: str) -> str:
+    return (
+        f"Move it aside to start that part over (mv '{path}' '{path}.bad'), or start the whole study over with "
+        f"study_reset=true (the old folder is kept as {study}.old-<UTC time>), or use a new study=<name>."
+    )
+
+
+def check_sqlite(path: Path, study: str) -> None:
+    """An Optuna SQLite file that is empty, not SQLite, or torn is refused by name (never overwritten)."""
+    if not path.exists():
+        return
+    size = path.stat().st_size
+    if size == 0:
+        raise PreflightError(
+            f"{path} is empty (0 bytes): the study's trial history is lost. " + _way_out(path, study)
+        )
+    with open(path, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise PreflightError(
+            f"{path} is not an SQLite database (damaged or overwritten). " + _way_out(path, study)
+        )
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            verdict = connection.execute("PRAGMA quick_check").fetchone()[0]
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        verdict = str(error)
+    if verdict != "ok":
+        raise PreflightError(f"{path} is damaged ({verdict}). " + _way_out(path, study))
+
+
+def check_study_folder(cfg: Config, paths: io.StudyPaths) -> None:
+    """study.db, study.json and the baseline's metrics.json are readable, if they exist."""
+    default_storage = cfg.sweep is None or not cfg.sweep.storage
+    if default_storage:
+        check_sqlite(paths.storage_db, cfg.study)
+        if not paths.storage_db.exists() and paths.trial_dirs():
+            raise PreflightError(
+                f"{paths.root} holds trials/ but its study.db is missing, so a new study would overwrite them. "
+                + _way_out(paths.storage_db, cfg.study)
+            )
+    for path in (paths.study_json, paths.baseline / io.TRIAL_METRICS):
+        try:
+            io.read_json(path)
+        except io.DamagedFileError as error:
+            raise PreflightError(f"{error} " + _way_out(path, cfg.study)) from None
+
+
+# ---- models used by evaluation ----------------------------------------------------------------------
+def _hub_or_local_reason(name: str, what: str, setting: str, required: str = "config.json") -> str | None:
+    from sdsweep.models.loading import hub_offline
+
+    local = Path(os.path.expanduser(name))
+    if local.is_dir():
+        return None if (local / required).exists() else f"{what} folder {name!r} has no {required}"
+    if local.is_absolute() or name.startswith((".", "~")):
+        return f"{what} folder {name!r} does not exist"
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, required)
+    if isinstance(cached, str):
+        return None
+    if hub_offline():
+        return (
+            f"{what} {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
+            f"once (`huggingface-cli download {name}`) or set {setting} to a local folder"
+        )
+    try:
+        model_info(name, timeout=10)
+        return None
+    except Exception as error:
+        return (
+            f"{what} {name!r} cannot be reached ({type(error).__name__}); download it once or set {setting}"
+        )
+
+
+def eval_model_problems(cfg: Config) -> list[str]:
+    """The CLIP model (CLIP score, CLIP-I, CLIP-feature FID/KID) and the safety checker, if enabled."""
+    ev = cfg.eval
+    wanted = set(ev.metrics)
+    needs_clip = bool({"clip_score", "clip_i"} & wanted) or (
+        bool({"fid", "kid"} & wanted) and ev.fid_features in ("clip", "auto")
+    )
+    problems = []
+    if needs_clip and ev.clip_model != "tiny":
+        reason = _hub_or_local_reason(ev.clip_model, "the CLIP model", "eval.clip_model ('tiny' offline)")
+        if reason:
+            problems.append(reason)
+    if ev.safety_checker:
+        reason = _hub_or_local_reason(
+            ev.safety_checker, "the safety checker", "eval.safety_checker (or null)"
+        )
+        if reason:
+            problems.append(reason)
+    return problems
+
+
+def reference_dir_problem(cfg: Config) -> str | None:
+    from sdsweep.data.images import IMAGE_SUFFIXES
+
+    if not cfg.eval.reference_dir:
+        return None
+    folder = Path(cfg.eval.reference_dir).expanduser()
+    if not folder.is_dir():
+        return (
+            f"eval.reference_dir={cfg.eval.reference_dir!r} does not exist (or set eval.reference_dir=null)"
+        )
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        return f"eval.reference_dir={cfg.eval.reference_dir!r} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+    return None
+
+
+# ---- the search space (#18) -------------------------------------------------------------------------
+def _group_choice_reason(cfg: Config, key: str, value: Any) -> str | None:
+    from sdsweep.models.loading import model_unavailable_reason
+
+    option = CONF_DIR / key / f"{value}.yaml"
+    if not option.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        return f"there is no conf/{key}/{value}.yaml (known: {', '.join(known)})"
+    if key == "model":
+        node = OmegaConf.load(option)
+        node.pop("defaults", None)
+        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
+        reason = model_unavailable_reason(model, cfg.paths.cache)
+        if reason:
+            return f"{reason}. Get it with `huggingface-cli download {model.pretrained} --local-dir /models/{value}`"
+    if key == "data":
+        node = OmegaConf.load(option)
+        path = node.get("path") if not OmegaConf.is_missing(node, "path") else cfg.data.path
+        if path and not Path(str(path)).expanduser().is_dir():
+            return f"its data.path {path!r} is not a folder"
+    return None
+
+
+def available_search_space(cfg: Config) -> tuple[dict[str, ParamSpec], list[MissingChoice]]:
+    """The sweep's params with unavailable model/method/data choices removed, and what was removed.
+
+    Pure apart from reading conf/ and the local model cache; downloads nothing.
+    """
+    if cfg.sweep is None:
+        return {}, []
+    params: dict[str, ParamSpec] = {}
+    missing: list[MissingChoice] = []
+    for key, spec in cfg.sweep.params.items():
+        if key not in ("model", "method", "data") or spec.choices is None:
+            params[key] = spec
+            continue
+        kept = []
+        for value in spec.choices:
+            reason = _group_choice_reason(cfg, key, value)
+            if reason:
+                missing.append(MissingChoice(key, str(value), reason))
+            else:
+                kept.append(value)
+        params[key] = ParamSpec(**{**spec.__dict__, "choices": kept})
+    return params, missing
+
+
+def search_space_problem(cfg: Config) -> str | None:
+    """One message for every unavailable choice; with sweep.skip_unavailable the sweep drops them instead."""
+    params, missing = available_search_space(cfg)
+    if not missing:
+        return None
+    listed = "; ".join(f"{m.key}={m.value}: {m.reason}" for m in missing)
+    empty = [k for k, spec in params.items() if spec.choices is not None and not spec.choices]
+    if cfg.sweep is not None and cfg.sweep.skip_unavailable and not empty:
+        print(f"[sdsweep] sweep.skip_unavailable: leaving out {listed}", flush=True)
+        return None
+    fix = (
+        "nothing is left to sweep over for " + ", ".join(empty)
+        if empty and cfg.sweep is not None and cfg.sweep.skip_unavailable
+        else "or add sweep.skip_unavailable=true to sweep over the available values only"
+    )
+    return f"the sweep can choose values that are not available: {listed}. Make them available, {fix}."
+
+
+# ---- the whole preflight ----------------------------------------------------------------------------
+def _token_counter(model_folder: str):
+    """The model's own tokenizer (a small file, not the model) to find captions that get cut short."""
+    try:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(model_folder, subfolder="tokenizer")
+    except Exception:
+        return None
+    return lambda text: len(tokenizer(text, truncation=False)["input_ids"])
+
+
+def run_preflight(overrides: list[str]):
+    """Every check, in order of cost; raises ``PreflightError`` or ``ConfigError`` (the user's to fix).
+
+    Returns the dataset's ``DataSummary`` (already printed).
+    """
+    from sdsweep.data.images import DataError, list_examples, summarize_dataset
+    from sdsweep.models.loading import (
+        ModelUnavailableError,
+        resolve_model_source,
+        select_device,
+        unavailable_features,
+    )
+    from sdsweep.sweep.fingerprint import ensure_study_identity, reset_study_if_asked
+    from sdsweep.sweep.trial import compose_config  # the config exactly as the sweep driver composes it
+    from sdsweep.training.memory import check_fits
+
+    cfg = compose_config(overrides)
+    paths = io.StudyPaths.of(cfg.paths.root, cfg.study)
+    try:
+        reset_study_if_asked(cfg, paths)
+        check_study_folder(cfg, paths)
+        source = resolve_model_source(cfg.model, cfg.paths.cache)
+        problems = eval_model_problems(cfg)
+        reference = reference_dir_problem(cfg)
+        if reference:
+            problems.append(reference)
+        if problems:
+            raise PreflightError("evaluation needs what is missing: " + "; ".join(problems) + ".")
+        device = select_device(cfg.device)
+        unavailable = unavailable_features(cfg, device)
+        if unavailable:
+            raise PreflightError("requested but unavailable here: " + "; ".join(unavailable) + ".")
+        from sdsweep.training.distributed import check_devices
+
+        check_devices(cfg, device)  # one GPU per rank of every worker
+        memory = check_fits(cfg, device)  # a ConfigError listing settings that fit, on a too-small GPU
+        summary = summarize_dataset(cfg, _token_counter(source))
+        space = search_space_problem(cfg)
+        if space:
+            raise PreflightError(space)
+        from sdsweep.config.compose import user_overrides
+
+        ensure_study_identity(cfg, paths, user_overrides(overrides), list_examples(cfg))  # verified above
+    except (ModelUnavailableError, DataError, io.DamagedFileError) as error:
+        raise PreflightError(str(error)) from None
+    print(f"[sdsweep] {summary.describe()}", flush=True)
+    print(f"[sdsweep] training memory on {device}: {memory.describe()}", flush=True)
+    if cfg.train.num_processes > 1:
+        t = cfg.train
+        print(
+            f"[sdsweep] {t.num_processes} ranks per run: global batch {t.train_batch_size} x {t.num_processes} x "
+            f"{t.gradient_accumulation_steps} = {t.train_batch_size * t.num_processes * t.gradient_accumulation_steps}"
+            " (train_batch_size x num_processes x gradient_accumulation_steps); memory above is per device",
+            flush=True,
+        )
+    return summary

@@ -1,0 +1,73 @@
+"""``python -m sdsweep.sweep.worker <pool.json> <label> <token>``: one long-lived worker of the pool.
+
+It imports torch once, evaluates the baseline if nobody has, then claims and trains runs until the
+study needs nothing more (SweepEngine.work). A crash, a segfault or an out-of-memory kill ends only
+this process: the driver fails its running trials with the reason and starts a replacement.
+SIGINT/SIGTERM (also sent when the driver dies) hand the current run back and exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sdsweep import signals
+
+BASELINE_FAILED = 3  # same value as sdsweep.sweep.pool.BASELINE_FAILED (not imported: keeps start-up small)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 3:
+        print("usage: python -m sdsweep.sweep.worker <pool.json> <label> <token>", file=sys.stderr)
+        return 2
+    job, label, token = json.loads(Path(args[0]).read_text()), args[1], args[2]
+    signals.install()
+    signals.watch_parent()  # fallback for PR_SET_PDEATHSIG (set by the pool when it started us)
+    try:
+        import torch
+
+        from sdsweep import progress, warnings_filter
+
+        warnings_filter.install()  # no torchvision advice: sdsweep runs without it on purpose
+        progress.quiet_library_bars()
+        threads = os.environ.get("SDSWEEP_TORCH_THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))  # N workers on one CPU split its cores
+
+        from sdsweep.sweep.engine import SweepEngine
+
+        engine = SweepEngine(job["overrides"], label=label, token=token, retry_below=job.get("retry_below"))
+        try:
+            engine.ensure_baseline()
+        except signals.HandBack:
+            raise
+        except Exception as error:
+            print(
+                f"[sdsweep] {label}: the baseline evaluation failed: {type(error).__name__}: {error}",
+                flush=True,
+            )
+            return BASELINE_FAILED
+        engine.work()
+    except signals.HandBack:
+        return 0  # the run was handed back in SweepEngine.run_one; the driver prints the one line
+    return 0
+
+
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown (~1 s of freeing torch and library state on 2 cores, paid
+    while the driver waits): every result is already in the storage and on disk; flush what is left."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()  # a tracking run still open is closed properly
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())

@@ -1,0 +1,147 @@
+"""The diffusion training loss.
+
+clean latents -> add noise at a random timestep -> UNet -> compare with the epsilon or velocity
+target -> (min-SNR-weighted) MSE. The target follows the model's scheduler: SD 2.1 (768 px)
+predicts v, and training it on an epsilon target would silently wreck it, so an unknown
+prediction type is an error rather than a fallback.
+
+``diffusion_target`` and ``diffusion_loss`` are pure functions of tensors; ``denoising_loss`` is the
+one step every method shares, given the model components.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from sdsweep.models.loading import SDComponents
+
+REDUCTIONS = ("mean", "none")
+
+
+def diffusion_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v_prediction)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"Unsupported prediction_type {prediction_type!r} in the model's noise scheduler: sdsweep trains "
+        "epsilon and v_prediction models. Set model.prediction_type=epsilon or v_prediction if the "
+        "scheduler config of this checkpoint is wrong."
+    )
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Per-sample min-SNR-gamma weights (Hang et al. 2023) for the loss on the model's own target.
+
+    The paper's weight min(snr, gamma) / snr applies to an epsilon loss. The MSE on a v-target is
+    (snr + 1) times the epsilon MSE, so v-models divide by snr + 1 to get the same effective weighting.
+    """
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler,
+    snr_gamma: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """MSE between prediction and target, optionally min-SNR weighted.
+
+    ``reduction="none"`` returns one loss per sample (DreamBooth averages instance and class halves
+    separately); ``"mean"`` their mean. Computed in float32 so mixed-precision runs do not lose it.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; use one of {REDUCTIONS}.")
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    if snr_gamma is not None:
+        weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
+    return per_sample if reduction == "none" else per_sample.mean()
+
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """``torch.randn``; with one generator per sample (a list), row i comes from generator i, so a
+    sample's draw does not depend on which batch or rank it lands in (data-parallel equivalence)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def randint(high: int, size: int, generator: Generators, device: torch.device) -> torch.Tensor:
+    if isinstance(generator, list):
+        return torch.cat([torch.randint(0, high, (1,), generator=g, device=device) for g in generator])
+    return torch.randint(0, high, (size,), generator=generator, device=device)
+
+
+def sample_noise_and_timesteps(
+    latents: torch.Tensor,
+    num_train_timesteps: int,
+    generator: Generators = None,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian noise shaped like ``latents`` and one uniform timestep per sample.
+
+    With a generator (or one per sample) every draw comes from it, on the CPU, so a fixed seed gives
+    the same noise on any device (the fixed-seed validation loss is then comparable across steps,
+    trials and machines; training noise is the same for 1 or N data-parallel ranks).
+    """
+    draw_device = torch.device("cpu") if generator is not None else latents.device
+    batch, channels = latents.shape[0], latents.shape[1]
+    noise = randn(tuple(latents.shape), generator, draw_device)
+    timesteps = randint(num_train_timesteps, batch, generator, draw_device)
+    if noise_offset:
+        # A per-channel constant shift lets the model learn to change overall brightness (very dark or
+        # bright images), which zero-mean noise never asks of it.
+        offset = randn((batch, channels, 1, 1), generator, draw_device)
+        noise = noise + noise_offset * offset
+    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+
+
+def denoising_loss(
+    components: SDComponents,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: Generators = None,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
+) -> torch.Tensor:
+    """Per-sample loss of one denoising step from clean (scaled) latents and text embeddings.
+
+    ``input_perturbation`` (Ning et al. 2023) noises the UNet's input with ``noise + gamma * xi`` but
+    keeps the target built from ``noise``, so the model learns to correct slightly wrong inputs, as it
+    meets them when sampling (exposure bias).
+    """
+    scheduler = components.noise_scheduler
+    noise, timesteps = sample_noise_and_timesteps(
+        latents, scheduler.config.num_train_timesteps, generator, noise_offset
+    )
+    input_noise = noise
+    if input_perturbation:
+        draw_device = torch.device("cpu") if generator is not None else latents.device
+        xi = randn(tuple(latents.shape), generator, draw_device)
+        input_noise = noise + input_perturbation * xi.to(latents.device, latents.dtype)
+    noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)
+    model_pred = components.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    return diffusion_loss(model_pred, target, timesteps, scheduler, snr_gamma, reduction="none")

@@ -1,0 +1,208 @@
+"""The interface every fine-tuning method implements, and the mechanics they share.
+
+The training loop, the evaluator and the latent cache only talk to a method through this class, so a
+new method is one subclass plus one line in ``sdsweep.training.methods.METHODS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from sdsweep.config.schema import Config
+from sdsweep.models.loading import SDComponents, build_pipeline, tokenize_prompts
+from sdsweep.training.loss import Generators, denoising_loss, randn
+
+Batch = dict[str, Any]
+# Batch key set by the training loop: one seed per sample, from (train.seed, step, global sample index).
+# Each sample's VAE draw, noise, timestep, noise offset and input perturbation come from a generator
+# with its seed, so a sample trains identically whichever batch or data-parallel rank it lands in.
+NOISE_SEEDS = "noise_seeds"
+
+
+def sample_generators(batch: Batch) -> list[torch.Generator] | None:
+    seeds = batch.get(NOISE_SEEDS)
+    return None if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+class FineTuneMethod(ABC):
+    """One way of fine-tuning Stable Diffusion.
+
+    Lifecycle: ``__init__`` (cheap) -> ``prepare()`` (validates options, then freezes, adds tokens or
+    adapters) -> per step ``augment_batch`` + ``compute_loss`` + ``after_optimizer_step`` ->
+    ``pipeline_for_eval`` / ``save``.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, cfg: Config, components: SDComponents, device: torch.device, cache_dir: Path | None = None
+    ):
+        self.cfg = cfg
+        self.components = components
+        self.device = torch.device(device)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+
+    @classmethod
+    def load_trained(cls, cfg: Config, weights_dir: Path, device: Any, scheduler: str):
+        """A pipeline with the weights this method saved, loaded through diffusers' own loaders."""
+        raise NotImplementedError(f"{cls.__name__} does not say how its saved weights load")
+
+    # ---- setup -----------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self) -> None:
+        """Validate the method options (ConfigError before any work), then freeze/unfreeze and extend."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Exactly the parameters the optimizer may change."""
+
+    def uses_frozen_text_encoder(self) -> bool:
+        """True when a caption's text embedding never changes during training, so it can be cached."""
+        return not self.cfg.method.train_text_encoder
+
+    def transform_caption(self, caption: str) -> str:
+        """The caption the model is trained on for a dataset caption (identity by default)."""
+        return caption
+
+    # ---- training --------------------------------------------------------------------------------
+    def augment_batch(self, batch: Batch) -> Batch:
+        """Training-only additions to a batch (DreamBooth's class images); not used for val loss."""
+        return batch
+
+    def compute_loss(
+        self, batch: Batch, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean denoising loss of a batch; with ``generator`` (validation) the noise and timesteps come
+        from it, else from the batch's per-sample ``NOISE_SEEDS`` (training), else from the global RNG."""
+        draws = generator if generator is not None else sample_generators(batch)
+        latents = self.latents_of(batch, generator=draws)
+        text_embeddings = self.text_embeddings_of(batch)
+        loss = self.per_sample_loss(latents, text_embeddings, draws).mean()
+        return loss, {"train/loss": loss.detach()}
+
+    def after_optimizer_step(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Hook after each optimizer step (EMA update, embedding-row restore)."""
+
+    def set_train_mode(self, training: bool) -> None:
+        """Switch the trained modules between train and eval mode (the loop toggles it around evals)."""
+        self.components.unet.train(training)
+        if self.cfg.method.train_text_encoder:
+            self.components.text_encoder.train(training)
+
+    # ---- shared mechanics ------------------------------------------------------------------------
+    def per_sample_loss(
+        self,
+        latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        # The noise offset (and input perturbation) are training augmentations: a fixed-seed validation
+        # loss (one generator) leaves them out so trials with different offsets are scored on the same task.
+        validation = isinstance(generator, torch.Generator)
+        return denoising_loss(
+            self.components,
+            latents,
+            text_embeddings,
+            generator=generator,
+            snr_gamma=self.cfg.train.snr_gamma,
+            noise_offset=0.0 if validation else self.cfg.train.noise_offset,
+            input_perturbation=0.0 if validation else self.cfg.train.input_perturbation,
+        )
+
+    def latents_of(self, batch: Batch, prefix: str = "", generator: Generators = None) -> torch.Tensor:
+        """Scaled latents: the batch's cached ``latents``, else the frozen VAE's encoding of its pixels."""
+        cached = batch.get(f"{prefix}latents")
+        if cached is not None:
+            return cached.to(self.device)
+        pixels = batch.get(f"{prefix}pixel_values")
+        if pixels is None:
+            raise KeyError(
+                f"A batch needs '{prefix}pixel_values' or '{prefix}latents'; it has {sorted(batch)}."
+            )
+        vae = self.components.vae
+        with torch.no_grad():
+            distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+            if isinstance(generator, list):  # training with per-sample seeds: sample i from generator i
+                xi = randn(tuple(distribution.mean.shape), generator, torch.device("cpu"))
+                latents = distribution.mean + distribution.std * xi.to(distribution.mean)
+            elif generator is not None:
+                # A fixed-seed validation loss must not draw from the global RNG: it scores the mean latent.
+                latents = distribution.mode()
+            else:
+                latents = distribution.sample()
+        # A half-precision VAE (on CUDA) feeds the fp32 noise and loss: compute those in fp32.
+        return latents.float() * self.components.latent_scaling
+
+    def text_embeddings_of(self, batch: Batch, prefix: str = "") -> torch.Tensor:
+        """The batch's cached ``encoder_hidden_states``, else the text encoder's output for its captions."""
+        cached = batch.get(f"{prefix}encoder_hidden_states")
+        if cached is not None:
+            return cached.to(self.device)
+        captions = batch.get(f"{prefix}captions")
+        if captions is None:
+            raise KeyError(
+                f"A batch needs '{prefix}captions' or '{prefix}encoder_hidden_states'; it has {sorted(batch)}."
+            )
+        return self.encode_text(list(captions))
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
+        ids = tokenize_prompts(tokenizer, captions).to(self.device)
+        if any(p.requires_grad for p in encoder.parameters()):  # trained (or its embedding table is)
+            return encoder(ids, return_dict=False)[0]
+        # A frozen encoder needs no graph; no_grad (not set_grad_enabled) also respects a caller's no_grad.
+        with torch.no_grad():
+            return encoder(ids, return_dict=False)[0].float()
+
+    @staticmethod
+    def batch_size_of(batch: Batch) -> int:
+        for key in ("latents", "pixel_values", "encoder_hidden_states"):
+            if batch.get(key) is not None:
+                return int(batch[key].shape[0])
+        return len(batch["captions"])
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def pipeline_for_eval(self, scheduler_name: str = "dpmsolver++"):
+        """A pipeline sharing the live (trained) modules."""
+        return build_pipeline(self.components, scheduler_name, self.device)
+
+    @abstractmethod
+    def save(self, out_dir: Path) -> Path:
+        """Write the trained weights in the format diffusers users load; returns the written path."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors (safetensors-compatible) that restore training state with ``load_state_dict``."""
+        return {f"param.{i}": p.detach().cpu() for i, p in enumerate(self.trainable_parameters())}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, parameter in enumerate(self.trainable_parameters()):
+                parameter.copy_(state[f"param.{i}"].to(parameter.device, parameter.dtype))
+
+
+def save_pipeline_folder(
+    components: SDComponents, out_dir: Path, unet: torch.nn.Module | None = None
+) -> Path:
+    """A folder that loads with ``StableDiffusionPipeline.from_pretrained`` (safetensors weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdsweep.models.loading import make_inference_scheduler
+
+    pipe = StableDiffusionPipeline(
+        unet=unet if unet is not None else components.unet,
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        # Saved with the sampler SD checkpoints ship with (PNDM), not the 1000-step DDPM trainer.
+        scheduler=make_inference_scheduler("pndm", components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -1,0 +1,92 @@
+"""LoRA adapters (peft) on the UNet attention projections, optionally on the text encoder too.
+
+The base weights stay frozen; only the low-rank adapter matrices train. The saved file is the
+diffusers LoRA layout, so ``pipe.load_lora_weights(folder)`` loads it onto any copy of the base model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdsweep.config.methods import LORA_FILE
+from sdsweep.training.methods.base import FineTuneMethod
+
+WEIGHTS_NAME = LORA_FILE  # one name, in the method spec (export finds it there without torch)
+# CLIP text encoder attention projections (the UNet's are named to_q/to_k/to_v/to_out.0).
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class LoRA(FineTuneMethod):
+    name = "lora"
+
+    @classmethod
+    def load_trained(cls, cfg, weights_dir: Path, device, scheduler: str):
+        from sdsweep.models.loading import load_pipeline, resolve_model_source
+
+        pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
+        pipe.load_lora_weights(str(weights_dir), weight_name=WEIGHTS_NAME)
+        return pipe
+
+    def prepare(self) -> None:
+        from peft import LoraConfig
+
+        method = self.cfg.method
+        unet, text_encoder = self.components.unet, self.components.text_encoder
+        unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        # add_adapter leaves exactly the new lora_A/lora_B weights trainable.
+        unet.add_adapter(
+            LoraConfig(
+                r=method.rank,
+                lora_alpha=method.alpha,
+                lora_dropout=method.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(method.target_modules),
+            )
+        )
+        if method.train_text_encoder:
+            text_encoder.add_adapter(
+                LoraConfig(
+                    r=method.text_encoder_rank,
+                    # alpha == rank keeps the text adapter's scale at 1, independent of its rank.
+                    lora_alpha=method.text_encoder_rank,
+                    lora_dropout=method.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=TEXT_ENCODER_TARGETS,
+                )
+            )
+            text_encoder.train()
+        if self.cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        modules = [self.components.unet]
+        if self.cfg.method.train_text_encoder:
+            modules.append(self.components.text_encoder)
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    def save(self, out_dir: Path) -> Path:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        def adapter_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+            # LoRA never resizes the vocabulary, so no embedding layers belong in the file.
+            adapter = get_peft_model_state_dict(module, save_embedding_layers=False)
+            return convert_state_dict_to_diffusers(adapter)
+
+        text_encoder_layers = None
+        if self.cfg.method.train_text_encoder:
+            text_encoder_layers = adapter_layers(self.components.text_encoder)
+        out_dir = Path(out_dir)
+        StableDiffusionPipeline.save_lora_weights(
+            out_dir,
+            unet_lora_layers=adapter_layers(self.components.unet),
+            text_encoder_lora_layers=text_encoder_layers,
+            weight_name=WEIGHTS_NAME,
+            safe_serialization=True,
+        )
+        return out_dir / WEIGHTS_NAME

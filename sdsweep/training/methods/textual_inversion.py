@@ -1,0 +1,170 @@
+"""Textual inversion: learn the embedding of a new token; every other embedding row stays bit-identical.
+
+The optimizer sees the whole input-embedding matrix (that is the parameter), so after every step all
+rows except the new tokens' are copied back from a snapshot. ``num_vectors > 1`` learns ``<tok>``,
+``<tok>_1``, ...; the file is saved in the diffusers layout ``{"<tok>": [num_vectors, dim]}``, which
+``pipe.load_textual_inversion`` expands back into those tokens and into prompts that say ``<tok>``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from sdsweep.config.methods import EMBEDS_FILE
+from sdsweep.config.schema import ConfigError
+from sdsweep.training.methods.base import FineTuneMethod
+
+WEIGHTS_NAME = EMBEDS_FILE  # one name, in the method spec (export finds it there without torch)
+
+# Prompt templates of the original paper: the placeholder in varied contexts, so the embedding learns
+# the subject (object) or the look (style) rather than one caption.
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a dark photo of the {}",
+    "a photo of the small {}",
+    "a photo of the large {}",
+    "a good photo of a {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "a picture in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+)
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+class TextualInversion(FineTuneMethod):
+    name = "textual_inversion"
+
+    @classmethod
+    def load_trained(cls, cfg, weights_dir: Path, device, scheduler: str):
+        from sdsweep.models.loading import load_pipeline, resolve_model_source
+
+        pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
+        pipe.load_textual_inversion(str(weights_dir / WEIGHTS_NAME))
+        return pipe
+
+    def placeholder_tokens(self) -> list[str]:
+        base = self.cfg.method.placeholder_token
+        return [base] + [f"{base}_{i}" for i in range(1, self.cfg.method.num_vectors)]
+
+    def placeholder_text(self) -> str:
+        """What stands for the concept in a training caption: every vector's token, in order."""
+        return " ".join(self.placeholder_tokens())
+
+    def prepare(self) -> None:
+        initializer_id = self._validate_tokens()
+        tokenizer, text_encoder = self.components.tokenizer, self.components.text_encoder
+        tokens = self.placeholder_tokens()
+        tokenizer.add_tokens(tokens)
+        self.token_ids = tokenizer.convert_tokens_to_ids(tokens)
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        embeddings = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            embeddings[self.token_ids] = embeddings[initializer_id].clone()
+        self.components.unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        text_encoder.get_input_embeddings().requires_grad_(True)
+        text_encoder.train()
+        self.original_embeddings = embeddings.detach().clone()
+        self.frozen_rows = torch.ones(len(tokenizer), dtype=torch.bool, device=embeddings.device)
+        self.frozen_rows[self.token_ids] = False
+        self.template_rng = random.Random(self.cfg.train.seed)
+
+    def _validate_tokens(self) -> int:
+        """The initializer's token id; ConfigError for a taken placeholder or a multi-token initializer."""
+        method, tokenizer = self.cfg.method, self.components.tokenizer
+        placeholder = method.placeholder_token
+        if not placeholder or any(c.isspace() for c in placeholder):
+            raise ConfigError(
+                f"method.placeholder_token={placeholder!r} must be one word without spaces, e.g. '<my-concept>'."
+            )
+        taken = [token for token in self.placeholder_tokens() if _is_known_word(tokenizer, token)]
+        if taken:
+            raise ConfigError(
+                f"The placeholder token {taken[0]!r} already exists in the tokenizer's vocabulary, so "
+                "textual inversion would overwrite a word the model already knows. Choose a new token, "
+                "e.g. method.placeholder_token='<my-concept>'."
+            )
+        initializer_ids = tokenizer.encode(method.initializer_token, add_special_tokens=False)
+        if len(initializer_ids) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(initializer_ids)
+            raise ConfigError(
+                f"method.initializer_token={method.initializer_token!r} is {len(initializer_ids)} tokens "
+                f"{pieces} for this tokenizer, but the new embedding starts as a copy of exactly one token. "
+                "Use a single common word close to the concept, e.g. 'dog', 'person' or 'painting'."
+            )
+        return initializer_ids[0]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.components.text_encoder.get_input_embeddings().weight]
+
+    def uses_frozen_text_encoder(self) -> bool:
+        return False  # the learned rows change every step, so caption embeddings cannot be cached
+
+    def set_train_mode(self, training: bool) -> None:
+        self.components.text_encoder.train(training)
+
+    def transform_caption(self, caption: str) -> str:
+        template = self.cfg.method.template
+        if template in TEMPLATES:
+            return self.template_rng.choice(TEMPLATES[template]).format(self.placeholder_text())
+        # template "none": keep the dataset caption and put the placeholder where the trigger word is.
+        trigger = self.cfg.data.trigger_word
+        if trigger:
+            pattern = re.compile(rf"(?<!\S){re.escape(trigger)}(?=[\s.,;:!?]|$)")
+            if pattern.search(caption):
+                return pattern.sub(lambda _: self.placeholder_text(), caption)
+        return f"{self.placeholder_text()} {caption}"
+
+    def after_optimizer_step(self) -> None:
+        embeddings = self.components.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows]
+
+    def learned_embeddings(self) -> torch.Tensor:
+        """[num_vectors, dim]: the placeholder tokens' rows."""
+        weight = self.components.text_encoder.get_input_embeddings().weight
+        return weight[self.token_ids].detach().cpu().clone()
+
+    def save(self, out_dir: Path) -> Path:
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / WEIGHTS_NAME
+        save_file({self.cfg.method.placeholder_token: self.learned_embeddings().contiguous()}, str(path))
+        return path
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # Only the learned rows: the rest of the matrix is the base model's and is restored anyway.
+        return {"textual_inversion.embeddings": self.learned_embeddings()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        weight = self.components.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[self.token_ids] = state["textual_inversion.embeddings"].to(weight.device, weight.dtype)
+
+
+def _is_known_word(tokenizer, token: str) -> bool:
+    """True when the tokenizer already has ``token``: as an entry, or as one whole-word BPE piece.
+
+    CLIP stores words as ``photo</w>``, so a placeholder ``photo`` is not a vocabulary key, yet adding
+    it would hijack every prompt that says "photo".
+    """
+    if token in tokenizer.get_vocab():
+        return True
+    pieces = tokenizer.tokenize(token)
+    return len(pieces) == 1 and pieces[0] != tokenizer.unk_token

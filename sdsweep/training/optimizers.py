@@ -1,0 +1,116 @@
+"""The optimizer factory: ``train.optimizer`` -> a torch optimizer over the trainable parameters.
+
+adamw (torch), adamw8bit (bitsandbytes, CUDA only), prodigy (prodigyopt) and lion (lion-pytorch). The
+optional ones come from the ``optimizers`` extra; asking for one that is not installed is a
+``ConfigError`` raised while the config is validated, before any model loads.
+
+Prodigy estimates the step size itself: its ``lr`` multiplies the estimate and is normally 1.0, so a
+learning-rate sweep with Prodigy sweeps that multiplier (the run logs a line saying so).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from sdsweep.config.methods import METHOD_SPECS
+from sdsweep.errors import ConfigError
+
+if TYPE_CHECKING:  # config calls check_optimizer_available while it validates: no runtime import back
+    from sdsweep.config.schema import Config
+
+logger = logging.getLogger(__name__)
+
+# optimizer name -> (import name, pip package) for the optional ones
+OPTIONAL_PACKAGES = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+    "lion": ("lion_pytorch", "lion-pytorch"),
+}
+
+
+def optimizer_name(cfg: Config) -> str:
+    """The optimizer actually used: the legacy ``method.use_8bit_adam`` means adamw8bit."""
+    if cfg.method.use_8bit_adam and cfg.train.optimizer == "adamw":
+        return "adamw8bit"
+    return cfg.train.optimizer
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_optimizer_available(cfg: Config) -> None:
+    """ConfigError naming the package (and the extra) when the chosen optimizer is not installed."""
+    name = optimizer_name(cfg)
+    if name not in OPTIONAL_PACKAGES:
+        return
+    module, package = OPTIONAL_PACKAGES[name]
+    if _installed(module):
+        return
+    key = "method.use_8bit_adam=true" if cfg.method.use_8bit_adam else f"train.optimizer={name}"
+    extra = " (it needs a CUDA GPU)" if name == "adamw8bit" else ""
+    raise ConfigError(
+        f"Invalid config value {key}: the package {package!r} is not installed{extra}. Install it with "
+        f"`pip install {package}` (or `pip install 'sdsweep[optimizers]'`), or use train.optimizer=adamw."
+    )
+
+
+def weight_decay_of(cfg: Config) -> float:
+    """train.adam_weight_decay, or 0 for a method that must not decay (``MethodSpec.decays_weights``)."""
+    spec = METHOD_SPECS.get(cfg.method.name)
+    return cfg.train.adam_weight_decay if spec is None or spec.decays_weights else 0.0
+
+
+def make_optimizer(
+    cfg: Config, params: list[torch.nn.Parameter], device: torch.device, lr: float
+) -> torch.optim.Optimizer:
+    """The configured optimizer with learning rate (or, for Prodigy, lr multiplier) ``lr``."""
+    name = optimizer_name(cfg)
+    check_optimizer_available(cfg)
+    train = cfg.train
+    betas = (train.adam_beta1, train.adam_beta2)
+    weight_decay = weight_decay_of(cfg)
+    if name == "adamw8bit":
+        if device.type != "cuda":
+            key = "method.use_8bit_adam" if cfg.method.use_8bit_adam else "train.optimizer=adamw8bit"
+            raise ConfigError(
+                f"Invalid config value {key}: bitsandbytes' 8-bit AdamW runs on CUDA only and the device "
+                f"is {device}; use train.optimizer=adamw on this machine."
+            )
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(
+            params, lr=lr, betas=betas, eps=train.adam_epsilon, weight_decay=weight_decay
+        )
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        logger.info(
+            "train.optimizer=prodigy estimates its own step size: the learning rate %g is a multiplier of "
+            "that estimate (normally 1.0), and a learning-rate sweep sweeps the multiplier",
+            lr,
+        )
+        # Bias correction and, with warmup, the safeguard: the settings kohya and OneTrainer document
+        # for diffusion fine-tuning (without the safeguard the estimate overshoots during warmup).
+        return Prodigy(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=train.adam_epsilon,
+            weight_decay=weight_decay,
+            use_bias_correction=True,
+            safeguard_warmup=train.lr_warmup_steps > 0,
+        )
+    if name == "lion":
+        from lion_pytorch import Lion
+
+        # Lion keeps its own betas (0.9, 0.99), the paper's; the adam_* betas suit AdamW's second moment.
+        return Lion(params, lr=lr, weight_decay=weight_decay)
+    # foreach: one fused kernel launch per parameter group instead of one per tensor.
+    return torch.optim.AdamW(
+        params, lr=lr, betas=betas, eps=train.adam_epsilon, weight_decay=weight_decay, foreach=True
+    )
