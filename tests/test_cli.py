@@ -144,8 +144,8 @@ def test_help_teaches_the_commands_from_any_folder(tmp_path):
     for command in (
         "+experiment=demo",
         "data.path=",
-        "sdsweep.results.report",
-        "sdsweep.results.export",
+        "sdsweep.report",
+        "sdsweep.export",
         "--plan",
     ):
         assert command in out

@@ -1,0 +1,109 @@
+"""The package's layers, checked from the source: no import cycle, and no import that runs back up.
+
+Layers, lowest first (a module may import its own layer and the ones below):
+leaves (errors, io, signals, progress, warnings_filter, metric_names) < config < models < data < training
+< evaluation < results < sweep < entry modules (__main__, cli and the ``python -m sdsweep.<command>`` modules).
+Imports inside functions count too (they still run); imports under ``if TYPE_CHECKING:`` do not.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sdsweep"
+LAYERS = ["leaves", "config", "models", "data", "training", "evaluation", "results", "sweep", "entry"]
+ENTRY_MODULES = {"__main__", "cli", "report", "export", "generate", "rate", "app"}
+MAX_LINES = 420  # issue #16: "no module over about 400 lines"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:  # the package itself
+        return 0
+    if len(parts) == 2:  # a top-level module: a leaf or an entry point
+        return LAYERS.index("entry") if parts[1] in ENTRY_MODULES else 0
+    return LAYERS.index(parts[1])
+
+
+def is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The sdsweep modules that ``path`` imports (``from sdsweep.x import y`` counts y when y is a module)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and is_type_checking(child):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names if alias.name.startswith("sdsweep"))
+            elif isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("sdsweep"):
+                for alias in child.names:
+                    submodule = f"{child.module}.{alias.name}"
+                    found.add(submodule if submodule in modules else child.module)
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return {name for name in found if name in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    return {name: imports_of(path, modules) - {name} for name, path in paths.items()}
+
+
+def test_no_import_runs_back_up_a_layer():
+    graph = import_graph()
+    upward = sorted(
+        f"{module} ({LAYERS[layer_of(module)]}) imports {target} ({LAYERS[layer_of(target)]})"
+        for module, targets in graph.items()
+        for target in targets
+        if target != "sdsweep" and layer_of(target) > layer_of(module)
+    )
+    assert len(graph) > 40  # the walk saw the package
+    assert upward == []
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+
+    def walk(module: str, stack: list[str]) -> None:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target == "sdsweep" or target.startswith("sdsweep") and module.startswith(target + "."):
+                continue  # a package's __init__ is not a dependency edge worth a cycle
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target) :] + [target])
+            elif target not in state:
+                walk(target, stack)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [])
+    assert cycles == []
+
+
+def test_no_module_is_over_about_400_lines():
+    long = sorted(
+        f"{module_name(p)}: {n} lines"
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    )
+    assert long == []
