@@ -56,12 +56,97 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+PRELOAD = "sdsweep.sweep.preload"  # what the fork server imports once for every worker
+
+
+class ForkedWorker:
+    """A worker forked from the fork server, behind the few ``subprocess.Popen`` methods the pool uses."""
+
+    def __init__(self, process, stdout):
+        self.process = process
+        self.pid = process.pid
+        self.stdout = stdout
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+        return self.process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self.process.exitcode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class WorkerStarter:
+    """Starts workers. On Linux they are forked from a fork server that imported torch, diffusers and
+    transformers once per driver (sdsweep/sweep/preload.py), so a worker, or its replacement after a
+    crash, starts in a fraction of a second instead of paying the ~5 s of imports of a fresh interpreter.
+    A worker is still its own process: a crash or an out-of-memory kill ends only that worker. Where the
+    fork server is not available (or SDSWEEP_WORKER_START=spawn), each worker is a fresh interpreter."""
+
+    def __init__(self):
+        import multiprocessing
+
+        self.context = None
+        if os.environ.get("SDSWEEP_WORKER_START", "forkserver") == "forkserver":
+            try:
+                self.context = multiprocessing.get_context("forkserver")
+            except ValueError:
+                self.context = None
+
+    def warm_up(self) -> None:
+        """Start the fork server now (its imports then overlap the driver's own work)."""
+        if self.context is not None:
+            from multiprocessing import forkserver
+
+            self.context.set_forkserver_preload([PRELOAD])
+            forkserver.ensure_running()
+
+    def start(self, job: str, label: str, token: str, env: dict[str, str]):
+        if self.context is not None:
+            try:
+                return self._fork(job, label, token, env)
+            except (OSError, EOFError, RuntimeError) as error:
+                print(f"[sdsweep] the fork server failed ({error}); starting workers as fresh interpreters")
+                self.context = None
+        return subprocess.Popen(
+            [sys.executable, "-m", "sdsweep.sweep.worker", job, label, token],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            errors="replace",
+            preexec_fn=signals.die_with_parent,
+        )
+
+    def _fork(self, job: str, label: str, token: str, env: dict[str, str]) -> ForkedWorker:
+        from sdsweep.sweep.worker import forked_main
+
+        self.warm_up()
+        reader, writer = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=forked_main, args=(job, label, token, env, writer), name=label, daemon=False
+        )
+        process.start()
+        writer.close()  # the worker holds the only write end: its exit is our end of file
+        stdout = os.fdopen(os.dup(reader.fileno()), "r", encoding="utf-8", errors="replace")
+        reader.close()
+        return ForkedWorker(process, stdout)
+
+
 @dataclass
 class Worker:
     index: int
     device: str | None
     token: str
-    proc: subprocess.Popen
+    proc: ForkedWorker | subprocess.Popen
     log_path: Path
     reader: threading.Thread
     error_lines: list[str] = field(default_factory=list)
@@ -75,6 +160,8 @@ class WorkerPool:
     def __init__(self, engine):
         self.engine = engine
         self.sweep = engine.sweep
+        self.starter = WorkerStarter()
+        self.starter.warm_up()  # the fork server imports while we set up
         self.devices = worker_devices(self.sweep.workers, self.sweep.devices, engine.cfg.train.num_processes)
         cpu_only = all(d is None for d in self.devices)
         self.threads = max(1, cpu_cores() // len(self.devices)) if cpu_only else None
@@ -102,15 +189,7 @@ class WorkerPool:
         if self.threads is not None:
             env["SDSWEEP_TORCH_THREADS"] = env["OMP_NUM_THREADS"] = str(self.threads)
         label = f"worker {index}" + (f" (cuda:{device})" if device is not None else "")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sdsweep.sweep.worker", str(self.job), label, token],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-            errors="replace",
-            preexec_fn=signals.die_with_parent,
-        )
+        proc = self.starter.start(str(self.job), label, token, env)
         log_path = self.paths.runs / f"worker-{index}.log"
         worker = Worker(index, device, token, proc, log_path, threading.Thread())
         worker.reader = threading.Thread(target=self._pump, args=(worker,), daemon=True)

@@ -57,6 +57,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def forked_main(job_path: str, label: str, token: str, env: dict[str, str], output) -> None:
+    """The worker's start in a child of the pool's fork server (sdsweep/sweep/pool.py), which imported
+    torch, diffusers and transformers once: the same ``main`` as ``python -m sdsweep.sweep.worker``,
+    minus the ~5 s of library imports a fresh interpreter pays."""
+    signals.die_with_parent()  # our parent is the fork server, which exits when the driver does
+    fd = output.fileno()
+    os.dup2(fd, 1)  # everything the worker prints goes to the driver's pipe, as with a subprocess
+    os.dup2(fd, 2)
+    output.close()
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    # The driver's environment now, not the fork server's at its start (devices, threads, test switches).
+    os.environ.clear()
+    os.environ.update(env)
+    _thread_locks_for_progress_bars()
+    exit_now(main([job_path, label, token]))
+
+
+def _thread_locks_for_progress_bars() -> None:
+    """tqdm guards its bars with a multiprocessing lock: a named semaphore registered with the driver's
+    resource tracker, which a worker leaving through ``os._exit`` never unregisters (the driver then warns
+    about "leaked semaphore objects"). One process needs only a thread lock."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def exit_now(code: int) -> None:
     """Leave without the interpreter's teardown (~1 s of freeing torch and library state on 2 cores, paid
     while the driver waits): every result is already in the storage and on disk; flush what is left."""

@@ -1,0 +1,21 @@
+"""Imported once by the worker pool's fork server, so that each worker forked from it starts warm.
+
+Only imports: nothing here may start threads, touch CUDA or open files, because every worker is a fork
+of the process that ran it. A library that fails to import is simply left for the worker to import (and
+report) itself.
+"""
+
+from sdsweep import progress, warnings_filter
+
+warnings_filter.install()  # the fork server shares the driver's terminal: no torchvision advice there
+progress.quiet_library_bars()
+
+import accelerate  # noqa: E402, F401
+import torch  # noqa: E402, F401
+import torchmetrics  # noqa: E402, F401
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402, F401
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402, F401
+
+import sdsweep.sweep.engine  # noqa: E402, F401
+import sdsweep.sweep.trial  # noqa: E402, F401
+import sdsweep.sweep.worker  # noqa: E402, F401
