@@ -162,7 +162,7 @@ def step_flops(method: Any, batch: dict[str, Any]) -> dict[str, float]:
 
 
 def first_batch(dataset: Any, batch_size: int) -> dict[str, Any]:
-    from sdsweep.training.train import infinite_batches
+    from sdsweep.training.batches import infinite_batches
 
     return next(infinite_batches(dataset, batch_size, seed=0))
 

@@ -14,8 +14,8 @@ from conftest import TINY_OVERRIDES, compose
 from sdsweep.config.schema import ConfigError
 from sdsweep.sweep.engine import run_sweep
 from sdsweep.sweep.pool import worker_devices
+from sdsweep.training.batches import SeededInfiniteSampler, noise_seeds
 from sdsweep.training.distributed import check_devices
-from sdsweep.training.train import SeededInfiniteSampler, noise_seeds
 
 STEPS = 3
 # One run, scored by the cheapest metric: the test is about training, not evaluation.

@@ -14,7 +14,8 @@ from PIL import Image
 from sdsweep import io
 from sdsweep.config.schema import ConfigError
 from sdsweep.evaluation import metrics
-from sdsweep.evaluation.evaluate import Evaluator, generate, sample_plan
+from sdsweep.evaluation.evaluate import Evaluator
+from sdsweep.evaluation.generation import generate, sample_plan
 from sdsweep.models import loading as models
 
 EVAL_OVERRIDES = TINY_OVERRIDES + ["eval.num_images_per_prompt=2", "eval.num_inference_steps=2"]

@@ -17,8 +17,10 @@ from sdsweep.data.buckets import BucketBatchSampler, BucketGrid, nearest_bucket
 from sdsweep.data.images import load_examples, split_examples
 from sdsweep.data.latent_cache import ROWS, LatentCache, build_training_dataset
 from sdsweep.models.loading import load_components, make_inference_scheduler
+from sdsweep.training.batches import infinite_batches
+from sdsweep.training.caption_dropout import CaptionDropout, with_caption_dropout
 from sdsweep.training.methods import get_method
-from sdsweep.training.train import CaptionDropout, infinite_batches, train, with_caption_dropout
+from sdsweep.training.train import train
 
 CPU = torch.device("cpu")
 # (width, height) of the varied-aspect test set: portrait, landscape, square and one beyond 2:1.
@@ -255,7 +257,7 @@ def test_latent_cache_counts_one_encode_per_bucket_chunk(tmp_path, aspect_dir):
 def test_a_checkpoint_from_before_the_recipe_keys_still_resumes(tmp_path):
     import json as json_module
 
-    from sdsweep.training.train import TRAINING_STATE, check_resumable
+    from sdsweep.training.checkpoints import TRAINING_STATE, check_resumable
 
     cfg, method, dataset = setup(tmp_path / "cache", "train.train_batch_size=1")
     train(cfg, method, dataset, [1], checkpoint_dir=tmp_path / "run")

@@ -13,14 +13,10 @@ from sdsweep.config.schema import ConfigError
 from sdsweep.data.images import load_examples, split_examples
 from sdsweep.data.latent_cache import build_training_dataset
 from sdsweep.models.loading import load_components
+from sdsweep.training.checkpoints import latest_checkpoint
 from sdsweep.training.methods import get_method
-from sdsweep.training.train import (
-    TrainHooks,
-    TrainingDiverged,
-    latest_checkpoint,
-    make_optimizer,
-    train,
-)
+from sdsweep.training.optimizers import make_optimizer
+from sdsweep.training.train import TrainHooks, TrainingDiverged, train
 
 CPU = torch.device("cpu")
 

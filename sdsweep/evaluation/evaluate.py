@@ -1,7 +1,8 @@
 """Judge a pipeline the same way every time: fixed prompts, fixed seeds, one sampler, one set of metrics.
 
 ``Evaluator`` is built once per run (it loads CLIP and the reference features once) and ``evaluate`` is
-called at every milestone. A metric that cannot be computed is recorded in ``missing`` with the reason;
+called at every milestone: it samples the images (generation), scores them metric by metric and
+assembles the ``EvalResult``. A metric that cannot be computed is recorded in ``missing`` with the reason;
 ``evaluate`` never raises, so one broken metric never loses a trial. Impossible *configuration* (no
 prompts, a missing reference folder, a CLIP model that is not available offline) raises at construction,
 before any image is generated.
@@ -9,30 +10,28 @@ before any image is generated.
 
 from __future__ import annotations
 
-import hashlib
-import textwrap
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from sdsweep import io
 from sdsweep.config.constraints import distance_keys, resolved_lpips_backbone
-from sdsweep.config.schema import Config, ConfigError, check_eval_prompts, resolved_guidance_rescale
-from sdsweep.data.images import IMAGE_SUFFIXES, open_rgb
+from sdsweep.config.schema import Config, check_eval_prompts, resolved_guidance_rescale
 from sdsweep.evaluation import metrics
+from sdsweep.evaluation.generation import Generated, generate, sample_plan
+from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table
 from sdsweep.evaluation.judge import judge_truth
-from sdsweep.evaluation.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
-from sdsweep.models.loading import make_inference_scheduler, sampling_precision
-from sdsweep.progress import Progress
-
-MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
+from sdsweep.evaluation.outputs import make_grid, save_outputs
+from sdsweep.evaluation.protocol_files import HELDOUT_TRUTH
+from sdsweep.evaluation.reference import cached_reference_features, load_reference_dir, reference_key
+from sdsweep.evaluation.validation import validation_loss
 
 
 @dataclass
@@ -47,164 +46,6 @@ class EvalResult:
     seconds: float
     # heldout_captions protocol: per-image values keyed like the metric (e.g. "eval/lpips_clip": [..]).
     per_image: dict[str, list[float]] = field(default_factory=dict)
-
-
-# ---- generation ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SampleSpec:
-    prompt_index: int
-    prompt: str
-    seed: int
-
-
-@dataclass
-class Generated:
-    specs: list[SampleSpec]
-    arrays: list[np.ndarray] = field(default_factory=list)  # float (H,W,3) in [0,1]; NaN kept visible
-    images: list[Image.Image] = field(default_factory=list)
-    features: torch.Tensor | None = None  # FID/KID features, computed on first use and shared by both
-
-
-def sample_plan(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -> list[SampleSpec]:
-    """Image i of every prompt uses ``seed + i``, so every trial sees the same starting noise."""
-    return [
-        SampleSpec(p, prompt, seed + i)
-        for p, prompt in enumerate(prompts)
-        for i in range(num_images_per_prompt)
-    ]
-
-
-def generate(
-    pipeline,
-    plan: Sequence[SampleSpec],
-    *,
-    scheduler: str,
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
-    batch_size: int,
-    zero_terminal_snr: bool = False,
-    guidance_rescale: float = 0.0,
-    dtype: str = "auto",
-) -> Generated:
-    """Run the pipeline over the plan in batches; one generator per image makes results batch-independent.
-
-    ``dtype`` (``eval.dtype``): auto samples under half-precision autocast on CUDA and in fp32 on CPU.
-    """
-    result = Generated(specs=list(plan))
-    original_scheduler = pipeline.scheduler
-    # Swap the sampler in for the evaluation only: the caller's pipeline is left as it was given.
-    # zero_terminal_snr: trials and the baseline alike sample with the rescaled, trailing schedule.
-    pipeline.scheduler = make_inference_scheduler(scheduler, original_scheduler.config, zero_terminal_snr)
-    pipeline.set_progress_bar_config(disable=True)
-    bar = Progress("eval", len(plan), "images", leave=False)
-    try:
-        for start in range(0, len(plan), batch_size):
-            chunk = plan[start : start + batch_size]
-            with sampling_precision(dtype, pipeline.device):
-                output = pipeline(
-                    prompt=[spec.prompt for spec in chunk],
-                    generator=[torch.Generator("cpu").manual_seed(spec.seed) for spec in chunk],
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    guidance_rescale=guidance_rescale,
-                    height=resolution,
-                    width=resolution,
-                    output_type="np",  # floats, so a NaN image is detectable before conversion to uint8
-                )
-            result.arrays.extend(np.asarray(image, dtype=np.float32) for image in output.images)
-            bar.advance(len(chunk))
-    finally:
-        bar.close()
-        pipeline.scheduler = original_scheduler
-    result.images = [metrics.float_to_pil(array) for array in result.arrays]
-    return result
-
-
-# ---- grid and files --------------------------------------------------------------------------------------
-def make_grid(
-    images: Sequence[Image.Image], specs: Sequence[SampleSpec], prompts: Sequence[str]
-) -> Image.Image:
-    """Rows = prompts, columns = seeds, with the prompt text on the left and the seed above each column."""
-    font = ImageFont.load_default(size=14)  # a scalable font: the bitmap default's spaces vanish when scaled
-    seeds = sorted({spec.seed for spec in specs})
-    side = max([MIN_GRID_CELL] + [max(image.size) for image in images])
-    label_width, header = 220, 22
-    grid = Image.new("RGB", (label_width + side * len(seeds), header + side * max(1, len(prompts))), "white")
-    draw = ImageDraw.Draw(grid)
-    for column, seed in enumerate(seeds):
-        draw.text((label_width + column * side + 4, 4), f"seed {seed}", fill="black", font=font)
-    for row, prompt in enumerate(prompts):
-        lines = textwrap.wrap(f"p{row:02d}: {prompt}", width=26)[:8]
-        draw.multiline_text((4, header + row * side + 4), "\n".join(lines), fill="black", font=font)
-    for image, spec in zip(images, specs):
-        # NEAREST keeps small samples crisp instead of blurring them into the label text's scale.
-        cell = image.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
-        grid.paste(cell, (label_width + seeds.index(spec.seed) * side, header + spec.prompt_index * side))
-    return grid
-
-
-def save_outputs(
-    out_dir: Path, images: Sequence[Image.Image], specs: Sequence[SampleSpec], grid: Image.Image
-) -> None:
-    samples = out_dir / io.TRIAL_SAMPLES
-    for image, spec in zip(images, specs):
-        io.atomic_save_image(samples / io.sample_name(spec.prompt_index, spec.seed), image)
-    io.atomic_save_image(out_dir / io.TRIAL_GRID, grid)
-
-
-# ---- validation loss -------------------------------------------------------------------------------------
-@torch.no_grad()
-def validation_loss(method, batch: dict[str, Any], seed: int, timesteps: int) -> float:
-    """Mean loss over ``timesteps`` fixed draws of noise and timesteps: comparable across steps and trials."""
-    losses = []
-    cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    # The global RNG is also seeded (inside a fork, so training's random stream is untouched): any draw a
-    # method makes without the generator (e.g. the VAE's latent_dist.sample()) must not change the score.
-    with torch.random.fork_rng(devices=cuda_devices):
-        for k in range(timesteps):
-            torch.manual_seed(seed + k)
-            loss, _ = method.compute_loss(batch, generator=torch.Generator().manual_seed(seed + k))
-            losses.append(float(loss.detach().float().cpu()))
-    return float(np.mean(losses))
-
-
-# ---- reference features ----------------------------------------------------------------------------------
-def load_reference_dir(folder: str | Path) -> list[Image.Image]:
-    """Every image in ``eval.reference_dir`` (sorted, so the cache key is stable)."""
-    path = Path(folder).expanduser()
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
-    if not files:
-        raise ConfigError(
-            f"eval.reference_dir={str(folder)!r} is not a folder with images (.png/.jpg/.webp/.bmp). Point it at "
-            "the real images FID/KID should compare against, or set eval.reference_dir=null to use the held-out images."
-        )
-    return [open_rgb(file) for file in files]
-
-
-def reference_key(images: Sequence[Image.Image], feature_id: str, resolution: int) -> str:
-    digest = hashlib.sha256(f"{feature_id}|{resolution}|{len(images)}".encode())
-    for image in images:
-        digest.update(f"{image.size}".encode())
-        digest.update(image.convert("RGB").tobytes())
-    return digest.hexdigest()[:24]
-
-
-def cached_reference_features(
-    cache_dir: Path, key: str, compute: Callable[[], torch.Tensor]
-) -> tuple[torch.Tensor, bool]:
-    """(features, came_from_cache). Computed once per study; trials and re-runs read the file."""
-    from safetensors.torch import load_file, save
-
-    path = cache_dir / f"{key}.safetensors"
-    if path.exists():
-        try:
-            return load_file(path)["features"], True
-        except Exception:  # an unreadable cache file is rebuilt, never fatal
-            pass
-    features = compute().contiguous()
-    io.atomic_write_bytes(path, save({"features": features}))
-    return features, False
 
 
 # ---- the evaluator ---------------------------------------------------------------------------------------
@@ -234,23 +75,14 @@ class Evaluator:
         ev = cfg.eval
         self.heldout = ev.protocol == "heldout_captions"
         if self.heldout:
-            captions = [str(c) for c in heldout_captions or []]
-            if not captions or len(captions) != len(reference_images) or any(not c.strip() for c in captions):
-                raise ConfigError(
-                    f"eval.protocol=heldout_captions needs one non-empty caption per held-out photo (got "
-                    f"{len(captions)} captions for {len(reference_images)} photos); use a captioned dataset "
-                    "(data=imagefolder with a caption column) and data.num_heldout >= 2."
-                )
-            self.prompts = captions
+            self.plan = heldout_plan(heldout_captions, len(reference_images), ev.seed)
+            self.prompts = [spec.prompt for spec in self.plan]
         else:
             self.prompts = list(ev.prompts)
+            self.plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
         check_eval_prompts(self.prompts)
         self.wanted = list(dict.fromkeys(ev.metrics))
         self.resolution = ev.resolution or cfg.model.resolution
-        if self.heldout:  # one image per caption; caption i always starts from the noise of seed + i
-            self.plan = [SampleSpec(i, caption, ev.seed + i) for i, caption in enumerate(self.prompts)]
-        else:
-            self.plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
         self.fid_key, self.kid_key = distance_keys(ev.fid_features)
         self.truth_dir = study_paths.root / HELDOUT_TRUTH
         self.reference_cache = study_paths.cache / "reference"
@@ -425,7 +257,9 @@ class Evaluator:
             try:
                 save_outputs(Path(out_dir), generated.images, generated.specs, grid)
                 if self.heldout:
-                    self._save_heldout_table(Path(out_dir), generated, per_image)
+                    write_heldout_table(
+                        Path(out_dir), self.truth_dir, generated.specs, self.reference_images, per_image
+                    )
             except OSError as error:  # a full disk must not lose the metrics themselves
                 warnings.append(f"{prefix}could not save samples/grid to {out_dir}: {error}")
         return EvalResult(
@@ -439,25 +273,6 @@ class Evaluator:
             seconds=time.perf_counter() - started,
             per_image=per_image,
         )
-
-    def _save_heldout_table(
-        self, out_dir: Path, generated: Generated, per_image: dict[str, list[float]]
-    ) -> None:
-        """The test-set table's rows for this model; the ground-truth photos are written once per study."""
-        rows = []
-        for index, spec in enumerate(generated.specs):
-            truth = self.truth_dir / truth_name(spec.prompt_index)
-            if not truth.exists():
-                io.atomic_save_image(truth, self.reference_images[spec.prompt_index])
-            row = {
-                "caption": spec.prompt,
-                "seed": spec.seed,
-                "sample": f"{io.TRIAL_SAMPLES}/{io.sample_name(spec.prompt_index, spec.seed)}",
-                "truth": f"{HELDOUT_TRUTH}/{truth_name(spec.prompt_index)}",
-            }
-            row.update({key: values[index] for key, values in per_image.items()})
-            rows.append(row)
-        io.atomic_write_json(out_dir / HELDOUT_TABLE, {"rows": rows})
 
     # -- one method per metric; each returns {key: value} and may append warnings
     def _clip_score(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""The optimizer factory: ``train.optimizer`` -> a torch optimizer over the trainable parameters.
+"""The optimizer factory: ``train.optimizer`` -> a torch optimizer over the trainable parameters, at the
+effective learning rate (``method.learning_rate``, scaled by the global batch with ``method.scale_lr``).
 
 adamw (torch), adamw8bit (bitsandbytes, CUDA only), prodigy (prodigyopt) and lion (lion-pytorch). The
 optional ones come from the ``optimizers`` extra; asking for one that is not installed is a
@@ -65,10 +66,19 @@ def weight_decay_of(cfg: Config) -> float:
     return cfg.train.adam_weight_decay if spec is None or spec.decays_weights else 0.0
 
 
+def effective_learning_rate(cfg: Config) -> float:
+    lr = cfg.method.learning_rate
+    if cfg.method.scale_lr:
+        # The global batch, as diffusers' examples scale it.
+        lr *= cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps * cfg.train.num_processes
+    return lr
+
+
 def make_optimizer(
-    cfg: Config, params: list[torch.nn.Parameter], device: torch.device, lr: float
+    cfg: Config, params: list[torch.nn.Parameter], device: torch.device
 ) -> torch.optim.Optimizer:
-    """The configured optimizer with learning rate (or, for Prodigy, lr multiplier) ``lr``."""
+    """The configured optimizer at the effective learning rate (for Prodigy, the lr multiplier)."""
+    lr = effective_learning_rate(cfg)
     name = optimizer_name(cfg)
     check_optimizer_available(cfg)
     train = cfg.train

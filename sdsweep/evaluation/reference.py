@@ -1,0 +1,51 @@
+"""The reference images FID/KID compare against, and their features cached once per study."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sdsweep import io
+from sdsweep.config.schema import ConfigError
+from sdsweep.data.images import IMAGE_SUFFIXES, open_rgb
+
+
+def load_reference_dir(folder: str | Path) -> list[Image.Image]:
+    """Every image in ``eval.reference_dir`` (sorted, so the cache key is stable)."""
+    path = Path(folder).expanduser()
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if not files:
+        raise ConfigError(
+            f"eval.reference_dir={str(folder)!r} is not a folder with images (.png/.jpg/.webp/.bmp). Point it at "
+            "the real images FID/KID should compare against, or set eval.reference_dir=null to use the held-out images."
+        )
+    return [open_rgb(file) for file in files]
+
+
+def reference_key(images: Sequence[Image.Image], feature_id: str, resolution: int) -> str:
+    digest = hashlib.sha256(f"{feature_id}|{resolution}|{len(images)}".encode())
+    for image in images:
+        digest.update(f"{image.size}".encode())
+        digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_reference_features(
+    cache_dir: Path, key: str, compute: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, bool]:
+    """(features, came_from_cache). Computed once per study; trials and re-runs read the file."""
+    from safetensors.torch import load_file, save
+
+    path = cache_dir / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["features"], True
+        except Exception:  # an unreadable cache file is rebuilt, never fatal
+            pass
+    features = compute().contiguous()
+    io.atomic_write_bytes(path, save({"features": features}))
+    return features, False
