@@ -12,7 +12,7 @@ from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.evaluation import metrics
 from sdsweep.evaluation.evaluate import Evaluator, generate, sample_plan
 from sdsweep.models import loading as models
@@ -188,7 +188,7 @@ def full_method(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def heldout_batch(full_method):
-    from sdsweep.config.schema import resolved_resolution
+    from sdsweep.config.resolve import resolved_resolution
     from sdsweep.data.images import ImageCaptionDataset, collate, load_examples, split_examples
 
     cfg, _ = full_method

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.models.loading import load_components, resolve_model_source
 from sdsweep.training.memory import (
     GIB,

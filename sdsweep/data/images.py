@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sdsweep.config.schema import Config, resolved_resolution
+from sdsweep.config.resolve import resolved_resolution
+from sdsweep.config.schema import Config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 IMAGE_COLUMNS = ("file_name", "image", "image_file", "path", "filename")

@@ -24,8 +24,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdsweep import io
 from sdsweep.config.constraints import distance_keys, resolved_lpips_backbone
-from sdsweep.config.schema import Config, ConfigError, check_eval_prompts, resolved_guidance_rescale
+from sdsweep.config.resolve import resolved_guidance_rescale
+from sdsweep.config.schema import Config
+from sdsweep.config.validate import check_eval_prompts
 from sdsweep.data.images import IMAGE_SUFFIXES, open_rgb
+from sdsweep.errors import ConfigError
 from sdsweep.evaluation import metrics
 from sdsweep.evaluation.judge import judge_truth
 from sdsweep.evaluation.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name

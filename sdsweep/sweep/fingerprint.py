@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import io
-from sdsweep.config.schema import Config, ConfigError, flatten
+from sdsweep.config.resolve import flatten
+from sdsweep.config.schema import Config
+from sdsweep.errors import ConfigError
 
 FINGERPRINT_VERSION = 1
 RESET_MARKER_ENV = "SDSWEEP_STUDY_RESET_DONE"  # children of a reset run must not reset it again

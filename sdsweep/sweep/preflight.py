@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from sdsweep import io
 from sdsweep.config.compose import CONF_DIR
-from sdsweep.config.schema import Config, MethodConfig, ModelConfig, ParamSpec
+from sdsweep.config.methods import MethodConfig
+from sdsweep.config.schema import Config, ModelConfig, ParamSpec
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 GROUP_SCHEMAS = {"model": ModelConfig, "method": MethodConfig}

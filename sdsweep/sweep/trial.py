@@ -26,7 +26,9 @@ import torch
 
 from sdsweep import io, signals
 from sdsweep.config.constraints import parse_constraint
-from sdsweep.config.schema import Config, resolved_resolution, to_yaml
+from sdsweep.config.load import to_yaml
+from sdsweep.config.resolve import resolved_resolution
+from sdsweep.config.schema import Config
 from sdsweep.progress import Progress
 from sdsweep.results.record import TrialRecord, TrialState, read_record, read_record_or_none
 from sdsweep.sweep.study_store import (

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from sdsweep.config.schema import Config, ConfigError, resolved_resolution
+from sdsweep.config.resolve import resolved_resolution
+from sdsweep.config.schema import Config
+from sdsweep.errors import ConfigError
 
 GIB = 2**30
 TOKENS = 77  # every SD prompt is padded to the CLIP context length

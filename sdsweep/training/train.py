@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from sdsweep import io
-from sdsweep.config.schema import Config, flatten
+from sdsweep.config.resolve import flatten
+from sdsweep.config.schema import Config
 from sdsweep.data.buckets import BucketBatchSampler
 from sdsweep.data.images import collate, draw_seed, split_key
 from sdsweep.models.loading import resolve_mixed_precision
