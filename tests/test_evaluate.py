@@ -189,7 +189,8 @@ def full_method(tmp_path_factory):
 @pytest.fixture(scope="module")
 def heldout_batch(full_method):
     from sdsweep.config.resolve import resolved_resolution
-    from sdsweep.data.images import ImageCaptionDataset, collate, load_examples, split_examples
+    from sdsweep.data.examples import load_examples, split_examples
+    from sdsweep.data.images import ImageCaptionDataset, collate
 
     cfg, _ = full_method
     _, heldout = split_examples(load_examples(cfg), cfg.data.num_heldout)

@@ -15,7 +15,7 @@ from PIL import Image
 from sdsweep.config.resolve import resolved_guidance_rescale
 from sdsweep.config.validate import validate
 from sdsweep.data.buckets import BucketBatchSampler, BucketGrid, nearest_bucket
-from sdsweep.data.images import load_examples, split_examples
+from sdsweep.data.examples import load_examples, split_examples
 from sdsweep.data.latent_cache import ROWS, LatentCache, build_training_dataset
 from sdsweep.errors import ConfigError
 from sdsweep.models.loading import load_components, make_inference_scheduler

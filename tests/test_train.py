@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.data.images import load_examples, split_examples
+from sdsweep.data.examples import load_examples, split_examples
 from sdsweep.data.latent_cache import build_training_dataset
 from sdsweep.errors import ConfigError
 from sdsweep.models.loading import load_components

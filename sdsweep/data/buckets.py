@@ -25,7 +25,8 @@ from PIL import Image
 
 from sdsweep.config.resolve import resolved_resolution
 from sdsweep.config.schema import Config
-from sdsweep.data.images import Example, ItemKey, draw_seed, load_pil_images, split_key, to_tensor
+from sdsweep.data.examples import Example
+from sdsweep.data.images import ItemKey, draw_seed, load_pil_images, split_key, to_tensor
 from sdsweep.errors import ConfigError
 
 Bucket = tuple[int, int]  # (width, height) in pixels

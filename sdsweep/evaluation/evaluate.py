@@ -27,7 +27,8 @@ from sdsweep.config.constraints import distance_keys, resolved_lpips_backbone
 from sdsweep.config.resolve import resolved_guidance_rescale
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import check_eval_prompts
-from sdsweep.data.images import IMAGE_SUFFIXES, open_rgb
+from sdsweep.data.examples import IMAGE_SUFFIXES
+from sdsweep.data.images import open_rgb
 from sdsweep.errors import ConfigError
 from sdsweep.evaluation import metrics
 from sdsweep.evaluation.judge import judge_truth

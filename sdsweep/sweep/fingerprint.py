@@ -120,7 +120,7 @@ def _defining(key: str, swept: set[str], single: bool) -> bool:
 
 def study_fingerprint(cfg: Config, examples: list[Any] | None = None) -> dict[str, Any]:
     """The study's identity as plain JSON: {"version", "model", "data": {file: {sha256, caption}}, "settings"}."""
-    from sdsweep.data.images import load_examples
+    from sdsweep.data.examples import load_examples
 
     single = _is_single(cfg)
     swept = set(cfg.sweep.params) if cfg.sweep is not None else set()

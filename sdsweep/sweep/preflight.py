@@ -138,7 +138,7 @@ def eval_model_problems(cfg: Config) -> list[str]:
 
 
 def reference_dir_problem(cfg: Config) -> str | None:
-    from sdsweep.data.images import IMAGE_SUFFIXES
+    from sdsweep.data.examples import IMAGE_SUFFIXES
 
     if not cfg.eval.reference_dir:
         return None
@@ -234,7 +234,7 @@ def run_preflight(overrides: list[str]):
 
     Returns the dataset's ``DataSummary`` (already printed).
     """
-    from sdsweep.data.images import DataError, list_examples, summarize_dataset
+    from sdsweep.data.examples import DataError, list_examples, summarize_dataset
     from sdsweep.models.loading import (
         ModelUnavailableError,
         resolve_model_source,

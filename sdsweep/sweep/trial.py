@@ -277,13 +277,8 @@ class _Setup:
     """Everything a run needs before its first step; built once per run."""
 
     def __init__(self, cfg: Config, paths: io.StudyPaths):
-        from sdsweep.data.images import (
-            ImageCaptionDataset,
-            collate,
-            load_examples,
-            load_pil_images,
-            split_examples,
-        )
+        from sdsweep.data.examples import load_examples, split_examples
+        from sdsweep.data.images import ImageCaptionDataset, collate, load_pil_images
         from sdsweep.data.latent_cache import build_training_dataset
         from sdsweep.evaluation.evaluate import Evaluator
         from sdsweep.models.loading import load_components, select_device
