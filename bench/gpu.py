@@ -170,7 +170,7 @@ def first_batch(dataset: Any, batch_size: int) -> dict[str, Any]:
 def training_case(
     case: Case, model_overrides: list[str], plan: Plan, device: torch.device, cache_dir: Path
 ) -> dict:
-    from sdsweep.data.images import load_examples, split_examples
+    from sdsweep.data.examples import load_examples, split_examples
     from sdsweep.data.latent_cache import build_training_dataset
     from sdsweep.models.loading import load_components
     from sdsweep.training.memory import estimate_for_config

@@ -230,7 +230,8 @@ def fresh_setup(cfg) -> tuple[Any, Any]:
     """Components + prepared full fine-tune method + the pixel dataset, as a trial builds them."""
     import torch
 
-    from sdsweep.data.images import dataset_for, load_examples
+    from sdsweep.data.examples import load_examples
+    from sdsweep.data.images import dataset_for
     from sdsweep.models.loading import load_components
     from sdsweep.training.methods import get_method
 

@@ -11,7 +11,8 @@ import sys
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from sdsweep.config.schema import ConfigError, to_typed
+from sdsweep.config.load import to_typed
+from sdsweep.errors import ConfigError
 from sdsweep.results.study_folder import is_feasible
 
 

@@ -27,7 +27,8 @@ def compose(overrides: list[str] | None = None, typed: bool = True):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sdsweep.config.schema import register_configs, to_typed
+    from sdsweep.config.load import to_typed
+    from sdsweep.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -8,14 +8,8 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.data.images import (
-    ImageCaptionDataset,
-    collate,
-    load_examples,
-    load_pil_images,
-    resize_and_crop,
-    to_tensor,
-)
+from sdsweep.data.examples import load_examples
+from sdsweep.data.images import ImageCaptionDataset, collate, load_pil_images, resize_and_crop, to_tensor
 from sdsweep.data.latent_cache import (
     FLIPPED,
     PLAIN,

@@ -6,7 +6,9 @@ import pytest
 from conftest import CONF_DIR, TINY_OVERRIDES, compose
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from sdsweep.config.schema import Config, ConfigError, flatten
+from sdsweep.config.resolve import flatten
+from sdsweep.config.schema import Config
+from sdsweep.errors import ConfigError
 
 GROUPS = {
     "model": ["sd15", "sd21", "sd21_base", "shapes", "tiny", "tiny_sd21"],
@@ -143,7 +145,7 @@ def test_added_keys_outside_the_schema_are_rejected_with_the_closest_key(overrid
 
 
 def test_unknown_keys_are_found_inside_sweep_params_and_objectives():
-    from sdsweep.config.schema import unknown_keys
+    from sdsweep.config.load import unknown_keys
 
     container = {
         "sweep": {

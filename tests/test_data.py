@@ -11,15 +11,8 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep.data.images import (
-    DataError,
-    Example,
-    ImageCaptionDataset,
-    collate,
-    load_examples,
-    load_pil_images,
-    split_examples,
-)
+from sdsweep.data.examples import DataError, Example, load_examples, split_examples
+from sdsweep.data.images import ImageCaptionDataset, collate, load_pil_images
 
 
 def write_image(
@@ -200,7 +193,8 @@ def test_load_pil_images_returns_rgb_images(tmp_path):
 
 
 # ---- robustness: encodings, image modes, bombs, layouts, the summary ----------------------------------
-from sdsweep.data.images import open_rgb, summarize_dataset  # noqa: E402
+from sdsweep.data.examples import summarize_dataset  # noqa: E402
+from sdsweep.data.images import open_rgb  # noqa: E402
 
 
 def write_metadata(folder: Path, text: str, name: str, encoding: str) -> None:

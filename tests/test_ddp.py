@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.sweep.engine import run_sweep
 from sdsweep.sweep.pool import worker_devices
 from sdsweep.training.batches import SeededInfiniteSampler, noise_seeds

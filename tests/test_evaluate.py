@@ -12,7 +12,7 @@ from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.evaluation import metrics
 from sdsweep.evaluation.evaluate import Evaluator
 from sdsweep.evaluation.generation import generate, sample_plan
@@ -189,8 +189,9 @@ def full_method(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def heldout_batch(full_method):
-    from sdsweep.config.schema import resolved_resolution
-    from sdsweep.data.images import ImageCaptionDataset, collate, load_examples, split_examples
+    from sdsweep.config.resolve import resolved_resolution
+    from sdsweep.data.examples import load_examples, split_examples
+    from sdsweep.data.images import ImageCaptionDataset, collate
 
     cfg, _ = full_method
     _, heldout = split_examples(load_examples(cfg), cfg.data.num_heldout)

@@ -172,7 +172,8 @@ def test_explicit_trial_is_exported(finished_study, tmp_path):
 
 @pytest.mark.slow
 def test_generate_writes_reproducible_pngs(finished_study, tmp_path, capsys):
-    from sdsweep.config.schema import load_yaml, resolved_resolution
+    from sdsweep.config.load import load_yaml
+    from sdsweep.config.resolve import resolved_resolution
     from sdsweep.results.generate import main as generate_main
 
     args = [str(finished_study), "--prompt", "a photo of sks", "--num-images", "2", "--steps", "2"]

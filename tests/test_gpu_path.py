@@ -78,7 +78,7 @@ def test_compile_trains_on_cpu(tiny_cfg):
     components = load_components(tiny_cfg, device)
     method = get_method("full")(tiny_cfg, components, device)
     method.prepare()
-    from sdsweep.data.images import load_examples, split_examples
+    from sdsweep.data.examples import load_examples, split_examples
     from sdsweep.data.latent_cache import build_training_dataset
 
     examples, _ = split_examples(load_examples(tiny_cfg), tiny_cfg.data.num_heldout)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdsweep import io
 from sdsweep.cli import UserError, preflight
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.sweep.fingerprint import RESET_MARKER_ENV
 
 

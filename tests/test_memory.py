@@ -7,18 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.models.loading import load_components, resolve_model_source
 from sdsweep.training.memory import (
     GIB,
-    SavedTensorCounter,
-    TrainingFootprint,
     check_fits,
     estimate_for_config,
     estimate_training_memory,
     footprint_from_config,
     load_model_configs,
 )
+from sdsweep.training.memory_trace import SavedTensorCounter, TrainingFootprint
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sdsweep.config.methods import METHOD_SCHEMAS, MethodConfig, option_names
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from tests.conftest import compose
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -177,7 +177,7 @@ def test_saved_weights_reload_through_diffusers_and_generate(trained, tmp_path, 
 
 
 def test_unknown_method_names_the_allowed_ones():
-    from sdsweep.config.schema import ConfigError
+    from sdsweep.errors import ConfigError
     from sdsweep.training.methods import METHODS, get_method
 
     assert sorted(METHODS) == sorted(METHOD_NAMES)
@@ -298,7 +298,7 @@ def test_dreambooth_class_images_are_generated_once_and_reused(study_cache, trai
 
 
 def test_dreambooth_config_errors(study_cache):
-    from sdsweep.config.schema import ConfigError
+    from sdsweep.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.instance_prompt"):
         build_method("dreambooth", "tiny", study_cache, "data.instance_prompt=null")
@@ -351,7 +351,7 @@ def test_textual_inversion_multi_vector_file_loads_as_all_its_tokens(study_cache
 
 
 def test_textual_inversion_config_errors(study_cache):
-    from sdsweep.config.schema import ConfigError
+    from sdsweep.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'photo' already exists"):
         build_method("textual_inversion", "tiny", study_cache, "method.placeholder_token=photo")

@@ -9,7 +9,7 @@ from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
 from sdsweep.cli import UserError, preflight
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.sweep.fingerprint import RESET_MARKER_ENV
 from sdsweep.sweep.preflight import available_search_space
 

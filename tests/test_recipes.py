@@ -12,10 +12,12 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep.config.schema import ConfigError, resolved_guidance_rescale, validate
+from sdsweep.config.resolve import resolved_guidance_rescale
+from sdsweep.config.validate import validate
 from sdsweep.data.buckets import BucketBatchSampler, BucketGrid, nearest_bucket
-from sdsweep.data.images import load_examples, split_examples
+from sdsweep.data.examples import load_examples, split_examples
 from sdsweep.data.latent_cache import ROWS, LatentCache, build_training_dataset
+from sdsweep.errors import ConfigError
 from sdsweep.models.loading import load_components, make_inference_scheduler
 from sdsweep.training.batches import infinite_batches
 from sdsweep.training.caption_dropout import CaptionDropout, with_caption_dropout

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.config.schema import ConfigError
-from sdsweep.data.images import load_examples, split_examples
+from sdsweep.data.examples import load_examples, split_examples
 from sdsweep.data.latent_cache import build_training_dataset
+from sdsweep.errors import ConfigError
 from sdsweep.models.loading import load_components
 from sdsweep.training.checkpoints import latest_checkpoint
 from sdsweep.training.methods import get_method

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdsweep.config.schema import Config, ConfigError, register_configs, to_typed
+from sdsweep.config.load import to_typed
+from sdsweep.config.schema import Config, register_configs
+from sdsweep.errors import ConfigError
 
 SWEEP_SHORTCUTS = ("sweep.learning_rates", "sweep.steps")
 

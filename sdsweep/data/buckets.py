@@ -23,8 +23,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdsweep.config.schema import Config, ConfigError, resolved_resolution
-from sdsweep.data.images import Example, ItemKey, draw_seed, load_pil_images, split_key, to_tensor
+from sdsweep.config.resolve import resolved_resolution
+from sdsweep.config.schema import Config
+from sdsweep.data.examples import Example
+from sdsweep.data.images import ItemKey, draw_seed, load_pil_images, split_key, to_tensor
+from sdsweep.errors import ConfigError
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 

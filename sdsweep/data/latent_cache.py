@@ -24,10 +24,11 @@ from typing import Any, ClassVar
 import torch
 
 from sdsweep import io
-from sdsweep.config.schema import Config, resolved_resolution
+from sdsweep.config.resolve import resolved_resolution
+from sdsweep.config.schema import Config
 from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, fit_to_bucket, grid_for
+from sdsweep.data.examples import Example
 from sdsweep.data.images import (
-    Example,
     ImageCaptionDataset,
     ItemKey,
     dataset_for,

@@ -23,7 +23,9 @@ from PIL import Image
 
 from sdsweep import io
 from sdsweep.config.constraints import distance_keys, resolved_lpips_backbone
-from sdsweep.config.schema import Config, check_eval_prompts, resolved_guidance_rescale
+from sdsweep.config.resolve import resolved_guidance_rescale
+from sdsweep.config.schema import Config
+from sdsweep.config.validate import check_eval_prompts
 from sdsweep.evaluation import metrics
 from sdsweep.evaluation.generation import Generated, generate, sample_plan
 from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.evaluation.generation import SampleSpec
 from sdsweep.evaluation.protocol_files import HELDOUT_TABLE, HELDOUT_TRUTH, truth_name
 

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.config.schema import ConfigError
-from sdsweep.data.images import IMAGE_SUFFIXES, open_rgb
+from sdsweep.data.examples import IMAGE_SUFFIXES
+from sdsweep.data.images import open_rgb
+from sdsweep.errors import ConfigError
 
 
 def load_reference_dir(folder: str | Path) -> list[Image.Image]:

@@ -295,7 +295,7 @@ def zero_terminal_snr_scheduler(noise_scheduler, prediction_type: str):
     """
     from diffusers import DDPMScheduler
 
-    from sdsweep.config.schema import ConfigError
+    from sdsweep.errors import ConfigError
 
     if prediction_type != "v_prediction":
         raise ConfigError(

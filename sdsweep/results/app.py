@@ -77,7 +77,7 @@ class StudyApp:
         """One image from ``which`` with the study's sampler, guidance and resolution."""
         import torch
 
-        from sdsweep.config.schema import resolved_resolution
+        from sdsweep.config.resolve import resolved_resolution
 
         if not str(prompt).strip():
             raise ValueError("Enter a prompt.")

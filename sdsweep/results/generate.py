@@ -53,7 +53,7 @@ def resolve_target(study_dir: Path, which: str) -> Target:
 
 def load_pipeline_for(target: Target, device: Any, scheduler: str | None):
     """(pipeline, cfg); imports torch/diffusers only here."""
-    from sdsweep.config.schema import load_yaml
+    from sdsweep.config.load import load_yaml
 
     cfg = load_yaml(str(target.config_path))
     scheduler = scheduler or cfg.eval.scheduler
@@ -94,7 +94,7 @@ def generate(
     """Generate ``num_images`` PNGs for ``prompt``; returns their paths."""
     import torch
 
-    from sdsweep.config.schema import resolved_resolution
+    from sdsweep.config.resolve import resolved_resolution
     from sdsweep.models.loading import select_device
 
     target = resolve_target(study_dir, trial)

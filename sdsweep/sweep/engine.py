@@ -118,7 +118,7 @@ class SweepEngine:
         self.single_key = None
         self.single_params: dict[str, Any] = {}
         if self.sweep.name == "single":
-            from sdsweep.config.schema import to_yaml
+            from sdsweep.config.load import to_yaml
 
             self.single_key = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
             # What the user set on the command line (e.g. each job of a Hydra -m multirun) is what tells

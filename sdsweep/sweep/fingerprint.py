@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import io
-from sdsweep.config.schema import Config, ConfigError, flatten
+from sdsweep.config.resolve import flatten
+from sdsweep.config.schema import Config
+from sdsweep.errors import ConfigError
 
 FINGERPRINT_VERSION = 1
 RESET_MARKER_ENV = "SDSWEEP_STUDY_RESET_DONE"  # children of a reset run must not reset it again
@@ -118,7 +120,7 @@ def _defining(key: str, swept: set[str], single: bool) -> bool:
 
 def study_fingerprint(cfg: Config, examples: list[Any] | None = None) -> dict[str, Any]:
     """The study's identity as plain JSON: {"version", "model", "data": {file: {sha256, caption}}, "settings"}."""
-    from sdsweep.data.images import load_examples
+    from sdsweep.data.examples import load_examples
 
     single = _is_single(cfg)
     swept = set(cfg.sweep.params) if cfg.sweep is not None else set()

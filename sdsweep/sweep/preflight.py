@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from sdsweep import io
 from sdsweep.config.compose import CONF_DIR
-from sdsweep.config.schema import Config, MethodConfig, ModelConfig, ParamSpec
+from sdsweep.config.methods import MethodConfig
+from sdsweep.config.schema import Config, ModelConfig, ParamSpec
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 GROUP_SCHEMAS = {"model": ModelConfig, "method": MethodConfig}
@@ -137,7 +138,7 @@ def eval_model_problems(cfg: Config) -> list[str]:
 
 
 def reference_dir_problem(cfg: Config) -> str | None:
-    from sdsweep.data.images import IMAGE_SUFFIXES
+    from sdsweep.data.examples import IMAGE_SUFFIXES
 
     if not cfg.eval.reference_dir:
         return None
@@ -233,7 +234,7 @@ def run_preflight(overrides: list[str]):
 
     Returns the dataset's ``DataSummary`` (already printed).
     """
-    from sdsweep.data.images import DataError, list_examples, summarize_dataset
+    from sdsweep.data.examples import DataError, list_examples, summarize_dataset
     from sdsweep.models.loading import (
         ModelUnavailableError,
         resolve_model_source,

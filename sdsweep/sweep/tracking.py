@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sdsweep.config.schema import Config, flatten
+from sdsweep.config.resolve import flatten
+from sdsweep.config.schema import Config
 from sdsweep.results.record import TrialRecord, TrialState, as_record
 from sdsweep.sweep.plan import canonical, short_params
 

@@ -26,7 +26,9 @@ import torch
 
 from sdsweep import io, signals
 from sdsweep.config.constraints import parse_constraint
-from sdsweep.config.schema import Config, resolved_resolution, to_yaml
+from sdsweep.config.load import to_yaml
+from sdsweep.config.resolve import resolved_resolution
+from sdsweep.config.schema import Config
 from sdsweep.progress import Progress
 from sdsweep.results.record import TrialRecord, TrialState, read_record, read_record_or_none
 from sdsweep.sweep.study_store import (
@@ -275,13 +277,8 @@ class _Setup:
     """Everything a run needs before its first step; built once per run."""
 
     def __init__(self, cfg: Config, paths: io.StudyPaths):
-        from sdsweep.data.images import (
-            ImageCaptionDataset,
-            collate,
-            load_examples,
-            load_pil_images,
-            split_examples,
-        )
+        from sdsweep.data.examples import load_examples, split_examples
+        from sdsweep.data.images import ImageCaptionDataset, collate, load_pil_images
         from sdsweep.data.latent_cache import build_training_dataset
         from sdsweep.evaluation.evaluate import Evaluator
         from sdsweep.models.loading import load_components, select_device

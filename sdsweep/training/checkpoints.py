@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from sdsweep import io
-from sdsweep.config.schema import Config, flatten
+from sdsweep.config.resolve import flatten
+from sdsweep.config.schema import Config
 
 CHECKPOINT_PREFIX = "step-"
 METHOD_STATE = "method.safetensors"

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from sdsweep import io, signals
-from sdsweep.config.schema import Config, ConfigError
+from sdsweep.config.schema import Config
+from sdsweep.errors import ConfigError
 
 MASTER_ADDR = "127.0.0.1"  # one machine: the ranks of a run never span hosts
 ENV_KEYS = (

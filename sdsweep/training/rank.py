@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     signals.watch_parent()  # fallback for PR_SET_PDEATHSIG, set by rank 0 when it started us
     spec = RankSpec.from_json(Path(argv[0]).read_text())
     from sdsweep import io, progress, warnings_filter
-    from sdsweep.data.images import load_examples, split_examples
+    from sdsweep.data.examples import load_examples, split_examples
     from sdsweep.data.latent_cache import build_training_dataset
     from sdsweep.models.loading import load_components, select_device
     from sdsweep.sweep.trial import compose_config

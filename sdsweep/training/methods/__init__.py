@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from sdsweep.config.schema import Config, ConfigError
+from sdsweep.config.schema import Config
+from sdsweep.errors import ConfigError
 from sdsweep.training.methods.base import FineTuneMethod
 from sdsweep.training.methods.dreambooth import DreamBooth
 from sdsweep.training.methods.full import FullFineTune

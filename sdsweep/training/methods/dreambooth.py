@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from sdsweep import io
-from sdsweep.config.schema import check_dreambooth_prompts, resolved_resolution
+from sdsweep.config.resolve import resolved_resolution
+from sdsweep.config.validate import check_dreambooth_prompts
 from sdsweep.data.images import open_rgb
 from sdsweep.models.loading import sampling_precision
 from sdsweep.training.distributed import process_rank

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sdsweep.config.methods import EMBEDS_FILE
-from sdsweep.config.schema import ConfigError
+from sdsweep.errors import ConfigError
 from sdsweep.training.methods.base import FineTuneMethod
 
 WEIGHTS_NAME = EMBEDS_FILE  # one name, in the method spec (export finds it there without torch)

@@ -1,0 +1,282 @@
+"""The value rules of a ``Config`` that its types cannot express; each failure is one ConfigError
+naming the key, the value and the fix. Validation reads the config and changes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sdsweep.config import constraints
+from sdsweep.config.methods import check_method_options
+from sdsweep.config.resolve import get_key, sweep_params
+from sdsweep.config.schema import Config, ParamSpec, SweepConfig
+from sdsweep.errors import ConfigError
+
+ALLOWED = {
+    "model.prediction_type": {"auto", "epsilon", "v_prediction"},
+    "method.name": {"full", "dreambooth", "textual_inversion", "lora"},
+    "method.template": {"object", "style", "none"},
+    "data.kind": {"demo", "imagefolder", "instances"},
+    "train.lr_scheduler": {"constant", "constant_with_warmup", "cosine", "linear"},
+    "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
+    "train.optimizer": {"adamw", "adamw8bit", "prodigy", "lion"},
+    "eval.scheduler": {"dpmsolver++", "pndm", "ddim", "euler"},
+    "eval.fid_features": {"auto", "inception", "clip"},
+    "eval.dtype": {"auto", "fp32", "bf16", "fp16"},
+    "eval.protocol": {"prompts", "heldout_captions"},
+    "eval.lpips_backbone": {"auto", "alex", "vgg", "squeeze", "clip"},
+    "tracking.backend": {"wandb", "none"},
+    "tracking.mode": {"offline", "online", "disabled"},
+    "sweep.sampler": {"grid", "tpe", "random"},
+    "sweep.pruner": {"none", "median", "hyperband"},
+    "sweep.isolation": {"subprocess", "inprocess"},
+}
+KNOWN_METRICS = {"clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss", "lpips"}
+POSITIVE = [
+    "method.learning_rate",
+    "train.max_train_steps",
+    "train.train_batch_size",
+    "train.gradient_accumulation_steps",
+    "model.resolution",
+    "eval.num_images_per_prompt",
+    "eval.num_inference_steps",
+    "eval.batch_size",
+    "method.num_vectors",
+    "method.rank",
+]
+
+
+def _fail(key: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"Invalid config value {key}={value!r}: {fix}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible values with a message naming the key and what is allowed; changes nothing."""
+    for key, allowed in ALLOWED.items():
+        if key.startswith("sweep.") and cfg.sweep is None:
+            continue
+        value = get_key(cfg, key)
+        if value not in allowed:
+            _fail(key, value, f"allowed values are {sorted(allowed)}.")
+    for key in POSITIVE:
+        value = get_key(cfg, key)
+        if value is None or not value > 0:
+            _fail(key, value, "it must be greater than zero.")
+    for key in ("model.resolution", "data.resolution", "eval.resolution"):
+        value = get_key(cfg, key)
+        if value is not None and (value <= 0 or value % 8 != 0):
+            _fail(key, value, "the resolution must be a positive multiple of 8 (the VAE downsamples by 8).")
+    if cfg.train.lr_warmup_steps < 0:
+        _fail("train.lr_warmup_steps", cfg.train.lr_warmup_steps, "it must be 0 or more.")
+    if cfg.data.num_heldout < 0:
+        _fail("data.num_heldout", cfg.data.num_heldout, "it must be 0 or more.")
+    check_eval_prompts(cfg.eval.prompts)
+    unknown = set(cfg.eval.metrics) - KNOWN_METRICS
+    if unknown:
+        _fail(
+            "eval.metrics",
+            cfg.eval.metrics,
+            f"unknown metric(s) {sorted(unknown)}; allowed are {sorted(KNOWN_METRICS)}.",
+        )
+    if cfg.data.kind == "demo" and cfg.data.path:
+        _fail(
+            "data.path",
+            cfg.data.path,
+            "data=demo trains on the built-in demo images and would ignore it. Add data=imagefolder "
+            "(captions in metadata.jsonl/csv) or data=instances (one prompt for all images).",
+        )
+    constraints.check_eval_protocol(cfg)
+    if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
+        _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
+    swept = (sweep_params(cfg.sweep).get("method") or ParamSpec()) if cfg.sweep else ParamSpec()
+    check_method_options(cfg.method, [str(m) for m in swept.choices or []])
+    if cfg.method.name == "dreambooth":
+        check_dreambooth_prompts(cfg)
+    if not 0.0 < cfg.method.ema_decay < 1.0:
+        _fail("method.ema_decay", cfg.method.ema_decay, "it must lie strictly between 0 and 1.")
+    _validate_recipes(cfg)
+    if not isinstance(cfg.train.num_processes, int) or cfg.train.num_processes < 1:
+        _fail("train.num_processes", cfg.train.num_processes, "give a whole number >= 1 (ranks of one run).")
+    if cfg.sweep is not None:
+        _validate_sweep(cfg)
+    return cfg
+
+
+def check_eval_prompts(prompts: list[str]) -> None:
+    """The one rule for validation prompts; the evaluator calls it too (for prompts it is handed)."""
+    if not prompts or any(not str(p).strip() for p in prompts):
+        _fail(
+            "eval.prompts",
+            list(prompts or []),
+            "give at least one non-empty validation prompt, e.g. eval.prompts='[a photo of sks]'.",
+        )
+
+
+def check_dreambooth_prompts(cfg: Config) -> None:
+    """The one DreamBooth rule set: ``validate`` runs it, and so does the method before it trains."""
+    method = cfg.method
+    if not cfg.data.instance_prompt:
+        _fail(
+            "data.instance_prompt",
+            None,
+            "DreamBooth needs the one prompt every instance image is trained with; it should contain a "
+            "rare identifier bound to the subject, e.g. data.instance_prompt='a photo of sks dog'.",
+        )
+    if not method.with_prior_preservation:
+        return
+    if not method.class_prompt:
+        _fail(
+            "method.class_prompt",
+            None,
+            "prior preservation needs a class prompt for the subject's class without the identifier, "
+            "e.g. method.class_prompt='a photo of a dog' (or set method.with_prior_preservation=false).",
+        )
+    if method.num_class_images < 1:
+        _fail(
+            "method.num_class_images",
+            method.num_class_images,
+            "prior preservation needs class images; use 50-200 (or set method.with_prior_preservation=false).",
+        )
+    if cfg.train.bucketing:
+        _fail(
+            "train.bucketing",
+            True,
+            "DreamBooth prior preservation trains square class images in the same batch; set "
+            "method.with_prior_preservation=false or train.bucketing=false.",
+        )
+
+
+def _validate_recipes(cfg: Config) -> None:
+    """The train.* recipe knobs (optimizer, zero-terminal SNR, perturbation, dropout, buckets)."""
+    train = cfg.train
+    for key in ("train.input_perturbation", "train.caption_dropout"):
+        value = get_key(cfg, key)
+        if not 0.0 <= value < 1.0:
+            _fail(key, value, "it must lie in [0, 1) (0 turns it off).")
+    if cfg.eval.guidance_rescale is not None and not 0.0 <= cfg.eval.guidance_rescale <= 1.0:
+        _fail(
+            "eval.guidance_rescale", cfg.eval.guidance_rescale, "it must lie in [0, 1] (0.7 is the paper's)."
+        )
+    if train.zero_terminal_snr:
+        if cfg.model.prediction_type == "epsilon":
+            _fail(
+                "train.zero_terminal_snr",
+                True,
+                "an epsilon model cannot denoise from pure noise (alpha-bar 0 at the last step); use a "
+                "v-prediction model or model.prediction_type=v_prediction (as Lin et al. 2023 do).",
+            )
+        if cfg.eval.scheduler == "pndm":
+            _fail(
+                "eval.scheduler",
+                "pndm",
+                "PNDM has no zero-terminal-SNR mode; use dpmsolver++, ddim or euler.",
+            )
+    for key in ("train.bucket_step", "train.bucket_min_side", "train.bucket_max_side"):
+        value = get_key(cfg, key)
+        if value is not None and value <= 0:
+            _fail(key, value, "it must be a positive number of pixels, or null for the automatic value.")
+    if train.bucket_max_ratio < 1.0:
+        _fail(
+            "train.bucket_max_ratio", train.bucket_max_ratio, "it must be at least 1 (1 means square only)."
+        )
+    from sdsweep.training.optimizers import (
+        check_optimizer_available,  # local import keeps config free of cycles
+    )
+
+    check_optimizer_available(cfg)
+    # A swept recipe choice is checked now, not when its trial starts hours into the sweep.
+    optimizer_choices = (cfg.sweep.params.get("train.optimizer") if cfg.sweep else None) or ParamSpec()
+    for choice in optimizer_choices.choices or []:
+        if choice not in ALLOWED["train.optimizer"]:
+            _fail(
+                "sweep.params.train.optimizer",
+                choice,
+                f"allowed values are {sorted(ALLOWED['train.optimizer'])}.",
+            )
+        check_optimizer_available(
+            dataclasses.replace(cfg, train=dataclasses.replace(train, optimizer=choice))
+        )
+
+
+def _validate_sweep(cfg: Config) -> None:
+    sweep = cfg.sweep
+    assert sweep is not None
+    params = sweep_params(sweep)  # what normalise() will store; validate() itself changes nothing
+    if not params:
+        _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
+    for key, spec in params.items():
+        try:
+            get_key(cfg, key)
+        except (AttributeError, KeyError):
+            _fail(
+                f"sweep.params.{key}",
+                key,
+                "that config key does not exist; use dotted keys such as train.max_train_steps.",
+            )
+        if spec.choices is None and (spec.low is None or spec.high is None):
+            _fail(
+                f"sweep.params.{key}", dataclasses.asdict(spec), "give either choices: [...] or low and high."
+            )
+        if spec.choices is not None and not spec.choices:
+            _fail(f"sweep.params.{key}.choices", [], "give at least one choice.")
+        if spec.choices is None and sweep.sampler == "grid":
+            _fail(
+                f"sweep.params.{key}",
+                dataclasses.asdict(spec),
+                "the grid sampler needs choices: [...] for every parameter.",
+            )
+        if spec.low is not None and spec.high is not None and spec.low > spec.high:
+            _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "low must not exceed high.")
+        if spec.log and spec.low is not None and spec.low <= 0:
+            _fail(f"sweep.params.{key}.low", spec.low, "a log-scale range needs low > 0.")
+        if key in POSITIVE:
+            values = spec.choices if spec.choices is not None else [spec.low, spec.high]
+            if any(v is None or not isinstance(v, (int, float)) or v <= 0 for v in values):
+                _fail(f"sweep.params.{key}", values, "every value must be a number greater than zero.")
+    if not sweep.objectives:
+        _fail(
+            "sweep.objectives",
+            [],
+            "give at least one objective, e.g. {metric: eval/clip_score, direction: maximize}.",
+        )
+    for obj in sweep.objectives:
+        if obj.direction not in ("maximize", "minimize"):
+            _fail("sweep.objectives.direction", obj.direction, "allowed values are ['maximize', 'minimize'].")
+        if not obj.metric.startswith(("eval/", "train/")):
+            _fail(
+                "sweep.objectives.metric",
+                obj.metric,
+                "name a logged metric such as eval/clip_score or eval/fd_clip.",
+            )
+    for text in sweep.constraints:
+        constraints.parse_constraint(text)
+    constraints.check_metric_names(cfg)
+    if sweep.n_trials is not None and sweep.n_trials <= 0:
+        _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
+    _validate_parallel(sweep)
+
+
+def _validate_parallel(sweep: SweepConfig) -> None:
+    workers = sweep.workers
+    if not (
+        workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1)
+    ):
+        _fail("sweep.workers", workers, 'give a whole number >= 1 or "auto" (one per visible GPU).')
+    if sweep.devices is not None and (
+        not sweep.devices or any(not isinstance(d, int) or d < 0 for d in sweep.devices)
+    ):
+        _fail(
+            "sweep.devices", sweep.devices, "give CUDA device indices, e.g. [0,1], or null for all visible."
+        )
+    if sweep.max_retries < 0:
+        _fail("sweep.max_retries", sweep.max_retries, "it must be 0 or more.")
+    if sweep.stop_after_failures < 0:
+        _fail("sweep.stop_after_failures", sweep.stop_after_failures, "it must be 0 (never) or more.")
+    if sweep.heartbeat_interval <= 0:
+        _fail("sweep.heartbeat_interval", sweep.heartbeat_interval, "it must be greater than zero seconds.")
+    if sweep.grace_period <= 2 * sweep.heartbeat_interval:
+        _fail(
+            "sweep.grace_period",
+            sweep.grace_period,
+            f"it must exceed twice sweep.heartbeat_interval ({sweep.heartbeat_interval}s), or live runs are taken over.",
+        )
