@@ -129,3 +129,12 @@ def metric_columns(results: Any) -> list[str]:
     return sorted(
         c for c in results.columns if c.startswith("eval/") and c.count("/") == 1 and not is_internal(c)
     )
+
+
+# The learned LPIPS networks torchmetrics ships; any other feature network gets its own metric name.
+TORCHMETRICS_LPIPS_NETS = ("alex", "vgg", "squeeze")
+
+
+def lpips_key(backbone: str) -> str:
+    """``eval/lpips`` only for the real learned LPIPS; other feature networks are named in the key."""
+    return "eval/lpips" if backbone in TORCHMETRICS_LPIPS_NETS else f"eval/lpips_{backbone}"

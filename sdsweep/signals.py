@@ -80,16 +80,27 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         pass  # not Linux: watch_parent() is the fallback
 
 
-def watch_parent(interval: float = 1.0) -> None:
-    """Fallback for PR_SET_PDEATHSIG: when the parent is gone (re-parented), SIGTERM ourselves."""
+def watch_parent(interval: float = 1.0, driver_pid: int | None = None) -> None:
+    """Fallback for PR_SET_PDEATHSIG: when the parent is gone (re-parented), SIGTERM ourselves. A worker
+    forked from the pool's fork server also watches the driver itself (``driver_pid``): the fork server
+    only notices the driver's death after its own teardown, seconds later."""
     parent = os.getppid()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def watch() -> None:
         import time
 
         while True:
             time.sleep(interval)
-            if os.getppid() != parent:
+            if os.getppid() != parent or (driver_pid is not None and gone(driver_pid)):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 

@@ -12,6 +12,7 @@ from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
 from sdsweep import io
+from sdsweep.config import features
 from sdsweep.errors import ConfigError
 from sdsweep.evaluation import metrics
 from sdsweep.evaluation.evaluate import Evaluator
@@ -139,7 +140,7 @@ def test_inception_features_without_torch_fidelity_are_recorded_missing(tmp_path
 def test_auto_features_fall_back_to_clip_and_say_so(tmp_path, demo_images):
     cfg = make_cfg(tmp_path, "eval.fid_features=auto")
     evaluator = Evaluator(cfg, io.StudyPaths(tmp_path / "s"), "cpu", demo_images[:4])
-    expected = "inception" if metrics.torch_fidelity_available() else "clip"
+    expected = "inception" if features.torch_fidelity_available() else "clip"
     assert evaluator.feature_kind == expected
     assert any("eval.fid_features=auto" in w for w in evaluator.static_warnings)
 
@@ -266,7 +267,7 @@ def test_heldout_captions_protocol_pairs_each_caption_with_its_photo(tmp_path, d
 
 
 def test_real_lpips_without_torchvision_is_missing_with_the_reason(tmp_path, demo_images, pipeline):
-    if metrics.torchvision_available():
+    if features.torchvision_available():
         pytest.skip("torchvision is installed")
     cfg = make_cfg(
         tmp_path, "eval.protocol=heldout_captions", "eval.metrics=[lpips]", "eval.lpips_backbone=alex"

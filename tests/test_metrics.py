@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
+from sdsweep import metric_names
 from sdsweep.evaluation import metrics
 
 RESOLUTION = 32
@@ -167,4 +168,6 @@ def test_lpips_structure_on_clip_features_is_zero_for_a_pair_and_grows_with_dist
     assert (
         metrics.lpips_structured(feature, clean, large) > metrics.lpips_structured(feature, clean, small)
     ).all()
-    assert metrics.lpips_key("clip") == "eval/lpips_clip" and metrics.lpips_key("alex") == "eval/lpips"
+    assert (
+        metric_names.lpips_key("clip") == "eval/lpips_clip" and metric_names.lpips_key("alex") == "eval/lpips"
+    )

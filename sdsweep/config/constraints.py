@@ -49,7 +49,7 @@ def parse_constraint(text: str) -> Constraint:
 # ---- which eval/* metrics a study can compute ----------------------------------------------------------
 def resolved_fid_features(fid_features: str) -> str:
     """``auto`` -> inception where torch-fidelity is installed, else clip (decided the same way as the evaluator)."""
-    from sdsweep.evaluation.metrics import torch_fidelity_available
+    from sdsweep.config.features import torch_fidelity_available
 
     if fid_features != "auto":
         return fid_features
@@ -57,7 +57,7 @@ def resolved_fid_features(fid_features: str) -> str:
 
 
 def resolved_lpips_backbone(backbone: str) -> str:
-    from sdsweep.evaluation.metrics import torchvision_available
+    from sdsweep.config.features import torchvision_available
 
     if backbone != "auto":
         return backbone
@@ -73,7 +73,7 @@ def distance_keys(fid_features: str) -> tuple[str, str]:
 
 def computable_eval_keys(cfg) -> set[str]:
     """Every ``eval/*`` key this study's evaluation can produce, from the config alone (no model loads)."""
-    from sdsweep.evaluation.metrics import lpips_key
+    from sdsweep.metric_names import lpips_key
 
     ev = cfg.eval
     fid_key, kid_key = distance_keys(ev.fid_features)

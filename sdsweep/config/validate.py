@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from sdsweep.config import constraints
+from sdsweep.config.features import check_optimizer_available
 from sdsweep.config.methods import check_method_options
 from sdsweep.config.resolve import get_key, sweep_params
 from sdsweep.config.schema import Config, ParamSpec, SweepConfig
@@ -179,10 +180,6 @@ def _validate_recipes(cfg: Config) -> None:
         _fail(
             "train.bucket_max_ratio", train.bucket_max_ratio, "it must be at least 1 (1 means square only)."
         )
-    from sdsweep.training.optimizers import (
-        check_optimizer_available,  # local import keeps config free of cycles
-    )
-
     check_optimizer_available(cfg)
     # A swept recipe choice is checked now, not when its trial starts hours into the sweep.
     optimizer_choices = (cfg.sweep.params.get("train.optimizer") if cfg.sweep else None) or ParamSpec()

@@ -23,6 +23,7 @@ from PIL import Image
 
 from sdsweep import io
 from sdsweep.config.constraints import distance_keys, resolved_lpips_backbone
+from sdsweep.config.features import torch_fidelity_available
 from sdsweep.config.resolve import resolved_guidance_rescale
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import check_eval_prompts
@@ -34,6 +35,7 @@ from sdsweep.evaluation.outputs import make_grid, save_outputs
 from sdsweep.evaluation.protocol_files import HELDOUT_TRUTH
 from sdsweep.evaluation.reference import cached_reference_features, load_reference_dir, reference_key
 from sdsweep.evaluation.validation import validation_loss
+from sdsweep.metric_names import lpips_key
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Evaluator:
         kind = self.cfg.eval.fid_features
         if kind != "auto":
             return kind
-        if metrics.torch_fidelity_available():
+        if torch_fidelity_available():
             self.static_warnings.append(
                 "eval.fid_features=auto: using Inception features (torch-fidelity found)."
             )
@@ -238,7 +240,7 @@ class Evaluator:
         for name in self.wanted:
             key = {"fid": self.fid_key, "kid": self.kid_key}.get(name, f"eval/{name}")
             if name == "lpips":
-                key = metrics.lpips_key(self.lpips_backbone)
+                key = lpips_key(self.lpips_backbone)
             try:
                 if name == "val_loss":
                     values[key] = self._val_loss(method, heldout_batch)
@@ -333,7 +335,7 @@ class Evaluator:
         """Paired LPIPS: image i against held-out photo i, both in [-1, 1]; per image and the mean."""
         if self.lpips is None:
             raise metrics.MetricUnavailable(self._lpips_error or "no LPIPS network")
-        key = metrics.lpips_key(self.lpips_backbone)
+        key = lpips_key(self.lpips_backbone)
         values: list[float] = []
         batch = self.cfg.eval.batch_size
         for start in range(0, len(generated.images), batch):

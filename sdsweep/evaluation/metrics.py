@@ -9,13 +9,14 @@ offline, or any ``nn.Module`` with ``num_features`` in tests.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from sdsweep.config.features import torch_fidelity_available, torchvision_available
 
 
 class MetricUnavailable(RuntimeError):
@@ -159,10 +160,6 @@ class CLIPImageFeatures(torch.nn.Module):
         return self.model.get_image_features(
             pixel_values=inputs["pixel_values"].to(_model_device(self.model))
         ).float()
-
-
-def torch_fidelity_available() -> bool:
-    return importlib.util.find_spec("torch_fidelity") is not None
 
 
 def inception_features() -> torch.nn.Module:
@@ -311,21 +308,11 @@ class SafetyChecker:
 # and learned per-channel weights (torchmetrics, which needs torchvision and downloaded weights). Offline the
 # same structure runs on another feature network with equal weights; its key names the backbone
 # (``eval/lpips_clip``), so the number is never mistaken for the published LPIPS.
-TORCHMETRICS_LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 
 def pil_to_signed(images: Sequence[Image.Image], device: torch.device | str = "cpu") -> torch.Tensor:
     """PIL images of one size -> float [N,3,H,W] in [-1, 1] (the LPIPS convention)."""
     return images_to_uint8(images, device).float() / 127.5 - 1.0
-
-
-def lpips_key(backbone: str) -> str:
-    """``eval/lpips`` only for the real learned LPIPS; other feature networks are named in the key."""
-    return "eval/lpips" if backbone in TORCHMETRICS_LPIPS_NETS else f"eval/lpips_{backbone}"
-
-
-def torchvision_available() -> bool:
-    return importlib.util.find_spec("torchvision") is not None
 
 
 class CLIPVisionLPIPSFeatures(torch.nn.Module):

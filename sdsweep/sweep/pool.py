@@ -183,7 +183,7 @@ class WorkerPool:
         device = self.devices[index]
         token = f"{self.engine.token}.{index}.{self.spawned}"
         self.tokens.append(token)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SDSWEEP_DRIVER_PID": str(os.getpid())}
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         if self.threads is not None:

@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job, label, token = json.loads(Path(args[0]).read_text()), args[1], args[2]
     signals.install()
-    signals.watch_parent()  # fallback for PR_SET_PDEATHSIG (set by the pool when it started us)
+    driver = os.environ.get("SDSWEEP_DRIVER_PID")
+    # Fallback for PR_SET_PDEATHSIG (set by the pool when it started us), and a watch on the driver itself.
+    signals.watch_parent(driver_pid=int(driver) if driver else None)
     try:
         import torch
 
@@ -61,6 +63,19 @@ def forked_main(job_path: str, label: str, token: str, env: dict[str, str], outp
     """The worker's start in a child of the pool's fork server (sdsweep/sweep/pool.py), which imported
     torch, diffusers and transformers once: the same ``main`` as ``python -m sdsweep.sweep.worker``,
     minus the ~5 s of library imports a fresh interpreter pays."""
+    from multiprocessing import forkserver
+
+    # The fork server hands every child the driver's end of its "driver alive" pipe; while a worker holds
+    # it, the fork server never sees the driver die, never exits, and the parent-death signal below never
+    # comes. We watch the fork server instead, so let go of that end.
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
     signals.die_with_parent()  # our parent is the fork server, which exits when the driver does
     fd = output.fileno()
     os.dup2(fd, 1)  # everything the worker prints goes to the driver's pipe, as with a subprocess

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdsweep.config.features import optimizer_name
 from sdsweep.config.resolve import resolved_resolution
 from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
@@ -81,11 +82,6 @@ def compute_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype
 
     resolved = resolve_mixed_precision(mixed_precision, device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved, torch.float32)
-
-
-def optimizer_name(cfg: Config) -> str:
-    name = str(getattr(cfg.train, "optimizer", "adamw"))
-    return "adamw8bit" if cfg.method.use_8bit_adam and name == "adamw" else name
 
 
 def footprint_from_config(cfg: Config, device: torch.device) -> TrainingFootprint:

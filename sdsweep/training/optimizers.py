@@ -11,53 +11,16 @@ learning-rate sweep with Prodigy sweeps that multiplier (the run logs a line say
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
+from sdsweep.config.features import check_optimizer_available, optimizer_name
 from sdsweep.config.methods import METHOD_SPECS
+from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
 
-if TYPE_CHECKING:  # config calls check_optimizer_available while it validates: no runtime import back
-    from sdsweep.config.schema import Config
-
 logger = logging.getLogger(__name__)
-
-# optimizer name -> (import name, pip package) for the optional ones
-OPTIONAL_PACKAGES = {
-    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
-    "prodigy": ("prodigyopt", "prodigyopt"),
-    "lion": ("lion_pytorch", "lion-pytorch"),
-}
-
-
-def optimizer_name(cfg: Config) -> str:
-    """The optimizer actually used: the legacy ``method.use_8bit_adam`` means adamw8bit."""
-    if cfg.method.use_8bit_adam and cfg.train.optimizer == "adamw":
-        return "adamw8bit"
-    return cfg.train.optimizer
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def check_optimizer_available(cfg: Config) -> None:
-    """ConfigError naming the package (and the extra) when the chosen optimizer is not installed."""
-    name = optimizer_name(cfg)
-    if name not in OPTIONAL_PACKAGES:
-        return
-    module, package = OPTIONAL_PACKAGES[name]
-    if _installed(module):
-        return
-    key = "method.use_8bit_adam=true" if cfg.method.use_8bit_adam else f"train.optimizer={name}"
-    extra = " (it needs a CUDA GPU)" if name == "adamw8bit" else ""
-    raise ConfigError(
-        f"Invalid config value {key}: the package {package!r} is not installed{extra}. Install it with "
-        f"`pip install {package}` (or `pip install 'sdsweep[optimizers]'`), or use train.optimizer=adamw."
-    )
 
 
 def weight_decay_of(cfg: Config) -> float:
