@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 
 from sdsweep.config.schema import ConfigError
-from sdsweep.sweep.engine import run_sweep
+from sdsweep.sweep.driver import run_sweep
 from sdsweep.sweep.pool import worker_devices
 from sdsweep.training.distributed import check_devices
 from sdsweep.training.train import SeededInfiniteSampler, noise_seeds
