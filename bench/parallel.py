@@ -98,7 +98,7 @@ def cpu_seconds() -> float:
 
 def timed_sweep(overrides: list[str]) -> dict[str, Any]:
     """One real sweep through the driver (which starts its own worker pool when not in-process)."""
-    from sdsweep.sweep.engine import run_sweep
+    from sdsweep.sweep.driver import run_sweep
 
     cpu_before = cpu_seconds()
     started = time.perf_counter()
@@ -240,9 +240,7 @@ def table(section: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.parallel", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.parallel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/parallel.json"))
     parser.add_argument("--quick", action="store_true", help="tiny grids, one round (smoke test)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per arm (default 2; quick 1)")

@@ -130,7 +130,7 @@ def sweep_overrides(plan: Plan, arm: str, root: Path) -> list[str]:
 
 
 def timed_sweep(overrides: list[str]) -> dict[str, Any]:
-    from sdsweep.sweep.engine import run_sweep
+    from sdsweep.sweep.driver import run_sweep
 
     started = time.perf_counter()
     outcome = run_sweep(overrides)

@@ -31,7 +31,8 @@ def preflight(overrides: list[str]) -> None:
 
 
 def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
-    from sdsweep.sweep.engine import log, run_sweep
+    from sdsweep.sweep.driver import run_sweep
+    from sdsweep.sweep.engine import log
 
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig

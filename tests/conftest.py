@@ -91,7 +91,7 @@ FINISHED_STUDY_OVERRIDES = TINY_OVERRIDES + [
 
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory):
-    from sdsweep.sweep.engine import run_sweep
+    from sdsweep.sweep.driver import run_sweep
 
     root = tmp_path_factory.mktemp("finished-study")
     outcome = run_sweep(FINISHED_STUDY_OVERRIDES + [f"paths.root={root}"])

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_OVERRIDES, compose
 
 from sdsweep.errors import ConfigError
-from sdsweep.sweep.engine import run_sweep
+from sdsweep.sweep.driver import run_sweep
 from sdsweep.sweep.pool import worker_devices
 from sdsweep.training.batches import SeededInfiniteSampler, noise_seeds
 from sdsweep.training.distributed import check_devices

@@ -320,7 +320,7 @@ def test_objectives_on_computable_metrics_validate(tmp_path):
 @pytest.mark.slow
 def test_heldout_protocol_through_a_real_sweep_scores_baseline_and_trial(tmp_path):
     from sdsweep.results.protocols import heldout_section
-    from sdsweep.sweep.engine import run_sweep
+    from sdsweep.sweep.driver import run_sweep
 
     outcome = run_sweep(
         TINY_OVERRIDES

@@ -322,7 +322,7 @@ def test_an_idle_worker_wakes_when_a_run_ends_not_after_its_poll_interval(tmp_pa
 def test_memoised_configs_are_private_copies(tmp_path):
     """A worker composes each run's config once per override list; a run that edits its config (as textual
     inversion does with its prompts) must not change the next run's."""
-    from sdsweep.sweep.trial import compose_config
+    from sdsweep.sweep.run_config import compose_config
 
     overrides = sweep_args(tmp_path)
     first = compose_config(overrides)

@@ -282,7 +282,7 @@ def test_a_sweep_over_the_optimizer_runs_each_choice_end_to_end(tmp_path):
     """A categorical train.* parameter goes through the grid, into each trial's saved config."""
     import pandas as pd
 
-    from sdsweep.sweep.engine import run_sweep
+    from sdsweep.sweep.driver import run_sweep
 
     outcome = run_sweep(
         TINY_OVERRIDES

@@ -87,7 +87,7 @@ def shapes_model():
 
 
 def _study(root, *overrides: str):
-    from sdsweep.sweep.engine import run_sweep
+    from sdsweep.sweep.driver import run_sweep
 
     outcome = run_sweep([*overrides, "tracking=none", "sweep.isolation=inprocess", f"paths.root={root}"])
     assert outcome.finished
@@ -232,7 +232,7 @@ def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
     Measured (10 steps, lr 1e-3): shapes row CLIP score full 66.3, DreamBooth 57.0, TI 67.3, LoRA 83.8 (baseline
     83.9); the tiny_sd21 row is random weights, so its numbers mean nothing; 38 s in-process, one thread.
     """
-    from sdsweep.sweep.engine import run_sweep
+    from sdsweep.sweep.driver import run_sweep
 
     outcome = run_sweep(
         [

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 
-from sdsweep.sweep.engine import run_sweep
+from sdsweep.sweep.driver import run_sweep
 from sdsweep.sweep.study_store import FAIL_REASON, GRID_POINT, SUPERSEDED
 
 # Cheap evaluation: these tests are about the engine, the metrics have their own tests.

@@ -11,7 +11,7 @@ import wandb_records
 from conftest import TINY_OVERRIDES, compose
 from PIL import Image
 
-from sdsweep.sweep import tracking
+from sdsweep.sweep import tracking, tracking_values
 
 
 @pytest.fixture
@@ -40,24 +40,28 @@ def trial_record(lr: float, steps: int) -> dict:
 
 
 def test_secret_keys_are_recognised():
-    assert tracking.is_secret_key("tracking.api_key")
-    assert tracking.is_secret_key("WANDB_API_KEY")
-    assert tracking.is_secret_key("hub.token")
-    assert tracking.is_secret_key("db.password")
-    assert tracking.is_secret_key("aws_secret_access")
-    assert not tracking.is_secret_key("method.learning_rate")
-    assert not tracking.is_secret_key("method.placeholder_token")  # a vocabulary token, not a credential
-    assert tracking.strip_secrets({"a": 1, "x.token": "t", "n": {"password": "p", "b": 2}}) == {
+    assert tracking_values.is_secret_key("tracking.api_key")
+    assert tracking_values.is_secret_key("WANDB_API_KEY")
+    assert tracking_values.is_secret_key("hub.token")
+    assert tracking_values.is_secret_key("db.password")
+    assert tracking_values.is_secret_key("aws_secret_access")
+    assert not tracking_values.is_secret_key("method.learning_rate")
+    assert not tracking_values.is_secret_key(
+        "method.placeholder_token"
+    )  # a vocabulary token, not a credential
+    assert tracking_values.strip_secrets({"a": 1, "x.token": "t", "n": {"password": "p", "b": 2}}) == {
         "a": 1,
         "n": {"b": 2},
     }
     storage = {"sweep.storage": "postgresql+psycopg://me:hunter2@db:5432/optuna"}
-    assert tracking.strip_secrets(storage) == {"sweep.storage": "postgresql+psycopg://me:***@db:5432/optuna"}
+    assert tracking_values.strip_secrets(storage) == {
+        "sweep.storage": "postgresql+psycopg://me:***@db:5432/optuna"
+    }
 
 
 def test_history_merges_steps_in_order():
     images = {"eval/grid": [(4, "img4"), (2, "img2")]}
-    rows = tracking.history_by_step(trial_record(1e-4, 4), images)
+    rows = tracking_values.history_by_step(trial_record(1e-4, 4), images)
     assert [step for step, _ in rows] == [1, 2, 3, 4]
     by_step = dict(rows)
     assert by_step[2]["eval/clip_score"] == 22.0 and by_step[2]["eval/grid"] == "img2"

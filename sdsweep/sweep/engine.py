@@ -10,13 +10,11 @@ finished grid points are never re-run, and a finished grid is reported as finish
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +24,30 @@ from optuna.trial import TrialState
 
 from sdsweep import io, signals
 from sdsweep.config.compose import user_overrides
-from sdsweep.config.schema import Config, ParamSpec, SweepConfig
+from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.progress import Progress
 from sdsweep.results.record import read_record_or_none
-from sdsweep.results.study_folder import best_trial
 from sdsweep.results.table import write_results
+from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import HEARTBEAT, OWNER, Claims, Heartbeat
-from sdsweep.sweep.fingerprint import ensure_study_identity
 from sdsweep.sweep.plan import (
     STEP_KEY,
     RunPlan,
     canonical,
+    command_line_values,
     grid_points,
     overrides_for,
     plan_runs,
     point_key,
     short_params,
+    suggest,
 )
 from sdsweep.sweep.preflight import available_search_space
+from sdsweep.sweep.run_config import compose_config
+from sdsweep.sweep.run_executor import execute_run
+from sdsweep.sweep.run_setup import RunCaches
+from sdsweep.sweep.run_spec import RunSpec, TrialSlot
 from sdsweep.sweep.study_store import FAIL_REASON, GRID_POINT, RUN_KEY, SUPERSEDED, StudyHandle, storage_url
-from sdsweep.sweep.trial import RunSpec, TrialSlot, compose_config, execute_baseline, execute_run
 
 TICKET = "ticket"  # user attr: this trial was its run's claim ticket (the run's first point)
 # Exceptions that say the configuration is wrong, not the trial: K of them in a row stop the sweep.
@@ -59,17 +61,6 @@ def _stamp(path: Path) -> int | None:
         return path.stat().st_mtime_ns
     except OSError:
         return None
-
-
-@dataclass
-class SweepOutcome:
-    study_dir: Path
-    results_csv: Path
-    states: dict[str, int] = field(default_factory=dict)
-    runs_launched: int = 0
-    trials_launched: int = 0
-    finished: bool = False
-    best: dict[str, Any] | None = None
 
 
 def log(message: str) -> None:
@@ -105,6 +96,7 @@ class SweepEngine:
         self.token = token or uuid.uuid4().hex[:8]
         self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]")
         self.heartbeat: Heartbeat | None = None
+        self.caches = RunCaches()  # evaluator and memory estimates, reused by this process's next runs
         # sweep.retry_failed re-runs failures of EARLIER invocations only (trial numbers below this),
         # never a failure of this sweep, which would loop forever.
         self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
@@ -333,33 +325,9 @@ class SweepEngine:
         )
 
     # ---- executing ----------------------------------------------------------------------------------
-    def baseline_overrides(self) -> list[list[str]]:
-        """One baseline per model the sweep can choose (each version has its own untuned baseline)."""
-        spec = self.sweep.params.get("model")
-        if spec is None or not spec.choices:
-            return [self.overrides]
-        others = [o for o in self.overrides if not o.lstrip("+~").startswith("model=")]
-        return [others + [f"model={choice}"] for choice in spec.choices]
-
     def ensure_baseline(self) -> None:
-        """Evaluate the untuned model once per study folder; a file lock makes concurrent workers wait."""
-        if not self.cfg.eval.baseline or self.baseline_done():
-            return
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        with open(self.paths.root / ".baseline.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.baseline_done():
-                return
-            self.say("evaluating the untuned base model once for this study (baseline)")
-            for overrides in self.baseline_overrides():
-                spec = RunSpec(
-                    kind="baseline",
-                    study=self.cfg.study,
-                    study_root=str(self.paths.root.resolve()),
-                    storage=self.storage,
-                    overrides=overrides,
-                )
-                execute_baseline(spec)  # returns at once for a model whose baseline exists
+        """Evaluate the untuned model once per study folder, before this process trains."""
+        ensure_baseline(self.cfg, self.paths, self.overrides, self.storage, self.caches, self.say)
 
     def is_finished(self) -> bool:
         """Every grid point (or n_trials of them, or the search target) has a result that stands."""
@@ -371,16 +339,6 @@ class SweepEngine:
         points = grid_points(self.sweep.params) if self.sweep.params else [{}]
         done = sum(1 for p in points if self.key_of(p) in decided)
         return done >= min(len(points), self.sweep.n_trials or len(points))
-
-    def baseline_done(self) -> bool:
-        spec = self.sweep.params.get("model")
-        folders = (
-            [self.paths.baseline / str(m) for m in spec.choices]
-            if spec and spec.choices
-            else [self.paths.baseline]
-        )
-        records = [read_record_or_none(folder / io.TRIAL_METRICS) for folder in folders]
-        return all(record is not None and record.complete for record in records)
 
     def work(self) -> None:
         """Claim -> run -> claim ... until the study needs nothing more from this process."""
@@ -421,7 +379,7 @@ class SweepEngine:
         assert self.heartbeat is not None
         self.heartbeat.watch(numbers)
         try:
-            execute_run(spec)
+            execute_run(spec, self.caches)
         except signals.HandBack as stop:
             left = [n for n in numbers if self.handle.get_trial(n).state == TrialState.RUNNING]
             self.claims.hand_back(left, f"{stop} received")
@@ -452,124 +410,3 @@ class SweepEngine:
         self.nudge()
         if self.overall is not None:
             self.overall.advance(len(slots))
-
-
-class SweepDriver:
-    """The command a user runs: joins the study, runs the pool (or one in-process loop), reports."""
-
-    def __init__(self, overrides: list[str]):
-        self.engine = SweepEngine(overrides, label="driver")
-        self.overrides = self.engine.overrides
-        self.cfg: Config = self.engine.cfg
-        self.sweep: SweepConfig = self.engine.sweep
-        self.paths = self.engine.paths
-        self.storage = self.engine.storage
-        self.study = self.engine.study
-        self.outcome = SweepOutcome(self.paths.root, self.paths.results_csv)
-
-    # ---- the loop ---------------------------------------------------------------------------------
-    def run(self) -> SweepOutcome:
-        previous = signals.install()
-        try:
-            # study.json is written once with the study's fingerprint; a changed setup stops here.
-            ensure_study_identity(self.cfg, self.paths, self.overrides)
-            if self.sweep.isolation == "inprocess":
-                self.engine.ensure_baseline()
-                self.engine.work()
-                self.outcome.runs_launched = self.engine.runs_launched
-                self.outcome.trials_launched = self.engine.trials_launched
-            else:
-                from sdsweep.sweep.pool import WorkerPool
-
-                pool = WorkerPool(self.engine)
-                pool.run()
-                self.outcome.runs_launched, self.outcome.trials_launched = pool.launched()
-                self.engine.stop_message = self.engine.why_stopped()
-                if self.engine.stop_message:
-                    log(self.engine.stop_message)
-        except signals.HandBack as stop:
-            log(
-                f"stopped by {stop}: its runs were handed back; re-run the same command to resume from their checkpoints"
-            )
-            raise SystemExit(stop.exit_code) from None
-        finally:
-            signals.restore(previous)
-        self.outcome.finished = self.engine.is_finished()
-        return self.finish()
-
-    def finish(self) -> SweepOutcome:
-        trials = self.engine.handle.trials()
-        frame = write_results(self.paths, trials, self.engine.superseded())
-        states = frame["state"].value_counts().to_dict() if "state" in frame else {}
-        self.outcome.states = {str(k): int(v) for k, v in states.items()}
-        counts = self.outcome.states
-        log(
-            f"{sum(counts.get(k, 0) for k in ('COMPLETE', 'FAIL', 'PRUNED'))} finished ({counts.get('COMPLETE', 0)} complete, {counts.get('FAIL', 0)} failed, "
-            f"{counts.get('PRUNED', 0)} pruned)"
-        )
-        self.outcome.best = best_trial(frame, self.sweep.objectives)
-        self.track_study(frame)
-        return self.outcome
-
-    def track_study(self, frame) -> None:
-        """Build the local report, then hand its plots and the trial table to the study-level W&B run."""
-        import pandas as pd
-
-        from sdsweep.results import report
-        from sdsweep.results.table import baseline_row
-        from sdsweep.sweep import tracking
-
-        plots: dict[str, Path] = {}
-        try:
-            if self.sweep.build_report:
-                html, _ = report.build_report(self.paths.root)
-                plots = report.report_plots(self.paths.root)
-                log(f"report: {html}")
-        except Exception as error:  # the report is a convenience; results.csv is the record
-            log(f"warning: report not built ({type(error).__name__}: {error})")
-        base = baseline_row(self.paths)
-        table = pd.concat([pd.DataFrame([base]), frame], ignore_index=True) if base is not None else frame
-        try:
-            tracking.record_study(self.cfg, self.cfg.study, table, plots, self.paths.wandb)
-        except Exception as error:  # tracking never fails a sweep
-            log(f"warning: study-level tracking failed ({error})")
-
-
-def suggest(trial: optuna.Trial, key: str, spec: ParamSpec) -> Any:
-    if spec.choices is not None:
-        return trial.suggest_categorical(key, [canonical(c) for c in spec.choices])
-    assert spec.low is not None and spec.high is not None
-    if spec.type == "int":
-        step = int(spec.step or 1)
-        return trial.suggest_int(
-            key, int(spec.low), int(spec.high), step=step if not spec.log else 1, log=spec.log
-        )
-    return trial.suggest_float(
-        key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step
-    )
-
-
-# Keys that place or log a run but do not change what it trains.
-NOT_PARAMETERS = ("hydra", "paths.", "tracking.", "study", "sweep.", "device")
-
-
-def command_line_values(overrides: list[str]) -> dict[str, Any]:
-    """``a.b=value`` settings from the command line as parameters (group choices like ``model=sd15`` too)."""
-    import yaml
-
-    values: dict[str, Any] = {}
-    for override in overrides:
-        key, sep, raw = override.lstrip("+").partition("=")
-        if not sep or override.startswith("~") or key.startswith(NOT_PARAMETERS) or key == "experiment":
-            continue
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, (int, float, str, bool)):
-            values[key] = value
-    return values
-
-
-def run_sweep(overrides: list[str]) -> SweepOutcome:
-    return SweepDriver(overrides).run()

@@ -1,4 +1,4 @@
-"""Turn a sweep config into training runs: pure functions, no Optuna, no torch.
+"""Turn a sweep config into training runs: pure functions, no torch (Optuna is only asked, never imported).
 
 A grid point is a dict {param key: value}. When the learning-rate schedule does not depend on the
 total step count, every grid point that differs only in ``train.max_train_steps`` can be served by
@@ -11,9 +11,12 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdsweep.config.schema import Config, ParamSpec
+
+if TYPE_CHECKING:
+    import optuna
 
 STEP_KEY = "train.max_train_steps"
 LR_KEY = "method.learning_rate"
@@ -112,3 +115,40 @@ def short_params(point: dict[str, Any]) -> str:
             f"{label}={value:.0e}" if key == LR_KEY and isinstance(value, float) else f"{label}={value}"
         )
     return " ".join(parts)
+
+
+def suggest(trial: optuna.Trial, key: str, spec: ParamSpec) -> Any:
+    """Ask an Optuna trial (search samplers) for a value of one parameter, as its ParamSpec describes it."""
+    if spec.choices is not None:
+        return trial.suggest_categorical(key, [canonical(c) for c in spec.choices])
+    assert spec.low is not None and spec.high is not None
+    if spec.type == "int":
+        step = int(spec.step or 1)
+        return trial.suggest_int(
+            key, int(spec.low), int(spec.high), step=step if not spec.log else 1, log=spec.log
+        )
+    return trial.suggest_float(
+        key, float(spec.low), float(spec.high), log=spec.log, step=None if spec.log else spec.step
+    )
+
+
+# Keys that place or log a run but do not change what it trains.
+NOT_PARAMETERS = ("hydra", "paths.", "tracking.", "study", "sweep.", "device")
+
+
+def command_line_values(overrides: list[str]) -> dict[str, Any]:
+    """``a.b=value`` settings from the command line as parameters (group choices like ``model=sd15`` too)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, raw = override.lstrip("+").partition("=")
+        if not sep or override.startswith("~") or key.startswith(NOT_PARAMETERS) or key == "experiment":
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (int, float, str, bool)):
+            values[key] = value
+    return values

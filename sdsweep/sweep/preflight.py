@@ -242,7 +242,7 @@ def run_preflight(overrides: list[str]):
         unavailable_features,
     )
     from sdsweep.sweep.fingerprint import ensure_study_identity, reset_study_if_asked
-    from sdsweep.sweep.trial import compose_config  # the config exactly as the sweep driver composes it
+    from sdsweep.sweep.run_config import compose_config  # the config exactly as the sweep driver composes it
     from sdsweep.training.memory import check_fits
 
     cfg = compose_config(overrides)

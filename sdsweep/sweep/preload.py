@@ -17,5 +17,5 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402, F401
 
 import sdsweep.sweep.engine  # noqa: E402, F401
-import sdsweep.sweep.trial  # noqa: E402, F401
+import sdsweep.sweep.run_executor  # noqa: E402, F401
 import sdsweep.sweep.worker  # noqa: E402, F401

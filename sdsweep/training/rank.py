@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     from sdsweep.data.examples import load_examples, split_examples
     from sdsweep.data.latent_cache import build_training_dataset
     from sdsweep.models.loading import load_components, select_device
-    from sdsweep.sweep.trial import compose_config
+    from sdsweep.sweep.run_config import compose_config
     from sdsweep.training.methods import get_method
     from sdsweep.training.train import TrainingDiverged, train
 

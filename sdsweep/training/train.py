@@ -108,7 +108,7 @@ def _make_accelerator(cfg: Config, device: torch.device) -> Any:
     if world_size != cfg.train.num_processes:
         raise ValueError(
             f"train.num_processes={cfg.train.num_processes}, but this process is in a group of {world_size}: "
-            "start data-parallel runs through sdsweep.training.distributed.Ranks (sdsweep.sweep.trial does)."
+            "start data-parallel runs through sdsweep.training.distributed.Ranks (sdsweep.sweep.run_executor does)."
         )
     return accelerator
 

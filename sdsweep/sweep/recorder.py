@@ -1,0 +1,188 @@
+"""Recording a trial's outcome: its folder first, then Optuna, then tracking; and keep_best_k afterwards.
+
+Files are written before Optuna is told, so a trial the study calls COMPLETE always has its files; a
+process killed in between leaves a folder whose trial is not a result (``enforce_keep_best_k`` knows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import optuna
+
+from sdsweep import io
+from sdsweep.config.constraints import parse_constraint
+from sdsweep.config.load import to_yaml
+from sdsweep.config.schema import Config
+from sdsweep.results.record import TrialRecord, TrialState, read_record
+from sdsweep.sweep.run_spec import RunSpec, TrialSlot
+from sdsweep.sweep.study_store import (
+    RUN_KEY,
+    TRIAL_DIR,
+    VIOLATIONS,
+    WANDB_RUN_ID,
+    StudyHandle,
+    TrialLink,
+    objective_values,
+)
+
+# Test-only fault injection: SDSWEEP_FAULT=after_record makes the process SIGKILL itself right after a
+# trial's metrics.json is written and before Optuna is told (tests/test_parallel.py checks that
+# keep_best_k and resume handle that window). Never set it outside tests.
+# Errors from telling a trial that someone else already finished (it was taken over as stale).
+TAKEN_OVER = (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError)
+
+
+class TrialRecorder:
+    """Writes a trial's folder and tells Optuna and tracking, in that order, so files exist first."""
+
+    def __init__(self, cfg: Config, spec: RunSpec, paths: io.StudyPaths, baseline: dict[str, float]):
+        from sdsweep.sweep import tracking
+
+        self.cfg = cfg
+        self.spec = spec
+        self.paths = paths
+        self.baseline = baseline
+        self.constraints = [parse_constraint(c) for c in cfg.sweep.constraints]
+        self.handle = StudyHandle(cfg, spec.storage, spec.study)
+        self.study = self.handle.study
+        self.live = tracking.LiveTrialRuns(cfg, spec.study, spec.slots, paths.wandb)  # W&B while training
+
+    def link(self, slot: TrialSlot) -> TrialLink:
+        link = TrialLink(self.handle, slot.number)
+        link.set_attr(RUN_KEY, self.spec.run_key)
+        link.set_attr(TRIAL_DIR, str(self.paths.trial(slot.number)))
+        return link
+
+    def tell(self, slot: TrialSlot, action) -> None:
+        """Tell Optuna; a trial finished by someone else meanwhile (taken over as stale) is left alone."""
+        try:
+            action()
+        except TAKEN_OVER as error:
+            print(
+                f"[sdsweep] trial {slot.number} was taken over by another worker ({error}); its result is kept on disk only",
+                flush=True,
+            )
+
+    def base_record(self, slot: TrialSlot) -> TrialRecord:
+        return TrialRecord(
+            trial=slot.number,
+            params=slot.params,
+            step=slot.step,
+            model=self.cfg.model.name,
+            pretrained=self.cfg.model.path or self.cfg.model.pretrained,
+            method=self.cfg.method.name,
+            learning_rate=self.cfg.method.learning_rate,
+            max_train_steps=slot.step,
+            run_key=self.spec.run_key,
+        )
+
+    def write_config(self, slot: TrialSlot) -> None:
+        trial_dir = self.paths.trial(slot.number)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        # The saved config reproduces this grid point exactly (a shared run trains further).
+        own = dataclasses.replace(
+            self.cfg, train=dataclasses.replace(self.cfg.train, max_train_steps=slot.step)
+        )
+        io.atomic_write_text(trial_dir / io.TRIAL_CONFIG, to_yaml(own))
+
+    def complete(self, slot: TrialSlot, record: TrialRecord, link: TrialLink) -> None:
+        metrics = record.metrics
+        record.delta = {
+            f"delta/{k}": metrics[k] - v
+            for k, v in self.baseline.items()
+            if k in metrics and isinstance(v, (int, float)) and metrics[k] is not None
+        }
+        violations = [c.violation(metrics) for c in self.constraints]
+        record.violations = {str(c): v for c, v in zip(self.constraints, violations)}
+        record.feasible = all(v <= 0 for v in violations)
+        values = objective_values(self.cfg, metrics)
+        if isinstance(values, str):
+            reason = f"{values}: {record.missing.get(self.cfg.sweep.objectives[0].metric.split('/', 1)[-1], '')}".rstrip(
+                ": "
+            )
+            self.fail(slot, record, link, reason)
+            return
+        record.state = TrialState.COMPLETE
+        record.objective = values[0]
+        record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
+        if os.environ.get("SDSWEEP_FAULT") == "after_record":  # read now: a forked worker sets its env late
+            os.kill(os.getpid(), signal.SIGKILL)
+        for name, value in metrics.items():  # every metric readable per trial in the dashboard
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tell(slot, lambda n=name, v=value: link.set_attr(n, float(v)))
+        self.tell(slot, lambda: link.complete(values, record.violations))
+
+    def fail(
+        self,
+        slot: TrialSlot,
+        record: TrialRecord,
+        link: TrialLink,
+        reason: str,
+        state: TrialState = TrialState.FAIL,
+    ) -> None:
+        record.state = state
+        record.fail_reason = reason
+        record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
+        self.tell(slot, lambda: link.prune(reason) if state == TrialState.PRUNED else link.fail(reason))
+
+    def track(self, slot: TrialSlot, record: TrialRecord, images: dict) -> None:
+        from sdsweep.sweep import tracking
+
+        run_id = self.live.finish(slot.number, record) or tracking.record_trial(
+            self.cfg, self.spec.study, slot.number, slot.params, record, images, self.paths.wandb
+        )
+        if run_id:
+            record.wandb_run_id = run_id
+            record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
+            self.handle.set_attr(slot.number, WANDB_RUN_ID, run_id)  # False once finished: kept on disk
+
+
+def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) -> None:
+    """Keep weights only for the best k COMPLETE trials in the storage (feasible first).
+
+    The ranking comes from the study, not from trial folders: a folder whose metrics.json says
+    COMPLETE but whose trial was never told (killed in between) is not a result and is never ranked.
+    Safe with concurrent workers: a trial outside the top k of some snapshot of the study stays
+    outside it when more trials finish, and the best trial so far is always inside it. The record
+    says so before any file is deleted.
+    """
+    k = cfg.sweep.keep_best_k
+    if k < 0:
+        return
+    sign = 1.0 if cfg.sweep.objectives[0].direction == "maximize" else -1.0
+    ranked = []
+    unranked = []
+    for frozen in handle.trials():
+        if frozen.state.is_finished():
+            _remove_staging(paths.trial(frozen.number))  # left by a save that was killed
+        if frozen.state.is_finished() and frozen.state != optuna.trial.TrialState.COMPLETE:
+            unranked.append(frozen.number)  # e.g. killed after its save and retried: not a result
+        if frozen.state != optuna.trial.TrialState.COMPLETE or not frozen.values:
+            continue
+        score = sign * frozen.values[0] if math.isfinite(frozen.values[0]) else -math.inf
+        violations = frozen.user_attrs.get(VIOLATIONS) or {}
+        feasible = all(float(v) <= 0 for v in violations.values())
+        ranked.append((not feasible, -score, frozen.number))
+    ranked.sort()
+    losers = [(number, f"not among the best {k} (sweep.keep_best_k)") for _, _, number in ranked[k:]]
+    losers += [(number, "this attempt has no result in the study (sweep.keep_best_k)") for number in unranked]
+    for number, why in losers:
+        trial_dir = paths.trial(number)
+        record = read_record(trial_dir / io.TRIAL_METRICS)
+        if not record or not record.weights:
+            continue
+        record.weights = None
+        record.weights_removed = why
+        record.write(trial_dir / io.TRIAL_METRICS)
+        shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+
+
+def _remove_staging(trial_dir: Path) -> None:
+    for leftover in trial_dir.glob(f".{io.TRIAL_WEIGHTS}.*.staging"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,214 @@
+"""Execute one training run and record the trial(s) it serves.
+
+``RunExecutor`` holds a run's state as attributes and has one method per phase: ``setup`` and training
+(``run``), each logged step (``on_step``), each milestone (``on_milestone``: evaluate, save weights, tell
+Optuna, decide whether to stop), and ``finish_slot`` / ``fail_open`` for the trials it serves. The
+training loop only sees the two hooks; recording is ``TrialRecorder``'s job (sdsweep/sweep/recorder.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdsweep import io, signals
+from sdsweep.progress import Progress
+from sdsweep.results.record import TrialRecord, TrialState
+from sdsweep.sweep.baseline import baseline_folder, baseline_metrics
+from sdsweep.sweep.recorder import TrialRecorder, enforce_keep_best_k
+from sdsweep.sweep.run_config import compose_config
+from sdsweep.sweep.run_setup import RunCaches, RunSetup, release_memory
+from sdsweep.sweep.run_spec import RunSpec, TrialSlot
+from sdsweep.training import distributed
+
+OUT_OF_MEMORY = "out of memory: lower train.train_batch_size, enable train.gradient_checkpointing=true, or use method=lora"
+
+
+class RunExecutor:
+    """Trains once and records every trial slot of the run; failures are recorded, never raised."""
+
+    def __init__(self, spec: RunSpec, caches: RunCaches):
+        self.spec = spec
+        self.caches = caches
+        self.paths = io.StudyPaths(Path(spec.study_root))
+        self.cfg = compose_config(spec.overrides)
+        self.recorder = TrialRecorder(
+            self.cfg, spec, self.paths, baseline_metrics(baseline_folder(self.paths, self.cfg))
+        )
+        self.slots = sorted(spec.slots, key=lambda s: s.step)
+        self.links = {s.number: self.recorder.link(s) for s in self.slots}
+        self.records: dict[int, TrialRecord] = {s.number: self.recorder.base_record(s) for s in self.slots}
+        self.open_slots = list(self.slots)  # served slots not yet recorded, in step order
+        self.history: list[dict[str, Any]] = []  # every logged training step
+        self.evals: list[dict[str, Any]] = []  # every milestone's metrics
+        self.grids: list[tuple[int, Any]] = []  # (step, image grid) per milestone
+        # Optuna's pruners compare reported values in the objective's direction; val_loss is reported with
+        # the sign that makes a lower loss look better for a maximised objective too.
+        self.direction_sign = -1.0 if self.recorder.study.directions[0].name == "MAXIMIZE" else 1.0
+        self.started = time.perf_counter()
+        self.setup: RunSetup | None = None
+        self.bar = Progress(
+            f"train {'/'.join(f't{s.number}' for s in self.slots)}",
+            self.slots[-1].step,
+            "steps",
+            time_from_first_update=True,
+        )
+
+    # ---- the run ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        from sdsweep.training.train import TrainingDiverged
+
+        for slot in self.slots:
+            self.recorder.write_config(slot)
+        try:
+            self.train()
+        except signals.HandBack:
+            self.open_slots.clear()  # not failed: the caller hands these trials back to the study
+            raise
+        except TrainingDiverged as error:
+            self.fail_open(f"training diverged: {error}")
+        except torch.OutOfMemoryError:
+            self.fail_open(OUT_OF_MEMORY)
+        except Exception as error:  # a trial's bug must not stop the sweep
+            for slot in self.open_slots:
+                io.atomic_write_text(self.paths.trial(slot.number) / "error.txt", traceback.format_exc())
+            self.fail_open(f"{type(error).__name__}: {error}")
+        finally:
+            for slot in list(self.open_slots):  # the loop ended before this milestone (should not happen)
+                self.finish_slot(slot, TrialState.FAIL, f"training stopped before step {slot.step}")
+            self.bar.close()
+            self.setup = None  # drop the models before the next run loads its own
+            release_memory()
+
+    def milestones(self) -> list[int]:
+        """The slots' steps, plus the extra val-loss points the pruner asks for."""
+        steps = {s.step for s in self.slots}
+        every = self.spec.report_every
+        if every:
+            steps |= set(range(every, max(steps), every))
+        return sorted(steps)
+
+    def checkpoint_dir(self) -> Path | None:
+        """Where a shared run checkpoints at milestones, so a taken-over run resumes instead of restarting."""
+        if self.spec.shared and self.cfg.train.checkpoint_at_milestones:
+            return self.paths.runs / self.spec.run_key
+        return None
+
+    def train(self) -> None:
+        from sdsweep.training.train import TrainHooks, train
+
+        milestones = self.milestones()
+        checkpoint_dir = self.checkpoint_dir()
+        label = self.spec.run_key or f"t{self.slots[0].number}"
+        # train.num_processes > 1: the other ranks start now and load their models alongside ours.
+        with distributed.Ranks(
+            self.cfg, self.spec.overrides, self.paths.root, self.paths.runs, milestones, checkpoint_dir, label
+        ):
+            self.setup = RunSetup(self.cfg, self.paths, self.caches)
+            hooks = TrainHooks(on_step=self.on_step, on_milestone=self.on_milestone)
+            train(self.cfg, self.setup.method, self.setup.dataset, milestones, hooks, checkpoint_dir)
+        if not self.open_slots and checkpoint_dir is not None:
+            shutil.rmtree(
+                checkpoint_dir, ignore_errors=True
+            )  # every milestone is recorded: nothing to resume
+
+    # ---- the training loop's hooks ------------------------------------------------------------------
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        self.history.append({"step": step, **logs})
+        self.recorder.live.log_step(step, logs)
+        self.bar.update(step, loss=logs.get("train/loss"))
+
+    def on_milestone(self, step: int) -> bool:
+        """Evaluate the slots ending here; report val_loss to the still-open slots; True: stop training."""
+        val_loss = None
+        for slot in [s for s in self.open_slots if s.step == step]:
+            metrics = self.evaluate_and_record(slot, step)
+            val_loss = metrics.get("eval/val_loss")
+            rate = metrics.get("eval/appropriate_rate")
+            if rate is not None and rate == 0.0 and self.open_slots:
+                self.stop_open(
+                    TrialState.PRUNED,
+                    f"stopped: eval/appropriate_rate collapsed to 0 at step {step} (every image degenerate or unsafe)",
+                )
+                return True
+        if not self.open_slots:
+            return True
+        assert self.setup is not None
+        if val_loss is None:
+            val_loss = self.setup.evaluator.val_loss_only(self.setup.method, self.setup.heldout_batch)
+        for slot in self.open_slots:
+            self.links[slot.number].report(self.direction_sign * float(val_loss), step)
+        # Every open slot shares the training so far: the longest one speaks for all of them.
+        if self.links[self.open_slots[-1].number].should_prune():
+            self.stop_open(
+                TrialState.PRUNED,
+                f"pruned at step {step} by the {self.cfg.sweep.pruner} pruner (val_loss {val_loss:.4g})",
+            )
+            return True
+        return False
+
+    def evaluate_and_record(self, slot: TrialSlot, step: int) -> dict[str, Any]:
+        """Evaluate the slot ending at this step, save its weights and record it COMPLETE; its metrics."""
+        setup = self.setup
+        assert setup is not None
+        trial_dir = self.paths.trial(slot.number)
+        pipeline = setup.method.pipeline_for_eval(self.cfg.eval.scheduler)
+        result = setup.evaluator.evaluate(
+            pipeline,
+            setup.method,
+            setup.heldout_batch,
+            out_dir=trial_dir,
+            label=f"trial {slot.number} step {step}",
+        )
+        del pipeline
+        record = self.records[slot.number]
+        record.metrics, record.missing = result.metrics, result.missing
+        record.warnings = result.warnings
+        record.eval_seconds = round(result.seconds, 3)
+        self.evals.append({"step": step, **result.metrics})
+        self.recorder.live.log_eval(step, result.metrics, result.grid)
+        self.grids.append((step, result.grid))
+        weights = trial_dir / io.TRIAL_WEIGHTS
+        with signals.critical():  # a Ctrl-C here waits until the trial is recorded
+            staging = io.staging_dir(weights)
+            setup.method.save(staging)
+            io.replace_dir(staging, weights)
+            record.weights = io.TRIAL_WEIGHTS
+            self.finish_slot(slot, TrialState.COMPLETE)
+        return result.metrics
+
+    # ---- recording the served trials --------------------------------------------------------------
+    def finish_slot(self, slot: TrialSlot, state: TrialState, reason: str | None = None) -> None:
+        """Record one slot with what the run produced up to its step, then close it."""
+        record = self.records[slot.number]
+        record.history = [h for h in self.history if h["step"] <= slot.step]
+        record.evals = [e for e in self.evals if e["step"] <= slot.step]
+        record.train_seconds = round(time.perf_counter() - self.started, 3)
+        if self.setup is not None:
+            for key, value in self.setup.memory_record().items():
+                setattr(record, key, value)
+        link = self.links[slot.number]
+        if state == TrialState.COMPLETE:
+            self.recorder.complete(slot, record, link)
+        else:
+            self.recorder.fail(slot, record, link, reason or "unknown", state=state)
+        self.recorder.track(slot, record, {"eval/grid": [g for g in self.grids if g[0] <= slot.step]})
+        enforce_keep_best_k(self.cfg, self.paths, self.recorder.handle)
+        self.open_slots.remove(slot)
+
+    def stop_open(self, state: TrialState, reason: str) -> None:
+        for slot in list(self.open_slots):
+            self.finish_slot(slot, state, reason)
+
+    def fail_open(self, reason: str) -> None:
+        self.stop_open(TrialState.FAIL, reason)
+
+
+def execute_run(spec: RunSpec, caches: RunCaches | None = None) -> None:
+    """Train once and record every trial slot of the run; failures are recorded, never raised."""
+    RunExecutor(spec, caches or RunCaches()).run()

@@ -1,0 +1,43 @@
+"""What one training run is asked to do: the JSON-serialisable record that crosses process boundaries.
+
+The same ``RunSpec`` is executed in-process or by an isolated worker (``python -m sdsweep.sweep.worker``),
+so it holds only plain values: the overrides that rebuild the config, and the trial slots it serves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrialSlot:
+    """A grid point served by a run: its Optuna trial and the step at which it is evaluated."""
+
+    number: int
+    trial_id: int
+    step: int
+    params: dict[str, Any]
+
+
+@dataclass
+class RunSpec:
+    kind: str  # "train" | "baseline"
+    study: str
+    study_root: str
+    storage: str
+    overrides: list[str]  # Hydra overrides that rebuild this run's config from conf/
+    run_key: str = ""
+    slots: list[TrialSlot] = field(default_factory=list)
+    shared: bool = False  # one run evaluated at several milestones
+    report_every: int = 0  # extra val-loss points for pruning (0: only at milestones)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        raw = json.loads(text)
+        raw["slots"] = [TrialSlot(**s) for s in raw["slots"]]
+        return cls(**raw)
