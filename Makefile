@@ -29,7 +29,7 @@ setup: $(STAMP) ## Create .venv and install sdsweep with dev tools
 	@echo "venv ready: $(VENV)"
 
 demo: $(STAMP) ## lr x steps grid teaching the shapes model a star it never saw (CPU; the first run builds it, minutes)
-	$(PY) -m sdsweep.models.shapes
+	$(PY) -m sdsweep.models.shapes_build
 	$(PY) -m sdsweep +experiment=demo $(ARGS)
 	$(PY) -m sdsweep.report experiments/demo
 
@@ -38,7 +38,7 @@ demo-tiny: $(STAMP) ## The same machinery on the random-weight tiny model (CPU, 
 	$(PY) -m sdsweep.report experiments/demo_tiny
 
 demo-methods: $(STAMP) ## Offline full/DreamBooth/TI/LoRA x v1.5/v2.1-flavoured comparison (CPU, minutes)
-	$(PY) -m sdsweep.models.shapes
+	$(PY) -m sdsweep.models.shapes_build
 	$(PY) -m sdsweep +experiment=demo_methods $(ARGS)
 	$(PY) -m sdsweep.report experiments/demo_methods
 

@@ -83,7 +83,7 @@ def plan_text(cfg) -> str:
     Uses the typed config, so shorthands such as ``sweep.steps=[...]`` are already applied: this is
     the grid the sweep will run, not the YAML's choices. Pure: no storage, model or data is touched.
     """
-    from sdsweep.sweep.plan import STEP_KEY, grid_points, plan_runs, short_params
+    from sdsweep.study.plan import STEP_KEY, grid_points, plan_runs, short_params
 
     sweep = cfg.sweep
     lines = [f"study '{cfg.study}' -> {cfg.paths.root}/{cfg.study}"]

@@ -209,7 +209,7 @@ class StudyPaths:
 
 # Inside each trial folder (and the baseline folder):
 TRIAL_CONFIG = "config.yaml"  # the resolved config the trial ran with
-TRIAL_METRICS = "metrics.json"  # see sdsweep.results.record.TrialRecord
+TRIAL_METRICS = "metrics.json"  # see sdsweep.study.record.TrialRecord
 TRIAL_GRID = "grid.png"  # labelled prompt x seed grid of the final evaluation
 TRIAL_SAMPLES = "samples"  # samples/p{prompt:02d}_s{seed}.png
 TRIAL_WEIGHTS = "weights"  # diffusers format for the method (pipeline folder / LoRA / embeddings)

@@ -115,7 +115,7 @@ def fmt_param(key: str, value: Any) -> str:
     return fmt(value)
 
 
-LR_KEY = "method.learning_rate"  # same keys as sdsweep.sweep.plan (which imports the config schema)
+LR_KEY = "method.learning_rate"  # same keys as sdsweep.study.plan (which imports the config schema)
 STEP_KEY = "train.max_train_steps"
 
 

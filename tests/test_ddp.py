@@ -42,7 +42,7 @@ def rank_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if "sdsweep.training.rank" in " ".join(proc.cmdline()):
+            if "sdsweep.sweep.rank" in " ".join(proc.cmdline()):
                 found.append(proc)
         except psutil.NoSuchProcess:
             pass
@@ -107,7 +107,7 @@ def test_the_pool_gives_each_worker_its_ranks_devices(monkeypatch):
 
 @pytest.mark.slow
 def test_a_crashed_rank_fails_the_trial_with_its_reason(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDSWEEP_FAULT", "rank_crash")  # read by sdsweep.training.rank only
+    monkeypatch.setenv("SDSWEEP_FAULT", "rank_crash")  # read by sdsweep.sweep.rank only
     outcome, _, record = single_run(tmp_path, "crash", "train.train_batch_size=1", "train.num_processes=2")
     assert outcome.states == {"FAIL": 1}
     assert record["fail_reason"].startswith("RankFailed: rank 1 of 2 failed: RuntimeError: injected fault")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import TINY_OVERRIDES, compose
 
-from sdsweep.sweep.plan import STEP_KEY, grid_points, overrides_for, plan_runs, point_key
+from sdsweep.study.plan import STEP_KEY, grid_points, overrides_for, plan_runs, point_key
 
 
 def test_grid_points_cover_the_product():

@@ -9,9 +9,9 @@ import pandas as pd
 from sdsweep import io
 from sdsweep.config.load import normalise
 from sdsweep.config.validate import validate
-from sdsweep.results.record import SCHEMA_VERSION, TrialRecord, TrialState, read_record
 from sdsweep.results.study_folder import best_feasible_trial, best_trial, load_study
 from sdsweep.results.table import build_results
+from sdsweep.study.record import SCHEMA_VERSION, TrialRecord, TrialState, read_record
 
 # A trial record exactly as the sdsweep before TrialRecord wrote it (no schema_version).
 OLD_TRIAL = {

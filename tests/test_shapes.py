@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sdsweep.evaluation import judge
-from sdsweep.models import shapes
+from sdsweep.models import shapes, shapes_build
 from tests.conftest import compose
 
 
@@ -83,7 +83,7 @@ def test_demo_recipes_compose_on_the_shapes_world():
 # of this file), with a margin. Every study runs in-process on the one session build.
 @pytest.fixture(scope="session")
 def shapes_model():
-    return shapes.ensure_shapes_model()
+    return shapes_build.ensure_shapes_model()
 
 
 def _study(root, *overrides: str):

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 
+from sdsweep.study.store import FAIL_REASON, GRID_POINT, SUPERSEDED
 from sdsweep.sweep.driver import run_sweep
-from sdsweep.sweep.study_store import FAIL_REASON, GRID_POINT, SUPERSEDED
 
 # Cheap evaluation: these tests are about the engine, the metrics have their own tests.
 FAST_EVAL = ["eval.metrics=[clip_score,appropriate_rate,val_loss]", "eval.prompts=[a photo of sks]"]

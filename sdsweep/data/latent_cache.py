@@ -38,7 +38,7 @@ from sdsweep.data.images import (
     split_key,
     to_tensor,
 )
-from sdsweep.models.loading import tokenize_prompts
+from sdsweep.models.tokens import tokenize_prompts
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from sdsweep.config.schema import Config, ModelConfig
-from sdsweep.models import shapes, tiny
+from sdsweep.models import shapes, shapes_build, tiny
 
 
 class ModelUnavailableError(RuntimeError):
@@ -34,17 +34,6 @@ class SDComponents:
     @property
     def latent_scaling(self) -> float:
         return float(self.vae.config.scaling_factor)
-
-
-def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Input ids padded to the tokenizer's 77 tokens, the length SD's text encoder was trained on."""
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -166,7 +155,7 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
         return str(tiny.ensure_tiny_model(flavour, cache))
     shapes_flavour = shapes.parse_shapes_id(model.pretrained)
     if shapes_flavour is not None:  # the known-answer shapes model, pretrained here once (minutes)
-        return str(shapes.ensure_shapes_model(shapes_flavour, cache))
+        return str(shapes_build.ensure_shapes_model(shapes_flavour, cache))
     local = Path(os.path.expanduser(model.pretrained))
     if local.is_dir():
         return _complete(local, "model.pretrained")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,35 +186,8 @@ def clip_dir(cache: str | os.PathLike | None = None) -> Path:
     return model_dir("sd15", cache) / "clip"
 
 
-def ensure_shapes_model(
-    flavour: str = "sd15", cache: str | os.PathLike | None = None, plan: BuildPlan | None = None
-) -> Path:
-    """The cached build, building it first (minutes, with a progress bar) if it is not there."""
-    if flavour != "sd15":
-        raise ValueError(f"Unknown shapes flavour {flavour!r}; only shapes:sd15 is built (model=shapes).")
-    from sdsweep.models import shapes_build
-
-    ensure_concept_dataset(cache)  # data=shapes reads it; writing it takes well under a second
-    return tiny._atomic_dir(model_dir(flavour, cache), lambda d: shapes_build.build(d, plan or BuildPlan()))
-
-
 def parse_shapes_id(pretrained: str) -> str | None:
     """``shapes:sd15`` -> ``sd15``; anything else -> None."""
     if pretrained.startswith(SHAPES_PREFIX):
         return pretrained[len(SHAPES_PREFIX) :] or "sd15"
     return None
-
-
-def main() -> None:
-    """``python -m sdsweep.models.shapes``: build (or find) the cached model and concept data, print where and how long."""
-    started, cpu = time.perf_counter(), time.process_time()
-    path = ensure_shapes_model()
-    data = ensure_concept_dataset()
-    print(
-        f"shapes model: {path}\nconcept data: {data}\n"
-        f"wall {time.perf_counter() - started:.0f} s, cpu {time.process_time() - cpu:.0f} s"
-    )
-
-
-if __name__ == "__main__":
-    main()

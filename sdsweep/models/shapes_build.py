@@ -1,6 +1,6 @@
 """The one-time pretraining of the shapes model: VAE, then CLIP, then the text-conditioned UNet.
 
-Called by ``sdsweep.models.shapes.ensure_shapes_model`` into a staging folder; everything is seeded and the
+Called by ``sdsweep.models.shapes_build.ensure_shapes_model`` into a staging folder; everything is seeded and the
 algorithms deterministic, so two builds give the same weights. Separate from the world so that importing
 the world (for the judge) never pulls in diffusers.
 """
@@ -8,6 +8,7 @@ the world (for the judge) never pulls in diffusers.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sdsweep.models import shapes, tiny
+from sdsweep.models.tokens import tokenize_prompts
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the processor's normalisation, used while training too
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,8 +35,6 @@ def _images(scenes: list[shapes.Scene]) -> torch.Tensor:
 
 
 def _ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    from sdsweep.models.loading import tokenize_prompts
-
     return tokenize_prompts(tokenizer, captions)
 
 
@@ -290,3 +290,28 @@ def build(target: Path, plan) -> None:
     (target / "build.json").write_text(
         f'{{"wall_seconds": {time.perf_counter() - started:.1f}, "cpu_seconds": {time.process_time() - cpu:.1f}}}\n'
     )
+
+
+def ensure_shapes_model(
+    flavour: str = "sd15", cache: str | os.PathLike | None = None, plan: shapes.BuildPlan | None = None
+) -> Path:
+    """The cached build, building it first (minutes, with a progress bar) if it is not there."""
+    if flavour != "sd15":
+        raise ValueError(f"Unknown shapes flavour {flavour!r}; only shapes:sd15 is built (model=shapes).")
+    shapes.ensure_concept_dataset(cache)  # data=shapes reads it; writing it takes well under a second
+    return tiny._atomic_dir(shapes.model_dir(flavour, cache), lambda d: build(d, plan or shapes.BuildPlan()))
+
+
+def main() -> None:
+    """``python -m sdsweep.models.shapes_build``: build (or find) the cached model and concept data, print where and how long."""
+    started, cpu = time.perf_counter(), time.process_time()
+    path = ensure_shapes_model()
+    data = shapes.ensure_concept_dataset()
+    print(
+        f"shapes model: {path}\nconcept data: {data}\n"
+        f"wall {time.perf_counter() - started:.0f} s, cpu {time.process_time() - cpu:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

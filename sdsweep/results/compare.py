@@ -13,9 +13,9 @@ import pandas as pd
 
 from sdsweep import io
 from sdsweep.metric_names import fmt_number, fmt_sci, label
-from sdsweep.results.record import TrialState
 from sdsweep.results.study_folder import StudyData, best_trial, first_sample_name
 from sdsweep.results.table import is_feasible, pareto_front
+from sdsweep.study.record import TrialState
 
 LR_KEY = "method.learning_rate"
 STEP_KEY = "train.max_train_steps"

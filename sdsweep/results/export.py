@@ -27,8 +27,8 @@ from sdsweep import io
 from sdsweep.config.methods import EMBEDS_FILE, METHOD_SPECS
 from sdsweep.metric_names import fmt_param
 from sdsweep.results import export_card
-from sdsweep.results.record import TrialRecord, TrialState
 from sdsweep.results.study_folder import StudyData, StudyFolderError, best_trial, is_feasible, load_study
+from sdsweep.study.record import TrialRecord, TrialState
 
 CARD_TAGS = ["stable-diffusion", "text-to-image", "diffusers", "sdsweep"]
 TRIAL_FILE = "sdsweep_trial.json"
@@ -81,7 +81,7 @@ def select_trial(data: StudyData, trial: int | None = None) -> SelectedTrial:
 
 def rerun_command(data: StudyData, record: TrialRecord) -> str:
     """A command that trains this grid point again as its own single-run study (which keeps its weights)."""
-    from sdsweep.sweep.plan import overrides_for
+    from sdsweep.study.plan import overrides_for
 
     study = data.info.get("study", data.root.name)
     base = [o for o in data.info.get("overrides") or [] if not o.lstrip("+").startswith(("sweep", "study="))]

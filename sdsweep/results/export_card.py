@@ -10,7 +10,7 @@ from typing import Any
 
 from sdsweep import io
 from sdsweep.metric_names import direction_arrow, direction_words, fmt_number, warnings_for
-from sdsweep.results.record import TrialRecord
+from sdsweep.study.record import TrialRecord
 
 # eval.scheduler name -> (diffusers class, extra config), the same choices as
 # sdsweep.models.loading.make_inference_scheduler (kept in step by tests/test_export.py).

@@ -15,9 +15,9 @@ import pandas as pd
 
 from sdsweep import io, metric_names
 from sdsweep.metric_names import LR_KEY, STEP_KEY, fmt, fmt_sci, metric_columns
-from sdsweep.results.record import TrialState
 from sdsweep.results.study_folder import StudyData, best_feasible_trial, first_sample_name, is_number
 from sdsweep.results.table import is_feasible
+from sdsweep.study.record import TrialState
 
 # Importances need a few points per parameter to mean anything.
 MIN_TRIALS_FOR_IMPORTANCE = 4
@@ -227,7 +227,7 @@ def _load_optuna_study(data: StudyData):
     """The study from the storage in study.json (optuna is imported only here, for the report's plots)."""
     import optuna
 
-    from sdsweep.sweep.study_store import open_storage
+    from sdsweep.study.store import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = data.info.get("storage") or f"sqlite:///{data.paths.storage_db.resolve()}"

@@ -9,9 +9,9 @@ import pandas as pd
 
 from sdsweep import metric_names
 from sdsweep.metric_names import fmt, fmt_param, metric_columns, short_label
-from sdsweep.results.record import TrialState
 from sdsweep.results.study_folder import StudyData, best_feasible_trial, is_number
 from sdsweep.results.table import is_feasible
+from sdsweep.study.record import TrialState
 
 _is_number = is_number
 

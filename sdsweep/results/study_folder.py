@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 
 from sdsweep import io
-from sdsweep.results.record import TrialRecord, read_record, read_record_or_none
 from sdsweep.results.table import Objectives, build_results, is_feasible
 from sdsweep.results.table import best_trial as _best_trial
+from sdsweep.study.record import TrialRecord, read_record, read_record_or_none
 
 DEFAULT_OBJECTIVES = [{"metric": "eval/clip_score", "direction": "maximize"}]
 

@@ -10,7 +10,7 @@ from typing import Any, Union
 import pandas as pd
 
 from sdsweep import io
-from sdsweep.results.record import TrialRecord, TrialState, read_record
+from sdsweep.study.record import TrialRecord, TrialState, read_record
 
 LEADING_COLUMNS = ["trial", "state", "model", "method", "learning_rate", "max_train_steps"]
 DAMAGED = TrialState.DAMAGED.value  # the trial's metrics.json exists but cannot be read; fail_reason says why
@@ -20,7 +20,7 @@ def trial_rows(
     paths: io.StudyPaths, optuna_trials: list[Any] | None = None, superseded: set[int] | None = None
 ) -> list[dict[str, Any]]:
     """Rows from each trial's metrics.json; Optuna's view fills in trials that never wrote one."""
-    from sdsweep.sweep.study_store import FAIL_REASON
+    from sdsweep.study.store import FAIL_REASON
 
     rows: dict[int, dict[str, Any]] = {}
     for trial_dir in paths.trial_dirs():

@@ -12,7 +12,7 @@ from pathlib import Path
 from sdsweep import io
 from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config, SweepConfig
-from sdsweep.results.record import TrialRecord, TrialState, read_record_or_none
+from sdsweep.study.record import TrialRecord, TrialState, read_record_or_none
 from sdsweep.sweep.run_config import compose_config
 from sdsweep.sweep.run_setup import RunCaches, RunSetup, release_memory
 from sdsweep.sweep.run_spec import RunSpec

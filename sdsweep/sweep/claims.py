@@ -38,7 +38,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sdsweep.config.schema import SweepConfig
-from sdsweep.sweep.study_store import (
+from sdsweep.study.store import (
     FAIL_REASON,
     GRID_POINT,
     INTERRUPTED,

@@ -26,11 +26,8 @@ from sdsweep import io, signals
 from sdsweep.config.compose import user_overrides
 from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.progress import Progress
-from sdsweep.results.record import read_record_or_none
 from sdsweep.results.table import write_results
-from sdsweep.sweep.baseline import ensure_baseline
-from sdsweep.sweep.claims import HEARTBEAT, OWNER, Claims, Heartbeat
-from sdsweep.sweep.plan import (
+from sdsweep.study.plan import (
     STEP_KEY,
     RunPlan,
     canonical,
@@ -42,12 +39,15 @@ from sdsweep.sweep.plan import (
     short_params,
     suggest,
 )
+from sdsweep.study.record import read_record_or_none
+from sdsweep.study.store import FAIL_REASON, GRID_POINT, RUN_KEY, SUPERSEDED, StudyHandle, storage_url
+from sdsweep.sweep.baseline import ensure_baseline
+from sdsweep.sweep.claims import HEARTBEAT, OWNER, Claims, Heartbeat
 from sdsweep.sweep.preflight import available_search_space
 from sdsweep.sweep.run_config import compose_config
 from sdsweep.sweep.run_executor import execute_run
 from sdsweep.sweep.run_setup import RunCaches
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
-from sdsweep.sweep.study_store import FAIL_REASON, GRID_POINT, RUN_KEY, SUPERSEDED, StudyHandle, storage_url
 
 TICKET = "ticket"  # user attr: this trial was its run's claim ticket (the run's first point)
 # Exceptions that say the configuration is wrong, not the trial: K of them in a row stop the sweep.

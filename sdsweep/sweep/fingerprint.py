@@ -183,7 +183,7 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ---- study.json -------------------------------------------------------------------------------------
 def study_description(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -> dict[str, Any]:
     """The descriptive study.json fields the report and export read (as SweepDriver wrote them)."""
-    from sdsweep.sweep.study_store import single_run_sweep
+    from sdsweep.study.store import single_run_sweep
 
     sweep = cfg.sweep or single_run_sweep()
     storage = sweep.storage or f"sqlite:///{paths.storage_db.resolve()}"

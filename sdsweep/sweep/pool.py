@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdsweep import io, signals
+from sdsweep.study.store import FAIL_REASON
 from sdsweep.sweep.claims import OWNER
-from sdsweep.sweep.study_store import FAIL_REASON
 
 BASELINE_FAILED = 3  # a worker's exit code: the baseline evaluation failed, nothing can run
 STOP_WAIT_SECONDS = 60  # how long a stopping worker may take to hand its run back before SIGKILL

@@ -19,9 +19,8 @@ from sdsweep import io
 from sdsweep.config.constraints import parse_constraint
 from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config
-from sdsweep.results.record import TrialRecord, TrialState, read_record
-from sdsweep.sweep.run_spec import RunSpec, TrialSlot
-from sdsweep.sweep.study_store import (
+from sdsweep.study.record import TrialRecord, TrialState, read_record
+from sdsweep.study.store import (
     RUN_KEY,
     TRIAL_DIR,
     VIOLATIONS,
@@ -30,6 +29,7 @@ from sdsweep.sweep.study_store import (
     TrialLink,
     objective_values,
 )
+from sdsweep.sweep.run_spec import RunSpec, TrialSlot
 
 # Test-only fault injection: SDSWEEP_FAULT=after_record makes the process SIGKILL itself right after a
 # trial's metrics.json is written and before Optuna is told (tests/test_parallel.py checks that

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 from sdsweep.config.schema import Config
-from sdsweep.sweep.study_store import single_run_sweep
+from sdsweep.study.store import single_run_sweep
 
 # Per-process memo of composed configs: the driver composes the same overrides for the preflight and again
 # for the sweep (Hydra takes ~0.5 s each on 2 cores, before any worker can start), a worker for its engine

@@ -18,7 +18,7 @@ import torch
 
 from sdsweep import io, signals
 from sdsweep.progress import Progress
-from sdsweep.results.record import TrialRecord, TrialState
+from sdsweep.study.record import TrialRecord, TrialState
 from sdsweep.sweep.baseline import baseline_folder, baseline_metrics
 from sdsweep.sweep.recorder import TrialRecorder, enforce_keep_best_k
 from sdsweep.sweep.run_config import compose_config

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep.config.schema import Config
-from sdsweep.results.record import TrialRecord, TrialState, as_record
+from sdsweep.study.record import TrialRecord, TrialState, as_record
 from sdsweep.sweep.tracking_values import (
     best_trial_summary,
     finite,

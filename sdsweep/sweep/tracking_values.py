@@ -10,8 +10,8 @@ from typing import Any
 
 from sdsweep.config.resolve import flatten
 from sdsweep.config.schema import Config
-from sdsweep.results.record import TrialRecord, as_record
-from sdsweep.sweep.plan import canonical, short_params
+from sdsweep.study.plan import canonical, short_params
+from sdsweep.study.record import TrialRecord, as_record
 
 # Config keys whose last part is one of these words may hold credentials; they are never logged.
 _SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}

@@ -2,7 +2,7 @@
 
 The run's own process (the in-process driver or a pool worker) is rank 0: it evaluates, writes
 checkpoints, weights and metrics.json, and talks to Optuna and W&B. ``Ranks`` starts ranks 1..N-1 as
-child processes (``python -m sdsweep.training.rank``) that only train. Every rank joins a torch.distributed
+child processes (``python -m sdsweep.sweep.rank``) that only train. Every rank joins a torch.distributed
 group through accelerate's own environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT): accelerate then picks MULTI_GPU (nccl) on CUDA, one device per rank (the rank's index
 within CUDA_VISIBLE_DEVICES), or MULTI_CPU (gloo) on CPU, where the ranks split the cores.
@@ -266,7 +266,7 @@ class Ranks:
                 env["OMP_NUM_THREADS"] = env["SDSWEEP_TORCH_THREADS"] = str(threads)
             with open(log_path, "w", encoding="utf-8") as log_file:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "sdsweep.training.rank", str(spec_path)],
+                    [sys.executable, "-m", "sdsweep.sweep.rank", str(spec_path)],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     env=env,

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import torch
 
 from sdsweep.config.schema import Config
-from sdsweep.models.loading import SDComponents, build_pipeline, tokenize_prompts
+from sdsweep.models.loading import SDComponents, build_pipeline
+from sdsweep.models.tokens import tokenize_prompts
 from sdsweep.training.loss import Generators, denoising_loss, randn
 
 Batch = dict[str, Any]

@@ -1,4 +1,4 @@
-"""``python -m sdsweep.training.rank SPEC.json``: rank 1..N-1 of a data-parallel run (see sdsweep/training/distributed.py).
+"""``python -m sdsweep.sweep.rank SPEC.json``: rank 1..N-1 of a data-parallel run (see sdsweep/training/distributed.py).
 
 Builds the same model, method and training set as rank 0, then trains: no evaluation, no files
 written, no Optuna or W&B. Exits non-zero with the error on its last line when anything fails.
