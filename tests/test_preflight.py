@@ -131,3 +131,10 @@ def test_skip_unavailable_continues_with_the_available_values(tmp_path, capsys):
     assert "leaving out model=sd15" in capsys.readouterr().out
     with pytest.raises(UserError, match="nothing is left to sweep over for model"):
         preflight(base(tmp_path, "+sweep=methods", "sweep.skip_unavailable=true"))
+
+
+def test_a_command_line_option_of_another_method_is_rejected_even_at_its_default_value(tmp_path):
+    """method.rank=4 is LoRA's default: judged by value it would pass; named on the command line it is a mistake."""
+    with pytest.raises(ConfigError, match=r"method\.rank=4.*method=full has no option 'rank'.*method=lora"):
+        preflight(base(tmp_path, "method=full", "method.rank=4"))
+    assert not (tmp_path / "exp").exists()  # nothing written for a run that cannot start

@@ -125,6 +125,29 @@ def check_method_options(method: Any, swept_methods: list[str] | None = None) ->
         )
 
 
+def check_method_overrides(
+    method_name: str, overrides: list[str], swept_methods: list[str] | None = None
+) -> None:
+    """A command-line ``method.<option>=...`` that the chosen method does not have is a ConfigError even when
+    its value equals the default (``check_method_options`` judges values, so it cannot see those)."""
+    if method_name not in METHOD_SCHEMAS:
+        return
+    methods = [method_name] + [m for m in swept_methods or [] if m in METHOD_SCHEMAS]
+    own = {key for name in methods for key in option_names(name)}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if not key.startswith("method.") or key.count(".") != 1:
+            continue
+        option = key.split(".", 1)[1]
+        owners = [name for name in METHOD_SCHEMAS if option in option_names(name)]
+        if option in own or not owners:
+            continue  # an unknown key altogether is reported by the schema check
+        raise ConfigError(
+            f"Invalid override {override}: method={method_name} has no option '{option}' (it belongs to "
+            f"method={' | '.join(owners)}). Drop it, or choose that method."
+        )
+
+
 __all__ = [
     "METHOD_SCHEMAS",
     "METHOD_SPECS",
@@ -136,5 +159,6 @@ __all__ = [
     "MethodOptions",
     "TextualInversionOptions",
     "check_method_options",
+    "check_method_overrides",
     "option_names",
 ]

@@ -234,6 +234,7 @@ def run_preflight(overrides: list[str]):
 
     Returns the dataset's ``DataSummary`` (already printed).
     """
+    from sdsweep.config.methods import check_method_overrides
     from sdsweep.data.examples import DataError, list_examples, summarize_dataset
     from sdsweep.models.loading import (
         ModelUnavailableError,
@@ -246,6 +247,10 @@ def run_preflight(overrides: list[str]):
     from sdsweep.training.memory import check_fits
 
     cfg = compose_config(overrides)
+    swept = cfg.sweep.params.get("method") if cfg.sweep else None
+    check_method_overrides(
+        cfg.method.name, overrides, [str(m) for m in getattr(swept, "choices", None) or []]
+    )
     paths = io.StudyPaths.of(cfg.paths.root, cfg.study)
     try:
         reset_study_if_asked(cfg, paths)
