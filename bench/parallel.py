@@ -93,7 +93,24 @@ def cpu_seconds() -> float:
     import resource
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + forked_workers_cpu_seconds()
+
+
+def forked_workers_cpu_seconds() -> float:
+    """Workers forked from the pool's fork server are its children, not ours: the fork server reaps them,
+    so their CPU is in its "children" times (cutime/cstime in /proc/<pid>/stat)."""
+    from multiprocessing import forkserver
+
+    import psutil
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if not pid:
+        return 0.0
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.children_user + times.children_system
 
 
 def timed_sweep(overrides: list[str]) -> dict[str, Any]:
