@@ -41,7 +41,16 @@ def main() -> None:
     global _PLAN_ONLY
     _PLAN_ONLY = any(arg in PLAN_FLAGS for arg in sys.argv[1:])
     sys.argv = [arg for arg in sys.argv if arg not in PLAN_FLAGS]  # Hydra does not know these flags
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        # Ctrl-C outside a sweep's runs (while starting up, or while the closing report is written): no
+        # run is held then (runs hand themselves back, sdsweep.signals), and finished trials are recorded.
+        print(
+            "\nsdsweep: stopped by Ctrl-C; nothing was lost. Re-run the same command to continue.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

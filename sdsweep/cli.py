@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from sdsweep.config.load import to_typed
-from sdsweep.errors import ConfigError
+from sdsweep.errors import ConfigError, SweepStopped
 from sdsweep.results.study_folder import is_feasible
 
 
@@ -57,7 +57,14 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
     from sdsweep.progress import quiet_library_bars
 
     quiet_library_bars()  # our own progress lines instead of per-file weight-loading bars
-    outcome = run_sweep(overrides)
+    try:
+        outcome = run_sweep(overrides)
+    except ConfigError as error:  # e.g. the study's data changed while the sweep ran
+        print(f"sdsweep: error: {error}", file=sys.stderr)
+        return 2
+    except SweepStopped as error:
+        print(f"sdsweep: error: {error}", file=sys.stderr)
+        return error.exit_code
     log(f"results: {outcome.results_csv}")
     log(f"study folder: {outcome.study_dir} (per-trial configs, metrics, samples and weights under trials/)")
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(outcome.states.items()))

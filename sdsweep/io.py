@@ -56,6 +56,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def create_exclusive_bytes(path: str | os.PathLike, data: bytes) -> bool:
+    """Write ``path`` whole, only if it does not exist yet; False when another process created it first.
+
+    The file is written beside its place and hard-linked in: ``link`` fails when the name exists, on
+    local filesystems and NFS alike, so of several processes creating it at once exactly one wins, and
+    a reader never sees half of it."""
+    path = Path(path)
+    tmp = _tmp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -74,8 +96,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _json_bytes(payload: Any) -> bytes:
+    return (json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
-    return atomic_write_text(path, json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n")
+    return atomic_write_bytes(path, _json_bytes(payload))
+
+
+def create_exclusive_json(path: str | os.PathLike, payload: Any) -> bool:
+    """``create_exclusive_bytes`` for JSON."""
+    return create_exclusive_bytes(path, _json_bytes(payload))
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

@@ -10,8 +10,10 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 from PIL import Image
@@ -194,6 +196,37 @@ def test_a_damaged_study_db_is_refused_by_name_and_left_alone(tmp_path, damage, 
     assert folder_digest(study) == before
 
 
+# A writer SIGKILLed inside a transaction, as a killed sweep process can be: its changes are still in the
+# database file and the original pages in the rollback journal (the cache is too small to hold them).
+_KILLED_WRITER = """
+import os, signal, sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA cache_size=2")
+connection.execute("BEGIN IMMEDIATE")
+connection.executemany("INSERT INTO trials (payload) VALUES (?)", [(os.urandom(2000),) for _ in range(200)])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_study_db_left_mid_transaction_by_a_killed_process_is_recovered_not_refused(tmp_path):
+    """The hot journal of a killed writer is SQLite's normal crash recovery, not damage: the preflight
+    lets the next connection roll it back (a read-only check used to call the study damaged)."""
+    data = make_dataset(tmp_path / "data")
+    overrides = sweep_overrides(tmp_path / "exp", data)
+    preflight(overrides)
+    db = tmp_path / "exp" / "s" / "study.db"
+    real_sqlite(db)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(db)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    journal = db.with_name("study.db-journal")
+    assert journal.exists() and journal.stat().st_size > 0, "no hot journal: the test set nothing up"
+    preflight(overrides)  # no error
+    connection = sqlite3.connect(db)
+    assert connection.execute("SELECT count(*) FROM trials").fetchone()[0] == 100  # the killed insert is gone
+    assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    connection.close()
+
+
 @pytest.mark.parametrize("relative", ["study.json", "baseline/metrics.json"])
 def test_a_torn_study_record_is_refused_by_name(tmp_path, relative):
     data = make_dataset(tmp_path / "data")
@@ -298,3 +331,49 @@ def test_cli_refuses_changed_data_and_changes_nothing(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "data: 1 file(s) removed: 2.png" in result.stderr
     assert folder_digest(study) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isolation", ["subprocess", "inprocess"])
+def test_data_changed_while_a_sweep_runs_stops_it_before_the_next_run(isolation, tmp_path):
+    """An image edited mid-sweep: the run already training finishes on the data it loaded, no later run
+    starts (it would not be comparable), the command says which file changed (exit 2, no traceback),
+    and after the file is put back the same command finishes the grid."""
+    data = make_dataset(tmp_path / "data", count=4)
+    overrides = sweep_overrides(
+        tmp_path / "exp",
+        data,
+        "sweep.learning_rates=[1e-4,1e-3,1e-2]",
+        "sweep.steps=[40]",
+        "sweep.keep_best_k=-1",
+        "sweep.build_report=false",
+        f"sweep.isolation={isolation}",
+        "eval.metrics=[clip_score,appropriate_rate,val_loss]",
+    )
+    study = tmp_path / "exp" / "s"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "sdsweep", *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    original = (data / "1.png").read_bytes()
+    deadline = time.monotonic() + 300
+    while len(list(study.glob("trials/*/config.yaml"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the second run has started (it writes its trial's config.yaml first)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(data / "1.png")
+    out, err = sweep.communicate(timeout=600)
+    assert sweep.returncode == 2, out[-3000:] + err[-3000:]
+    assert "changed while its sweep was running" in err and "1.png" in err, err[-3000:]
+    assert "Traceback" not in out + err
+    records = [json.loads(p.read_text()) for p in study.glob("trials/*/metrics.json")]
+    assert len([r for r in records if r["state"] == "COMPLETE"]) == 2, [r["state"] for r in records]
+    assert len(list(study.glob("trials/*/config.yaml"))) == 2  # the third run never started
+    (data / "1.png").write_bytes(original)
+    again = run_cli(*overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    results = pd.read_csv(study / "results.csv")
+    assert len(results) == 3 and (results["state"] == "COMPLETE").all()

@@ -169,6 +169,32 @@ def test_sigkilled_driver_leaves_no_process_and_a_rerun_finishes(moment, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_driver_sigkilled_during_an_evaluation_fails_no_trial(tmp_path, drivers):
+    """The worker is generating images when its driver dies: its next progress line meets a dead pipe.
+    That must hand the run back (the trial is queued again), never fail the evaluation: a failed trial
+    would be a decided grid point, lost to the re-run."""
+    study_dir = tmp_path / "par"
+    slow_eval = ["eval.num_images_per_prompt=4", "eval.num_inference_steps=25"]  # seconds per milestone
+    args = sweep_args(tmp_path, "sweep.workers=1", *slow_eval)
+    first = drivers.start(args, name="killed-during-eval")
+    # The milestone checkpoint is written just before the milestone's evaluation starts.
+    assert wait_until(lambda: has_checkpoint(study_dir) or not first.alive(), DRIVER_TIMEOUT)
+    assert first.alive(), first.output()
+    time.sleep(0.5)  # well inside the evaluation
+    first.send(signal.SIGKILL)
+    first.wait(30)
+    drivers.assert_no_leftovers()
+    failed = [
+        t for t in load_trials(study_dir) if t.state.name == "FAIL" and not t.user_attrs.get("superseded")
+    ]
+    assert not failed, [t.user_attrs.get("fail_reason") for t in failed]
+    again = drivers.start(args, name="rerun")
+    assert_clean_exit(again)
+    assert_grid_complete_once(study_dir)
+    drivers.assert_no_leftovers()
+
+
+@pytest.mark.slow
 def test_a_run_of_a_sigkilled_driver_is_finished_from_its_checkpoint_by_another_driver(tmp_path, drivers):
     """Two drivers share the grid; one is killed mid-training; the other takes the run over when its
     heartbeat stops and resumes it from the milestone checkpoint (history starts after that step)."""
@@ -241,6 +267,78 @@ def test_a_driver_on_another_host_never_takes_over_a_live_run(tmp_path, drivers)
     assert first_history_step(final) == 1
     taken = [t for t in trials if "interrupt" in str(t.user_attrs.get("fail_reason", "")).lower()]
     assert not taken, [t.user_attrs for t in taken]
+    drivers.assert_no_leftovers()
+
+
+def running_trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    if not (study_dir / "study.db").exists():
+        return []
+    try:
+        return [t for t in load_trials(study_dir) if t.state.name == "RUNNING"]
+    except Exception:  # the study is still being created
+        return []
+
+
+@pytest.mark.slow
+def test_a_machine_whose_clock_runs_ahead_never_takes_over_a_live_run(tmp_path, drivers):
+    """Another host whose clock is 10 minutes ahead joins while a long run is live: by its clock the run's
+    heartbeats are 10 minutes old, but it watches them change, so it never takes the run over."""
+    study_dir = tmp_path / "par"
+    long_steps = 300  # batch 8: tens of seconds, several grace periods, on the tiny model
+    args = sweep_args(tmp_path, "sweep.workers=1", "sweep.share_milestones=false") + [
+        f"sweep.learning_rates=[{LEARNING_RATES[0]:g}]",
+        f"sweep.steps=[{long_steps}]",
+        "train.train_batch_size=8",
+    ]
+    here = drivers.start(args, name="this-host")
+    assert wait_until(lambda: running_trials(study_dir) or not here.alive(), DRIVER_TIMEOUT)
+    assert here.alive(), here.output()
+    ahead = drivers.start(
+        args, name="clock-ahead", env={"SDSWEEP_HOST": "other", "SDSWEEP_CLOCK_OFFSET": "600"}
+    )
+    saw_it_live = wait_until(
+        lambda: "1 running elsewhere" in ahead.output() or not here.alive(), DRIVER_TIMEOUT
+    )
+    watched_from = time.monotonic()
+    assert_clean_exit(here)
+    watched = time.monotonic() - watched_from
+    assert_clean_exit(ahead)
+    # The check means something only if the other host watched the live run for longer than the grace period.
+    assert saw_it_live and "1 running elsewhere" in ahead.output(), ahead.output()[-4000:]
+    assert watched > 4, f"the run ended {watched:.1f}s after the other host joined: lengthen it"
+    trials = load_trials(study_dir)
+    assert [point_of(t) for t in trials if t.state.name == "COMPLETE"] == [(LEARNING_RATES[0], long_steps)]
+    assert not [t for t in trials if t.user_attrs.get("crashed")], [t.user_attrs for t in trials]
+    (final,) = complete_records(study_dir)
+    assert first_history_step(final) == 1  # trained start to finish by its first owner
+    assert "taken over" not in here.output()
+    drivers.assert_no_leftovers()
+
+
+@pytest.mark.slow
+def test_a_live_run_taken_over_by_mistake_stops_and_its_new_owner_finishes_it(tmp_path, drivers):
+    """A process that believes a live run dead takes it over (here: the owner's clock is 100 s behind on
+    the same host name, as with containers that share one); the first owner sees its trial taken and
+    stops at its next step instead of training on beside the new owner, which finishes the point."""
+    study_dir = tmp_path / "par"
+    long_steps = 300
+    args = sweep_args(tmp_path, "sweep.workers=1", "train.train_batch_size=8") + [
+        f"sweep.learning_rates=[{LEARNING_RATES[0]:g}]",
+        f"sweep.steps=[2,{long_steps}]",
+    ]
+    behind = drivers.start(args, name="clock-behind", env={"SDSWEEP_CLOCK_OFFSET": "-100"})
+    assert wait_until(lambda: has_checkpoint(study_dir) or not behind.alive(), DRIVER_TIMEOUT)
+    assert behind.alive(), behind.output()
+    taker = drivers.start(args, name="taker")
+    assert_clean_exit(taker)
+    assert_clean_exit(behind)
+    assert "taken over by another process" in behind.output(), behind.output()[-4000:]
+    complete = Counter(point_of(t) for t in load_trials(study_dir) if t.state.name == "COMPLETE")
+    assert complete == Counter({(LEARNING_RATES[0], 2): 1, (LEARNING_RATES[0], long_steps): 1})
+    # The new owner resumed from the step-2 checkpoint; the first owner recorded no long trial.
+    (final,) = [r for r in complete_records(study_dir) if r.get("step") == long_steps]
+    assert first_history_step(final) == 3, first_history_step(final)
+    assert f"steps={long_steps}]: COMPLETE" not in behind.output()
     drivers.assert_no_leftovers()
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sdsweep import io
+
 TINY_PREFIX = "tiny:"
 FLAVOURS = ("sd15", "sd21")
 TINY_VERSION = "3"  # bump when the architecture below changes, so cached copies are rebuilt
@@ -176,6 +178,7 @@ def _atomic_dir(target: Path, write) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    os.chmod(staging, io.DIR_MODE)  # mkdtemp makes it 0700; a shared $SDSWEEP_CACHE must stay readable
     write(staging)
     (staging / ".complete").write_text("ok")
     try:

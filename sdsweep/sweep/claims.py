@@ -22,14 +22,24 @@ Why this is atomic on each backend (read in Optuna 5's source):
   log order; trial numbers are log order, and a process syncs the log before reading.
 
 Liveness is a heartbeat (unix time) written into the trial's user attributes every
-``sweep.heartbeat_interval`` seconds. A RUNNING trial whose heartbeat is older than
-``sweep.grace_period`` is taken over: failed with its reason and, unless the point has used up
-``sweep.max_retries``, superseded so that its point is planned again; the run resumes from its last
-milestone checkpoint. Host names and PIDs play no part (clocks are assumed NTP-synchronised).
+``sweep.heartbeat_interval`` seconds. A RUNNING trial whose heartbeat stopped for ``sweep.grace_period``
+is taken over: failed with its reason and, unless the point has used up ``sweep.max_retries``,
+superseded so that its point is planned again; the run resumes from its last milestone checkpoint.
+PIDs play no part, and no clock is compared across machines: a beat written on this machine (its
+``host`` attribute names this host) is aged by this machine's clock, so a re-run after a kill takes
+the run over at once; a beat written elsewhere counts as stopped only once this process has watched it
+stand still for the grace period on its own monotonic clock, so a machine whose clock runs minutes
+ahead never mistakes another machine's live run for a dead one.
+
+The owner notices a take-over too: ``Heartbeat`` sees its trial finished by someone else (a process that
+believed it dead, e.g. after the storage was unreachable for longer than the grace period) and the run
+stops at its next step (``RunTakenOver``) instead of training on beside its new owner.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from typing import Any
@@ -47,8 +57,9 @@ from sdsweep.study.store import (
     StudyHandle,
 )
 
-OWNER = "owner"  # "<host> worker <n> <token>": who runs the trial (for people; liveness ignores it)
-HEARTBEAT = "heartbeat"  # unix time of the owner's last sign of life
+OWNER = "owner"  # "<host> worker <n> <token>": who runs the trial (for people)
+HOST = "host"  # the owner's host: whose clock wrote the heartbeat (see the module docstring)
+HEARTBEAT = "heartbeat"  # unix time of the owner's last sign of life, by the owner's clock
 CRASHED = "crashed"  # the owner died during this trial: counts against sweep.max_retries
 HANDED_BACK = "handed_back"  # stopped by Ctrl-C/SIGTERM: queued again, costs no retry
 
@@ -57,11 +68,29 @@ def is_superseded(frozen: FrozenTrial) -> bool:
     return bool(frozen.user_attrs.get(SUPERSEDED))
 
 
+def host_name() -> str:
+    """The host an sdsweep process reports; SDSWEEP_HOST overrides it (tests simulate a second machine)."""
+    return os.environ.get("SDSWEEP_HOST") or socket.gethostname()
+
+
+def wall_clock() -> float:
+    """This machine's unix time. SDSWEEP_CLOCK_OFFSET (seconds, tests only) simulates a machine whose
+    clock is off, to show that liveness never compares clocks across machines."""
+    return time.time() + float(os.environ.get("SDSWEEP_CLOCK_OFFSET") or 0.0)
+
+
 class Claims:
-    def __init__(self, handle: StudyHandle, sweep: SweepConfig, owner: str):
+    def __init__(self, handle: StudyHandle, sweep: SweepConfig, owner: str, host: str | None = None):
         self.handle = handle
         self.sweep = sweep
         self.owner = owner
+        self.host = host or host_name()
+        # Beats written on other machines: trial number -> (beat, monotonic time we first saw that beat).
+        self._watched: dict[int, tuple[float, float]] = {}
+
+    def identity(self) -> dict[str, Any]:
+        """The attributes that make a trial ours: owner, host and a first heartbeat."""
+        return {OWNER: self.owner, HOST: self.host, HEARTBEAT: wall_clock()}
 
     # ---- liveness ---------------------------------------------------------------------------------
     def last_beat(self, frozen: FrozenTrial) -> float:
@@ -72,7 +101,16 @@ class Claims:
         return start.timestamp() if start else 0.0
 
     def is_stale(self, frozen: FrozenTrial, now: float | None = None) -> bool:
-        return (now or time.time()) - self.last_beat(frozen) > self.sweep.grace_period
+        beat = self.last_beat(frozen)
+        if frozen.user_attrs.get(HOST) == self.host:  # our own clock wrote it: its age is meaningful
+            return (now or wall_clock()) - beat > self.sweep.grace_period
+        # Another machine's clock: stale only once we have watched this beat stand still long enough.
+        seen_now = time.monotonic()
+        seen = self._watched.get(frozen.number)
+        if seen is None or seen[0] != beat:
+            self._watched[frozen.number] = (beat, seen_now)
+            return False
+        return seen_now - seen[1] > self.sweep.grace_period
 
     def is_live(self, frozen: FrozenTrial, now: float | None = None) -> bool:
         return (
@@ -90,7 +128,7 @@ class Claims:
             state=TrialState.RUNNING,
             params=params,
             distributions=distributions,
-            user_attrs={**attrs, OWNER: self.owner, HEARTBEAT: time.time()},
+            user_attrs={**attrs, **self.identity()},
         )
         trial_id = self.handle.storage.create_new_trial(self.handle.study_id, template_trial=template)
         return self.handle.storage.get_trial_number_from_id(trial_id)
@@ -99,7 +137,7 @@ class Claims:
         """The lowest-ticket rule of the module docstring, on a fresh read of the study."""
         if point_keys & decided:
             return False
-        now = time.time()
+        now = wall_clock()
         for frozen in self.handle.trials(states=(TrialState.RUNNING,)):
             if frozen.number >= ticket or not self.is_live(frozen, now):
                 continue
@@ -148,18 +186,21 @@ class Claims:
 
     def reap_stale(self) -> int:
         """Take over trials whose heartbeat stopped, so their points are planned again."""
-        now = time.time()
+        now = wall_clock()
         reaped = 0
-        for frozen in self.handle.trials(states=(TrialState.RUNNING,)):
+        running = self.handle.trials(states=(TrialState.RUNNING,))
+        for number in set(self._watched) - {t.number for t in running}:
+            del self._watched[number]  # finished: nothing more to watch
+        for frozen in running:
             if not self.is_stale(frozen, now):
                 continue
             if is_superseded(frozen):  # its owner died while retiring it: finish the job, no retry counted
                 self.retire(frozen.number, str(frozen.user_attrs.get(FAIL_REASON) or "superseded"))
                 continue
-            silent = now - self.last_beat(frozen)
             owner = frozen.user_attrs.get(OWNER, "an earlier sweep process")
             reaped += self.crashed(
-                frozen, f"interrupted: {owner} stopped sending heartbeats {silent:.0f}s ago (killed?)"
+                frozen,
+                f"interrupted: {owner} sent no heartbeat for over {self.sweep.grace_period:g}s (killed?)",
             )
         return reaped
 
@@ -172,13 +213,24 @@ class Claims:
         ]
 
 
+class RunTakenOver(RuntimeError):
+    """Another process took this run over (it believed us dead): stop training it, record nothing."""
+
+
+def taken_over(frozen: FrozenTrial) -> bool:
+    """A trial of ours that someone else failed as crashed or stale while we were still running it."""
+    return frozen.state == TrialState.FAIL and bool(frozen.user_attrs.get(CRASHED))
+
+
 class Heartbeat:
-    """A daemon thread that keeps the given RUNNING trials alive in the storage."""
+    """A daemon thread that keeps the given RUNNING trials alive in the storage, and notices when one of
+    them was taken over by another process (``lost``; the run then stops at its next step)."""
 
     def __init__(self, handle: StudyHandle, interval: float):
         self.handle = handle
         self.interval = interval
         self.numbers: set[int] = set()
+        self.lost: set[int] = set()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="sdsweep-heartbeat", daemon=True)
@@ -187,6 +239,16 @@ class Heartbeat:
     def watch(self, numbers: list[int]) -> None:
         with self.lock:
             self.numbers = set(numbers)
+            self.lost = set()
+
+    def check_owned(self) -> None:
+        """Raise ``RunTakenOver`` in the training thread once a watched trial was taken over."""
+        if self.lost:
+            raise RunTakenOver(
+                f"trial(s) {', '.join(map(str, sorted(self.lost)))} were taken over by another process "
+                "(it saw no heartbeat from us for longer than sweep.grace_period: was the storage "
+                "unreachable?); this process stops the run and leaves it to its new owner"
+            )
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -194,11 +256,14 @@ class Heartbeat:
                 numbers = sorted(self.numbers)
             for number in numbers:
                 try:
-                    alive = self.handle.set_attr(number, HEARTBEAT, time.time())
-                except Exception:  # a busy database: try again next beat
+                    alive = self.handle.set_attr(number, HEARTBEAT, wall_clock())
+                    lost = not alive and taken_over(self.handle.get_trial(number))
+                except Exception:  # a busy or unreachable database: try again next beat
                     continue
                 if not alive:
                     with self.lock:
+                        if lost and number in self.numbers:  # still this run's, not a finished run's
+                            self.lost.add(number)
                         self.numbers.discard(number)
 
     def stop(self) -> None:

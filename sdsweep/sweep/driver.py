@@ -13,6 +13,7 @@ from typing import Any
 
 from sdsweep import signals
 from sdsweep.config.schema import Config, SweepConfig
+from sdsweep.errors import ConfigError, SweepStopped
 from sdsweep.results.study_folder import best_trial
 from sdsweep.results.table import write_results
 from sdsweep.sweep.engine import SweepEngine, log
@@ -50,7 +51,14 @@ class SweepDriver:
             # study.json is written once with the study's fingerprint; a changed setup stops here.
             ensure_study_identity(self.cfg, self.paths, self.overrides)
             if self.sweep.isolation == "inprocess":
-                self.engine.ensure_baseline()
+                try:
+                    self.engine.ensure_baseline()
+                except (signals.HandBack, ConfigError):
+                    raise
+                except Exception as error:  # as a pool worker reports it: one line, no traceback
+                    raise SweepStopped(
+                        f"the baseline evaluation failed: {type(error).__name__}: {error}"
+                    ) from error
                 self.engine.work()
                 self.outcome.runs_launched = self.engine.runs_launched
                 self.outcome.trials_launched = self.engine.trials_launched
@@ -75,7 +83,7 @@ class SweepDriver:
 
     def finish(self) -> SweepOutcome:
         trials = self.engine.handle.trials()
-        frame = write_results(self.paths, trials, self.engine.superseded())
+        frame = write_results(self.paths, trials, self.engine.ledger.superseded())
         states = frame["state"].value_counts().to_dict() if "state" in frame else {}
         self.outcome.states = {str(k): int(v) for k, v in states.items()}
         counts = self.outcome.states

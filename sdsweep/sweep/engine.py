@@ -11,14 +11,11 @@ finished grid points are never re-run, and a finished grid is reported as finish
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
@@ -40,9 +37,11 @@ from sdsweep.study.plan import (
     suggest,
 )
 from sdsweep.study.record import read_record_or_none
-from sdsweep.study.store import FAIL_REASON, GRID_POINT, RUN_KEY, SUPERSEDED, StudyHandle, storage_url
+from sdsweep.study.store import GRID_POINT, RUN_KEY, StudyHandle, storage_url
 from sdsweep.sweep.baseline import ensure_baseline
-from sdsweep.sweep.claims import HEARTBEAT, OWNER, Claims, Heartbeat
+from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
+from sdsweep.sweep.fingerprint import check_study_unchanged
+from sdsweep.sweep.ledger import StudyLedger
 from sdsweep.sweep.preflight import available_search_space
 from sdsweep.sweep.run_config import compose_config
 from sdsweep.sweep.run_executor import execute_run
@@ -50,8 +49,6 @@ from sdsweep.sweep.run_setup import RunCaches
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
 
 TICKET = "ticket"  # user attr: this trial was its run's claim ticket (the run's first point)
-# Exceptions that say the configuration is wrong, not the trial: K of them in a row stop the sweep.
-CONFIG_ERRORS = ("ConfigError", "ModelUnavailableError", "DataError", "UserError")
 WAIT, AGAIN = "wait", "again"  # next_run's internal answers: others hold the rest / lost a race
 WAKE_FILE = ".wake"  # under runs/: touched when a run ends, so idle workers re-check at once
 
@@ -65,11 +62,6 @@ def _stamp(path: Path) -> int | None:
 
 def log(message: str) -> None:
     print(f"[sdsweep] {message}", flush=True)
-
-
-def host_name() -> str:
-    """The host an sdsweep process reports; SDSWEEP_HOST overrides it (tests simulate a second machine)."""
-    return os.environ.get("SDSWEEP_HOST") or socket.gethostname()
 
 
 class SweepEngine:
@@ -97,9 +89,8 @@ class SweepEngine:
         self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]")
         self.heartbeat: Heartbeat | None = None
         self.caches = RunCaches()  # evaluator and memory estimates, reused by this process's next runs
-        # sweep.retry_failed re-runs failures of EARLIER invocations only (trial numbers below this),
-        # never a failure of this sweep, which would loop forever.
         self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
+        self.ledger = StudyLedger(self.handle, self.sweep, self.claims, self.retry_below)
         self.started = time.monotonic()
         self.overall: Progress | None = None  # points done of those this process found pending
         self.announced = False
@@ -123,70 +114,18 @@ class SweepEngine:
     def key_of(self, point: dict[str, Any]) -> str:
         return self.single_key if self.single_key and not point else point_key(point)
 
-    # ---- what the study holds -------------------------------------------------------------------
-    def superseded(self) -> set[int]:
-        """Trials that are not results: lost claims, handed-back and retried attempts, retry_failed."""
-        marked = {t.number for t in self.handle.trials() if t.user_attrs.get(SUPERSEDED)}
-        prefix = f"{SUPERSEDED}:"
-        study_marks = {int(k[len(prefix) :]) for k in self.study.user_attrs if k.startswith(prefix)}
-        return marked | study_marks | set(self.study.user_attrs.get(SUPERSEDED, []))
-
-    def supersede(self, number: int) -> None:
-        # One key per trial: concurrent workers never lose each other's marks (no read-modify-write).
-        self.study.set_user_attr(f"{SUPERSEDED}:{number}", True)
-
-    def decided_points(self) -> dict[str, list[optuna.trial.FrozenTrial]]:
-        """Grid points that already have an outcome that should stand."""
-        decided: dict[str, list[optuna.trial.FrozenTrial]] = {}
-        superseded = self.superseded()
-        for frozen in self.handle.trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-            if frozen.number in superseded:
-                continue
-            key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
-            if (
-                frozen.state == TrialState.FAIL
-                and self.sweep.retry_failed
-                and frozen.number < self.retry_below
-            ):
-                self.supersede(frozen.number)
-                continue
-            decided.setdefault(key, []).append(frozen)
-        return decided
-
-    def live_points(self) -> set[str]:
-        now = time.time()
-        return {
-            t.user_attrs.get(GRID_POINT) or point_key(t.params)
-            for t in self.handle.trials(states=(TrialState.RUNNING,))
-            if self.claims.is_live(t, now)
-        }
-
-    def config_failure(self) -> str | None:
-        """The shared reason when the first K finished trials all failed on the configuration."""
-        k = self.sweep.stop_after_failures
-        if k <= 0:
-            return None
-        superseded = self.superseded()
-        finished = [t for t in self.handle.trials() if t.state.is_finished() and t.number not in superseded][
-            :k
-        ]
-        if len(finished) < k or any(t.state != TrialState.FAIL for t in finished):
-            return None
-        kinds = {str(t.user_attrs.get(FAIL_REASON, "")).split(":", 1)[0] for t in finished}
-        if len(kinds) == 1 and kinds & set(CONFIG_ERRORS):
-            return str(finished[0].user_attrs.get(FAIL_REASON))
-        return None
-
     # ---- claiming ---------------------------------------------------------------------------------
     def next_run(self) -> RunSpec | None:
         """Claim the next run for this process; None when the study needs nothing more from it."""
+        # Data edited (or conf/ changed) while the sweep runs: stop before training anything not comparable.
+        check_study_unchanged(self.cfg, self.paths)
         while True:
             if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
                 self.stop_message = (
                     f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
                 )
                 return None
-            if self.config_failure():
+            if self.ledger.config_failure():
                 self.stop_message = self.why_stopped()
                 return None
             reaped = self.claims.reap_stale()
@@ -237,13 +176,20 @@ class SweepEngine:
 
     def claim_grid(self) -> RunSpec | str | None:
         points = grid_points(self.sweep.params) if self.sweep.params else [{}]
-        decided = self.decided_points()
-        live = self.live_points()
+        decided = self.ledger.decided_points()
+        live = self.ledger.live_points()
         pending = [p for p in points if self.key_of(p) not in decided and self.key_of(p) not in live]
         if self.sweep.n_trials is not None:
             pending = pending[: max(0, self.sweep.n_trials - len(decided) - len(live))]
         if not pending:
             if live:
+                if not self.announced:
+                    self.announced = True
+                    self.say(
+                        f"study '{self.cfg.study}': {len(points)} grid points, {len(decided)} already done, "
+                        f"{len(live)} running elsewhere, none left to claim; waiting while they run, to take "
+                        "over any whose heartbeat stops"
+                    )
                 return WAIT  # the rest is being trained elsewhere; wait in case its worker dies
             if not self.announced:
                 log(f"grid finished: all {len(points)} grid points have results; nothing to run")
@@ -267,7 +213,7 @@ class SweepEngine:
         for run in runs:
             keys = {self.key_of(p) for p in run.points}
             first = self.new_trial(run.points[0], run, ticket=True)
-            if not self.claims.won(first.number, run.key, keys, set(self.decided_points())):
+            if not self.claims.won(first.number, run.key, keys, set(self.ledger.decided_points())):
                 self.claims.lose(first.number)
                 continue
             slots = [first] + [self.new_trial(p, run, ticket=False) for p in run.points[1:]]
@@ -276,16 +222,16 @@ class SweepEngine:
 
     def claim_search(self) -> RunSpec | str | None:
         target = self.sweep.n_trials or 20
-        done = sum(len(v) for v in self.decided_points().values())
-        running = len(self.live_points())
+        done = sum(len(v) for v in self.ledger.decided_points().values())
+        running = len(self.ledger.live_points())
         if done >= target:
             log(f"search finished: {done}/{target} trials have results")
             return None
         if done + running >= target:
             return WAIT
         trial = self.study.ask()  # a new trial per call: nothing to race for
-        trial.set_user_attr(OWNER, self.claims.owner)
-        trial.set_user_attr(HEARTBEAT, time.time())
+        for key, value in self.claims.identity().items():
+            trial.set_user_attr(key, value)
         point: dict[str, Any] = {}
         for key, spec in sorted(self.sweep.params.items()):
             point[key] = suggest(trial, key, spec)
@@ -333,7 +279,7 @@ class SweepEngine:
         """Every grid point (or n_trials of them, or the search target) has a result that stands."""
         if self.stop_message:
             return False
-        decided = self.decided_points()
+        decided = self.ledger.decided_points()
         if self.sweep.sampler != "grid":
             return sum(len(v) for v in decided.values()) >= (self.sweep.n_trials or 20)
         points = grid_points(self.sweep.params) if self.sweep.params else [{}]
@@ -355,7 +301,7 @@ class SweepEngine:
 
     def why_stopped(self) -> str | None:
         """After the pool: the reason the workers stopped early, if any (said once, by the driver)."""
-        reason = self.config_failure()
+        reason = self.ledger.config_failure()
         if reason:
             return (
                 f"stopping: the first {self.sweep.stop_after_failures} trials all failed with a configuration "
@@ -379,11 +325,17 @@ class SweepEngine:
         assert self.heartbeat is not None
         self.heartbeat.watch(numbers)
         try:
-            execute_run(spec, self.caches)
+            execute_run(spec, self.caches, still_owned=self.heartbeat.check_owned)
         except signals.HandBack as stop:
-            left = [n for n in numbers if self.handle.get_trial(n).state == TrialState.RUNNING]
-            self.claims.hand_back(left, f"{stop} received")
+            # Uninterruptible: a second signal (the driver forwards the Ctrl-C the terminal already sent
+            # us, or an impatient user) must not leave trials RUNNING, to be taken over later as crashed.
+            with signals.critical():
+                left = [n for n in numbers if self.handle.get_trial(n).state == TrialState.RUNNING]
+                self.claims.hand_back(left, f"{stop} received")
             raise
+        except RunTakenOver as lost:
+            self.say(f"run {spec.run_key}: {lost}")
+            return
         finally:
             self.heartbeat.watch([])
         self.runs_launched += 1
@@ -406,7 +358,7 @@ class SweepEngine:
                 + (f" {shown}" if shown else "")
                 + (f" ({reason})" if reason else "")
             )
-        write_results(self.paths, self.handle.trials(), self.superseded())
+        write_results(self.paths, self.handle.trials(), self.ledger.superseded())
         self.nudge()
         if self.overall is not None:
             self.overall.advance(len(slots))

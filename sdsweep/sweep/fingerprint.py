@@ -246,8 +246,13 @@ def ensure_study_identity(
     description = study_description(cfg, paths, overrides)
     if stored is None:
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        io.atomic_write_json(paths.study_json, {**description, "fingerprint": current, "created": created})
-        return
+        # Created once: of several drivers starting a new study together, one defines it and the others
+        # are checked against it (two at once with different data must not both start it).
+        if io.create_exclusive_json(
+            paths.study_json, {**description, "fingerprint": current, "created": created}
+        ):
+            return
+        stored = io.read_json(paths.study_json)
     previous = stored.get("fingerprint")
     if previous is None:  # a study from before fingerprints: adopt it, its trials are assumed to match
         print(f"[sdsweep] note: {paths.study_json} has no fingerprint yet; recording this run's", flush=True)
@@ -265,3 +270,22 @@ def ensure_study_identity(
     updated.setdefault("created", stored.get("created"))
     if updated != stored:
         io.atomic_write_json(paths.study_json, updated)
+
+
+def check_study_unchanged(cfg: Config, paths: io.StudyPaths) -> None:
+    """Between runs of a sweep: raise ``StudyMismatchError`` when the data (or the model files, or the
+    settings in conf/) changed since the study was defined. Cheap: file hashes are cached by size and
+    mtime, so only changed files are read. Runs trained after such a change would not be comparable
+    with the ones before, so the sweep stops instead of mixing them."""
+    stored = io.read_json_or_none(paths.study_json)  # torn: the start-up check names it
+    previous = (stored or {}).get("fingerprint")
+    if not previous:
+        return
+    changes = describe_changes(previous, study_fingerprint(cfg))
+    if changes:
+        raise StudyMismatchError(
+            f"the study {cfg.study} changed while its sweep was running: {'; '.join(changes)}. Runs trained "
+            "from now on would not be comparable with the finished ones, so this sweep stops (finished trials "
+            "are kept). Put the data and settings back and re-run the same command to continue, or start a new "
+            "study (study=<new name>, or study_reset=true to move this one aside)."
+        )

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdsweep import io, signals
+from sdsweep.errors import SweepStopped
 from sdsweep.study.store import FAIL_REASON
 from sdsweep.sweep.claims import OWNER
 
 BASELINE_FAILED = 3  # a worker's exit code: the baseline evaluation failed, nothing can run
+STUDY_CHANGED = 4  # a worker's exit code: the study's data or settings changed under the sweep
 STOP_WAIT_SECONDS = 60  # how long a stopping worker may take to hand its run back before SIGKILL
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)|Killed)\b.*")
 
@@ -54,6 +56,17 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def cpu_threads_per_worker(workers: int) -> int:
+    """Torch threads for each of ``workers`` CPU workers: the cores split between them, at most the
+    OMP_NUM_THREADS the user exported (the usual knob; e.g. 1 on a machine shared with other jobs,
+    where a process with more threads than it gets cores waits on its own stalled threads)."""
+    threads = max(1, cpu_cores() // workers)
+    exported = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if exported.isdigit() and int(exported) > 0:
+        threads = min(threads, int(exported))
+    return threads
 
 
 PRELOAD = "sdsweep.sweep.preload"  # what the fork server imports once for every worker
@@ -150,6 +163,7 @@ class Worker:
     log_path: Path
     reader: threading.Thread
     error_lines: list[str] = field(default_factory=list)
+    stop_reason: str | None = None  # why the worker stopped the sweep ("[sdsweep] ...: stopping: <why>")
 
     @property
     def name(self) -> str:
@@ -164,7 +178,7 @@ class WorkerPool:
         self.starter.warm_up()  # the fork server imports while we set up
         self.devices = worker_devices(self.sweep.workers, self.sweep.devices, engine.cfg.train.num_processes)
         cpu_only = all(d is None for d in self.devices)
-        self.threads = max(1, cpu_cores() // len(self.devices)) if cpu_only else None
+        self.threads = cpu_threads_per_worker(len(self.devices)) if cpu_only else None
         self.workers: list[Worker] = []
         self.tokens: list[str] = []
         # Set by a worker's output reader at EOF (the worker exited): the watch loop wakes at once instead of
@@ -183,14 +197,19 @@ class WorkerPool:
         device = self.devices[index]
         token = f"{self.engine.token}.{index}.{self.spawned}"
         self.tokens.append(token)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SDSWEEP_DRIVER_PID": str(os.getpid())}
+        log_path = self.paths.runs / f"worker-{index}.log"
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "SDSWEEP_DRIVER_PID": str(os.getpid()),
+            "SDSWEEP_WORKER_LOG": str(log_path),  # where its output goes if the driver dies
+        }
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         if self.threads is not None:
             env["SDSWEEP_TORCH_THREADS"] = env["OMP_NUM_THREADS"] = str(self.threads)
         label = f"worker {index}" + (f" (cuda:{device})" if device is not None else "")
         proc = self.starter.start(str(self.job), label, token, env)
-        log_path = self.paths.runs / f"worker-{index}.log"
         worker = Worker(index, device, token, proc, log_path, threading.Thread())
         worker.reader = threading.Thread(target=self._pump, args=(worker,), daemon=True)
         worker.reader.start()
@@ -204,7 +223,10 @@ class WorkerPool:
                 log_file.write(line)
                 log_file.flush()
                 if line.startswith("[sdsweep]"):
-                    print(line, end="", flush=True)
+                    if ": stopping: " in line:
+                        worker.stop_reason = line.split(": stopping: ", 1)[1].strip()
+                    else:
+                        print(line, end="", flush=True)
                 stripped = line.strip()
                 if _ERROR_LINE.match(stripped) or "out of memory" in stripped.lower():
                     worker.error_lines = (worker.error_lines + [stripped])[-5:]
@@ -243,9 +265,13 @@ class WorkerPool:
                     self.workers.remove(worker)
                     if code == 0:
                         continue
-                    if code == BASELINE_FAILED:
+                    if code in (BASELINE_FAILED, STUDY_CHANGED):
                         self.stop(signal.SIGTERM)
-                        raise RuntimeError(f"The baseline evaluation failed. Full log: {worker.log_path}")
+                        why = worker.stop_reason or "the baseline evaluation failed"
+                        raise SweepStopped(
+                            f"{worker.name}: {why} (full log: {worker.log_path})",
+                            exit_code=2 if code == STUDY_CHANGED else 1,
+                        )
                     reason = self.crash_reason(worker, code)
                     failed = [t for t in self.engine.claims.running_of_token(worker.token)]
                     for frozen in failed:
@@ -257,7 +283,11 @@ class WorkerPool:
                 if self.workers:
                     self.exited.wait(timeout=1.0)  # the timeout only bounds a missed wake-up
         except signals.HandBack as stop:
-            self.stop(stop.signum)
+            self.engine.say(
+                f"{stop} received: stopping the workers (their runs are handed back; at most {STOP_WAIT_SECONDS} s)"
+            )
+            with signals.critical():  # a second Ctrl-C waits for this, rather than leave runs unreturned
+                self.stop(stop.signum)
             raise
 
     def stop(self, signum: int) -> None:

@@ -59,12 +59,19 @@ def check_sqlite(path: Path, study: str) -> None:
             f"{path} is not an SQLite database (damaged or overwritten). " + _way_out(path, study)
         )
     try:
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        # Read-write on purpose: a process killed inside a transaction leaves a hot journal, which the next
+        # connection must roll back (SQLite's own crash recovery, as Optuna's connection would do). A
+        # read-only connection cannot, and answers "attempt to write a readonly database": the study is fine.
+        connection = sqlite3.connect(str(path.resolve()), timeout=60)
         try:
             verdict = connection.execute("PRAGMA quick_check").fetchone()[0]
             connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
         finally:
             connection.close()
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error) or "busy" in str(error):
+            return  # another process of the study is writing: busy, not damaged
+        verdict = str(error)
     except sqlite3.DatabaseError as error:
         verdict = str(error)
     if verdict != "ok":

@@ -149,14 +149,17 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
     The ranking comes from the study, not from trial folders: a folder whose metrics.json says
     COMPLETE but whose trial was never told (killed in between) is not a result and is never ranked.
     Safe with concurrent workers: a trial outside the top k of some snapshot of the study stays
-    outside it when more trials finish, and the best trial so far is always inside it. The record
-    says so before any file is deleted.
+    outside it when more trials finish, and the best trial so far is always inside it. With several
+    objectives "best" is a Pareto-front member (sdsweep.results.table.best_trial), so the whole front
+    keeps its weights even beyond k: a dominated trial stays dominated, so nothing deleted can become
+    the best later. The record says so before any file is deleted.
     """
     k = cfg.sweep.keep_best_k
     if k < 0:
         return
-    sign = 1.0 if cfg.sweep.objectives[0].direction == "maximize" else -1.0
-    ranked = []
+    signs = [1.0 if o.direction == "maximize" else -1.0 for o in cfg.sweep.objectives]
+    ranked: list[tuple[bool, float, int]] = []
+    scores: dict[int, tuple[bool, list[float]]] = {}
     unranked = []
     for frozen in handle.trials():
         if frozen.state.is_finished():
@@ -165,12 +168,16 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
             unranked.append(frozen.number)  # e.g. killed after its save and retried: not a result
         if frozen.state != optuna.trial.TrialState.COMPLETE or not frozen.values:
             continue
-        score = sign * frozen.values[0] if math.isfinite(frozen.values[0]) else -math.inf
+        values = [s * v if math.isfinite(v) else -math.inf for s, v in zip(signs, frozen.values)]
         violations = frozen.user_attrs.get(VIOLATIONS) or {}
         feasible = all(float(v) <= 0 for v in violations.values())
-        ranked.append((not feasible, -score, frozen.number))
+        ranked.append((not feasible, -values[0], frozen.number))
+        scores[frozen.number] = (feasible, values)
     ranked.sort()
-    losers = [(number, f"not among the best {k} (sweep.keep_best_k)") for _, _, number in ranked[k:]]
+    keep = {number for _, _, number in ranked[:k]}
+    if len(signs) > 1:
+        keep |= pareto_members(scores)
+    losers = [(n, f"not among the best {k} (sweep.keep_best_k)") for _, _, n in ranked if n not in keep]
     losers += [(number, "this attempt has no result in the study (sweep.keep_best_k)") for number in unranked]
     for number, why in losers:
         trial_dir = paths.trial(number)
@@ -181,6 +188,20 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         record.weights_removed = why
         record.write(trial_dir / io.TRIAL_METRICS)
         shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+
+
+def pareto_members(scores: dict[int, tuple[bool, list[float]]]) -> set[int]:
+    """Trials on the Pareto front of the pool best_trial chooses from: the feasible trials when any
+    is feasible, else all. ``scores`` holds (feasible, values oriented so that higher is better)."""
+    pool = {n: v for n, (feasible, v) in scores.items() if feasible} or {n: v for n, (_, v) in scores.items()}
+
+    def dominated(values: list[float]) -> bool:
+        return any(
+            all(o >= v for o, v in zip(other, values)) and any(o > v for o, v in zip(other, values))
+            for other in pool.values()
+        )
+
+    return {number for number, values in pool.items() if not dominated(values)}
 
 
 def _remove_staging(trial_dir: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sdsweep import io, signals
 from sdsweep.progress import Progress
 from sdsweep.study.record import TrialRecord, TrialState
 from sdsweep.sweep.baseline import baseline_folder, baseline_metrics
+from sdsweep.sweep.claims import RunTakenOver
 from sdsweep.sweep.recorder import TrialRecorder, enforce_keep_best_k
 from sdsweep.sweep.run_config import compose_config
 from sdsweep.sweep.run_setup import RunCaches, RunSetup, release_memory
@@ -32,9 +34,11 @@ OUT_OF_MEMORY = "out of memory: lower train.train_batch_size, enable train.gradi
 class RunExecutor:
     """Trains once and records every trial slot of the run; failures are recorded, never raised."""
 
-    def __init__(self, spec: RunSpec, caches: RunCaches):
+    def __init__(self, spec: RunSpec, caches: RunCaches, still_owned: Callable[[], None] | None = None):
         self.spec = spec
         self.caches = caches
+        # Raises RunTakenOver once another process has taken this run over (checked every step).
+        self.still_owned = still_owned or (lambda: None)
         self.paths = io.StudyPaths(Path(spec.study_root))
         self.cfg = compose_config(spec.overrides)
         self.recorder = TrialRecorder(
@@ -67,8 +71,10 @@ class RunExecutor:
             self.recorder.write_config(slot)
         try:
             self.train()
-        except signals.HandBack:
-            self.open_slots.clear()  # not failed: the caller hands these trials back to the study
+        except (signals.HandBack, RunTakenOver):
+            # Not failed: a stop hands these trials back to the study; a take-over leaves them to their
+            # new owner. Either way nothing more is recorded here.
+            self.open_slots.clear()
             raise
         except TrainingDiverged as error:
             self.fail_open(f"training diverged: {error}")
@@ -119,12 +125,14 @@ class RunExecutor:
 
     # ---- the training loop's hooks ------------------------------------------------------------------
     def on_step(self, step: int, logs: dict[str, float]) -> None:
+        self.still_owned()
         self.history.append({"step": step, **logs})
         self.recorder.live.log_step(step, logs)
         self.bar.update(step, loss=logs.get("train/loss"))
 
     def on_milestone(self, step: int) -> bool:
         """Evaluate the slots ending here; report val_loss to the still-open slots; True: stop training."""
+        self.still_owned()  # a run taken over meanwhile records nothing more
         val_loss = None
         for slot in [s for s in self.open_slots if s.step == step]:
             metrics = self.evaluate_and_record(slot, step)
@@ -209,6 +217,9 @@ class RunExecutor:
         self.stop_open(TrialState.FAIL, reason)
 
 
-def execute_run(spec: RunSpec, caches: RunCaches | None = None) -> None:
-    """Train once and record every trial slot of the run; failures are recorded, never raised."""
-    RunExecutor(spec, caches or RunCaches()).run()
+def execute_run(
+    spec: RunSpec, caches: RunCaches | None = None, still_owned: Callable[[], None] | None = None
+) -> None:
+    """Train once and record every trial slot of the run; failures are recorded, never raised (a stop
+    signal and a take-over by another process are, since then nothing may be recorded)."""
+    RunExecutor(spec, caches or RunCaches(), still_owned).run()

@@ -11,12 +11,64 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from sdsweep import signals
+from sdsweep.errors import ConfigError
 
-BASELINE_FAILED = 3  # same value as sdsweep.sweep.pool.BASELINE_FAILED (not imported: keeps start-up small)
+# Exit codes the pool reads (same values as in sdsweep.sweep.pool; not imported: keeps start-up small).
+BASELINE_FAILED = 3  # the baseline evaluation failed: nothing can run
+STUDY_CHANGED = 4  # the study's data or settings changed under the sweep: nothing more may run
+
+
+class DriverPipe:
+    """The worker's stdout/stderr: a pipe to the driver, which echoes and logs it.
+
+    When the driver dies (kill -9), the next write fails with EPIPE. Raised where it happens (a progress
+    bar inside an evaluation, a log line inside a save) it would fail a trial that did nothing wrong. So
+    the write is swallowed, further output goes to the worker's log file, and the worker stops itself
+    with SIGTERM: it hands its run back, exactly as when the parent-death signal arrives."""
+
+    def __init__(self, stream, log_path: str | None):
+        self.stream = stream
+        self.log_path = log_path
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (BrokenPipeError, OSError):
+            self._driver_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, OSError):
+            self._driver_gone()
+
+    def _driver_gone(self) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        target = os.open(self.log_path or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        for fd in (1, 2):  # C-level writes (library warnings) go there too, not into a dead pipe
+            os.dup2(target, fd)
+        os.close(target)
+        self.stream = open(1, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)
+        os.kill(os.getpid(), signal.SIGTERM)  # -> HandBack in the main thread: the run is handed back
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the underlying stream
+        return getattr(self.stream, name)
+
+
+def guard_output() -> None:
+    """Route this worker's stdout and stderr through ``DriverPipe``."""
+    log_path = os.environ.get("SDSWEEP_WORKER_LOG")
+    sys.stdout = DriverPipe(sys.stdout, log_path)
+    sys.stderr = DriverPipe(sys.stderr, log_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job, label, token = json.loads(Path(args[0]).read_text()), args[1], args[2]
     signals.install()
+    guard_output()
     driver = os.environ.get("SDSWEEP_DRIVER_PID")
     # Fallback for PR_SET_PDEATHSIG (set by the pool when it started us), and a watch on the driver itself.
     signals.watch_parent(driver_pid=int(driver) if driver else None)
@@ -49,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         except Exception as error:
             print(
-                f"[sdsweep] {label}: the baseline evaluation failed: {type(error).__name__}: {error}",
+                f"[sdsweep] {label}: stopping: the baseline evaluation failed: {type(error).__name__}: {error}",
                 flush=True,
             )
             return BASELINE_FAILED
-        engine.work()
+        try:
+            engine.work()
+        except ConfigError as error:  # the study changed under the sweep (fingerprint.check_study_unchanged)
+            print(f"[sdsweep] {label}: stopping: {error}", flush=True)
+            return STUDY_CHANGED
     except signals.HandBack:
         return 0  # the run was handed back in SweepEngine.run_one; the driver prints the one line
     return 0
