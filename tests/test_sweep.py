@@ -161,6 +161,49 @@ def test_keep_best_k_bounds_the_weights_on_disk(tmp_path):
     assert outcome.best and Path(outcome.best["trial_dir"]) == kept[0]
 
 
+def test_keep_best_k_with_two_objectives_keeps_the_whole_pareto_front(tmp_path):
+    """With several objectives "best" is a front member (closest to the utopia point), so keep_best_k
+    must never delete a front member's weights, even when the front is larger than k; a dominated trial
+    (which can never become the best) loses them."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from sdsweep import io
+    from sdsweep.study.record import TrialRecord
+    from sdsweep.study.record import TrialState as RecordState
+    from sdsweep.study.store import VIOLATIONS, StudyHandle
+    from sdsweep.sweep.recorder import enforce_keep_best_k
+    from tests.conftest import compose
+
+    cfg = compose(TINY_OVERRIDES + ["+sweep=methods", "sweep.keep_best_k=1", f"paths.root={tmp_path}"])
+    assert [o.direction for o in cfg.sweep.objectives] == ["maximize", "minimize"]
+    paths = io.StudyPaths.of(tmp_path, "pareto")
+    handle = StudyHandle(cfg, f"sqlite:///{tmp_path / 'pareto.db'}", "pareto")
+    # (clip_score up, fd_clip down): 0, 1 and 2 are the front; 3 is dominated by 1; 4 beats all but is
+    # infeasible, and feasible trials exist, so it is not in the pool best_trial chooses from.
+    points = [(30.0, 5.0), (25.0, 2.0), (20.0, 1.0), (24.0, 3.0), (40.0, 0.5)]
+    for number, values in enumerate(points):
+        violation = 1.0 if number == 4 else -1.0
+        handle.study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE,
+                values=list(values),
+                params={"x": float(number)},
+                distributions={"x": FloatDistribution(0, 10)},
+                user_attrs={VIOLATIONS: {"eval/appropriate_rate >= 0.75": violation}},
+            )
+        )
+        trial_dir = paths.trial(number)
+        (trial_dir / io.TRIAL_WEIGHTS).mkdir(parents=True)
+        (trial_dir / io.TRIAL_WEIGHTS / "model.safetensors").write_bytes(b"weights")
+        TrialRecord(trial=number, state=RecordState.COMPLETE, weights=io.TRIAL_WEIGHTS).write(
+            trial_dir / io.TRIAL_METRICS
+        )
+    enforce_keep_best_k(cfg, paths, handle)
+    kept = {n for n in range(len(points)) if (paths.trial(n) / io.TRIAL_WEIGHTS).is_dir()}
+    assert kept == {0, 1, 2}, kept
+
+
 @pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume_completes_every_point_exactly_once(tmp_path):
     overrides = (
