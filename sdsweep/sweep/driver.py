@@ -46,6 +46,15 @@ class SweepDriver:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> SweepOutcome:
+        if self.sweep.isolation == "inprocess":
+            import gc
+
+            from sdsweep.sweep import preload  # noqa: F401  (the libraries runs need, imported once)
+
+            # What lives now (libraries, caches) outlives every run: freeze it once, so each run's
+            # collection (release_memory) scans only what that run allocated (~0.3 s each otherwise).
+            gc.collect()
+            gc.freeze()
         previous = signals.install()
         try:
             # study.json is written once with the study's fingerprint; a changed setup stops here.

@@ -10,6 +10,8 @@ from sdsweep import progress, warnings_filter
 warnings_filter.install()  # the fork server shares the driver's terminal: no torchvision advice there
 progress.quiet_library_bars()
 
+import gc  # noqa: E402
+
 import accelerate  # noqa: E402, F401
 import torch  # noqa: E402, F401
 import torchmetrics  # noqa: E402, F401
@@ -19,3 +21,9 @@ from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402, F401
 import sdsweep.sweep.engine  # noqa: E402, F401
 import sdsweep.sweep.run_executor  # noqa: E402, F401
 import sdsweep.sweep.worker  # noqa: E402, F401
+
+# Everything imported above lives as long as the process: keep it out of the cyclic garbage collector, so
+# each collection (one per run, sdsweep.sweep.run_setup.release_memory) scans only what a run allocated
+# (0.3-0.4 s on 2 cores with these libraries loaded, about nothing once frozen), and forked workers do not
+# touch, and so copy, the fork server's pages just to collect them.
+gc.freeze()

@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         from sdsweep import progress, warnings_filter
 
         warnings_filter.install()  # no torchvision advice: sdsweep runs without it on purpose
+        import gc
+
+        from sdsweep.sweep import preload  # noqa: F401  (a fresh interpreter: the fork server's imports)
+
+        gc.freeze()  # as in the fork server: collections scan only what runs allocate
         progress.quiet_library_bars()
         threads = os.environ.get("SDSWEEP_TORCH_THREADS")
         if threads:
