@@ -5,7 +5,6 @@ Trials are compared with it (``delta/*`` metrics), with the same prompts, seeds 
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,8 +57,7 @@ def ensure_baseline(
     if not cfg.eval.baseline or baseline_done(cfg.sweep, paths):
         return
     paths.root.mkdir(parents=True, exist_ok=True)
-    with open(paths.root / ".baseline.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with io.file_lock(paths.root / ".baseline.lock"):
         if baseline_done(cfg.sweep, paths):
             return
         say("evaluating the untuned base model once for this study (baseline)")

@@ -15,7 +15,6 @@ from sdsweep import signals
 from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.errors import ConfigError, SweepStopped
 from sdsweep.results.study_folder import best_trial
-from sdsweep.results.table import write_results
 from sdsweep.sweep.engine import SweepEngine, log
 from sdsweep.sweep.fingerprint import ensure_study_identity
 
@@ -91,8 +90,7 @@ class SweepDriver:
         return self.finish()
 
     def finish(self) -> SweepOutcome:
-        trials = self.engine.handle.trials()
-        frame = write_results(self.paths, trials, self.engine.ledger.superseded())
+        frame = self.engine.publish_results()
         states = frame["state"].value_counts().to_dict() if "state" in frame else {}
         self.outcome.states = {str(k): int(v) for k, v in states.items()}
         counts = self.outcome.states

@@ -73,6 +73,7 @@ class SweepEngine:
         label: str = "driver",
         token: str | None = None,
         retry_below: int | None = None,
+        started_at: float | None = None,
     ):
         self.overrides = user_overrides(list(overrides))
         self.cfg: Config = compose_config(self.overrides)
@@ -91,7 +92,9 @@ class SweepEngine:
         self.caches = RunCaches()  # evaluator and memory estimates, reused by this process's next runs
         self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
         self.ledger = StudyLedger(self.handle, self.sweep, self.claims, self.retry_below)
-        self.started = time.monotonic()
+        # When the sweep started (unix time): the driver's start, for its workers too, so sweep.timeout
+        # bounds the whole sweep, not each worker (a replacement worker starts later).
+        self.started_at = time.time() if started_at is None else started_at
         self.overall: Progress | None = None  # points done of those this process found pending
         self.announced = False
         self.stop_message: str | None = None
@@ -120,7 +123,7 @@ class SweepEngine:
         # Data edited (or conf/ changed) while the sweep runs: stop before training anything not comparable.
         check_study_unchanged(self.cfg, self.paths)
         while True:
-            if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
+            if self.timed_out():
                 self.stop_message = (
                     f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
                 )
@@ -136,6 +139,9 @@ class SweepEngine:
                 self.idle_wait(min(self.sweep.heartbeat_interval, 2.0))
             elif answer != AGAIN:
                 return answer
+
+    def timed_out(self) -> bool:
+        return self.sweep.timeout is not None and time.time() - self.started_at > self.sweep.timeout
 
     def idle_wait(self, seconds: float) -> None:
         """Wait while others hold the rest, but wake as soon as a process of this study folder finishes a run
@@ -307,7 +313,7 @@ class SweepEngine:
                 f"stopping: the first {self.sweep.stop_after_failures} trials all failed with a configuration "
                 f"error ({reason[:300]}); fix it and re-run the same command"
             )
-        if self.sweep.timeout is not None and time.monotonic() - self.started > self.sweep.timeout:
+        if self.timed_out():
             return f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
         return None
 
@@ -342,6 +348,13 @@ class SweepEngine:
         self.trials_launched += len(slots)
         self.after_run(slots)
 
+    def publish_results(self):
+        """results.csv/.parquet from a fresh read of the study, under a lock shared by every process of the
+        study folder: of several writing at once, the last to write has read the most (without the lock a
+        slower writer could replace a newer table with its older snapshot)."""
+        with io.file_lock(self.paths.root / ".results.lock"):
+            return write_results(self.paths, self.handle.trials(), self.ledger.superseded())
+
     def after_run(self, slots: list[TrialSlot]) -> None:
         for slot in slots:
             record = read_record_or_none(self.paths.trial(slot.number) / io.TRIAL_METRICS)
@@ -358,7 +371,7 @@ class SweepEngine:
                 + (f" {shown}" if shown else "")
                 + (f" ({reason})" if reason else "")
             )
-        write_results(self.paths, self.handle.trials(), self.ledger.superseded())
+        self.publish_results()
         self.nudge()
         if self.overall is not None:
             self.overall.advance(len(slots))

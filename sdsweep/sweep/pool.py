@@ -189,7 +189,13 @@ class WorkerPool:
         self.paths.runs.mkdir(parents=True, exist_ok=True)
         self.job = io.atomic_write_text(
             self.paths.runs / f"pool-{engine.token}.json",
-            json.dumps({"overrides": engine.overrides, "retry_below": engine.retry_below}),
+            json.dumps(
+                {
+                    "overrides": engine.overrides,
+                    "retry_below": engine.retry_below,
+                    "started_at": engine.started_at,
+                }
+            ),
         )
 
     def spawn(self, index: int) -> Worker:

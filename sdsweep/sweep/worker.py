@@ -88,19 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         from sdsweep import progress, warnings_filter
 
         warnings_filter.install()  # no torchvision advice: sdsweep runs without it on purpose
-        import gc
-
-        from sdsweep.sweep import preload  # noqa: F401  (a fresh interpreter: the fork server's imports)
-
-        gc.freeze()  # as in the fork server: collections scan only what runs allocate
         progress.quiet_library_bars()
         threads = os.environ.get("SDSWEEP_TORCH_THREADS")
         if threads:
             torch.set_num_threads(int(threads))  # N workers on one CPU split its cores
 
+        import gc
+
         from sdsweep.sweep.engine import SweepEngine
 
-        engine = SweepEngine(job["overrides"], label=label, token=token, retry_below=job.get("retry_below"))
+        gc.freeze()  # as the fork server does (preload.py): collections scan only what runs allocate
+
+        engine = SweepEngine(
+            job["overrides"],
+            label=label,
+            token=token,
+            retry_below=job.get("retry_below"),
+            started_at=job.get("started_at"),
+        )
         try:
             engine.ensure_baseline()
         except signals.HandBack:
