@@ -6,6 +6,7 @@ new method is one subclass plus one line in ``sdsweep.training.methods.METHODS``
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,8 +66,10 @@ class FineTuneMethod(ABC):
         """True when a caption's text embedding never changes during training, so it can be cached."""
         return not self.cfg.method.train_text_encoder
 
-    def transform_caption(self, caption: str) -> str:
-        """The caption the model is trained on for a dataset caption (identity by default)."""
+    def transform_caption(self, caption: str, rng: random.Random | None = None) -> str:
+        """The caption the model is trained on for a dataset caption (identity by default). The datasets
+        pass ``rng`` seeded by the draw, so a random choice (textual inversion's template) depends only on
+        the draw: the same for 1 or N ranks and after a resume."""
         return caption
 
     # ---- training --------------------------------------------------------------------------------

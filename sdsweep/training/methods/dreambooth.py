@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ class DreamBooth(FullFineTune):
     def _validate_options(self) -> None:
         check_dreambooth_prompts(self.cfg)  # the config rule; a config edited after compose still fails here
 
-    def transform_caption(self, caption: str) -> str:
+    def transform_caption(self, caption: str, rng: random.Random | None = None) -> str:
         # DreamBooth binds the subject to the identifier by training every image on the same prompt.
         return self.cfg.data.instance_prompt or caption
 
