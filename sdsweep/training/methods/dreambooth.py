@@ -23,7 +23,7 @@ from sdsweep.config.validate import check_dreambooth_prompts
 from sdsweep.data.images import open_rgb
 from sdsweep.models.loading import sampling_precision
 from sdsweep.training.distributed import process_rank
-from sdsweep.training.methods.base import Batch
+from sdsweep.training.methods.base import Batch, TrainedModules
 from sdsweep.training.methods.full import FullFineTune
 
 
@@ -129,16 +129,30 @@ class DreamBooth(FullFineTune):
         return {**batch, **extra}
 
     def compute_loss(
-        self, batch: Batch, generator: torch.Generator | None = None
+        self,
+        batch: Batch,
+        generator: torch.Generator | None = None,
+        modules: TrainedModules | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Instance mean + prior_loss_weight x class mean; the instance loss alone without class samples."""
         if batch.get("class_latents") is None and batch.get("class_pixel_values") is None:
-            return super().compute_loss(batch, generator)
+            return super().compute_loss(batch, generator, modules)
         instance_latents = self.latents_of(batch, generator=generator)
         class_latents = self.latents_of(batch, prefix="class_", generator=generator)
-        text = torch.cat([self.text_embeddings_of(batch), self.text_embeddings_of(batch, prefix="class_")])
-        # One UNet pass over instance + class samples, then the per-sample losses split in two.
-        per_sample = self.per_sample_loss(torch.cat([instance_latents, class_latents]), text, generator)
+        # One UNet pass (and one text-encoder pass when it trains) over instance + class samples, then
+        # the per-sample losses split in two: one forward per backward through a DDP-wrapped module.
+        if batch.get("captions") is not None and batch.get("class_captions") is not None:
+            text = self.encode_text([*batch["captions"], *batch["class_captions"]], modules)
+        else:
+            text = torch.cat(
+                [
+                    self.text_embeddings_of(batch, modules=modules),
+                    self.text_embeddings_of(batch, "class_", modules),
+                ]
+            )
+        per_sample = self.per_sample_loss(
+            torch.cat([instance_latents, class_latents]), text, generator, modules
+        )
         instance_count = instance_latents.shape[0]
         instance_loss = per_sample[:instance_count].mean()
         prior_loss = per_sample[instance_count:].mean()
