@@ -158,6 +158,30 @@ def test_two_ranks_train_like_one_process_with_the_doubled_batch(case, tmp_path,
     assert rank_processes() == []
 
 
+@pytest.mark.slow
+def test_dreambooth_class_images_are_generated_by_one_rank(tmp_path, capfd):
+    """Both ranks need the class images at start-up; one generates them into the study cache while the
+    other waits on the lock, then both read the same files."""
+    _, trial_dir, record = single_run(
+        tmp_path,
+        "db",
+        "method=dreambooth",
+        "method.num_class_images=3",
+        # Sampling slow enough (seconds) that both ranks want the images while they are being generated.
+        "eval.num_inference_steps=60",
+        "train.train_batch_size=1",
+        "train.num_processes=2",
+    )
+    assert record["state"] == "COMPLETE", record["fail_reason"]
+    study = trial_dir.parent.parent
+    (folder,) = [p for p in (study / "cache" / "class_images").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    (rank1_log,) = (study / "runs").glob("*-rank1.log")
+    said = capfd.readouterr().out + rank1_log.read_text()
+    assert said.count("generating 3 class images") == 1, said
+    assert rank_processes() == []
+
+
 def test_bad_rank_counts_are_config_errors_before_any_model_loads():
     with pytest.raises(ConfigError, match="train.num_processes"):
         compose(TINY_OVERRIDES + ["train.num_processes=0"])

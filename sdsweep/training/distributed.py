@@ -248,10 +248,14 @@ class Ranks:
     def __enter__(self) -> Ranks:
         if self.world_size == 1:
             return self
-        from sdsweep.models.loading import select_device
+        from sdsweep.models.loading import resolve_model_source, select_device
 
         device = select_device(self.cfg.device)
         check_devices(self.cfg, device)
+        # The model on disk before the other ranks start: they then only read it. A rank other than 0
+        # must not build an offline model (tiny, shapes): inside a process group, transformers'
+        # save_pretrained silently writes nothing there, which would leave a text encoder without weights.
+        resolve_model_source(self.cfg.model, self.cfg.paths.cache)
         cuda = device.type == "cuda"
         threads = None if cuda else max(1, torch.get_num_threads() // self.world_size)
         port = free_port()

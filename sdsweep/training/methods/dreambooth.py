@@ -72,12 +72,17 @@ class DreamBooth(FullFineTune):
         wanted = self.cfg.method.num_class_images
         # The folder only ever appears complete (written aside, then renamed), so counting suffices.
         if len(list(folder.glob("*.png"))) < wanted:
-            self._generate_class_images(folder, wanted)
+            # One process generates; the others that want the same images (this run's other data-parallel
+            # ranks, other workers of the study) wait for the lock, then read what it wrote.
+            with io.exclusive_lock(folder.with_name(f".{folder.name}.lock")):
+                if len(list(folder.glob("*.png"))) < wanted:
+                    self._generate_class_images(folder, wanted)
         return [open_rgb(path) for path in sorted(folder.glob("*.png"))[:wanted]]
 
     def _generate_class_images(self, folder: Path, count: int) -> None:
         """Generate ``count`` images with the frozen base model into a staging folder, then swap it in."""
         resolution = resolved_resolution(self.cfg)
+        print(f"[sdsweep] dreambooth: generating {count} class images into {folder}", flush=True)
         pipe = self.pipeline_for_eval(self.cfg.eval.scheduler)
         staging = io.staging_dir(folder)
         batch_size = max(1, self.cfg.eval.batch_size)
