@@ -7,6 +7,7 @@ killed sweep leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -62,8 +63,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An exclusive lock shared by every process of a study folder (flock: released when its holder dies,
     so a killed process never leaves it held)."""
-    import fcntl
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -137,7 +137,7 @@ def striped_example(tmp_path) -> Example:
 
 def test_center_crop_resizes_shorter_side_and_keeps_the_middle(striped_example):
     dataset = ImageCaptionDataset(
-        [striped_example], resolution=8, center_crop=True, caption_transform=str.upper
+        [striped_example], resolution=8, center_crop=True, caption_transform=lambda c, rng: c.upper()
     )
     item = dataset[0]
     pixels = item["pixel_values"]

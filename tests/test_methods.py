@@ -329,6 +329,14 @@ def test_textual_inversion_changes_only_its_rows(trained, model):
 def test_textual_inversion_captions(study_cache):
     objects = build_method("textual_inversion", "tiny", study_cache)
     assert all("<sks>" in objects.transform_caption("anything") for _ in range(5))
+    # In training the template comes from the draw's own seed: the same on any rank, after a resume.
+    from sdsweep.data.images import transformed_caption
+
+    def draw(index: int, number: int) -> str:
+        return transformed_caption(objects.transform_caption, "anything", 7, index, number)
+
+    assert [draw(3, n) for n in range(20)] == [draw(3, n) for n in range(20)]
+    assert len({draw(3, n) for n in range(20)}) > 3  # the templates still vary from draw to draw
     multi = build_method(
         "textual_inversion", "tiny", study_cache, "method.template=none", "method.num_vectors=2"
     )

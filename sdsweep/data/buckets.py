@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,15 @@ from PIL import Image
 from sdsweep.config.resolve import resolved_resolution
 from sdsweep.config.schema import Config
 from sdsweep.data.examples import Example
-from sdsweep.data.images import ItemKey, draw_seed, load_pil_images, split_key, to_tensor
+from sdsweep.data.images import (
+    CaptionTransform,
+    ItemKey,
+    draw_seed,
+    load_pil_images,
+    split_key,
+    to_tensor,
+    transformed_caption,
+)
 from sdsweep.errors import ConfigError
 
 Bucket = tuple[int, int]  # (width, height) in pixels
@@ -167,7 +175,7 @@ class BucketedImageDataset(torch.utils.data.Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
-        caption_transform: Callable[[str], str] | None = None,
+        caption_transform: CaptionTransform | None = None,
     ):
         self.examples = list(examples)
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
@@ -193,7 +201,7 @@ class BucketedImageDataset(torch.utils.data.Dataset):
         pixels = to_tensor(image)
         if self.random_flip and rng.random() < 0.5:
             pixels = pixels.flip(-1)
-        caption = self.examples[index].caption
-        if self.caption_transform is not None:
-            caption = self.caption_transform(caption)
+        caption = transformed_caption(
+            self.caption_transform, self.examples[index].caption, self.seed, index, draw
+        )
         return {"pixel_values": pixels, "caption": caption, "index": index}

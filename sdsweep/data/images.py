@@ -1,10 +1,11 @@
 """Pixels for training: images decoded to 8-bit RGB, resized, cropped and flipped, and served by the
 torch Dataset and collate function (PIL + numpy + torch; no torchvision).
 
-Augmentation randomness (random crop, flip) is a pure function of ``(seed, index, draw)`` where
-``draw`` is the item's position in the training stream. The training loader passes ``(index, draw)``
-keys, so a run resumed from a checkpoint sees exactly the crops and flips an uninterrupted run saw,
-whatever the order or process in which items are fetched.
+Augmentation randomness (random crop, flip, a method's caption-template choice) is a pure function
+of ``(seed, index, draw)`` where ``draw`` is the item's position in the training stream. The training
+loader passes ``(index, draw)`` keys, so a run resumed from a checkpoint sees exactly the crops, flips
+and captions an uninterrupted run saw, whatever the order or process (data-parallel rank) in which
+items are fetched.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from sdsweep.data.examples import Example
 
 # A dataset key: a plain index (validation, inspection: deterministic, draw 0) or (index, draw).
 ItemKey = int | tuple[int, int]
+# A method's caption transform: (dataset caption, generator seeded by the draw) -> training caption.
+CaptionTransform = Callable[[str, random.Random], str]
+CAPTION_SALT = 0xCA97_10  # keeps the caption stream apart from the flip/crop stream of the same draw
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -69,6 +73,15 @@ def draw_seed(seed: int, index: int, draw: int) -> int:
 
 def split_key(key: ItemKey) -> tuple[int, int]:
     return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+
+
+def transformed_caption(
+    transform: CaptionTransform | None, caption: str, seed: int, index: int, draw: int
+) -> str:
+    """The training caption of one draw; the transform's random choices come from the draw's own seed."""
+    if transform is None:
+        return caption
+    return transform(caption, random.Random(draw_seed(seed + CAPTION_SALT, index, draw)))
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
@@ -120,7 +133,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
-        caption_transform: Callable[[str], str] | None = None,
+        caption_transform: CaptionTransform | None = None,
     ):
         self.examples = list(examples)
         self.resolution = resolution
@@ -151,9 +164,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         pixels = to_tensor(image)
         if self.random_flip and rng is not None and rng.random() < 0.5:
             pixels = pixels.flip(-1)
-        caption = self.examples[index].caption
-        if self.caption_transform is not None:
-            caption = self.caption_transform(caption)
+        caption = transformed_caption(
+            self.caption_transform, self.examples[index].caption, self.seed, index, draw
+        )
         return {"pixel_values": pixels, "caption": caption, "index": index}
 
 
@@ -174,7 +187,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def dataset_for(
-    cfg: Config, examples: list[Example], caption_transform: Callable[[str], str] | None = None
+    cfg: Config, examples: list[Example], caption_transform: CaptionTransform | None = None
 ) -> ImageCaptionDataset:
     """The pixel dataset with the configured resolution, crop, flip and seed."""
     return ImageCaptionDataset(

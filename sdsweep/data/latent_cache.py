@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +28,7 @@ from sdsweep.config.schema import Config
 from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, fit_to_bucket, grid_for
 from sdsweep.data.examples import Example
 from sdsweep.data.images import (
+    CaptionTransform,
     ImageCaptionDataset,
     ItemKey,
     dataset_for,
@@ -37,6 +37,7 @@ from sdsweep.data.images import (
     resize_and_crop,
     split_key,
     to_tensor,
+    transformed_caption,
 )
 from sdsweep.models.tokens import tokenize_prompts
 
@@ -189,7 +190,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         captions: list[str],
         scaling: float,
         seed: int = 0,
-        caption_transform: Callable[[str], str] | None = None,
+        caption_transform: CaptionTransform | None = None,
     ):
         # Mean and std are split once here: the per-item work is one randn and one fused multiply-add.
         self.means, self.stds = {}, {}
@@ -241,9 +242,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         seed = draw_seed(self.seed, index, draw)
         flipped = FLIPPED in self.means and random.Random(seed).random() < 0.5
         latents = self.sample_latents(index, flipped, torch.Generator().manual_seed(seed))
-        caption = self.captions[index]
-        if self.caption_transform is not None:
-            caption = self.caption_transform(caption)
+        caption = transformed_caption(self.caption_transform, self.captions[index], self.seed, index, draw)
         item = {"latents": latents, "caption": caption, "index": index}
         if self.text_rows is not None:
             item["encoder_hidden_states"] = self.text[self.text_rows[index]]

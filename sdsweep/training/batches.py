@@ -1,8 +1,13 @@
 """The stream of batches a training run draws: which samples, in which order, and their noise seeds.
 
 Every draw depends only on ``(seed, draw number)``, so a resumed run starts at draw k and sees exactly
-what an uninterrupted one would, and N data-parallel ranks together see exactly the draws of a single
-process with an N times larger batch.
+what an uninterrupted one would. ``training_loader`` is the stream of one process at the *global*
+batch size; with N data-parallel ranks the training loop prepares it with accelerate
+(``split_batches=True``): every rank walks the same stream of index batches and loads only its slice,
+positions ``r*b .. (r+1)*b - 1`` of each global batch, so N ranks with batch b together see exactly
+the draws of a single process with batch N*b, and each sample's noise seeds (``noise_seeds``, by
+global index) follow it. With aspect-ratio buckets a global batch comes from one bucket and is split
+the same way, so every rank of a step trains the same shape.
 """
 
 from __future__ import annotations
@@ -23,27 +28,13 @@ class SeededInfiniteSampler(torch.utils.data.Sampler):
     ``(seed, e)``, so the k-th draw depends only on ``(seed, k)`` and a resumed run can start at draw k.
 
     Datasets that declare ``supports_draw_keys`` get ``(index, draw)`` keys, which seed their
-    per-draw augmentation (flip, crop, VAE sample); others get plain indices.
-
-    With ``world_size`` > 1 the stream is cut into chunks of ``chunk`` draws (one rank's batch) and
-    rank r keeps chunks r, r + world_size, ...: the ranks' batches of one step together are exactly the
-    draws a single process takes with a world_size times larger batch.
+    per-draw augmentation (flip, crop, VAE sample, caption template); others get plain indices.
     """
 
-    def __init__(
-        self,
-        size: int,
-        seed: int,
-        start: int = 0,
-        draw_keys: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        chunk: int = 1,
-    ):
+    def __init__(self, size: int, seed: int, start: int = 0, draw_keys: bool = True):
         if size < 1:
             raise ValueError("The training dataset is empty; there is nothing to train on.")
         self.size, self.seed, self.start, self.draw_keys = size, seed, start, draw_keys
-        self.rank, self.world_size, self.chunk = rank, world_size, chunk
 
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -54,68 +45,44 @@ class SeededInfiniteSampler(torch.utils.data.Sampler):
         while True:
             epoch, offset = divmod(draw, self.size)
             for index in self.epoch_order(epoch)[offset:]:
-                if (draw // self.chunk) % self.world_size == self.rank:
-                    yield (index, draw) if self.draw_keys else index
+                yield (index, draw) if self.draw_keys else index
                 draw += 1
 
 
-class RankBatches(torch.utils.data.Sampler):
-    """Every ``world_size``-th batch of a batch sampler, from batch ``rank`` on (bucketed data)."""
-
-    def __init__(self, batches: torch.utils.data.Sampler, rank: int, world_size: int):
-        self.batches, self.rank, self.world_size = batches, rank, world_size
-
-    def __iter__(self) -> Iterator[Any]:
-        for number, batch in enumerate(self.batches):
-            if number % self.world_size == self.rank:
-                yield batch
-
-
-def infinite_batches(
-    dataset: torch.utils.data.Dataset,
-    batch_size: int,
-    seed: int,
-    skip: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[dict[str, Any]]:
-    """Collated batches forever, starting after ``skip`` draws (of all ranks together); with
-    ``world_size`` > 1 only this rank's share (deterministic: see ``SeededInfiniteSampler``).
+def training_loader(
+    dataset: torch.utils.data.Dataset, batch_size: int, seed: int, skip: int = 0
+) -> torch.utils.data.DataLoader:
+    """The endless loader of collated batches of ``batch_size`` (the global batch), starting after
+    ``skip`` draws.
 
     No worker processes: items are cached latents or pre-decoded, pre-resized images (a crop and a
     tensor conversion), cheaper than a worker's IPC; on CPU workers would also take the model's cores.
+    Its own generator: otherwise creating the iterator draws a seed from the global torch RNG, which
+    shifts the noise of every later step and breaks resume equality.
     """
+    generator = torch.Generator().manual_seed(seed)
     bucket_ids = getattr(dataset, "bucket_ids", None)
     if bucket_ids is not None:  # aspect-ratio buckets: every batch comes from one bucket (one shape)
         batch_sampler = BucketBatchSampler(bucket_ids, batch_size, seed, start=skip // batch_size)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=RankBatches(batch_sampler, rank, world_size) if world_size > 1 else batch_sampler,
-            collate_fn=collate,
-            num_workers=0,
-            generator=torch.Generator().manual_seed(seed),  # as below: keep the global RNG untouched
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=0, generator=generator
         )
-        return iter(loader)
-    sampler = SeededInfiniteSampler(
-        len(dataset),
-        seed,
-        skip,
-        getattr(dataset, "supports_draw_keys", False),
-        rank=rank,
-        world_size=world_size,
-        chunk=batch_size,
-    )
-    loader = torch.utils.data.DataLoader(
+    draw_keys = getattr(dataset, "supports_draw_keys", False)
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=SeededInfiniteSampler(len(dataset), seed, skip, draw_keys),
         collate_fn=collate,
         num_workers=0,
-        # Its own generator: otherwise creating the iterator draws a seed from the global torch RNG,
-        # which shifts the noise of every later step and breaks resume equality.
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
     )
-    return iter(loader)
+
+
+def infinite_batches(
+    dataset: torch.utils.data.Dataset, batch_size: int, seed: int, skip: int = 0
+) -> Iterator[dict[str, Any]]:
+    """One process's batches of ``training_loader`` (benchmarks, tests, inspection)."""
+    return iter(training_loader(dataset, batch_size, seed, skip))
 
 
 def noise_seeds(seed: int, step: int, first: int, count: int) -> list[int]:

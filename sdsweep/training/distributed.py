@@ -7,6 +7,11 @@ group through accelerate's own environment variables (RANK, WORLD_SIZE, LOCAL_RA
 MASTER_PORT): accelerate then picks MULTI_GPU (nccl) on CUDA, one device per rank (the rank's index
 within CUDA_VISIBLE_DEVICES), or MULTI_CPU (gloo) on CPU, where the ranks split the cores.
 
+Inside ``train()`` accelerate does the data parallelism: the trained modules are prepared into DDP
+wrappers (``ddp_options``), so each bucket of gradients is all-reduced while backward still runs and
+accumulation micro-steps skip it (``no_sync``), and the loader is prepared with ``split_batches``
+(``rank_batches``). What is left here is starting, joining and watching the ranks, and ``agree``.
+
 The children die with their parent (PR_SET_PDEATHSIG plus a parent check), and a rank that crashes
 fails the run with that rank's error (rank 0's collective errors out when a gloo peer vanishes).
 """
@@ -27,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,38 +173,42 @@ def joined(rank: int, world_size: int, port: int, threads: int | None, cuda: boo
         torch.set_num_threads(saved_threads)
 
 
-# ---- collectives used by the training loop -------------------------------------------------------------
-BUCKET_ELEMENTS = 2**25  # 128 MB of fp32 per all-reduce: no full flat copy of a UNet's gradients
+# ---- what the training loop asks of accelerate on N ranks ------------------------------------------------
+def ddp_options() -> Any:
+    """How ``accelerator.prepare`` wraps a trained module in torch DDP (ignored on one rank).
 
-
-def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average the gradients over the ranks, as DDP does, in a few bucketed all-reduces.
-
-    By hand rather than through a DDP-wrapped module: the methods call their modules directly
-    (``components.unet``), and textual inversion trains one embedding row of a frozen encoder.
+    - ``find_unused_parameters=False``: every parameter that requires grad gets a gradient every step
+      in each method; frozen ones (LoRA's base weights, textual inversion's encoder layers, requires_grad
+      False) are not DDP's concern, it only hooks trainable parameters. True would traverse the autograd
+      graph after every forward.
+    - ``gradient_as_bucket_view=True``: the gradients are views into the all-reduce buckets instead of a
+      second copy (one gradient's worth of memory: 3.4 GB for an fp32 SD UNet).
+    - buffers: left to DDP's default (synced before each forward). The UNet has none and the text
+      encoder one constant (CLIP's position ids); torch 2.13 deprecates ``broadcast_buffers``.
+    - ``static_graph`` stays False: diffusers' gradient checkpointing is non-reentrant, which DDP handles
+      without it (only reentrant checkpointing needs it).
     """
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for index, grad in enumerate(grads):
-        bucket.append(grad)
-        size += grad.numel()
-        last = index == len(grads) - 1
-        if size >= BUCKET_ELEMENTS or last or grads[index + 1].dtype != grad.dtype:
-            flat = _flatten_dense_tensors(bucket)
-            torch.distributed.all_reduce(flat)
-            flat /= world_size
-            for target, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                target.copy_(synced)
-            bucket, size = [], 0
+    return DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True)
 
 
-def mean_over_ranks(value: torch.Tensor, world_size: int) -> torch.Tensor:
-    total = value.detach().clone()
-    torch.distributed.all_reduce(total)
-    return total / world_size
+@contextlib.contextmanager
+def rank_batches(accelerator: Any, loader: torch.utils.data.DataLoader) -> Iterator[Iterator[dict[str, Any]]]:
+    """This rank's slices of ``loader``'s global batches, through accelerate's prepared loader
+    (``split_batches``: rank r loads positions r*b .. (r+1)*b - 1 of each), while the block runs.
+
+    accelerate registers a prepared loader in its GradientState singleton until the loader runs out. An
+    endless one never does, so it is unregistered on leaving; otherwise every run of a long-lived worker
+    would keep its dataset alive there.
+    """
+    prepared = accelerator.prepare(loader)
+    stream = iter(prepared)
+    try:
+        yield stream
+    finally:
+        stream.close()
+        prepared.end()
 
 
 def agree(flag: bool, device: torch.device) -> bool:
@@ -238,10 +248,14 @@ class Ranks:
     def __enter__(self) -> Ranks:
         if self.world_size == 1:
             return self
-        from sdsweep.models.loading import select_device
+        from sdsweep.models.loading import resolve_model_source, select_device
 
         device = select_device(self.cfg.device)
         check_devices(self.cfg, device)
+        # The model on disk before the other ranks start: they then only read it. A rank other than 0
+        # must not build an offline model (tiny, shapes): inside a process group, transformers'
+        # save_pretrained silently writes nothing there, which would leave a text encoder without weights.
+        resolve_model_source(self.cfg.model, self.cfg.paths.cache)
         cuda = device.type == "cuda"
         threads = None if cuda else max(1, torch.get_num_threads() // self.world_size)
         port = free_port()

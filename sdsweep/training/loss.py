@@ -125,8 +125,12 @@ def denoising_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
+    unet: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Per-sample loss of one denoising step from clean (scaled) latents and text embeddings.
+
+    ``unet``: the module to call instead of ``components.unet`` (the training loop's prepared one, a DDP
+    wrapper of the same UNet on N ranks).
 
     ``input_perturbation`` (Ning et al. 2023) noises the UNet's input with ``noise + gamma * xi`` but
     keeps the target built from ``noise``, so the model learns to correct slightly wrong inputs, as it
@@ -142,6 +146,7 @@ def denoising_loss(
         xi = randn(tuple(latents.shape), generator, draw_device)
         input_noise = noise + input_perturbation * xi.to(latents.device, latents.dtype)
     noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)
-    model_pred = components.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    unet = components.unet if unet is None else unet
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     target = diffusion_target(scheduler, latents, noise, timesteps)
     return diffusion_loss(model_pred, target, timesteps, scheduler, snr_gamma, reduction="none")

@@ -5,6 +5,12 @@ last milestone, writing a checkpoint and calling back at every milestone (where 
 and may ask to stop). The pieces with their own job live beside it: the batch stream (batches), caption
 dropout, checkpoints, the lr schedule, the optimizer factory and the data-parallel glue (distributed).
 
+Data parallelism is accelerate's: the method's trained modules (``TrainedModules``) go through
+``accelerator.prepare`` (a DDP wrapper on N ranks, whose gradient all-reduce runs in buckets while
+backward runs and is skipped on accumulation micro-steps), the training forward passes call the
+prepared modules, and the loader is prepared with ``split_batches`` (each rank its slice of every
+global batch). Saving, EMA, evaluation and checkpoints use the method's own, unwrapped modules.
+
 Overhead is kept to what a bare PyTorch loop does: the only host sync per step is reading the loss
 once (needed for divergence checks and logs), and checkpoints are written only at milestones.
 """
@@ -24,7 +30,7 @@ import torch
 from sdsweep.config.schema import Config
 from sdsweep.models.loading import resolve_mixed_precision
 from sdsweep.training import distributed
-from sdsweep.training.batches import infinite_batches, noise_seeds
+from sdsweep.training.batches import noise_seeds, training_loader
 from sdsweep.training.caption_dropout import with_caption_dropout
 from sdsweep.training.checkpoints import (
     LoopState,
@@ -33,7 +39,7 @@ from sdsweep.training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from sdsweep.training.methods.base import NOISE_SEEDS
+from sdsweep.training.methods.base import NOISE_SEEDS, TrainedModules
 from sdsweep.training.optimizers import effective_learning_rate, make_optimizer
 from sdsweep.training.schedule import check_milestones, make_lr_schedule
 
@@ -100,9 +106,9 @@ def _make_accelerator(cfg: Config, device: torch.device) -> Any:
         cpu=device.type == "cpu",
         device_placement=False,  # the method placed its modules; optimizer state follows the parameters
         # One schedule step per optimizer step whatever the rank count (accelerate would otherwise step
-        # the schedule num_processes times, for a dataloader it shortened).
+        # the schedule num_processes times), and each rank takes a slice of every global batch.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=distributed.TIMEOUT)],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=distributed.TIMEOUT), distributed.ddp_options()],
     )
     world_size = accelerator.num_processes
     if world_size != cfg.train.num_processes:
@@ -111,6 +117,27 @@ def _make_accelerator(cfg: Config, device: torch.device) -> Any:
             "start data-parallel runs through sdsweep.training.distributed.Ranks (sdsweep.sweep.run_executor does)."
         )
     return accelerator
+
+
+def _prepare_trained(accelerator: Any, method: Any) -> TrainedModules:
+    """The method's trained modules through ``accelerator.prepare``: on N ranks each becomes a DDP
+    wrapper (rank 0's weights are broadcast to all at wrapping), on one rank it is the module itself.
+
+    Under mixed precision accelerate also wraps the module's own forward in autocast, in place; that
+    is taken off again (``unwrap_model(keep_fp32_wrapper=False)``): the loop's ``accelerator.autocast()``
+    already covers the training forward, and the unwrapped module is what rank 0 evaluates and saves,
+    in the evaluation's own precision.
+    """
+    trained = method.trained_modules()
+    if not trained.modules():
+        raise ValueError(f"method {method.name!r} has no trainable parameters; did prepare() run?")
+    prepared = {}
+    for name, module in (("unet", trained.unet), ("text_encoder", trained.text_encoder)):
+        if module is not None:
+            prepared[name] = accelerator.prepare(module)
+            inner = accelerator.unwrap_model(prepared[name], keep_fp32_wrapper=False)
+            inner.__dict__.pop("forward", None)  # back to the class's forward
+    return TrainedModules(**prepared)
 
 
 def _check_loss(cfg: Config, value: float, step: int, loop: LoopState) -> None:
@@ -151,10 +178,9 @@ def train(
     accelerator = _make_accelerator(cfg, device)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     is_main = rank == 0
-    _configure_unet(cfg, method, device)
+    _configure_unet(cfg, method, device)  # compiled in place before wrapping: DDP wraps the compiled UNet
+    modules = _prepare_trained(accelerator, method)
     params = method.trainable_parameters()
-    if not params:
-        raise ValueError(f"method {cfg.method.name!r} has no trainable parameters; did prepare() run?")
     # Prepared, the optimizer and schedule skip their step on accumulation micro-steps, and the fp16
     # grad scaler unscales the gradients before clipping.
     raw_optimizer = make_optimizer(cfg, params, device)
@@ -193,52 +219,51 @@ def train(
     accumulation = cfg.train.gradient_accumulation_steps
     batch_size = cfg.train.train_batch_size
     dataset = with_caption_dropout(cfg, method, dataset)
-    batches = infinite_batches(
+    # The single-process stream at the global batch, resumed after the draws of all ranks so far.
+    loader = training_loader(
         dataset,
-        batch_size,
+        batch_size * world_size,
         cfg.train.seed,
         skip=loop.step * batch_size * accumulation * world_size,
-        rank=rank,
-        world_size=world_size,
     )
-    modules = [m for m in (method.components.unet, method.components.text_encoder) if m is not None]
     method.set_train_mode(True)
     # A checkpoint at a milestone: the run was killed during that milestone's callback; redo it.
     stop = loop.step in milestone_set and reach_milestone(loop.step, save=False)
-    while not stop and loop.step < last:
-        tick = time.perf_counter()
-        loss_sum = None
-        for micro in range(accumulation):
-            batch = next(batches)
-            first = ((loop.step * accumulation + micro) * world_size + rank) * batch_size
-            batch[NOISE_SEEDS] = noise_seeds(cfg.train.seed, loop.step, first, method.batch_size_of(batch))
-            batch = method.augment_batch(batch)
-            with accelerator.accumulate(*modules):
-                with accelerator.autocast():
-                    loss, logs = method.compute_loss(batch)
-                accelerator.backward(loss)  # divides by the accumulation steps
-                if accelerator.sync_gradients and world_size > 1:
-                    distributed.average_gradients(params, world_size)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()  # prepared: a no-op on accumulation micro-steps
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-            detached = loss.detach()
-            loss_sum = detached if loss_sum is None else loss_sum + detached
-        method.after_optimizer_step()
-        loop.step += 1
-        if world_size > 1:  # the global batch's loss, the same on every rank (divergence agrees)
-            loss_sum = distributed.mean_over_ranks(loss_sum, world_size)
-        value = float(loss_sum) / accumulation  # the one host sync per step
-        _check_loss(cfg, value, loop.step, loop)
-        result.step_seconds.append(time.perf_counter() - tick)
-        if is_main and loop.step % cfg.train.log_every == 0:
-            step_logs = {key: float(v) for key, v in logs.items()}
-            step_logs.update({"train/loss": value, "train/lr": lr_schedule.get_last_lr()[0]})
-            hooks.on_step(loop.step, step_logs)
-        if loop.step in milestone_set:
-            stop = reach_milestone(loop.step, save=save_checkpoints)
+    with distributed.rank_batches(accelerator, loader) as batches:
+        while not stop and loop.step < last:
+            tick = time.perf_counter()
+            loss_sum = None
+            for micro in range(accumulation):
+                batch = next(batches)
+                first = ((loop.step * accumulation + micro) * world_size + rank) * batch_size
+                batch[NOISE_SEEDS] = noise_seeds(
+                    cfg.train.seed, loop.step, first, method.batch_size_of(batch)
+                )
+                batch = method.augment_batch(batch)
+                # Micro-steps run under DDP's no_sync: the all-reduce runs on the last one only.
+                with accelerator.accumulate(*modules.modules()):
+                    with accelerator.autocast():
+                        loss, logs = method.compute_loss(batch, modules=modules)
+                    accelerator.backward(loss)  # divides by the accumulation steps
+                    if accelerator.sync_gradients and cfg.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                    optimizer.step()  # prepared: a no-op on accumulation micro-steps
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                detached = loss.detach()
+                loss_sum = detached if loss_sum is None else loss_sum + detached
+            method.after_optimizer_step()
+            loop.step += 1
+            # The global batch's loss, the same on every rank (so the divergence check agrees).
+            value = float(accelerator.reduce(loss_sum, reduction="mean")) / accumulation  # the one host sync
+            _check_loss(cfg, value, loop.step, loop)
+            result.step_seconds.append(time.perf_counter() - tick)
+            if is_main and loop.step % cfg.train.log_every == 0:
+                step_logs = {key: float(v) for key, v in logs.items()}
+                step_logs.update({"train/loss": value, "train/lr": lr_schedule.get_last_lr()[0]})
+                hooks.on_step(loop.step, step_logs)
+            if loop.step in milestone_set:
+                stop = reach_milestone(loop.step, save=save_checkpoints)
     result.final_step = loop.step
     result.seconds = time.perf_counter() - started
     return result

@@ -6,7 +6,9 @@ new method is one subclass plus one line in ``sdsweep.training.methods.METHODS``
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +24,28 @@ Batch = dict[str, Any]
 # Each sample's VAE draw, noise, timestep, noise offset and input perturbation come from a generator
 # with its seed, so a sample trains identically whichever batch or data-parallel rank it lands in.
 NOISE_SEEDS = "noise_seeds"
+
+
+@dataclass(frozen=True)
+class TrainedModules:
+    """The modules whose parameters a method trains (None: that component is frozen).
+
+    ``FineTuneMethod.trained_modules()`` gives the components' own; the training loop prepares them
+    with accelerate and hands the prepared ones to ``compute_loss(batch, modules=...)``, so the
+    training forward passes go through them (on N ranks a DDP wrapper sharing their parameters: the
+    gradient all-reduce runs in buckets while backward runs). Everything else (saving, EMA, evaluation,
+    checkpoints, the fixed-seed validation loss) uses the components' own, unwrapped modules.
+    """
+
+    unet: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.text_encoder) if m is not None]
+
+
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def sample_generators(batch: Batch) -> list[torch.Generator] | None:
@@ -61,12 +85,23 @@ class FineTuneMethod(ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Exactly the parameters the optimizer may change."""
 
+    def trained_modules(self) -> TrainedModules:
+        """The components holding ``trainable_parameters()`` (the UNet for full, DreamBooth and LoRA; the
+        text encoder for textual inversion and with ``method.train_text_encoder``), unwrapped."""
+        unet, text_encoder = self.components.unet, self.components.text_encoder
+        return TrainedModules(
+            unet=unet if _trains(unet) else None,
+            text_encoder=text_encoder if _trains(text_encoder) else None,
+        )
+
     def uses_frozen_text_encoder(self) -> bool:
         """True when a caption's text embedding never changes during training, so it can be cached."""
         return not self.cfg.method.train_text_encoder
 
-    def transform_caption(self, caption: str) -> str:
-        """The caption the model is trained on for a dataset caption (identity by default)."""
+    def transform_caption(self, caption: str, rng: random.Random | None = None) -> str:
+        """The caption the model is trained on for a dataset caption (identity by default). The datasets
+        pass ``rng`` seeded by the draw, so a random choice (textual inversion's template) depends only on
+        the draw: the same for 1 or N ranks and after a resume."""
         return caption
 
     # ---- training --------------------------------------------------------------------------------
@@ -75,14 +110,19 @@ class FineTuneMethod(ABC):
         return batch
 
     def compute_loss(
-        self, batch: Batch, generator: torch.Generator | None = None
+        self,
+        batch: Batch,
+        generator: torch.Generator | None = None,
+        modules: TrainedModules | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean denoising loss of a batch; with ``generator`` (validation) the noise and timesteps come
-        from it, else from the batch's per-sample ``NOISE_SEEDS`` (training), else from the global RNG."""
+        from it, else from the batch's per-sample ``NOISE_SEEDS`` (training), else from the global RNG.
+        ``modules``: the prepared trained modules the forward passes go through (the training loop's);
+        None calls the components' own."""
         draws = generator if generator is not None else sample_generators(batch)
         latents = self.latents_of(batch, generator=draws)
-        text_embeddings = self.text_embeddings_of(batch)
-        loss = self.per_sample_loss(latents, text_embeddings, draws).mean()
+        text_embeddings = self.text_embeddings_of(batch, modules=modules)
+        loss = self.per_sample_loss(latents, text_embeddings, draws, modules=modules).mean()
         return loss, {"train/loss": loss.detach()}
 
     def after_optimizer_step(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
@@ -100,6 +140,7 @@ class FineTuneMethod(ABC):
         latents: torch.Tensor,
         text_embeddings: torch.Tensor,
         generator: Generators = None,
+        modules: TrainedModules | None = None,
     ) -> torch.Tensor:
         # The noise offset (and input perturbation) are training augmentations: a fixed-seed validation
         # loss (one generator) leaves them out so trials with different offsets are scored on the same task.
@@ -109,6 +150,7 @@ class FineTuneMethod(ABC):
             latents,
             text_embeddings,
             generator=generator,
+            unet=modules.unet if modules is not None else None,
             snr_gamma=self.cfg.train.snr_gamma,
             noise_offset=0.0 if validation else self.cfg.train.noise_offset,
             input_perturbation=0.0 if validation else self.cfg.train.input_perturbation,
@@ -138,7 +180,9 @@ class FineTuneMethod(ABC):
         # A half-precision VAE (on CUDA) feeds the fp32 noise and loss: compute those in fp32.
         return latents.float() * self.components.latent_scaling
 
-    def text_embeddings_of(self, batch: Batch, prefix: str = "") -> torch.Tensor:
+    def text_embeddings_of(
+        self, batch: Batch, prefix: str = "", modules: TrainedModules | None = None
+    ) -> torch.Tensor:
         """The batch's cached ``encoder_hidden_states``, else the text encoder's output for its captions."""
         cached = batch.get(f"{prefix}encoder_hidden_states")
         if cached is not None:
@@ -148,10 +192,12 @@ class FineTuneMethod(ABC):
             raise KeyError(
                 f"A batch needs '{prefix}captions' or '{prefix}encoder_hidden_states'; it has {sorted(batch)}."
             )
-        return self.encode_text(list(captions))
+        return self.encode_text(list(captions), modules)
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
+    def encode_text(self, captions: list[str], modules: TrainedModules | None = None) -> torch.Tensor:
         tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
+        if modules is not None and modules.text_encoder is not None:
+            encoder = modules.text_encoder  # the prepared (DDP-wrapped) trained encoder
         ids = tokenize_prompts(tokenizer, captions).to(self.device)
         if any(p.requires_grad for p in encoder.parameters()):  # trained (or its embedding table is)
             return encoder(ids, return_dict=False)[0]

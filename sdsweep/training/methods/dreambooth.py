@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from sdsweep.config.validate import check_dreambooth_prompts
 from sdsweep.data.images import open_rgb
 from sdsweep.models.loading import sampling_precision
 from sdsweep.training.distributed import process_rank
-from sdsweep.training.methods.base import Batch
+from sdsweep.training.methods.base import Batch, TrainedModules
 from sdsweep.training.methods.full import FullFineTune
 
 
@@ -47,7 +48,7 @@ class DreamBooth(FullFineTune):
     def _validate_options(self) -> None:
         check_dreambooth_prompts(self.cfg)  # the config rule; a config edited after compose still fails here
 
-    def transform_caption(self, caption: str) -> str:
+    def transform_caption(self, caption: str, rng: random.Random | None = None) -> str:
         # DreamBooth binds the subject to the identifier by training every image on the same prompt.
         return self.cfg.data.instance_prompt or caption
 
@@ -71,12 +72,17 @@ class DreamBooth(FullFineTune):
         wanted = self.cfg.method.num_class_images
         # The folder only ever appears complete (written aside, then renamed), so counting suffices.
         if len(list(folder.glob("*.png"))) < wanted:
-            self._generate_class_images(folder, wanted)
+            # One process generates; the others that want the same images (this run's other data-parallel
+            # ranks, other workers of the study) wait for the lock, then read what it wrote.
+            with io.file_lock(folder.with_name(f".{folder.name}.lock")):
+                if len(list(folder.glob("*.png"))) < wanted:
+                    self._generate_class_images(folder, wanted)
         return [open_rgb(path) for path in sorted(folder.glob("*.png"))[:wanted]]
 
     def _generate_class_images(self, folder: Path, count: int) -> None:
         """Generate ``count`` images with the frozen base model into a staging folder, then swap it in."""
         resolution = resolved_resolution(self.cfg)
+        print(f"[sdsweep] dreambooth: generating {count} class images into {folder}", flush=True)
         pipe = self.pipeline_for_eval(self.cfg.eval.scheduler)
         staging = io.staging_dir(folder)
         batch_size = max(1, self.cfg.eval.batch_size)
@@ -128,16 +134,30 @@ class DreamBooth(FullFineTune):
         return {**batch, **extra}
 
     def compute_loss(
-        self, batch: Batch, generator: torch.Generator | None = None
+        self,
+        batch: Batch,
+        generator: torch.Generator | None = None,
+        modules: TrainedModules | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Instance mean + prior_loss_weight x class mean; the instance loss alone without class samples."""
         if batch.get("class_latents") is None and batch.get("class_pixel_values") is None:
-            return super().compute_loss(batch, generator)
+            return super().compute_loss(batch, generator, modules)
         instance_latents = self.latents_of(batch, generator=generator)
         class_latents = self.latents_of(batch, prefix="class_", generator=generator)
-        text = torch.cat([self.text_embeddings_of(batch), self.text_embeddings_of(batch, prefix="class_")])
-        # One UNet pass over instance + class samples, then the per-sample losses split in two.
-        per_sample = self.per_sample_loss(torch.cat([instance_latents, class_latents]), text, generator)
+        # One UNet pass (and one text-encoder pass when it trains) over instance + class samples, then
+        # the per-sample losses split in two: one forward per backward through a DDP-wrapped module.
+        if batch.get("captions") is not None and batch.get("class_captions") is not None:
+            text = self.encode_text([*batch["captions"], *batch["class_captions"]], modules)
+        else:
+            text = torch.cat(
+                [
+                    self.text_embeddings_of(batch, modules=modules),
+                    self.text_embeddings_of(batch, "class_", modules),
+                ]
+            )
+        per_sample = self.per_sample_loss(
+            torch.cat([instance_latents, class_latents]), text, generator, modules
+        )
         instance_count = instance_latents.shape[0]
         instance_loss = per_sample[:instance_count].mean()
         prior_loss = per_sample[instance_count:].mean()

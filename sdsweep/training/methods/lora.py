@@ -30,12 +30,22 @@ class LoRA(FineTuneMethod):
         return pipe
 
     def prepare(self) -> None:
-        from peft import LoraConfig
-
-        method = self.cfg.method
         unet, text_encoder = self.components.unet, self.components.text_encoder
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
+        # The adapters' random init (lora_A; lora_B starts at zero) comes from train.seed, not from whatever
+        # the global RNG holds: a rerun, and every data-parallel rank, starts from the same adapters.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.train.seed)
+            self._add_adapters(unet, text_encoder)
+        if self.cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+
+    def _add_adapters(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+        from peft import LoraConfig
+
+        method = self.cfg.method
         # add_adapter leaves exactly the new lora_A/lora_B weights trainable.
         unet.add_adapter(
             LoraConfig(
@@ -58,9 +68,6 @@ class LoRA(FineTuneMethod):
                 )
             )
             text_encoder.train()
-        if self.cfg.train.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.components.unet]

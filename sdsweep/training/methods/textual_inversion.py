@@ -117,10 +117,13 @@ class TextualInversion(FineTuneMethod):
     def set_train_mode(self, training: bool) -> None:
         self.components.text_encoder.train(training)
 
-    def transform_caption(self, caption: str) -> str:
+    def transform_caption(self, caption: str, rng: random.Random | None = None) -> str:
         template = self.cfg.method.template
         if template in TEMPLATES:
-            return self.template_rng.choice(TEMPLATES[template]).format(self.placeholder_text())
+            # The datasets pass a generator seeded by the draw: the template of a draw is then the same
+            # whichever data-parallel rank loads it, and after a resume.
+            chooser = rng if rng is not None else self.template_rng
+            return chooser.choice(TEMPLATES[template]).format(self.placeholder_text())
         # template "none": keep the dataset caption and put the placeholder where the trigger word is.
         trigger = self.cfg.data.trigger_word
         if trigger:
