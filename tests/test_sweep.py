@@ -249,6 +249,28 @@ def test_sigkill_mid_sweep_then_resume_completes_every_point_exactly_once(tmp_pa
     assert len(results) == 4 and (results["state"] == "COMPLETE").all()
 
 
+@pytest.mark.slow
+def test_sweep_timeout_counts_from_the_command_start_for_its_workers_too(tmp_path):
+    """sweep.timeout bounds the whole sweep: a worker that starts after it has passed (its fork server
+    alone imports for seconds) claims nothing, instead of counting its own timeout from its own start."""
+    overrides = sweep_overrides(
+        tmp_path, "timeout", "sweep.learning_rates=[1e-4,1e-3]", "sweep.steps=[2]", "sweep.timeout=1"
+    )
+    overrides = [o for o in overrides if o != "sweep.isolation=inprocess"] + ["sweep.isolation=subprocess"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sdsweep", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sweep.timeout=1s reached; re-run the same command to continue" in done.stdout, done.stdout[-3000:]
+    assert not list((tmp_path / "timeout" / "trials").glob("*/config.yaml"))  # no run started
+
+
 def test_tpe_search_switches_config_groups_with_per_method_learning_rates(tmp_path):
     outcome = run_sweep(
         TINY_OVERRIDES

@@ -125,7 +125,7 @@ class SweepEngine:
         while True:
             if self.timed_out():
                 self.stop_message = (
-                    f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
+                    f"sweep.timeout={self.sweep.timeout:g}s reached; re-run the same command to continue"
                 )
                 return None
             if self.ledger.config_failure():
@@ -314,7 +314,7 @@ class SweepEngine:
                 f"error ({reason[:300]}); fix it and re-run the same command"
             )
         if self.timed_out():
-            return f"sweep.timeout={self.sweep.timeout}s reached; re-run the same command to continue"
+            return f"sweep.timeout={self.sweep.timeout:g}s reached; re-run the same command to continue"
         return None
 
     def run_one(self, spec: RunSpec) -> None:
