@@ -36,7 +36,6 @@ from sdsweep.study.plan import (
     short_params,
     suggest,
 )
-from sdsweep.study.record import read_record_or_none
 from sdsweep.study.store import GRID_POINT, RUN_KEY, StudyHandle, storage_url
 from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
@@ -331,7 +330,9 @@ class SweepEngine:
         assert self.heartbeat is not None
         self.heartbeat.watch(numbers)
         try:
-            execute_run(spec, self.caches, still_owned=self.heartbeat.check_owned)
+            execute_run(
+                spec, self.caches, still_owned=self.heartbeat.check_owned, say=self.say, label=self.label
+            )
         except signals.HandBack as stop:
             # Uninterruptible: a second signal (the driver forwards the Ctrl-C the terminal already sent
             # us, or an impatient user) must not leave trials RUNNING, to be taken over later as crashed.
@@ -356,21 +357,7 @@ class SweepEngine:
             return write_results(self.paths, self.handle.trials(), self.ledger.superseded())
 
     def after_run(self, slots: list[TrialSlot]) -> None:
-        for slot in slots:
-            record = read_record_or_none(self.paths.trial(slot.number) / io.TRIAL_METRICS)
-            state = record.state.value if record else self.handle.get_trial(slot.number).state.name
-            metrics = record.metrics if record else {}
-            shown = ", ".join(
-                f"{k.removeprefix('eval/')}={v:.4g}"
-                for k, v in metrics.items()
-                if k.count("/") == 1 and isinstance(v, (int, float))
-            )
-            reason = record.fail_reason if record else None
-            self.say(
-                f"  trial {slot.number} [{short_params(slot.params)}]: {state}"
-                + (f" {shown}" if shown else "")
-                + (f" ({reason})" if reason else "")
-            )
+        # Each trial's result line was said when its milestone was recorded (RunExecutor.finish_slot).
         self.publish_results()
         self.nudge()
         if self.overall is not None:

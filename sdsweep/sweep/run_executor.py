@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from sdsweep import io, signals
+from sdsweep.metric_names import is_internal
 from sdsweep.progress import Progress
+from sdsweep.study.plan import short_params
 from sdsweep.study.record import TrialRecord, TrialState
 from sdsweep.sweep.baseline import baseline_folder, baseline_metrics
 from sdsweep.sweep.claims import RunTakenOver
@@ -28,17 +30,26 @@ from sdsweep.sweep.run_setup import RunCaches, RunSetup, release_memory
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
 from sdsweep.training import distributed
 
+WORKER_PROGRESS_SECONDS = 15.0  # a pool worker's training progress line, on the user's terminal
 OUT_OF_MEMORY = "out of memory: lower train.train_batch_size, enable train.gradient_checkpointing=true, or use method=lora"
 
 
 class RunExecutor:
     """Trains once and records every trial slot of the run; failures are recorded, never raised."""
 
-    def __init__(self, spec: RunSpec, caches: RunCaches, still_owned: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        caches: RunCaches,
+        still_owned: Callable[[], None] | None = None,
+        say: Callable[[str], None] | None = None,
+        label: str = "driver",
+    ):
         self.spec = spec
         self.caches = caches
         # Raises RunTakenOver once another process has taken this run over (checked every step).
         self.still_owned = still_owned or (lambda: None)
+        self.say = say or (lambda message: print(f"[sdsweep] {message}", flush=True))
         self.paths = io.StudyPaths(Path(spec.study_root))
         self.cfg = compose_config(spec.overrides)
         self.recorder = TrialRecorder(
@@ -56,11 +67,16 @@ class RunExecutor:
         self.direction_sign = -1.0 if self.recorder.study.directions[0].name == "MAXIMIZE" else 1.0
         self.started = time.perf_counter()
         self.setup: RunSetup | None = None
+        trials = "/".join(f"t{s.number}" for s in self.slots)
+        # A pool worker's output reaches the user through the driver, which shows "[sdsweep]" lines: its
+        # training progress is such a line (every WORKER_PROGRESS_SECONDS), named after the worker.
+        in_worker = label != "driver"
         self.bar = Progress(
-            f"train {'/'.join(f't{s.number}' for s in self.slots)}",
+            f"[sdsweep] {label}: train {trials}" if in_worker else f"train {trials}",
             self.slots[-1].step,
             "steps",
             time_from_first_update=True,
+            **({"plain_every": WORKER_PROGRESS_SECONDS} if in_worker else {}),
         )
 
     # ---- the run ------------------------------------------------------------------------------------
@@ -208,6 +224,7 @@ class RunExecutor:
         self.recorder.track(slot, record, {"eval/grid": [g for g in self.grids if g[0] <= slot.step]})
         enforce_keep_best_k(self.cfg, self.paths, self.recorder.handle)
         self.open_slots.remove(slot)
+        self.say(trial_line(slot, record))  # as each milestone is recorded, not when the whole run ends
 
     def stop_open(self, state: TrialState, reason: str) -> None:
         for slot in list(self.open_slots):
@@ -217,9 +234,27 @@ class RunExecutor:
         self.stop_open(TrialState.FAIL, reason)
 
 
+def trial_line(slot: TrialSlot, record: TrialRecord) -> str:
+    """``  trial 3 [lr=1e-04 steps=40]: COMPLETE clip_score=54.2, val_loss=0.13`` (and the reason, if any)."""
+    shown = ", ".join(
+        f"{k.removeprefix('eval/')}={v:.4g}"
+        for k, v in record.metrics.items()
+        if k.count("/") == 1 and not is_internal(k) and isinstance(v, (int, float))
+    )
+    return (
+        f"  trial {slot.number} [{short_params(slot.params)}]: {record.state.value}"
+        + (f" {shown}" if shown else "")
+        + (f" ({record.fail_reason})" if record.fail_reason else "")
+    )
+
+
 def execute_run(
-    spec: RunSpec, caches: RunCaches | None = None, still_owned: Callable[[], None] | None = None
+    spec: RunSpec,
+    caches: RunCaches | None = None,
+    still_owned: Callable[[], None] | None = None,
+    say: Callable[[str], None] | None = None,
+    label: str = "driver",
 ) -> None:
     """Train once and record every trial slot of the run; failures are recorded, never raised (a stop
     signal and a take-over by another process are, since then nothing may be recorded)."""
-    RunExecutor(spec, caches or RunCaches(), still_owned).run()
+    RunExecutor(spec, caches or RunCaches(), still_owned, say, label).run()

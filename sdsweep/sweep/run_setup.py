@@ -102,7 +102,7 @@ class RunSetup:
         # Predicted before any weights load; on a GPU with too little memory the trial fails here with the
         # settings that would fit, instead of an OOM minutes later.
         self.memory = caches.memory.checked(cfg, self.device)
-        print(f"[sdsweep] {self.memory.describe()}", flush=True)
+        print(f"memory: {self.memory.describe()}", flush=True)  # the preflight already told the user
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.components = load_components(cfg, self.device)

@@ -89,7 +89,9 @@ def trace_unet_activations(
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     side = footprint.resolution // factor
     dtype = footprint.compute_dtype
-    unet.to(dtype)
+    # nn.Module.to, not diffusers' override: on an empty meta model it only warns that "modules should be
+    # kept in float32: []" on every run's memory prediction, which says nothing to the user.
+    torch.nn.Module.to(unet, dtype)
     text_grad = footprint.method == "textual_inversion" or footprint.train_text_encoder
     sample = torch.empty(batch, config["in_channels"], side, side, device="meta", dtype=dtype)
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
