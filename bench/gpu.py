@@ -247,10 +247,18 @@ def sampling_case(model_overrides: list[str], plan: Plan, device: torch.device, 
 
 
 def run(
-    quick: bool = False, log: Callable[[str], None] = print, workdir: Path | None = None
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+    workdir: Path | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Every case of the plan on this machine's device; a failing case is recorded with its error."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Every case of the plan on this machine's device; a failing case is recorded with its error.
+
+    ``dry_run`` runs the CPU plan (the tiny model) even where CUDA is available: every code path in
+    about a minute, before paying for the full-size one. Its numbers mean nothing.
+    """
+    on_gpu = torch.cuda.is_available() and not dry_run
+    device = torch.device("cuda" if on_gpu else "cpu")
     plan = plan_for(device.type == "cuda", quick)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sdsweep-bench-gpu-"))
     if plan.on_gpu:
@@ -280,6 +288,27 @@ def run(
         if plan.on_gpu
         else "tiny (CPU: timings describe nothing real)",
         "measured_on_gpu": plan.on_gpu,
+        "dry_run": dry_run,
         "training": rows,
         "sampling": sampling,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.gpu [--quick] [--dry-run]``: this section alone, its table printed, no JSON."""
+    import argparse
+
+    from bench.table import gpu_lines
+
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer batch sizes and steps on CUDA")
+    parser.add_argument("--dry-run", action="store_true", help="the CPU plan (tiny model) even on CUDA")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sdsweep-bench-gpu-") as tmp:
+        section = run(quick=args.quick, workdir=Path(tmp), dry_run=args.dry_run)
+    print("\n".join(gpu_lines(section)))
+    return 1 if any("error" in row for row in section["training"] + section["sampling"]) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""Smoke test of ``python -m bench --quick``: it runs end to end and writes a well-formed JSON.
+"""Smoke test of ``python -m bench --quick``: it runs end to end and writes a well-formed JSON; and the
+small pieces the sections share (arms, verdicts, the table), which need no sweep.
 
 No timing assertions: speed targets live in the bench output (bench/results.json), and a shared 2-core
 CI machine would make them flaky. Only the structure and the sanity of the ratios are checked.
@@ -7,10 +8,52 @@ CI machine would make them flaky. Only the structure and the sanity of the ratio
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from bench import run as bench
+
+
+def finite_positive(value) -> bool:
+    """A ratio the bench reports must be a positive finite number."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_the_parallel_isolation_arms_are_the_sweep_cost_arms():
+    from bench import parallel, sweeps
+
+    assert parallel.ISOLATION_ARMS == {
+        "plain": sweeps.ARMS["plain"],
+        "inprocess": sweeps.ARMS["full"],
+        "default": sweeps.ARMS["full_subprocess"],
+    }
+
+
+def test_verdicts_judge_each_measured_ratio_and_skip_sections_not_run():
+    from bench.verdicts import RUN_TARGETS, judge, limits
+
+    results = {"sweep": {"ratio_full_vs_plain": 0.4}, "eval": {"speedup": 1.2}, "step": {"error": "boom"}}
+    verdicts = judge(results, RUN_TARGETS)
+
+    assert verdicts == {
+        "sweep_full_vs_plain": {"value": 0.4, "target": "≤ 0.5", "pass": True},
+        "eval_speedup": {"value": 1.2, "target": "≥ 1.5", "pass": False},
+    }
+    assert limits(RUN_TARGETS) == {"sweep_full_vs_plain": 0.5, "step_overhead": 1.1, "eval_speedup": 1.5}
+
+
+def test_the_table_prints_a_failed_section_as_failed():
+    from bench.table import table
+
+    results = {
+        "machine": {"date": "today"},
+        "sweep": {"error": "RuntimeError: no"},
+        "parallel": {"error": "x"},
+    }
+    printed = table(results)
+
+    assert "1. failed (RuntimeError: no)" in printed and "5. Parallel: failed (x)" in printed
 
 
 @pytest.mark.slow
@@ -42,16 +85,16 @@ def test_quick_bench_writes_results(tmp_path, capsys):
     assert arms["full"]["runs_launched"] == len(results["sweep"]["grid"]["learning_rates"])  # one run per lr
     for row in arms.values():
         assert row["trials_launched"] == grid_size and row["finished"]
-        assert bench.finite_positive(row["ratio_to_plain"])
+        assert finite_positive(row["ratio_to_plain"])
 
     for ratio in (
         results["step"]["ratio"],
         results["eval"]["speedup"],
         results["sweep"]["ratio_full_vs_plain"],
     ):
-        assert bench.finite_positive(ratio)
+        assert finite_positive(ratio)
     for verdict in results["verdicts"].values():
-        assert bench.finite_positive(verdict["value"]) and isinstance(verdict["pass"], bool)
+        assert finite_positive(verdict["value"]) and isinstance(verdict["pass"], bool)
 
     gpu = results["gpu"]
     # The training path runs everywhere: full-size SD-1.5 on CUDA, the tiny model on CPU, through train().
