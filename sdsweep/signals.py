@@ -51,6 +51,15 @@ def install() -> dict:
     return {signum: signal.signal(signum, _handler) for signum in EXIT_CODES}
 
 
+def ignore_stops() -> dict:
+    """While a stopping process exits: SIGINT/SIGTERM do nothing more. Returns {} (nothing to restore:
+    the process is on its way out)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in EXIT_CODES:
+            signal.signal(signum, signal.SIG_IGN)
+    return {}
+
+
 def restore(previous: dict) -> None:
     for signum, handler in previous.items():
         signal.signal(signum, handler)

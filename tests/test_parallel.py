@@ -243,6 +243,33 @@ def test_interrupt_hands_the_run_back_and_a_rerun_completes_it(signum, code, tmp
     drivers.assert_no_leftovers()
 
 
+@pytest.mark.slow
+def test_an_impatient_double_ctrl_c_still_hands_every_run_back(tmp_path, drivers):
+    """Ctrl-C twice in quick succession (the terminal's signal reaches driver and workers, the driver
+    forwards it, and the user presses again): every run is still handed back, none is left RUNNING to be
+    taken over later as crashed (which would cost it a retry), and there is no traceback."""
+    import os
+
+    study_dir = tmp_path / "par"
+    args = sweep_args(tmp_path, "sweep.workers=2", "sweep.share_milestones=false", "train.train_batch_size=8")
+    args += ["sweep.steps=[200,400]"]  # runs long enough that both workers are training when it comes
+    first = drivers.start(args, name="double-ctrl-c")
+    assert wait_until(lambda: len(running_trials(study_dir)) >= 2 or not first.alive(), DRIVER_TIMEOUT)
+    assert first.alive(), first.output()
+    os.killpg(first.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGINT)
+    assert_clean_exit(first, 130)
+    drivers.assert_no_leftovers()
+    trials = load_trials(study_dir)
+    assert not [t.number for t in trials if t.state.name == "RUNNING"], "a run was left RUNNING"
+    # Every stopped trial was handed back (queued again, no retry spent); lost claim races are not runs.
+    lost_races = [t for t in trials if "another worker claimed" in str(t.user_attrs.get("fail_reason"))]
+    stopped = [t for t in trials if t.state.name == "FAIL" and t not in lost_races]
+    assert stopped and all(t.user_attrs.get("handed_back") for t in stopped), [t.user_attrs for t in stopped]
+    assert not [t for t in trials if t.user_attrs.get("crashed")]
+
+
 # ---- a second machine ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_driver_on_another_host_never_takes_over_a_live_run(tmp_path, drivers):

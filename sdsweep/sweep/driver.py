@@ -80,6 +80,9 @@ class SweepDriver:
                 if self.engine.stop_message:
                     log(self.engine.stop_message)
         except signals.HandBack as stop:
+            # Leaving now: a further Ctrl-C (an impatient user) must not interrupt the exit itself, whose
+            # clean-up (W&B, the fork server) would then die by the signal, with a traceback.
+            previous = signals.ignore_stops()
             log(
                 f"stopped by {stop}: its runs were handed back; re-run the same command to resume from their checkpoints"
             )

@@ -216,14 +216,24 @@ class SweepEngine:
                 f"{len(live)} running elsewhere, {len(pending)} to run in {len(runs)} training run(s)"
             )
         for run in runs:
+            slots = self.claim(run)
+            if slots:
+                return self.spec_for(run, slots)
+        return AGAIN  # every run was claimed by someone else meanwhile: plan again
+
+    def claim(self, run: RunPlan) -> list[TrialSlot] | None:
+        """The run's trials, created RUNNING as ours; None when another process holds the run.
+
+        A claim is made whole, uninterrupted: a Ctrl-C that arrives meanwhile is raised once the trials
+        exist, and ``work`` hands them back, so none is left RUNNING to be taken over later as crashed.
+        """
+        with signals.critical():
             keys = {self.key_of(p) for p in run.points}
             first = self.new_trial(run.points[0], run, ticket=True)
             if not self.claims.won(first.number, run.key, keys, set(self.ledger.decided_points())):
                 self.claims.lose(first.number)
-                continue
-            slots = [first] + [self.new_trial(p, run, ticket=False) for p in run.points[1:]]
-            return self.spec_for(run, slots)
-        return AGAIN  # every run was claimed by someone else meanwhile: plan again
+                return None
+            return [first] + [self.new_trial(p, run, ticket=False) for p in run.points[1:]]
 
     def claim_search(self) -> RunSpec | str | None:
         target = self.sweep.n_trials or 20
@@ -234,25 +244,26 @@ class SweepEngine:
             return None
         if done + running >= target:
             return WAIT
-        trial = self.study.ask()  # a new trial per call: nothing to race for
-        for key, value in self.claims.identity().items():
-            trial.set_user_attr(key, value)
-        point: dict[str, Any] = {}
-        for key, spec in sorted(self.sweep.params.items()):
-            point[key] = suggest(trial, key, spec)
-        method = point.get("method")
-        if method in self.sweep.learning_rate_by_method:
-            # A separate Optuna parameter per method: each keeps its own distribution.
-            spec = self.sweep.learning_rate_by_method[method]
-            point["method.learning_rate"] = suggest(trial, f"method.learning_rate[{method}]", spec)
-        run = RunPlan(base=point, points=[point], shared=False)
-        trial.set_user_attr(GRID_POINT, point_key(point))
-        trial.set_user_attr(RUN_KEY, run.key)
-        trial.set_user_attr(TICKET, True)
-        step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
-        slot = TrialSlot(
-            number=trial.number, trial_id=self.handle.trial_id(trial.number), step=step, params=point
-        )
+        with signals.critical():  # as claim(): made whole; a stop meanwhile is handed back by work()
+            trial = self.study.ask()  # a new trial per call: nothing to race for
+            for key, value in self.claims.identity().items():
+                trial.set_user_attr(key, value)
+            point: dict[str, Any] = {}
+            for key, spec in sorted(self.sweep.params.items()):
+                point[key] = suggest(trial, key, spec)
+            method = point.get("method")
+            if method in self.sweep.learning_rate_by_method:
+                # A separate Optuna parameter per method: each keeps its own distribution.
+                spec = self.sweep.learning_rate_by_method[method]
+                point["method.learning_rate"] = suggest(trial, f"method.learning_rate[{method}]", spec)
+            run = RunPlan(base=point, points=[point], shared=False)
+            trial.set_user_attr(GRID_POINT, point_key(point))
+            trial.set_user_attr(RUN_KEY, run.key)
+            trial.set_user_attr(TICKET, True)
+            step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
+            slot = TrialSlot(
+                number=trial.number, trial_id=self.handle.trial_id(trial.number), step=step, params=point
+            )
         self.say(f"trial {slot.number} ({done + running + 1}/{target}): {short_params(point)}")
         return self.spec_for(run, [slot])
 
@@ -298,6 +309,13 @@ class SweepEngine:
         try:
             while (spec := self.next_run()) is not None:
                 self.run_one(spec)
+        except signals.HandBack as stop:
+            # Whatever this process still holds (a claim made just before the stop, between claiming and
+            # training) goes back too; run_one has already handed back the run it was training.
+            with signals.critical():
+                held = [t.number for t in self.claims.running_of_token(self.token)]
+                self.claims.hand_back(held, f"{stop} received")
+            raise
         finally:
             self.heartbeat.stop()
             self.heartbeat = None
