@@ -137,11 +137,17 @@ def forked_workers_cpu_seconds() -> float:
 
 # ---- arms, side by side -------------------------------------------------------------------------------
 def warm_up(workdir: Path) -> None:
-    """One untimed one-point sweep, so that imports and first-call costs do not land on the first arm."""
+    """Untimed one-point sweeps, in-process and through the worker pool, so that imports, first-call costs
+    and the start of the pool's fork server (which then serves every later pool arm of this process) do
+    not land on whichever arm happens to run first."""
     grid = Grid((1e-4,), (1,))
-    timed_sweep(
-        TINY_SWEEP + ARMS["full"] + grid.overrides() + ["study=warmup", f"paths.root={workdir / 'warmup'}"]
-    )
+    for arm in ("full", "full_subprocess"):
+        timed_sweep(
+            TINY_SWEEP
+            + ARMS[arm]
+            + grid.overrides()
+            + [f"study=warmup-{arm}", f"paths.root={workdir / 'warmup'}"]
+        )
 
 
 def compare_arms(
