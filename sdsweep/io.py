@@ -45,14 +45,24 @@ def _tmp_beside(path: Path) -> Path:
     return Path(name)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
+def _written_beside(path: Path, data: bytes) -> Path:
+    """``data`` in a synced temporary file beside ``path`` (same filesystem, so it can be renamed in)."""
     tmp = _tmp_beside(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:  # a full disk, a signal: no stray temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    tmp = _written_beside(path, data)
+    try:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -79,19 +89,14 @@ def create_exclusive_bytes(path: str | os.PathLike, data: bytes) -> bool:
     local filesystems and NFS alike, so of several processes creating it at once exactly one wins, and
     a reader never sees half of it."""
     path = Path(path)
-    tmp = _tmp_beside(path)
+    tmp = _written_beside(path, data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
     finally:
         tmp.unlink(missing_ok=True)
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
