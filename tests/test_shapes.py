@@ -58,9 +58,11 @@ def test_tokenizer_has_the_star_and_a_one_token_initializer():
 
 
 def test_concept_dataset_holds_only_captioned_stars(tmp_path):
-    folder = shapes.write_concept_dataset(tmp_path / "stars", num_images=6)
+    folder = shapes.write_concept_dataset(tmp_path / "stars", num_images=8)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(row["text"].endswith(" star") for row in rows)
+    assert len(rows) == 8 and all(row["text"].endswith(" star") for row in rows)
+    # Every colour equally often: an unbalanced set taught "a red star" the yellow stars' colour.
+    assert sorted(row["text"] for row in rows) == sorted(f"a {c} star" for c in shapes.COLOURS for _ in (1, 2))
     for row in rows:
         verdict = judge.judge_image(Image.open(folder / row["file_name"]))
         assert verdict.shape == "star" and verdict.colour in row["text"]
@@ -96,7 +98,7 @@ def _study(root, *overrides: str):
 
 @pytest.fixture(scope="session")
 def demo_study(shapes_model, tmp_path_factory):
-    """`make demo`: 3 learning rates x 3 step counts, one run per rate."""
+    """`make demo`: 4 learning rates x 3 step counts, one run per rate."""
     outcome, results = _study(tmp_path_factory.mktemp("shapes-demo"), "+experiment=demo")
     print("\n" + results[[*GRID, *TRUTH, "eval/clip_score", "eval/val_loss", "feasible"]].to_string())
     return results, outcome
@@ -127,11 +129,23 @@ def test_baseline_draws_the_seen_shapes_but_not_the_star(demo_study):
 
 @pytest.mark.slow
 def test_a_good_lr_learns_the_star_as_steps_grow(demo_study):
-    concept = _rate(demo_study[0], GOOD_LR)["truth/concept_accuracy"].tolist()
+    good = _rate(demo_study[0], GOOD_LR)
+    concept = good["truth/concept_accuracy"].tolist()
     assert concept[-1] >= concept[0] + GOOD_CONCEPT_GAIN and concept[-1] >= GOOD_CONCEPT_MIN, concept
+    assert good["truth/prior_accuracy"].iloc[-1] >= GOOD_PRIOR_MIN  # ... and the seen shapes mostly hold
     low = _rate(demo_study[0], LOW_LR)
     assert low["truth/concept_accuracy"].max() <= BASELINE_CONCEPT_MAX  # too low an lr: nothing changes
     assert low["truth/prior_accuracy"].min() >= LOW_PRIOR_MIN
+
+
+@pytest.mark.slow
+def test_a_fast_lr_learns_the_star_sooner_and_the_prior_drifts(demo_study):
+    """A full fine-tune on star images alone: the faster rate draws more stars, and soon draws them for
+    every prompt (language drift, what DreamBooth's prior preservation exists to stop)."""
+    results = demo_study[0]
+    fast, good = _rate(results, FAST_LR), _rate(results, GOOD_LR)
+    assert fast["truth/concept_accuracy"].iloc[-1] >= good["truth/concept_accuracy"].iloc[-1]
+    assert fast["truth/prior_accuracy"].iloc[-1] <= FAST_PRIOR_MAX, fast["truth/prior_accuracy"].tolist()
 
 
 @pytest.mark.slow
@@ -153,23 +167,52 @@ def test_the_chosen_best_is_among_the_top_by_ground_truth(demo_study):
     assert outcome.best is not None and outcome.best["trial"] in top, (outcome.best, sorted(top))
 
 
+def _spearman(a: pd.Series, b: pd.Series) -> float:
+    return float(a.rank().corr(b.rank()))
+
+
+def _prompt_clip(results: pd.DataFrame, concept: bool) -> pd.Series:
+    """Mean CLIP score over the star prompts (concept=True) or the seen-shape prompts of eval=shapes."""
+    prompts = list(compose(["+experiment=demo"]).eval.prompts)
+    columns = [
+        f"eval/clip_score/p{i}"
+        for i, prompt in enumerate(prompts)
+        if judge.parse_prompt(prompt).concept == concept
+    ]
+    return results[columns].mean(axis=1)
+
+
 @pytest.mark.slow
-def test_clip_score_agrees_with_ground_truth_on_the_prior(demo_study):
+def test_clip_score_agrees_with_ground_truth(demo_study):
+    """CLIP score judges "does the image show what the prompt asked": it agrees with the judge on the kept
+    prior, on the star where the prompts ask for a star, and, as the sweep's objective over all prompts,
+    with concept + prior accuracy together."""
     results = demo_study[0]
-    rho = results["eval/clip_score"].rank().corr(results["truth/prior_accuracy"].rank())
-    print(f"Spearman(eval/clip_score, truth/prior_accuracy) = {rho:.2f}")
-    assert rho >= SPEARMAN_PRIOR_MIN, rho
+    truth = results["truth/concept_accuracy"] + results["truth/prior_accuracy"]
+    rho = {
+        "clip_score ~ prior": _spearman(results["eval/clip_score"], results["truth/prior_accuracy"]),
+        "clip_score ~ concept + prior": _spearman(results["eval/clip_score"], truth),
+        "star prompts' clip_score ~ concept": _spearman(
+            _prompt_clip(results, concept=True), results["truth/concept_accuracy"]
+        ),
+        "clip_score ~ concept": _spearman(results["eval/clip_score"], results["truth/concept_accuracy"]),
+    }
+    print("Spearman", {k: round(v, 2) for k, v in rho.items()})
+    assert rho["clip_score ~ prior"] >= SPEARMAN_PRIOR_MIN, rho
+    assert rho["clip_score ~ concept + prior"] >= SPEARMAN_TRUTH_MIN, rho
+    assert rho["star prompts' clip_score ~ concept"] >= SPEARMAN_CONCEPT_MIN, rho
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="measured -0.13: concept accuracy is 0 in 11 of the 12 demo trials (0.25 in one), so it carries "
-    "almost no rank information; needs a grid where the star is learned in several trials",
+    reason="measured 0.04 on the demo grid: a full fine-tune on stars alone learns the star and drifts the "
+    "prior together (lr 1e-3, 1000 steps: concept 0.62, prior 0.06), and the mean CLIP over 4 star and 4 "
+    "seen-shape prompts weighs both alike, so it tracks concept + prior (0.91), not the concept alone",
     strict=False,
 )
-def test_clip_score_agrees_with_ground_truth_on_the_concept(demo_study):
+def test_mean_clip_score_alone_ranks_trials_by_the_concept(demo_study):
     results = demo_study[0]
-    rho = results["eval/clip_score"].rank().corr(results["truth/concept_accuracy"].rank())
+    rho = _spearman(results["eval/clip_score"], results["truth/concept_accuracy"])
     print(f"Spearman(eval/clip_score, truth/concept_accuracy) = {rho:.2f}")
     assert rho >= SPEARMAN_CONCEPT_MIN, rho
 
@@ -177,23 +220,23 @@ def test_clip_score_agrees_with_ground_truth_on_the_concept(demo_study):
 # One fine-tune per method on the star, each at its own measured rate; the world's prompts (eval=shapes)
 # ask for two stars and three seen shapes, so concept and prior accuracy are both measured.
 METHOD_RUNS = {
-    "full": ["method=full", "method.learning_rate=1e-4", "train.max_train_steps=150"],
+    "full": ["method=full", "method.learning_rate=3e-4", "train.max_train_steps=1000"],
     "dreambooth": [
         "method=dreambooth",
-        "method.learning_rate=1e-4",
-        "train.max_train_steps=150",
+        "method.learning_rate=3e-4",
+        "train.max_train_steps=1000",
         "method.class_prompt=a red triangle",
         "method.num_class_images=8",
     ],
     "textual_inversion": [
         "method=textual_inversion",
         "method.learning_rate=5e-3",  # scale_lr: x batch 4
-        "train.max_train_steps=150",
+        "train.max_train_steps=300",
         'method.placeholder_token="<star>"',
         "method.initializer_token=triangle",
         "method.template=none",
     ],
-    "lora": ["method=lora", "method.learning_rate=3e-4", "train.max_train_steps=150"],
+    "lora": ["method=lora", "method.learning_rate=3e-4", "train.max_train_steps=300"],
 }
 
 
@@ -223,6 +266,8 @@ def test_every_method_learns_the_star_and_keeps_the_prior(method, shapes_model, 
     # It fits the star: held-out star images are predicted better than by the base model.
     assert row["eval/val_loss"] <= METHOD_VAL_LOSS_RATIO[method] * baseline["eval/val_loss"]
     assert row["truth/prior_accuracy"] >= METHOD_PRIOR_MIN[method]
+    # It draws the star (only where measured with a margin: see METHOD_CONCEPT_MIN).
+    assert row["truth/concept_accuracy"] >= METHOD_CONCEPT_MIN.get(method, 0.0)
 
 
 @pytest.mark.slow
@@ -263,26 +308,33 @@ def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
     assert "no baseline" not in comparison  # every row has its own model's deltas
 
 
-# Measured on the default build (BuildPlan defaults, cpu 481 s) and `make demo` (lr 1e-5/1e-4/1e-3/3e-2 x 20/60/150
-# steps, 8 star and 12 seen-shape images per evaluation): baseline concept 0.0, prior 1.0, val_loss 0.42,
-# CLIP 83.9; lr 1e-5: prior 1.0 throughout, concept 0; lr 1e-3: concept 0/0/0.25, prior 0.58/0.25/0.42;
-# lr 3e-2: prior 0, val_loss 0.96-1.03, CLIP 0-15.6; best trial 2 (lr 1e-5, 150 steps, truth 1.0 + 0.0);
-# Spearman(clip, prior) 0.97, Spearman(clip, concept) -0.13 (concept is 0 in 11 of 12 trials).
+# Measured on the default build (world v3: BuildPlan defaults, 357 s on one thread) and `make demo` (lr 1e-5/3e-4/
+# 1e-3/3e-2 x 100/300/1000 steps; 16 star and 16 seen-shape images per evaluation), identical in-process and with
+# the worker pool: baseline concept 0.0, prior 0.94, val_loss 0.45, CLIP 81.9; lr 1e-5: concept 0, prior 0.94;
+# lr 3e-4: concept 0/0.06/0.375, prior 0.81/0.88/0.81; lr 1e-3: concept 0/0.31/0.62, prior 0.75/0.50/0.06;
+# lr 3e-2: prior 0, val_loss 0.73-0.99 (1.6-2.2x), CLIP 0; best trial 0 (lr 1e-5, 100 steps; truth 0.94, tied
+# 2nd; the truth's best is trial 5, lr 3e-4 x 1000, 1.19). Spearman with eval/clip_score: prior 0.97,
+# concept + prior 0.91, concept 0.04; star prompts' CLIP with concept 0.73.
 BASELINE_CONCEPT_MAX = 0.1
 BASELINE_PRIOR_MIN = 0.8
-LOW_LR, GOOD_LR, HIGH_LR = 1.0e-5, 1.0e-3, 3.0e-2
-LOW_PRIOR_MIN = 0.9
-GOOD_CONCEPT_GAIN = 0.125  # one star image of 8 more than at the first milestone (measured: two)
-GOOD_CONCEPT_MIN = 0.125
+LOW_LR, GOOD_LR, FAST_LR, HIGH_LR = 1.0e-5, 3.0e-4, 1.0e-3, 3.0e-2
+LOW_PRIOR_MIN = 0.8
+GOOD_CONCEPT_GAIN = 0.1875  # three star images of 16 more than at the first milestone (measured: six)
+GOOD_CONCEPT_MIN = 0.1875
+GOOD_PRIOR_MIN = 0.6  # measured 0.81
+FAST_PRIOR_MAX = 0.4  # measured 0.06
 HIGH_PRIOR_MAX = 0.1
-HIGH_VAL_LOSS_RATIO = 1.8  # measured 2.3-2.4x
-HIGH_CLIP_RATIO = 0.5  # measured at most 0.19x on one build and 0.43x on a fresh CI build
+HIGH_VAL_LOSS_RATIO = 1.4  # measured 1.6-2.2x
+HIGH_CLIP_RATIO = 0.5  # measured 0
 TOP_K = 3
 SPEARMAN_PRIOR_MIN = 0.7
-SPEARMAN_CONCEPT_MIN = 0.3
+SPEARMAN_TRUTH_MIN = 0.7
+SPEARMAN_CONCEPT_MIN = 0.4
 METHOD_VAL_LOSS_RATIO = {"full": 0.5, "dreambooth": 0.5, "textual_inversion": 0.99, "lora": 0.9}
-# Measured (150 steps): val_loss / baseline full 0.15 (lr 1e-4), DreamBooth 0.16 (lr 1e-4), LoRA 0.79 (lr 3e-4;
-# at lr 1e-3..1e-2 LoRA fits better, 0.31-0.49, but the prior falls to 0.08-0.25 on a fresh build);
-# textual inversion 0.95 (lr 5e-3 x batch 4: only the <star> embedding moves); prior accuracy full 0.75,
-# DreamBooth 0.92 (prior preservation keeps it), LoRA 1.0 (lr 3e-4), textual inversion 1.0; concept 0 for all four.
-METHOD_PRIOR_MIN = {"full": 0.5, "dreambooth": 0.75, "textual_inversion": 0.5, "lora": 0.75}
+# Measured (world v3): full (lr 3e-4, 1000 steps) val_loss 0.14x baseline, concept 0.375, prior 0.81; DreamBooth
+# with prior preservation (lr 3e-4, 1000 steps) 0.14x, concept 0.125, prior 0.94; LoRA (lr 3e-4, 300 steps) 0.66x,
+# concept 0, prior 1.0 (by 1000 steps its prior collapses to 0, and at lr 1e-3 to 0.19 with no star);
+# textual inversion (lr 5e-3 x batch 4, 300 steps) 0.97x, concept 0, prior 0.94: an embedding cannot teach
+# the UNet a shape it never drew.
+METHOD_PRIOR_MIN = {"full": 0.6, "dreambooth": 0.8, "textual_inversion": 0.75, "lora": 0.8}
+METHOD_CONCEPT_MIN = {"full": 0.1875}  # DreamBooth's 2 stars of 16 leave no margin to assert
