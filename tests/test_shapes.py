@@ -62,7 +62,9 @@ def test_concept_dataset_holds_only_captioned_stars(tmp_path):
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(row["text"].endswith(" star") for row in rows)
     # Every colour equally often: an unbalanced set taught "a red star" the yellow stars' colour.
-    assert sorted(row["text"] for row in rows) == sorted(f"a {c} star" for c in shapes.COLOURS for _ in (1, 2))
+    assert sorted(row["text"] for row in rows) == sorted(
+        f"a {c} star" for c in shapes.COLOURS for _ in (1, 2)
+    )
     for row in rows:
         verdict = judge.judge_image(Image.open(folder / row["file_name"]))
         assert verdict.shape == "star" and verdict.colour in row["text"]
