@@ -13,6 +13,7 @@ progress.quiet_library_bars()
 import gc  # noqa: E402
 
 import accelerate  # noqa: E402, F401
+import optuna  # noqa: E402
 import torch  # noqa: E402, F401
 import torchmetrics  # noqa: E402, F401
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402, F401
@@ -21,6 +22,11 @@ from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402, F401
 import sdsweep.sweep.engine  # noqa: E402, F401
 import sdsweep.sweep.run_executor  # noqa: E402, F401
 import sdsweep.sweep.worker  # noqa: E402, F401
+
+# A process's first RDBStorage imports SQLAlchemy's ORM and alembic and builds Optuna's schema: 0.35 s
+# (later ones: 0.02 s), which every worker paid on its way to its first claim, the serial start of a pool.
+# An in-memory SQLite database opens no file, so the fork server pays it once for all of them.
+optuna.storages.RDBStorage("sqlite:///:memory:").engine.dispose()
 
 # Everything imported above lives as long as the process: keep it out of the cyclic garbage collector, so
 # each collection (one per run, sdsweep.sweep.run_setup.release_memory) scans only what a run allocated
