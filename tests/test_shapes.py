@@ -173,13 +173,11 @@ def _spearman(a: pd.Series, b: pd.Series) -> float:
     return float(a.rank().corr(b.rank()))
 
 
-def _prompt_clip(results: pd.DataFrame, concept: bool) -> pd.Series:
-    """Mean CLIP score over the star prompts (concept=True) or the seen-shape prompts of eval=shapes."""
+def _star_prompts_clip(results: pd.DataFrame) -> pd.Series:
+    """Mean CLIP score over the star (concept) prompts of eval=shapes."""
     prompts = list(compose(["+experiment=demo"]).eval.prompts)
     columns = [
-        f"eval/clip_score/p{i}"
-        for i, prompt in enumerate(prompts)
-        if judge.parse_prompt(prompt).concept == concept
+        f"eval/clip_score/p{i}" for i, prompt in enumerate(prompts) if judge.parse_prompt(prompt).concept
     ]
     return results[columns].mean(axis=1)
 
@@ -195,7 +193,7 @@ def test_clip_score_agrees_with_ground_truth(demo_study):
         "clip_score ~ prior": _spearman(results["eval/clip_score"], results["truth/prior_accuracy"]),
         "clip_score ~ concept + prior": _spearman(results["eval/clip_score"], truth),
         "star prompts' clip_score ~ concept": _spearman(
-            _prompt_clip(results, concept=True), results["truth/concept_accuracy"]
+            _star_prompts_clip(results), results["truth/concept_accuracy"]
         ),
         "clip_score ~ concept": _spearman(results["eval/clip_score"], results["truth/concept_accuracy"]),
     }
@@ -220,7 +218,7 @@ def test_mean_clip_score_alone_ranks_trials_by_the_concept(demo_study):
 
 
 # One fine-tune per method on the star, each at its own measured rate; the world's prompts (eval=shapes)
-# ask for two stars and three seen shapes, so concept and prior accuracy are both measured.
+# ask for four stars and four seen shapes, so concept and prior accuracy are both measured.
 METHOD_RUNS = {
     "full": ["method=full", "method.learning_rate=3e-4", "train.max_train_steps=1000"],
     "dreambooth": [
