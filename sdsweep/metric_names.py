@@ -16,6 +16,7 @@ UP, DOWN = "↑", "↓"
 # Last path component of a metric (``eval/clip_score`` -> ``clip_score``) -> the better direction.
 DIRECTIONS: dict[str, str] = {
     "clip_score": UP,
+    "prior_clip_score": UP,
     "clip_i": UP,
     "appropriate_rate": UP,
     "fid": DOWN,

@@ -224,6 +224,61 @@ def test_unloadable_safety_checker_is_a_warning_and_degeneracy_still_applies(tmp
     assert 0.0 <= result.metrics["eval/appropriate_rate"] <= 1.0
 
 
+# ---- prior prompts: drift measured apart from the concept ----------------------------------------------
+PRIOR = ["a photo of a red cube", "a photo of a blue ball"]
+
+
+def test_prior_prompts_are_scored_apart_and_leave_the_concept_metrics_as_they_were(
+    evaluator, pipeline, study, demo_images, tmp_path
+):
+    root, paths = study
+    cfg = make_cfg(root, f"eval.prior_prompts=[{','.join(PRIOR)}]")
+    with_prior = Evaluator(cfg, paths, "cpu", demo_images[:4], instance_images=demo_images[4:])
+    plain = evaluator.evaluate(pipeline)
+    result = with_prior.evaluate(pipeline, out_dir=tmp_path / "t")
+
+    concept_prompts = list(cfg.eval.prompts)
+    assert result.prompts == [p for p in concept_prompts + PRIOR for _ in (0, 1)]
+    assert result.seeds == [1234, 1235] * 4  # the prior images start from the same noise
+    # The concept's images and every concept metric are exactly what they are without prior prompts.
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain.images, result.images))
+    for key, value in plain.metrics.items():
+        if key != "eval/appropriate_rate":  # counts every image, the prior's too
+            assert result.metrics[key] == value, key
+    # The prior's CLIP score is over the prior images with their own prompts, also per prompt.
+    model, processor = with_prior.clip_model, with_prior.clip_processor
+    prior_images = result.images[4:]
+    assert result.metrics["eval/prior_clip_score"] == pytest.approx(
+        metrics.clip_score(model, processor, prior_images, result.prompts[4:])
+    )
+    assert result.metrics["eval/prior_clip_score/p1"] == pytest.approx(
+        metrics.clip_score(model, processor, prior_images[2:], [PRIOR[1]] * 2)
+    )
+    assert not {"eval/clip_score/p2", "eval/prior_clip_score/p2"} & set(result.metrics)
+    # Samples and grid rows for both groups; prior prompts have their own prompt indices.
+    names = sorted(p.name for p in (tmp_path / "t" / io.TRIAL_SAMPLES).iterdir())
+    assert names == [io.sample_name(p, s) for p in range(4) for s in (1234, 1235)]
+    assert result.grid.height > plain.grid.height
+
+
+def test_prior_prompts_validate_before_anything_loads(tmp_path):
+    cfg = make_cfg(
+        tmp_path,
+        "+sweep=lr_steps",
+        f"eval.prior_prompts=[{PRIOR[0]}]",
+        "sweep.constraints=['eval/prior_clip_score >= 20']",
+    )
+    assert cfg.sweep.constraints == ["eval/prior_clip_score >= 20"]
+    with pytest.raises(ConfigError, match="eval.prior_prompts=.\[a photo of a dog\]"):
+        make_cfg(tmp_path, "+sweep=lr_steps", "sweep.constraints=['eval/prior_clip_score >= 20']")
+    with pytest.raises(ConfigError, match=r"eval.prior_prompts.*names the concept being taught \(sks\)"):
+        make_cfg(tmp_path, "eval.prior_prompts=['a photo of sks, indoors']")
+    with pytest.raises(ConfigError, match="is also in eval.prompts"):
+        make_cfg(tmp_path, "eval.prior_prompts=['a photo of sks']")
+    with pytest.raises(ConfigError, match="non-empty"):
+        make_cfg(tmp_path, "eval.prior_prompts=['  ']")
+
+
 # ---- the held-out-captions protocol ---------------------------------------------------------------------
 CAPTIONS = ["a red square", "a blue circle", "a green stripe", "a yellow dot"]
 
@@ -256,6 +311,24 @@ def test_heldout_captions_protocol_pairs_each_caption_with_its_photo(tmp_path, d
         assert (paths.baseline / row["sample"]).exists()
         truth = Image.open(paths.root / row["truth"])
         assert np.array_equal(np.asarray(truth), np.asarray(evaluator.reference_images[index]))
+
+    # Prior prompts beside the captions: the paired metrics and the table stay the captions' own.
+    prior_cfg = make_cfg(
+        tmp_path,
+        "eval.protocol=heldout_captions",
+        "eval.metrics=[clip_score,fid,kid,lpips]",
+        "eval.lpips_backbone=clip",
+        f"eval.prior_prompts=[{PRIOR[0]}]",
+    )
+    prior_paths = io.StudyPaths(tmp_path / "prior")
+    with_prior = Evaluator(prior_cfg, prior_paths, "cpu", demo_images[:4], heldout_captions=CAPTIONS)
+    mixed = with_prior.evaluate(pipeline, out_dir=prior_paths.baseline)
+    assert mixed.prompts == CAPTIONS + [PRIOR[0]] * 2
+    assert mixed.per_image["eval/lpips_clip"] == lpips
+    assert {k: mixed.metrics[k] for k in expected} == result.metrics
+    assert {"eval/prior_clip_score", "eval/prior_clip_score/p0"} <= set(mixed.metrics)
+    rows = io.read_json(prior_paths.baseline / "heldout.json")["rows"]
+    assert [row["caption"] for row in rows] == CAPTIONS
 
     # The report's test-set table: caption, ground truth, baseline, best trial, LPIPS per row.
     from sdsweep.results.protocols import heldout_section

@@ -120,6 +120,20 @@ def test_export_schedulers_match_the_evaluation_schedulers(tmp_path):
         assert io.read_json(folder / "model_index.json")["scheduler"] == ["diffusers", cls]
 
 
+def test_model_card_lists_the_prompts_and_prior_prompts_the_metrics_were_measured_with():
+    from sdsweep.results.export_card import eval_lines
+
+    recorded = {"prompts": ["a photo of sks dog"], "prior_prompts": ["a photo of a dog"], "seeds": [1234]}
+    lines = eval_lines({"eval": recorded}, {"eval": {"scheduler": "dpmsolver++"}})
+    assert lines[-4:] == [
+        "- Prompts:",
+        "  - `a photo of sks dog`",
+        "- Prior prompts (language drift, `eval/prior_clip_score`):",
+        "  - `a photo of a dog`",
+    ]
+    assert not any("Prior" in line for line in eval_lines({"eval": {"prompts": ["x"]}}, {}))
+
+
 def test_export_refuses_a_non_empty_folder_unless_forced(finished_study, tmp_path):
     target = tmp_path / "model"
     target.mkdir()

@@ -144,6 +144,18 @@ def test_report_with_failed_and_pruned_trials(finished_study, tmp_path):
     assert len(loaded) == len(trials)
 
 
+def test_an_infeasible_trial_names_the_constraint_it_fails(finished_study, tmp_path):
+    study = copy_study(finished_study, tmp_path)
+    constraints = io.read_json(study / "study.json")["constraints"]
+    assert "eval/appropriate_rate >= 0.75" in constraints
+    trial = [int(p.name) for p in io.StudyPaths(study).trial_dirs()][-1]
+    record = io.read_json(io.StudyPaths(study).trial(trial) / io.TRIAL_METRICS)
+    rewrite_trial(study, trial, feasible=False, metrics={**record["metrics"], "eval/appropriate_rate": 0.5})
+    md = build_report(study)[1].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("|") and f"| {trial:04d} |" in line)
+    assert row.endswith("| no | eval/appropriate_rate 0.5 fails >= 0.75 |"), row
+
+
 def test_single_parameter_sweep_skips_the_grid_figures_with_a_note(finished_study, tmp_path):
     study = copy_study(finished_study, tmp_path)
     info = io.read_json(study / "study.json")

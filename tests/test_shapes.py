@@ -76,6 +76,10 @@ def test_demo_recipes_compose_on_the_shapes_world():
     version = f"v{shapes.SHAPES_VERSION}"  # the conf paths follow the cache layout of the current build
     assert cfg.data.path.endswith(f"shapes/data-{version}") and not cfg.data.random_flip
     assert cfg.eval.clip_model.endswith(f"shapes/sd15-{version}/clip")
+    # eval/clip_score is about the star prompts; the seen shapes are prior prompts, guarded by a constraint.
+    assert all(judge.parse_prompt(p).concept for p in cfg.eval.prompts)
+    assert not any(judge.parse_prompt(p).concept for p in cfg.eval.prior_prompts)
+    assert "eval/prior_clip_score >= 70" in cfg.sweep.constraints
     assert compose(["+experiment=demo_tiny"]).model.pretrained.startswith("tiny:")
     methods = compose(["+experiment=demo_methods"])
     assert list(methods.sweep.params["model"].choices) == ["shapes", "tiny_sd21"]
@@ -156,9 +160,23 @@ def test_too_high_an_lr_breaks_the_prior_and_the_drift_metrics_flag_it(demo_stud
     baseline = _baseline(outcome.study_dir)
     high = _rate(results, HIGH_LR)
     assert (high["truth/prior_accuracy"] <= HIGH_PRIOR_MAX).all(), high["truth/prior_accuracy"].tolist()
-    # Drift: held-out loss several times the base model's, and the trial marked infeasible or CLIP far below.
+    # Drift: held-out loss well above the base model's, CLIP far below, and the drift guard marks it infeasible.
     assert (high["eval/val_loss"] >= HIGH_VAL_LOSS_RATIO * baseline["eval/val_loss"]).all()
     assert (high["eval/clip_score"] <= HIGH_CLIP_RATIO * baseline["eval/clip_score"]).all()
+    assert (high["eval/prior_clip_score"] <= HIGH_CLIP_RATIO * baseline["eval/prior_clip_score"]).all()
+    assert not high["feasible"].any()
+
+
+@pytest.mark.slow
+def test_the_drift_guard_rejects_the_trials_that_forgot_the_prior(demo_study):
+    """eval/prior_clip_score >= 70 (conf/experiment/demo.yaml) keeps the trials whose seen shapes hold and
+    rejects those that learned the star by drawing it for every prompt."""
+    results = demo_study[0]
+    fast_end = _rate(results, FAST_LR).iloc[-1]
+    assert fast_end["truth/prior_accuracy"] <= FAST_PRIOR_MAX and not fast_end["feasible"]
+    # Trials that kept 14 of 16 seen shapes or more (measured prior CLIP 79-94) stay candidates.
+    kept = results[results["truth/prior_accuracy"] >= KEPT_PRIOR_MIN]
+    assert len(kept) >= 3 and kept["feasible"].all(), kept[[*GRID, "eval/prior_clip_score", "feasible"]]
 
 
 @pytest.mark.slow
@@ -167,58 +185,35 @@ def test_the_chosen_best_is_among_the_top_by_ground_truth(demo_study):
     truth = results["truth/concept_accuracy"] + results["truth/prior_accuracy"]
     top = set(results.loc[truth >= truth.nlargest(TOP_K).min(), "trial"])
     assert outcome.best is not None and outcome.best["trial"] in top, (outcome.best, sorted(top))
+    # Measured: trial 5 (lr 3e-4, 1000 steps), the ground truth's best. Its prior CLIP (71.5) clears the guard
+    # by 1.5, so that is printed, not asserted; the next pick (trial 4) is also in the top by ground truth.
+    print("best", results.set_index("trial").loc[outcome.best["trial"], [*GRID, *TRUTH]].to_dict())
 
 
 def _spearman(a: pd.Series, b: pd.Series) -> float:
     return float(a.rank().corr(b.rank()))
 
 
-def _star_prompts_clip(results: pd.DataFrame) -> pd.Series:
-    """Mean CLIP score over the star (concept) prompts of eval=shapes."""
-    prompts = list(compose(["+experiment=demo"]).eval.prompts)
-    columns = [
-        f"eval/clip_score/p{i}" for i, prompt in enumerate(prompts) if judge.parse_prompt(prompt).concept
-    ]
-    return results[columns].mean(axis=1)
-
-
 @pytest.mark.slow
 def test_clip_score_agrees_with_ground_truth(demo_study):
-    """CLIP score judges "does the image show what the prompt asked": it agrees with the judge on the kept
-    prior, on the star where the prompts ask for a star, and, as the sweep's objective over all prompts,
-    with concept + prior accuracy together."""
+    """CLIP score judges "does the image show what the prompt asked": eval/clip_score (the star prompts)
+    ranks trials as the judge's concept accuracy does, and eval/prior_clip_score (the seen shapes) as its
+    prior accuracy does."""
     results = demo_study[0]
-    truth = results["truth/concept_accuracy"] + results["truth/prior_accuracy"]
     rho = {
-        "clip_score ~ prior": _spearman(results["eval/clip_score"], results["truth/prior_accuracy"]),
-        "clip_score ~ concept + prior": _spearman(results["eval/clip_score"], truth),
-        "star prompts' clip_score ~ concept": _spearman(
-            _star_prompts_clip(results), results["truth/concept_accuracy"]
-        ),
         "clip_score ~ concept": _spearman(results["eval/clip_score"], results["truth/concept_accuracy"]),
+        "prior_clip_score ~ prior": _spearman(
+            results["eval/prior_clip_score"], results["truth/prior_accuracy"]
+        ),
     }
     print("Spearman", {k: round(v, 2) for k, v in rho.items()})
-    assert rho["clip_score ~ prior"] >= SPEARMAN_PRIOR_MIN, rho
-    assert rho["clip_score ~ concept + prior"] >= SPEARMAN_TRUTH_MIN, rho
-    assert rho["star prompts' clip_score ~ concept"] >= SPEARMAN_CONCEPT_MIN, rho
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="measured 0.04 on the demo grid: a full fine-tune on stars alone learns the star and drifts the "
-    "prior together (lr 1e-3, 1000 steps: concept 0.62, prior 0.06), and the mean CLIP over 4 star and 4 "
-    "seen-shape prompts weighs both alike, so it tracks concept + prior (0.91), not the concept alone",
-    strict=False,
-)
-def test_mean_clip_score_alone_ranks_trials_by_the_concept(demo_study):
-    results = demo_study[0]
-    rho = _spearman(results["eval/clip_score"], results["truth/concept_accuracy"])
-    print(f"Spearman(eval/clip_score, truth/concept_accuracy) = {rho:.2f}")
-    assert rho >= SPEARMAN_CONCEPT_MIN, rho
+    assert rho["clip_score ~ concept"] >= SPEARMAN_CONCEPT_MIN, rho
+    assert rho["prior_clip_score ~ prior"] >= SPEARMAN_PRIOR_MIN, rho
 
 
 # One fine-tune per method on the star, each at its own measured rate; the world's prompts (eval=shapes)
-# ask for four stars and four seen shapes, so concept and prior accuracy are both measured.
+# ask for four stars (eval.prompts) and four seen shapes (eval.prior_prompts), so concept and prior accuracy are
+# both measured.
 METHOD_RUNS = {
     "full": ["method=full", "method.learning_rate=3e-4", "train.max_train_steps=1000"],
     "dreambooth": [
@@ -310,11 +305,13 @@ def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
 
 # Measured on the default build (world v3: BuildPlan defaults, 357 s on one thread) and `make demo` (lr 1e-5/3e-4/
 # 1e-3/3e-2 x 100/300/1000 steps; 16 star and 16 seen-shape images per evaluation), identical in-process and with
-# the worker pool: baseline concept 0.0, prior 0.94, val_loss 0.45, CLIP 81.9; lr 1e-5: concept 0, prior 0.94;
-# lr 3e-4: concept 0/0.06/0.375, prior 0.81/0.88/0.81; lr 1e-3: concept 0/0.31/0.62, prior 0.75/0.50/0.06;
-# lr 3e-2: prior 0, val_loss 0.73-0.99 (1.6-2.2x), CLIP 0; best trial 0 (lr 1e-5, 100 steps; truth 0.94, tied
-# 2nd; the truth's best is trial 5, lr 3e-4 x 1000, 1.19). Spearman with eval/clip_score: prior 0.97,
-# concept + prior 0.91, concept 0.04; star prompts' CLIP with concept 0.73.
+# the worker pool: baseline concept 0.0, prior 0.94, val_loss 0.45, CLIP 69.5 (star prompts), prior CLIP 94.2;
+# lr 1e-5: concept 0, prior 0.94; lr 3e-4: concept 0/0.06/0.375, prior 0.81/0.88/0.81 (prior CLIP 81.8/79.0/71.5);
+# lr 1e-3: concept 0/0.31/0.62, prior 0.75/0.50/0.06 (prior CLIP 75.0/68.6/49.5, the last two infeasible);
+# lr 3e-2: prior 0, val_loss 0.73-0.99 (1.6-2.2x), CLIP 0, prior CLIP 21-22 (infeasible); best trial 5 (lr 3e-4 x
+# 1000, the truth's best, 1.19). Spearman: eval/clip_score ~ concept 0.73, eval/prior_clip_score ~ prior 0.96
+# (with the seen shapes' prompts in eval/clip_score too, it was 0.04 with concept: the star and the prior move
+# together under a full fine-tune, and the pick was trial 0, where nothing changed).
 BASELINE_CONCEPT_MAX = 0.1
 BASELINE_PRIOR_MIN = 0.8
 LOW_LR, GOOD_LR, FAST_LR, HIGH_LR = 1.0e-5, 3.0e-4, 1.0e-3, 3.0e-2
@@ -322,14 +319,14 @@ LOW_PRIOR_MIN = 0.8
 GOOD_CONCEPT_GAIN = 0.1875  # three star images of 16 more than at the first milestone (measured: six)
 GOOD_CONCEPT_MIN = 0.1875
 GOOD_PRIOR_MIN = 0.6  # measured 0.81
+KEPT_PRIOR_MIN = 0.85  # trials 0, 1, 2 and 4 (0.875-0.94)
 FAST_PRIOR_MAX = 0.4  # measured 0.06
 HIGH_PRIOR_MAX = 0.1
 HIGH_VAL_LOSS_RATIO = 1.4  # measured 1.6-2.2x
-HIGH_CLIP_RATIO = 0.5  # measured 0
+HIGH_CLIP_RATIO = 0.5  # measured 0 (star prompts) and 0.23 (prior prompts)
 TOP_K = 3
-SPEARMAN_PRIOR_MIN = 0.7
-SPEARMAN_TRUTH_MIN = 0.7
-SPEARMAN_CONCEPT_MIN = 0.4
+SPEARMAN_PRIOR_MIN = 0.7  # measured 0.96
+SPEARMAN_CONCEPT_MIN = 0.4  # measured 0.73
 METHOD_VAL_LOSS_RATIO = {"full": 0.5, "dreambooth": 0.5, "textual_inversion": 0.99, "lora": 0.9}
 # Measured (world v3): full (lr 3e-4, 1000 steps) val_loss 0.14x baseline, concept 0.375, prior 0.81; DreamBooth
 # with prior preservation (lr 3e-4, 1000 steps) 0.14x, concept 0.125, prior 0.94; LoRA (lr 3e-4, 300 steps) 0.66x,

@@ -89,6 +89,9 @@ def computable_eval_keys(cfg) -> set[str]:
             keys.add("eval/clip_score")
             if ev.protocol == "prompts":
                 keys |= {f"eval/clip_score/p{i}" for i in range(len(ev.prompts))}
+            if ev.prior_prompts:
+                keys.add("eval/prior_clip_score")
+                keys |= {f"eval/prior_clip_score/p{i}" for i in range(len(ev.prior_prompts))}
         else:
             keys.add(f"eval/{name}")
     return keys
@@ -111,6 +114,12 @@ def check_metric_names(cfg) -> None:
                     f"{resolved_fid_features(cfg.eval.fid_features)} features, which give "
                     f"{' and '.join(distance_keys(cfg.eval.fid_features))}"
                     " (eval/fid and eval/kid need Inception features from torch-fidelity)."
+                )
+            elif metric.startswith("eval/prior_clip_score"):
+                hint = (
+                    " eval/prior_clip_score scores the images of eval.prior_prompts (prompts the fine-tune must"
+                    " not break); give some, e.g. eval.prior_prompts='[a photo of a dog]', and clip_score in"
+                    " eval.metrics."
                 )
             elif metric.startswith("eval/lpips"):
                 hint = (

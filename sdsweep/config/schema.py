@@ -107,6 +107,10 @@ class EvalConfig:
     # paired LPIPS per image, CLIP score with each caption (the test-set protocol of full fine-tunes).
     protocol: str = "prompts"
     prompts: list[str] = field(default_factory=lambda: ["a photo of sks"])
+    # Prompts the base model already handles, which the fine-tune must not break (language drift: after
+    # DreamBooth on "a photo of sks dog", "a photo of a dog" draws sks). Sampled with the same seeds, scored
+    # apart as eval/prior_clip_score, so that eval/clip_score is about eval.prompts alone. Empty: no check.
+    prior_prompts: list[str] = field(default_factory=list)
     num_images_per_prompt: int = 2
     seed: int = 1234  # image i of every prompt uses seed + i
     num_inference_steps: int = 25

@@ -72,6 +72,7 @@ def validate(cfg: Config) -> Config:
     if cfg.data.num_heldout < 0:
         _fail("data.num_heldout", cfg.data.num_heldout, "it must be 0 or more.")
     check_eval_prompts(cfg.eval.prompts)
+    check_prior_prompts(cfg)
     unknown = set(cfg.eval.metrics) - KNOWN_METRICS
     if unknown:
         _fail(
@@ -111,6 +112,33 @@ def check_eval_prompts(prompts: list[str]) -> None:
             list(prompts or []),
             "give at least one non-empty validation prompt, e.g. eval.prompts='[a photo of sks]'.",
         )
+
+
+def check_prior_prompts(cfg: Config) -> None:
+    """``eval.prior_prompts`` ask for what the base model already draws: never the concept being taught."""
+    prior = [str(p) for p in cfg.eval.prior_prompts or []]
+    if any(not p.strip() for p in prior):
+        _fail("eval.prior_prompts", prior, "every prior prompt must be non-empty (or give an empty list).")
+    shared = sorted(set(prior) & {str(p) for p in cfg.eval.prompts})
+    if shared:
+        _fail(
+            "eval.prior_prompts",
+            prior,
+            f"{shared} is also in eval.prompts; a prompt is either what the fine-tune should learn "
+            "(eval.prompts) or what it must keep (eval.prior_prompts), not both.",
+        )
+    placeholder = cfg.method.placeholder_token if cfg.method.name == "textual_inversion" else None
+    concept_words = {w for w in (cfg.data.trigger_word, placeholder) if w}
+    for prompt in prior:
+        named = concept_words & set(prompt.replace(",", " ").split())
+        if named:
+            _fail(
+                "eval.prior_prompts",
+                prior,
+                f"{prompt!r} names the concept being taught ({sorted(named)[0]}); prior prompts measure "
+                "drift on what the base model already draws, so name the class instead (e.g. 'a photo of "
+                "a dog' beside eval.prompts='[a photo of sks dog]').",
+            )
 
 
 def check_dreambooth_prompts(cfg: Config) -> None:

@@ -28,7 +28,7 @@ from sdsweep.config.resolve import resolved_guidance_rescale
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import check_eval_prompts
 from sdsweep.evaluation import metrics
-from sdsweep.evaluation.generation import Generated, generate, sample_plan
+from sdsweep.evaluation.generation import Generated, SampleSpec, generate, sample_plan
 from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table
 from sdsweep.evaluation.judge import judge_truth
 from sdsweep.evaluation.outputs import make_grid, save_outputs
@@ -79,12 +79,20 @@ class Evaluator:
         ev = cfg.eval
         self.heldout = ev.protocol == "heldout_captions"
         if self.heldout:
-            self.plan = heldout_plan(heldout_captions, len(reference_images), ev.seed)
-            self.prompts = [spec.prompt for spec in self.plan]
+            concept_plan = heldout_plan(heldout_captions, len(reference_images), ev.seed)
+            self.prompts = [spec.prompt for spec in concept_plan]
         else:
             self.prompts = list(ev.prompts)
-            self.plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
+            concept_plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
         check_eval_prompts(self.prompts)
+        # Prior prompts come after the concept's, with the same seeds and their own rows (prompt indices).
+        self.prior_prompts = [str(p) for p in ev.prior_prompts or []]
+        prior_plan = [
+            SampleSpec(len(self.prompts) + spec.prompt_index, spec.prompt, spec.seed)
+            for spec in sample_plan(self.prior_prompts, ev.num_images_per_prompt, ev.seed)
+        ]
+        self.concept_count = len(concept_plan)
+        self.plan = concept_plan + prior_plan
         self.wanted = list(dict.fromkeys(ev.metrics))
         self.resolution = ev.resolution or cfg.model.resolution
         self.fid_key, self.kid_key = distance_keys(ev.fid_features)
@@ -228,6 +236,10 @@ class Evaluator:
         else:
             generation_error = None
 
+        # FID/KID, CLIP-I and LPIPS compare the concept's images with the concept's photos; CLIP score scores
+        # both groups, each apart; every image, prior ones included, is usable or not (appropriate rate).
+        concept = generated.part(0, self.concept_count)
+        inputs = {"clip_score": generated, "appropriate_rate": generated}
         image_metrics = {
             "clip_score": self._clip_score,
             "fid": self._fid,
@@ -247,7 +259,7 @@ class Evaluator:
                 elif generation_error is not None:
                     missing[key] = generation_error
                 else:
-                    values.update(image_metrics[name](generated, warnings, per_image))
+                    values.update(image_metrics[name](inputs.get(name, concept), warnings, per_image))
             except Exception as error:
                 missing[key] = _reason(error)
 
@@ -256,13 +268,13 @@ class Evaluator:
                 values.update(judge_truth(ev.judge, generated.images, [s.prompt for s in generated.specs]))
             except Exception as error:
                 missing["truth"] = _reason(error)
-        grid = make_grid(generated.images, generated.specs, self.prompts)
+        grid = make_grid(generated.images, generated.specs, self.prompts + self.prior_prompts)
         if out_dir is not None:
             try:
                 save_outputs(Path(out_dir), generated.images, generated.specs, grid)
                 if self.heldout:
                     write_heldout_table(
-                        Path(out_dir), self.truth_dir, generated.specs, self.reference_images, per_image
+                        Path(out_dir), self.truth_dir, concept.specs, self.reference_images, per_image
                     )
             except OSError as error:  # a full disk must not lose the metrics themselves
                 warnings.append(f"{prefix}could not save samples/grid to {out_dir}: {error}")
@@ -280,21 +292,27 @@ class Evaluator:
 
     # -- one method per metric; each returns {key: value} and may append warnings
     def _clip_score(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+        """``eval/clip_score`` over the concept's images alone, ``eval/prior_clip_score`` over the prior's;
+        each with a per-prompt breakdown (``.../p{i}``, i counted within its own group)."""
+        concept = generated.part(0, self.concept_count)
+        out = {"eval/clip_score": self._clip(concept)}
+        if not self.heldout:  # heldout: one image per caption, the mean over the pairs is the whole story
+            out.update(self._clip_by_prompt(concept, "eval/clip_score", 0))
+        if self.prior_prompts:
+            prior = generated.part(self.concept_count, len(generated.specs))
+            out["eval/prior_clip_score"] = self._clip(prior)
+            out.update(self._clip_by_prompt(prior, "eval/prior_clip_score", len(self.prompts)))
+        return out
+
+    def _clip(self, generated: Generated) -> float:
         prompts = [spec.prompt for spec in generated.specs]
-        out = {
-            "eval/clip_score": metrics.clip_score(
-                self.clip_model, self.clip_processor, generated.images, prompts
-            )
-        }
-        if self.heldout:  # one image per caption: the mean over (image, its caption) pairs is the score
-            return out
-        for index, prompt in enumerate(self.prompts):
-            mine = [
-                image for image, spec in zip(generated.images, generated.specs) if spec.prompt_index == index
-            ]
-            out[f"eval/clip_score/p{index}"] = metrics.clip_score(
-                self.clip_model, self.clip_processor, mine, [prompt] * len(mine)
-            )
+        return metrics.clip_score(self.clip_model, self.clip_processor, generated.images, prompts)
+
+    def _clip_by_prompt(self, generated: Generated, key: str, first_index: int) -> dict[str, float]:
+        out = {}
+        for index in sorted({spec.prompt_index for spec in generated.specs}):
+            mine = generated.part_of_prompt(index)
+            out[f"{key}/p{index - first_index}"] = self._clip(mine)
         return out
 
     def _generated_features(self, generated: Generated) -> torch.Tensor:

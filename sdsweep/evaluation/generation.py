@@ -32,6 +32,18 @@ class Generated:
     images: list[Image.Image] = field(default_factory=list)
     features: torch.Tensor | None = None  # FID/KID features, computed on first use and shared by both
 
+    def part(self, start: int, stop: int) -> Generated:
+        """Plan entries start..stop (the concept's or the prior's images), with their images if generated."""
+        return Generated(self.specs[start:stop], self.arrays[start:stop], self.images[start:stop])
+
+    def part_of_prompt(self, prompt_index: int) -> Generated:
+        keep = [i for i, spec in enumerate(self.specs) if spec.prompt_index == prompt_index]
+        return Generated(
+            [self.specs[i] for i in keep],
+            [self.arrays[i] for i in keep if i < len(self.arrays)],
+            [self.images[i] for i in keep if i < len(self.images)],
+        )
+
 
 def sample_plan(prompts: Sequence[str], num_images_per_prompt: int, seed: int) -> list[SampleSpec]:
     """Image i of every prompt uses ``seed + i``, so every trial sees the same starting noise."""

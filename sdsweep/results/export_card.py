@@ -87,6 +87,10 @@ def eval_lines(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
         "- Prompts:",
     ]
     lines += [f"  - `{p}`" for p in recorded.get("prompts") or configured.get("prompts") or []]
+    prior = recorded.get("prior_prompts") or configured.get("prior_prompts") or []
+    if prior:  # what the fine-tune had to keep (eval/prior_clip_score)
+        lines += ["- Prior prompts (language drift, `eval/prior_clip_score`):"]
+        lines += [f"  - `{p}`" for p in prior]
     return lines
 
 

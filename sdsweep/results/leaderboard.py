@@ -8,6 +8,8 @@ from typing import Any
 import pandas as pd
 
 from sdsweep import metric_names
+from sdsweep.config.constraints import Constraint, parse_constraint
+from sdsweep.errors import ConfigError
 from sdsweep.metric_names import fmt, fmt_param, metric_columns, short_label
 from sdsweep.results.study_folder import StudyData, best_feasible_trial, is_number
 from sdsweep.results.table import is_feasible
@@ -43,6 +45,7 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
     metrics = [metric] + [m for m in metrics if m != metric] if metric in metrics else metrics
     base = data.baseline_metrics
     best = best_feasible_trial(frame, data.objectives)
+    constraints = _parsed_constraints(data.info.get("constraints") or [])
     columns = ["#", "trial", "state"] + [short_label(p) for p in data.params]
     columns += [metric_names.label(m) for m in metrics] + ["feasible", "note"]
     rows: list[list[str]] = []
@@ -76,7 +79,7 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
                 if state == TrialState.COMPLETE.value
                 else "–"
             )
-            cells.append(_note(row, best))
+            cells.append(_note(row, best, constraints))
             rows.append(cells)
             row_trials.append(trial)
     if data.baseline:
@@ -95,12 +98,29 @@ def _with_delta(value: Any, baseline: Any) -> str:
     return f"{fmt(float(value))} ({float(value) - float(baseline):+.3g})"
 
 
-def _note(row: pd.Series, best: dict[str, Any] | None) -> str:
+def _parsed_constraints(texts: list[str]) -> list[Constraint]:
+    parsed = []
+    for text in texts:
+        try:
+            parsed.append(parse_constraint(str(text)))
+        except ConfigError:  # a hand-edited study.json: the note falls back to "violates a constraint"
+            continue
+    return parsed
+
+
+def _note(row: pd.Series, best: dict[str, Any] | None, constraints: list[Constraint]) -> str:
     if best is not None and int(row["trial"]) == int(best["trial"]):
         return "best feasible trial"
     reason = row.get("fail_reason")
     if isinstance(reason, str) and reason:
         return reason if len(reason) < 160 else reason[:157] + "..."
     if row.get("state") == TrialState.COMPLETE.value and not is_feasible(row.get("feasible")):
-        return "violates a constraint"
+        values = {c.metric: row.get(c.metric) for c in constraints}
+        broken = [c for c in constraints if not c.satisfied(values)]
+        if not broken:
+            return "violates a constraint"
+        # Which guard it failed, with the value: "eval/prior_clip_score 68.56 < 70".
+        return "; ".join(
+            f"{c.metric} {fmt(values[c.metric])} fails {c.op} {fmt(c.threshold)}" for c in broken
+        )
     return ""
