@@ -119,7 +119,7 @@ def _note(row: pd.Series, best: dict[str, Any] | None, constraints: list[Constra
         broken = [c for c in constraints if not c.satisfied(values)]
         if not broken:
             return "violates a constraint"
-        # Which guard it failed, with the value: "eval/prior_clip_score 68.56 < 70".
+        # Which guard it failed, with the value: "eval/prior_clip_score 68.56 fails >= 70".
         return "; ".join(
             f"{c.metric} {fmt(values[c.metric])} fails {c.op} {fmt(c.threshold)}" for c in broken
         )
