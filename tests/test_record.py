@@ -127,3 +127,17 @@ def test_validate_changes_nothing_normalise_applies_the_shorthands():
     assert cfg.sweep.params == before
     normalise(cfg)
     assert cfg.sweep.params["method.learning_rate"].choices == [1e-3, 1e-2]
+
+
+def test_failed_constraints_are_those_with_a_positive_violation():
+    record = TrialRecord(
+        trial=1,
+        feasible=False,
+        violations={"eval/appropriate_rate >= 0.75": -0.25, "eval/prior_clip_score >= 70": 1.44},
+    )
+    assert record.failed_constraints() == ["eval/prior_clip_score >= 70"]  # the met one is not listed
+    # A hand-written list of failed constraints is taken as written.
+    assert TrialRecord(trial=3, violations=["eval/appropriate_rate = 0.5 < 0.75"]).failed_constraints() == [
+        "eval/appropriate_rate = 0.5 < 0.75"
+    ]
+    assert TrialRecord(trial=2).failed_constraints() == []

@@ -150,7 +150,13 @@ def test_an_infeasible_trial_names_the_constraint_it_fails(finished_study, tmp_p
     assert "eval/appropriate_rate >= 0.75" in constraints
     trial = [int(p.name) for p in io.StudyPaths(study).trial_dirs()][-1]
     record = io.read_json(io.StudyPaths(study).trial(trial) / io.TRIAL_METRICS)
-    rewrite_trial(study, trial, feasible=False, metrics={**record["metrics"], "eval/appropriate_rate": 0.5})
+    rewrite_trial(  # as the sweep records a trial that fails the constraint
+        study,
+        trial,
+        feasible=False,
+        metrics={**record["metrics"], "eval/appropriate_rate": 0.5},
+        violations={"eval/appropriate_rate >= 0.75": 0.25},
+    )
     md = build_report(study)[1].read_text()
     row = next(line for line in md.splitlines() if line.startswith("|") and f"| {trial:04d} |" in line)
     assert row.endswith("| no | eval/appropriate_rate 0.5 fails >= 0.75 |"), row

@@ -221,7 +221,7 @@ def model_card(
     lines = [f"# {data.info.get('study', data.root.name)} · trial {selected.number:04d}", ""]
     feasible = is_feasible(record.feasible)
     if not feasible:
-        violated = "; ".join(str(v) for v in record.violations) or "see sdsweep_trial.json"
+        violated = "; ".join(record.failed_constraints()) or "see sdsweep_trial.json"
         lines += [
             "> ⚠ **This trial violates the study's constraints** "
             f"({', '.join(data.info.get('constraints') or [])}: {violated}). No trial of the study satisfied "

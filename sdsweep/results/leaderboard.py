@@ -8,12 +8,12 @@ from typing import Any
 import pandas as pd
 
 from sdsweep import metric_names
-from sdsweep.config.constraints import Constraint, parse_constraint
+from sdsweep.config.constraints import parse_constraint
 from sdsweep.errors import ConfigError
 from sdsweep.metric_names import fmt, fmt_param, metric_columns, short_label
 from sdsweep.results.study_folder import StudyData, best_feasible_trial, is_number
 from sdsweep.results.table import is_feasible
-from sdsweep.study.record import TrialState
+from sdsweep.study.record import TrialRecord, TrialState
 
 _is_number = is_number
 
@@ -45,7 +45,6 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
     metrics = [metric] + [m for m in metrics if m != metric] if metric in metrics else metrics
     base = data.baseline_metrics
     best = best_feasible_trial(frame, data.objectives)
-    constraints = _parsed_constraints(data.info.get("constraints") or [])
     columns = ["#", "trial", "state"] + [short_label(p) for p in data.params]
     columns += [metric_names.label(m) for m in metrics] + ["feasible", "note"]
     rows: list[list[str]] = []
@@ -79,7 +78,7 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
                 if state == TrialState.COMPLETE.value
                 else "–"
             )
-            cells.append(_note(row, best, constraints))
+            cells.append(_note(row, best, data.records.get(trial)))
             rows.append(cells)
             row_trials.append(trial)
     if data.baseline:
@@ -98,29 +97,26 @@ def _with_delta(value: Any, baseline: Any) -> str:
     return f"{fmt(float(value))} ({float(value) - float(baseline):+.3g})"
 
 
-def _parsed_constraints(texts: list[str]) -> list[Constraint]:
-    parsed = []
-    for text in texts:
-        try:
-            parsed.append(parse_constraint(str(text)))
-        except ConfigError:  # a hand-edited study.json: the note falls back to "violates a constraint"
-            continue
-    return parsed
-
-
-def _note(row: pd.Series, best: dict[str, Any] | None, constraints: list[Constraint]) -> str:
+def _note(row: pd.Series, best: dict[str, Any] | None, record: TrialRecord | None) -> str:
     if best is not None and int(row["trial"]) == int(best["trial"]):
         return "best feasible trial"
     reason = row.get("fail_reason")
     if isinstance(reason, str) and reason:
         return reason if len(reason) < 160 else reason[:157] + "..."
     if row.get("state") == TrialState.COMPLETE.value and not is_feasible(row.get("feasible")):
-        values = {c.metric: row.get(c.metric) for c in constraints}
-        broken = [c for c in constraints if not c.satisfied(values)]
-        if not broken:
-            return "violates a constraint"
-        # Which guard it failed, with the value: "eval/prior_clip_score 68.56 fails >= 70".
-        return "; ".join(
-            f"{c.metric} {fmt(values[c.metric])} fails {c.op} {fmt(c.threshold)}" for c in broken
-        )
+        return _failed_note(row, record) or "violates a constraint"
     return ""
+
+
+def _failed_note(row: pd.Series, record: TrialRecord | None) -> str:
+    """What the sweep recorded the trial failing, with its values: "eval/prior_clip_score 68.56 fails >= 70"
+    (read from the trial's record, which also set its "feasible", not re-judged by today's settings)."""
+    notes = []
+    for text in record.failed_constraints() if record is not None else []:
+        try:
+            c = parse_constraint(text)
+        except ConfigError:  # a hand-written entry: shown as written
+            notes.append(text)
+            continue
+        notes.append(f"{c.metric} {fmt(row.get(c.metric))} fails {c.op} {fmt(c.threshold)}")
+    return "; ".join(notes)

@@ -85,6 +85,16 @@ class TrialRecord:
     def complete(self) -> bool:
         return self.state == TrialState.COMPLETE
 
+    def failed_constraints(self) -> list[str]:
+        """The constraints the sweep judged this trial to fail (violation > 0), in the study's order.
+
+        A hand-written list of failed constraints in place of the {constraint: violation} mapping is taken
+        as it is, so a report or card built from such a record still says what was written.
+        """
+        if isinstance(self.violations, dict):
+            return [str(c) for c, v in self.violations.items() if isinstance(v, (int, float)) and v > 0]
+        return [str(v) for v in self.violations or []]
+
     def numeric_metrics(self) -> dict[str, float]:
         return {
             k: v

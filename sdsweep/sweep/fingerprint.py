@@ -205,7 +205,7 @@ def study_description(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -
             "seeds": [cfg.eval.seed + i for i in range(cfg.eval.num_images_per_prompt)],
             "scheduler": cfg.eval.scheduler,
             "num_inference_steps": cfg.eval.num_inference_steps,
-            # Only when set, so that studies from before prior prompts existed keep their fingerprint.
+            # Only when set: the study.json of a study without prior prompts stays as it was.
             **({"prior_prompts": list(cfg.eval.prior_prompts)} if cfg.eval.prior_prompts else {}),
         },
         "overrides": list(overrides),
