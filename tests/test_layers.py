@@ -1,7 +1,7 @@
 """The package's layers, checked from the source: no import cycle, and no import that runs back up.
 
 Layers, lowest first (a module may import its own layer and the ones below):
-leaves (errors, io, signals, progress, warnings_filter, metric_names) < config < models < data < training
+leaves (errors, io, signals, progress, warnings_filter, metric_names, uncertainty) < config < models < data < training
 < evaluation < study (storage, plan, record) < results < sweep < entry modules (__main__, cli and the ``python -m sdsweep.<command>`` modules).
 Imports inside functions count too (they still run); imports under ``if TYPE_CHECKING:`` do not.
 """
