@@ -80,6 +80,12 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
                 else " (no trial meets the constraints; this one violates them)"
             )
         )
+    if outcome.verdict is not None:
+        log(f"verdict: {outcome.verdict.sentence()}")
+        if outcome.verdict.uncertain_sentence():
+            log(outcome.verdict.uncertain_sentence())
+        if outcome.verdict.separated is False:
+            log(f"to separate them: python -m sdsweep.confirm {outcome.study_dir}")
     log(f"W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*")
     return 0
 

@@ -29,6 +29,11 @@ DIRECTIONS: dict[str, str] = {
 # Whole families where higher is better (a held-out truth check, human ratings).
 DIRECTION_PREFIXES: dict[str, str] = {"truth/": UP, "human/": UP}
 
+# A metric's interval in results.csv, W&B and Optuna: ``<metric>/lo`` and ``<metric>/hi`` (the 95% interval)
+# and ``<metric>/se`` (its standard error), e.g. ``eval/clip_score/lo``. A metric without one is named,
+# with the reason, in the ``no_interval`` column.
+INTERVAL_PARTS = ("lo", "hi", "se")
+
 # Bookkeeping columns that look like metrics but are flags for the code (e.g. ``eval/fid_reliable``).
 INTERNAL_SUFFIXES = ("_reliable",)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +29,13 @@ from sdsweep.config.validate import check_eval_prompts
 from sdsweep.evaluation import metrics
 from sdsweep.evaluation.generation import Generated, SampleSpec, generate, sample_plan
 from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table
-from sdsweep.evaluation.judge import judge_truth
-from sdsweep.evaluation.outputs import make_grid, save_outputs
+from sdsweep.evaluation.judge import judge_units
+from sdsweep.evaluation.outputs import EvalResult, make_grid, save_outputs
 from sdsweep.evaluation.protocol_files import HELDOUT_TRUTH
 from sdsweep.evaluation.reference import cached_reference_features, load_reference_dir, reference_key
+from sdsweep.evaluation.units import build_units, no_interval_reasons, summarize, write_units
 from sdsweep.evaluation.validation import validation_loss
 from sdsweep.metric_names import lpips_key
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    missing: dict[str, str]  # metric key -> why it could not be computed
-    warnings: list[str]
-    images: list[Image.Image]
-    prompts: list[str]  # one per image
-    seeds: list[int]  # one per image
-    grid: Image.Image
-    seconds: float
-    # heldout_captions protocol: per-image values keyed like the metric (e.g. "eval/lpips_clip": [..]).
-    per_image: dict[str, list[float]] = field(default_factory=dict)
 
 
 # ---- the evaluator ---------------------------------------------------------------------------------------
@@ -204,7 +190,10 @@ class Evaluator:
         heldout_batch: dict[str, Any] | None = None,
         out_dir: Path | None = None,
         label: str = "",
+        round_number: int = 0,
     ) -> EvalResult:
+        """Generate, measure, save. ``round_number`` tags the unit rows (0: the trial's own evaluation;
+        k: the k-th confirmation round, sampled with fresh seeds)."""
         started = time.perf_counter()
         ev = self.cfg.eval
         values: dict[str, float] = {}
@@ -224,6 +213,7 @@ class Evaluator:
                 zero_terminal_snr=self.cfg.train.zero_terminal_snr,
                 guidance_rescale=resolved_guidance_rescale(self.cfg),
                 dtype=ev.dtype,
+                group_boundary=self.concept_count,
             )
             nan_count = sum(not np.isfinite(a).all() for a in generated.arrays)
             if nan_count:
@@ -249,6 +239,7 @@ class Evaluator:
             "appropriate_rate": self._appropriate_rate,
         }
         per_image: dict[str, list[float]] = {}
+        unit_values: dict[str, list] = {}  # per-image scores, the unit table's columns
         for name in self.wanted:
             key = {"fid": self.fid_key, "kid": self.kid_key}.get(name, f"eval/{name}")
             if name == "lpips":
@@ -259,19 +250,40 @@ class Evaluator:
                 elif generation_error is not None:
                     missing[key] = generation_error
                 else:
-                    values.update(image_metrics[name](inputs.get(name, concept), warnings, per_image))
+                    values.update(
+                        image_metrics[name](inputs.get(name, concept), warnings, per_image, unit_values)
+                    )
             except Exception as error:
                 missing[key] = _reason(error)
 
         if ev.judge and generation_error is None:  # ground truth beside the metrics (known-answer worlds)
             try:
-                values.update(judge_truth(ev.judge, generated.images, [s.prompt for s in generated.specs]))
+                verdicts = judge_units(ev.judge, generated.images, [s.prompt for s in generated.specs])
+                unit_values["truth_group"] = [group for group, _ in verdicts]
+                unit_values["truth"] = [right for _, right in verdicts]
             except Exception as error:
                 missing["truth"] = _reason(error)
+        units, intervals = None, {}
+        if generation_error is None:
+            lpips_name = lpips_key(self.lpips_backbone) if self.lpips_backbone else None
+            units = build_units(
+                generated.specs,
+                self.concept_count,
+                len(self.prompts),
+                unit_values,
+                ev.protocol,
+                round_number,
+                lpips_name,
+            )
+            unit_means, intervals = summarize(units, lpips_name, seed=ev.seed)
+            values.update(unit_means)  # the per-image metrics are the table's means and shares
+        intervals.update(no_interval_reasons(values, intervals))
         grid = make_grid(generated.images, generated.specs, self.prompts + self.prior_prompts)
         if out_dir is not None:
             try:
                 save_outputs(Path(out_dir), generated.images, generated.specs, grid)
+                if units is not None:
+                    write_units(Path(out_dir), units)
                 if self.heldout:
                     write_heldout_table(
                         Path(out_dir), self.truth_dir, concept.specs, self.reference_images, per_image
@@ -288,32 +300,28 @@ class Evaluator:
             grid=grid,
             seconds=time.perf_counter() - started,
             per_image=per_image,
+            units=units,
+            intervals=intervals,
         )
 
     # -- one method per metric; each returns {key: value} and may append warnings
-    def _clip_score(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
-        """``eval/clip_score`` over the concept's images alone, ``eval/prior_clip_score`` over the prior's;
-        each with a per-prompt breakdown (``.../p{i}``, i counted within its own group)."""
-        concept = generated.part(0, self.concept_count)
-        out = {"eval/clip_score": self._clip(concept)}
-        if not self.heldout:  # heldout: one image per caption, the mean over the pairs is the whole story
-            out.update(self._clip_by_prompt(concept, "eval/clip_score", 0))
-        if self.prior_prompts:
-            prior = generated.part(self.concept_count, len(generated.specs))
-            out["eval/prior_clip_score"] = self._clip(prior)
-            out.update(self._clip_by_prompt(prior, "eval/prior_clip_score", len(self.prompts)))
-        return out
-
-    def _clip(self, generated: Generated) -> float:
-        prompts = [spec.prompt for spec in generated.specs]
-        return metrics.clip_score(self.clip_model, self.clip_processor, generated.images, prompts)
-
-    def _clip_by_prompt(self, generated: Generated, key: str, first_index: int) -> dict[str, float]:
-        out = {}
-        for index in sorted({spec.prompt_index for spec in generated.specs}):
-            mine = generated.part_of_prompt(index)
-            out[f"{key}/p{index - first_index}"] = self._clip(mine)
-        return out
+    def _clip_score(
+        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
+    ) -> dict[str, float]:
+        """One CLIP score per image, with its own prompt: ``eval/clip_score`` is the mean over the concept's
+        images, ``eval/prior_clip_score`` over the prior's, each with a per-prompt breakdown (``.../p{i}``,
+        i counted within its own group); ``summarize`` computes them from the unit table."""
+        scores: list[float] = []
+        # Group by group, as the images were sampled: the concept's scores never depend on the prior prompts.
+        for part in (
+            generated.part(0, self.concept_count),
+            generated.part(self.concept_count, len(generated.specs)),
+        ):
+            if part.specs:
+                prompts = [s.prompt for s in part.specs]
+                scores += metrics.clip_scores(self.clip_model, self.clip_processor, part.images, prompts)
+        units["clip"] = scores
+        return {}
 
     def _generated_features(self, generated: Generated) -> torch.Tensor:
         if generated.features is None:
@@ -324,7 +332,9 @@ class Evaluator:
             )
         return generated.features
 
-    def _fid(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+    def _fid(
+        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
+    ) -> dict[str, float]:
         reference = self.reference_features()
         value = metrics.frechet_distance(reference, self._generated_features(generated))
         n = len(generated.images)
@@ -336,7 +346,9 @@ class Evaluator:
             )
         return {self.fid_key: value, f"{self.fid_key}_reliable": 1.0 if reliable else 0.0}
 
-    def _kid(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+    def _kid(
+        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
+    ) -> dict[str, float]:
         reference = self.reference_features()
         fake = self._generated_features(generated)
         wanted = self.cfg.eval.kid_subset_size
@@ -349,7 +361,9 @@ class Evaluator:
         mean, _ = metrics.kernel_inception_distance(reference, fake, subset, seed=self.cfg.eval.seed)
         return {self.kid_key: mean}
 
-    def _lpips(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+    def _lpips(
+        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
+    ) -> dict[str, float]:
         """Paired LPIPS: image i against held-out photo i, both in [-1, 1]; per image and the mean."""
         if self.lpips is None:
             raise metrics.MetricUnavailable(self._lpips_error or "no LPIPS network")
@@ -362,19 +376,21 @@ class Evaluator:
             real = metrics.pil_to_signed([self.reference_images[s.prompt_index] for s in chunk], self.device)
             values.extend(float(v) for v in self.lpips(fake, real))
         per_image[key] = values
-        return {key: float(np.mean(values))}
+        units["lpips"] = values
+        return {}
 
-    def _clip_i(self, generated: Generated, warnings: list[str], per_image: dict) -> dict[str, float]:
+    def _clip_i(
+        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
+    ) -> dict[str, float]:
         if not self.instance_images:
             raise metrics.MetricUnavailable("no instance (training) images were given to the Evaluator")
-        return {
-            "eval/clip_i": metrics.clip_i(
-                self.clip_model, self.clip_processor, generated.images, self.instance_images
-            )
-        }
+        units["clip_i"] = metrics.clip_i_per_image(
+            self.clip_model, self.clip_processor, generated.images, self.instance_images
+        )
+        return {}
 
     def _appropriate_rate(
-        self, generated: Generated, warnings: list[str], per_image: dict
+        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
     ) -> dict[str, float]:
         unsafe = None
         if self.safety_checker is not None:
@@ -384,7 +400,8 @@ class Evaluator:
                 warnings.append(
                     f"safety checker failed ({_reason(error)}); only the degeneracy check applied."
                 )
-        return {"eval/appropriate_rate": metrics.appropriate_rate(generated.arrays, unsafe)}
+        units["appropriate"] = [float(ok) for ok in metrics.appropriate_flags(generated.arrays, unsafe)]
+        return {}
 
     def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> float:
         if method is None:

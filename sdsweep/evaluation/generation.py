@@ -66,12 +66,23 @@ def generate(
     zero_terminal_snr: bool = False,
     guidance_rescale: float = 0.0,
     dtype: str = "auto",
+    group_boundary: int | None = None,
 ) -> Generated:
     """Run the pipeline over the plan in batches; one generator per image makes results batch-independent.
 
     ``dtype`` (``eval.dtype``): auto samples under half-precision autocast on CUDA and in fp32 on CPU.
+    ``group_boundary``: no batch straddles this plan index (the concept's images end there, the prior's
+    begin). A batch's composition moves a BLAS result by a rounding step, so adding prior prompts must not
+    change one pixel of the concept's images.
     """
     result = Generated(specs=list(plan))
+    starts = list(range(0, group_boundary or 0, batch_size))
+    starts += list(range(group_boundary or 0, len(plan), batch_size))
+    ends = starts[1:] + [len(plan)]
+    if group_boundary:
+        ends = [
+            min(end, group_boundary) if start < group_boundary else end for start, end in zip(starts, ends)
+        ]
     original_scheduler = pipeline.scheduler
     # Swap the sampler in for the evaluation only: the caller's pipeline is left as it was given.
     # zero_terminal_snr: trials and the baseline alike sample with the rescaled, trailing schedule.
@@ -79,8 +90,8 @@ def generate(
     pipeline.set_progress_bar_config(disable=True)
     bar = Progress("eval", len(plan), "images", leave=False)
     try:
-        for start in range(0, len(plan), batch_size):
-            chunk = plan[start : start + batch_size]
+        for start, end in zip(starts, ends):
+            chunk = plan[start:end]
             with sampling_precision(dtype, pipeline.device):
                 output = pipeline(
                     prompt=[spec.prompt for spec in chunk],

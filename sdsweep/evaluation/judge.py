@@ -110,26 +110,42 @@ def judge_prompts(
     An image is right when it shows the asked shape in the asked colour (a prompt naming no colour accepts
     any). A group with no prompts is left out rather than reported as 0.
     """
+    hits: dict[str, list[bool]] = {"concept": [], "prior": []}
+    for group, right in judge_each(images, prompts, held_out):
+        if group is not None:
+            hits[group].append(bool(right))
+    return {f"truth/{group}_accuracy": float(np.mean(v)) for group, v in hits.items() if v}
+
+
+def judge_each(
+    images: Sequence[Image.Image], prompts: Sequence[str], held_out: str = world.HELD_OUT
+) -> list[tuple[str | None, float | None]]:
+    """Per image: (``concept``/``prior``, 1.0 right / 0.0 wrong), or (None, None) for a prompt outside the world
+    (e.g. "a photo of sks"), which has no ground truth. The per-unit values of ``judge_prompts``."""
     if len(images) != len(prompts):
         raise ValueError(
             f"judge_prompts needs one prompt per image ({len(images)} images, {len(prompts)} prompts)"
         )
-    hits: dict[str, list[bool]] = {"concept": [], "prior": []}
+    out: list[tuple[str | None, float | None]] = []
     for image, prompt in zip(images, prompts):
         asked = parse_prompt(prompt, held_out)
         if asked.shape is None:
-            continue  # a prompt outside the world (e.g. "a photo of sks") has no ground truth
+            out.append((None, None))
+            continue
         verdict = judge_image(image)
         right = verdict.shape == asked.shape and (asked.colour is None or verdict.colour == asked.colour)
-        hits["concept" if asked.concept else "prior"].append(right)
-    return {f"truth/{group}_accuracy": float(np.mean(v)) for group, v in hits.items() if v}
+        out.append(("concept" if asked.concept else "prior", float(right)))
+    return out
 
 
-JUDGES = {"shapes": judge_prompts}  # eval.judge value -> the world's judge
+JUDGES = {"shapes": judge_each}  # eval.judge value -> the world's per-image judge
 
 
-def judge_truth(name: str, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
-    """The hook the evaluator calls when ``eval.judge`` is set: ``{truth/...: value}`` for that world."""
+def judge_units(
+    name: str, images: Sequence[Image.Image], prompts: Sequence[str]
+) -> list[tuple[str | None, float | None]]:
+    """The hook the evaluator calls when ``eval.judge`` is set: per image, (truth group, 1.0/0.0 or None);
+    the unit table turns them into ``truth/{group}_accuracy`` with intervals."""
     if name not in JUDGES:
         raise ValueError(f"eval.judge={name!r} is not a known world; use one of {sorted(JUDGES)} or null.")
     return JUDGES[name](images, prompts)

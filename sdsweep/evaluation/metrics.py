@@ -110,17 +110,34 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 # ---- CLIP score / CLIP-I ---------------------------------------------------------------------------------
 def clip_score(model, processor, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
-    """torchmetrics ``CLIPScore`` (100 x cosine similarity, floored at 0), averaged over the pairs."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+    """CLIP score (100 x cosine similarity, floored at 0) averaged over the pairs, as torchmetrics'
+    ``CLIPScore`` defines it; the mean of ``clip_scores``."""
+    return float(np.mean(clip_scores(model, processor, images, prompts)))
 
+
+@torch.no_grad()
+def clip_scores(model, processor, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    """One CLIP score per (image, prompt) pair: the per-unit values every interval and paired comparison use.
+
+    The same formula as torchmetrics' ``CLIPScore`` (unit-length embeddings, 100 x cosine, floored at 0),
+    computed per pair. Prompts are tokenized with truncation to the text tower's length, so a long prompt is
+    cut as the text encoder cuts it (and transformers has no padding-without-truncation to warn about).
+    """
     if len(images) != len(prompts) or not images:
         raise ValueError(
             f"CLIP score needs one prompt per image (got {len(images)} images, {len(prompts)} prompts)."
         )
-    metric = CLIPScore(model_name_or_path=lambda: (model, processor), **LOCAL)
-    # torchmetrics moves the model to the images' device, so keep them where the model lives.
-    metric.update(list(images_to_uint8(images, _model_device(model))), list(prompts))
-    return float(metric.compute())
+    device = _model_device(model)
+    image_embeddings = clip_image_embeddings(model, processor, images)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    max_length = model.config.text_config.max_position_embeddings
+    text = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    text_features = model.get_text_features(
+        input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device)
+    )
+    text_embeddings = torch.nn.functional.normalize(text_features.float(), dim=-1).cpu()
+    scores = 100.0 * (image_embeddings * text_embeddings).sum(dim=-1)
+    return [float(s) for s in scores.clamp(min=0.0)]
 
 
 @torch.no_grad()
@@ -133,14 +150,20 @@ def clip_image_embeddings(model, processor, images: Sequence[Image.Image]) -> to
 
 def clip_i(model, processor, generated: Sequence[Image.Image], instances: Sequence[Image.Image]) -> float:
     """Subject fidelity (DreamBooth's CLIP-I): mean cosine similarity over all generated x instance pairs."""
+    return float(np.mean(clip_i_per_image(model, processor, generated, instances)))
+
+
+def clip_i_per_image(
+    model, processor, generated: Sequence[Image.Image], instances: Sequence[Image.Image]
+) -> list[float]:
+    """Each generated image's mean cosine similarity to the instance images (their mean is ``clip_i``)."""
     if not generated or not instances:
         raise MetricUnavailable("CLIP-I needs generated images and at least one instance image.")
-    return float(
-        (
-            clip_image_embeddings(model, processor, generated)
-            @ clip_image_embeddings(model, processor, instances).T
-        ).mean()
+    similarity = (
+        clip_image_embeddings(model, processor, generated)
+        @ clip_image_embeddings(model, processor, instances).T
     )
+    return [float(v) for v in similarity.mean(dim=1)]
 
 
 # ---- feature extractors for FID / KID --------------------------------------------------------------------
@@ -268,11 +291,15 @@ def pil_to_float(image: Image.Image) -> np.ndarray:
 
 def appropriate_rate(arrays: Sequence[np.ndarray], unsafe: Sequence[bool] | None = None) -> float:
     """Share of images that are neither degenerate nor flagged unsafe."""
+    return float(np.mean(appropriate_flags(arrays, unsafe)))
+
+
+def appropriate_flags(arrays: Sequence[np.ndarray], unsafe: Sequence[bool] | None = None) -> list[bool]:
+    """Per image: neither degenerate nor flagged unsafe (the per-unit values of ``appropriate_rate``)."""
     if not arrays:
         raise MetricUnavailable("appropriate_rate needs at least one image.")
     flags = list(unsafe) if unsafe is not None else [False] * len(arrays)
-    good = [degenerate_reason(a) is None and not flag for a, flag in zip(arrays, flags, strict=True)]
-    return float(np.mean(good))
+    return [degenerate_reason(a) is None and not flag for a, flag in zip(arrays, flags, strict=True)]
 
 
 class SafetyChecker:

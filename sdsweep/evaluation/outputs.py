@@ -1,15 +1,37 @@
-"""What an evaluation leaves in a trial folder: the sample images and the labelled grid."""
+"""What an evaluation gives (``EvalResult``) and leaves in a trial folder: the sample images and the labelled grid."""
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from sdsweep import io
 from sdsweep.evaluation.generation import SampleSpec
+from sdsweep.uncertainty import Interval
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    missing: dict[str, str]  # metric key -> why it could not be computed
+    warnings: list[str]
+    images: list[Image.Image]
+    prompts: list[str]  # one per image
+    seeds: list[int]  # one per image
+    grid: Image.Image
+    seconds: float
+    # heldout_captions protocol: per-image values keyed like the metric (e.g. "eval/lpips_clip": [..]).
+    per_image: dict[str, list[float]] = field(default_factory=dict)
+    # One row per image (sdsweep.evaluation.units): the per-image metrics are computed from it.
+    units: pd.DataFrame | None = None
+    # Every numeric metric's 95% interval, or an Interval with method "none" saying why it has none.
+    intervals: dict[str, Interval] = field(default_factory=dict)
+
 
 MIN_GRID_CELL = 128  # tiny 32 px samples are upscaled so the grid labels stay readable
 

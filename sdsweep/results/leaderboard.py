@@ -13,6 +13,7 @@ from sdsweep.errors import ConfigError
 from sdsweep.metric_names import fmt, fmt_param, metric_columns, short_label
 from sdsweep.results.study_folder import StudyData, best_feasible_trial, is_number
 from sdsweep.results.table import is_feasible
+from sdsweep.results.verdict import Verdict, interval_text
 from sdsweep.study.record import TrialRecord, TrialState
 
 _is_number = is_number
@@ -26,6 +27,7 @@ class Leaderboard:
     row_trials: list[int | None]  # None for the baseline row
     # (row, column) -> the warnings that qualify that number (shown as ⚠ and listed under the table)
     cell_warnings: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    verdict: Verdict | None = None  # how sure the study is of the best (ties, uncertain constraints)
 
     @property
     def warnings(self) -> dict[str, list[str]]:
@@ -45,8 +47,9 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
     metrics = [metric] + [m for m in metrics if m != metric] if metric in metrics else metrics
     base = data.baseline_metrics
     best = best_feasible_trial(frame, data.objectives)
+    verdict = data.verdict()
     columns = ["#", "trial", "state"] + [short_label(p) for p in data.params]
-    columns += [metric_names.label(m) for m in metrics] + ["feasible", "note"]
+    columns += [metric_names.label(m) for m in metrics] + ["units", "feasible", "note"]
     rows: list[list[str]] = []
     row_trials: list[int | None] = []
     cell_warnings: dict[tuple[int, int], list[str]] = {}
@@ -67,39 +70,69 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
             cells += [fmt_param(p, row.get(p)) for p in data.params]
             for m in metrics:
                 qualifiers = metric_names.warnings_for(m, row.get("warnings"))
-                cell = _with_delta(row.get(m), base.get(m))
+                cell = _with_delta(row.get(m), base.get(m), _interval_of(data.records.get(trial), m))
                 if qualifiers and cell != "–":
                     cell_warnings[(len(rows), len(cells))] = qualifiers
                     cell += " ⚠"
                 cells.append(cell)
             state = row.get("state")
+            cells.append(str(verdict.units.get(trial, "–")))
             cells.append(
                 ("yes" if is_feasible(row.get("feasible")) else "no")
                 if state == TrialState.COMPLETE.value
                 else "–"
             )
-            cells.append(_note(row, best, data.records.get(trial)))
+            cells.append(_note(row, best, data.records.get(trial), verdict))
             rows.append(cells)
             row_trials.append(trial)
     if data.baseline:
         cells = ["", "baseline", "untuned"] + ["–" for _ in data.params]
-        cells += [fmt(base.get(m)) for m in metrics] + ["–", "step 0 (reference for deltas)"]
+        cells += [_with_delta(base.get(m), None, _interval_of(data.baseline, m)) for m in metrics]
+        cells += ["–", "–", "step 0 (reference for deltas)"]
         rows.append(cells)
         row_trials.append(None)
-    return Leaderboard(columns, rows, int(best["trial"]) if best else None, row_trials, cell_warnings)
+    return Leaderboard(
+        columns, rows, int(best["trial"]) if best else None, row_trials, cell_warnings, verdict
+    )
 
 
-def _with_delta(value: Any, baseline: Any) -> str:
+def _interval_of(record: TrialRecord | None, metric: str) -> dict[str, Any] | None:
+    return (record.intervals or {}).get(metric) if record is not None else None
+
+
+def _with_delta(value: Any, baseline: Any, interval: dict[str, Any] | None = None) -> str:
+    """``85.4 ± 4.1 (+15.9)``: the value, its 95% interval (half-width) and the change from the baseline."""
     if not _is_number(value):
         return "–"
+    spread = interval_text(interval)
+    text = f"{fmt(float(value))} {spread}" if spread else fmt(value)
     if not _is_number(baseline):
-        return fmt(value)
-    return f"{fmt(float(value))} ({float(value) - float(baseline):+.3g})"
+        return text
+    return f"{text} ({float(value) - float(baseline):+.3g})"
 
 
-def _note(row: pd.Series, best: dict[str, Any] | None, record: TrialRecord | None) -> str:
-    if best is not None and int(row["trial"]) == int(best["trial"]):
+def _note(
+    row: pd.Series, best: dict[str, Any] | None, record: TrialRecord | None, verdict: Verdict | None = None
+) -> str:
+    trial = int(row["trial"])
+    if best is not None and trial == int(best["trial"]):
+        if verdict is not None and verdict.separated:
+            return "best feasible trial, separated from the rest"
         return "best feasible trial"
+    if verdict is not None:
+        metric = verdict.objectives[0][0]
+        notes = [
+            "not separable from the best (" + c.describe(metric).split(": ", 1)[-1] + ")"
+            for c in verdict.comparisons
+            if c.trial == trial and c.tied
+        ]
+        if trial in verdict.uncertain:
+            notes.append("feasibility uncertain: " + ", ".join(verdict.uncertain[trial]))
+        if notes and row.get("state") == TrialState.COMPLETE.value and is_feasible(row.get("feasible")):
+            return "; ".join(notes)
+        if notes and trial in verdict.uncertain:
+            failed = _failed_note(row, record)
+            return "; ".join([failed] + notes[-1:]) if failed else notes[-1]
     reason = row.get("fail_reason")
     if isinstance(reason, str) and reason:
         return reason if len(reason) < 160 else reason[:157] + "..."

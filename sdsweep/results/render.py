@@ -98,7 +98,23 @@ def _summary_lines(data: StudyData, board: Leaderboard) -> list[str]:
 
     else:
         lines.append("Best feasible trial: none (no trial is COMPLETE and satisfies the constraints)")
+    if board.verdict is not None and board.verdict.best is not None:
+        lines.append(f"Verdict: {board.verdict.sentence()}")
+        if board.verdict.uncertain_sentence():
+            lines.append(board.verdict.uncertain_sentence())
+        lines.append(VERDICT_RULE)
     return lines
+
+
+# The one rule, stated where the reader meets the verdict (sdsweep.results.verdict has the long form).
+VERDICT_RULE = (
+    "How the verdict is reached: every trial is evaluated on the same prompts and seeds (units), so each "
+    "candidate is compared with the best unit by unit; it is not separable when the 95% bootstrap interval "
+    "of that paired difference includes 0. ± is the half-width of a metric's 95% interval (bootstrap over "
+    "units, stratified by prompt; Wilson for rates). A constraint is uncertain when the interval straddles "
+    "its threshold; the pick uses point estimates, and `python -m sdsweep.confirm <study>` re-evaluates the "
+    "contenders with fresh seeds until the best is separated or the image budget is spent."
+)
 
 
 def _trial_caption(data: StudyData, trial: int) -> str:
@@ -219,7 +235,10 @@ def _markdown_table(
 
 
 LEADERBOARD_NOTE = (
-    "Metrics show the value and, in brackets, the change from the untuned baseline. "
+    "Metrics show the value, ± the half-width of its 95% interval (over the trial's evaluation units; "
+    "a metric without one, such as a Fréchet distance, is one statistic of the whole image set), and, in "
+    "brackets, the change from the untuned baseline. units: images (or held-out captions) behind the "
+    "objective, more for trials a confirmation round re-evaluated. "
     "↑: higher is better, ↓: lower is better. ⚠: a warning qualifies that number (listed under the table)."
 )
 COMPARISON_NOTE = (

@@ -18,6 +18,7 @@ import pandas as pd
 from sdsweep import io
 from sdsweep.results.table import Objectives, build_results, is_feasible
 from sdsweep.results.table import best_trial as _best_trial
+from sdsweep.results.verdict import Verdict, judge_study, write_verdict
 from sdsweep.study.record import TrialRecord, read_record, read_record_or_none
 
 DEFAULT_OBJECTIVES = [{"metric": "eval/clip_score", "direction": "maximize"}]
@@ -87,6 +88,16 @@ class StudyData:
     def best(self) -> dict[str, Any] | None:
         return best_trial(self.results, self.objectives)
 
+    def verdict(self, write: bool = False) -> Verdict:
+        """How sure the study is of ``best()``: see sdsweep.results.verdict for the rules."""
+        constraints = list(self.info.get("constraints") or [])
+        verdict = judge_study(
+            self.root, self.results, self.objectives, self.best(), self.records, constraints
+        )
+        if write:
+            write_verdict(self.root, verdict)
+        return verdict
+
     def baseline_for(self, model: Any) -> dict[str, float] | None:
         """The untuned metrics of ``model``: ``baseline/<model>/metrics.json`` when the sweep wrote one per
         model, else ``baseline/metrics.json`` if it was measured on that model (or says nothing about it)."""
@@ -98,6 +109,16 @@ class StudyData:
         if record is not None and (record.model in (None, model) or model is None):
             return _numbers(record.metrics)
         return None
+
+
+def study_verdict(root: str | os.PathLike, results: pd.DataFrame | None = None) -> Verdict:
+    """THE verdict on the best trial (paired comparisons, uncertain constraints), written to verdict.json.
+
+    The sweep's closing line, the report, W&B, export and confirmation all call this, so they say the same."""
+    data = load_study(root)
+    if results is not None:
+        data.results = read_results(data.paths) if results.empty else results[results["trial"] >= 0]
+    return data.verdict(write=True)
 
 
 def load_study(study_dir: str | os.PathLike) -> StudyData:

@@ -10,6 +10,7 @@ from typing import Any, Union
 import pandas as pd
 
 from sdsweep import io
+from sdsweep.metric_names import INTERVAL_PARTS
 from sdsweep.study.record import TrialRecord, TrialState, read_record
 
 LEADING_COLUMNS = ["trial", "state", "model", "method", "learning_rate", "max_train_steps"]
@@ -67,6 +68,7 @@ def _row_from_record(record: TrialRecord, trial_dir: Path) -> dict[str, Any]:
     }
     row.update(record.params)
     row.update(record.metrics)
+    row.update(interval_columns(record))
     row.update(record.delta)
     row["feasible"] = record.feasible
     row["objective"] = record.objective
@@ -97,7 +99,25 @@ def baseline_row(paths: io.StudyPaths) -> dict[str, Any] | None:
     }
     row["max_train_steps"] = 0
     row.update(record.metrics)
+    row.update(interval_columns(record))
     return row
+
+
+def interval_columns(record: TrialRecord) -> dict[str, Any]:
+    """``<metric>/lo``, ``<metric>/hi`` (the 95% interval) and ``<metric>/se`` for every metric that has an
+    interval; ``no_interval`` names the others with the reason (``eval/fd_clip: a set statistic ...``)."""
+    out: dict[str, Any] = {}
+    reasons = []
+    for metric, interval in (record.intervals or {}).items():
+        if interval.get("lo") is None:
+            if interval.get("reason") and metric in record.metrics:
+                reasons.append(f"{metric}: {interval['reason']}")
+            continue
+        for part in INTERVAL_PARTS:
+            out[f"{metric}/{part}"] = interval.get(part)
+    if record.intervals is not None:
+        out["no_interval"] = "; ".join(reasons) or None
+    return out
 
 
 def build_results(

@@ -46,6 +46,7 @@ _OPTIONAL = {
     "peak_memory_gb",
     "wandb_run_id",
     "weights_removed",
+    "intervals",
 }
 
 
@@ -78,6 +79,9 @@ class TrialRecord:
     predicted_peak_memory_gb: float | None = None
     peak_memory_gb: float | None = None
     wandb_run_id: str | None = None
+    # metric -> its 95% interval as ``sdsweep.uncertainty.Interval.to_json()`` ({value, lo, hi, se, n,
+    # method, reason}); method "none" with a reason for a metric that has none (FD, KD, val_loss).
+    intervals: dict[str, dict[str, Any]] | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys a newer version wrote
 

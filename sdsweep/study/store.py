@@ -24,6 +24,7 @@ GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_ke
 RUN_KEY = "run_key"
 TRIAL_DIR = "trial_dir"  # where the trial's files are, for a person reading the study in optuna-dashboard
 WANDB_RUN_ID = "wandb_run_id"
+INTERVALS = "intervals"  # {metric: [lo, hi]}: the 95% intervals of the trial's headline metrics
 
 
 def single_run_sweep():

@@ -95,6 +95,7 @@ def execute_baseline(spec: RunSpec, caches: RunCaches) -> TrialRecord:
         missing=result.missing,
         warnings=result.warnings,
         eval_seconds=result.seconds,
+        intervals={k: i.to_json() for k, i in result.intervals.items()},
     )
     io.atomic_write_text(folder / io.TRIAL_CONFIG, to_yaml(cfg))
     record.write(folder / io.TRIAL_METRICS)

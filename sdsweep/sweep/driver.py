@@ -14,7 +14,8 @@ from typing import Any
 from sdsweep import signals
 from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.errors import ConfigError, SweepStopped
-from sdsweep.results.study_folder import best_trial
+from sdsweep.results.study_folder import best_trial, study_verdict
+from sdsweep.results.verdict import Verdict
 from sdsweep.sweep.engine import SweepEngine, log
 from sdsweep.sweep.fingerprint import ensure_study_identity
 
@@ -28,6 +29,7 @@ class SweepOutcome:
     trials_launched: int = 0
     finished: bool = False
     best: dict[str, Any] | None = None
+    verdict: Verdict | None = None  # how sure the study is of ``best`` (sdsweep.results.verdict)
 
 
 class SweepDriver:
@@ -102,6 +104,7 @@ class SweepDriver:
             f"{counts.get('PRUNED', 0)} pruned)"
         )
         self.outcome.best = best_trial(frame, self.sweep.objectives)
+        self.outcome.verdict = study_verdict(self.paths.root, frame)
         self.track_study(frame)
         return self.outcome
 

@@ -21,6 +21,7 @@ from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config
 from sdsweep.study.record import TrialRecord, TrialState, read_record
 from sdsweep.study.store import (
+    INTERVALS,
     RUN_KEY,
     TRIAL_DIR,
     VIOLATIONS,
@@ -116,6 +117,14 @@ class TrialRecorder:
         for name, value in metrics.items():  # every metric readable per trial in the dashboard
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tell(slot, lambda n=name, v=value: link.set_attr(n, float(v)))
+        # Headline intervals in one attribute ({metric: [lo, hi]}): one storage write, not three per metric.
+        intervals = {
+            k: [i["lo"], i["hi"]]
+            for k, i in (record.intervals or {}).items()
+            if i.get("lo") is not None and k.count("/") == 1
+        }
+        if intervals:
+            self.tell(slot, lambda: link.set_attr(INTERVALS, intervals))
         self.tell(slot, lambda: link.complete(values, record.violations))
 
     def fail(

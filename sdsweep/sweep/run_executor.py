@@ -193,6 +193,7 @@ class RunExecutor:
         record = self.records[slot.number]
         record.metrics, record.missing = result.metrics, result.missing
         record.warnings = result.warnings
+        record.intervals = {k: i.to_json() for k, i in result.intervals.items()}
         record.eval_seconds = round(result.seconds, 3)
         self.evals.append({"step": step, **result.metrics})
         self.recorder.live.log_eval(step, result.metrics, result.grid)

@@ -10,6 +10,7 @@ from typing import Any
 
 from sdsweep.config.resolve import flatten
 from sdsweep.config.schema import Config
+from sdsweep.results.table import interval_columns
 from sdsweep.study.plan import canonical, short_params
 from sdsweep.study.record import TrialRecord, as_record
 
@@ -119,6 +120,7 @@ def trial_summary(record: TrialRecord | dict[str, Any]) -> dict[str, Any]:
     """Final metrics and the trial's outcome, overriding W&B's "last logged value" summary."""
     record = as_record(record)
     summary: dict[str, Any] = {k: finite(v) for k, v in record.metrics.items()}
+    summary.update({k: finite(v) for k, v in interval_columns(record).items()})  # <metric>/lo, /hi, /se
     summary.update({k: finite(v) for k, v in record.delta.items()})
     summary["state"] = record.state.value
     summary["fail_reason"] = record.fail_reason

@@ -1,0 +1,310 @@
+"""How sure the study is of its best trial: paired comparisons with the best, and constraints under uncertainty.
+
+Every trial is evaluated on the same units (prompt x seed), so the difference between two trials is
+measured unit by unit: the noise the units share (a hard prompt, an unlucky seed) cancels, and the
+interval of the mean difference is far narrower than two separate intervals would suggest.
+
+The rules, the same for the CLI's closing line, the report, W&B, export and confirmation:
+- **The pick** is ``study_folder.best_trial``: the best point estimate among the trials whose point
+  estimates meet every constraint (or, when none does, among all COMPLETE trials). Replicates of one
+  configuration (``sweep.replicates``) are judged by the configuration's mean over its training seeds.
+- **Tied:** another candidate is *not separable* from the best when the 95% interval of its paired
+  difference to the best includes 0. With several objectives, a candidate is separated from the best
+  only when the paired comparison shows it worse on at least one objective and better on none; an
+  objective without per-unit values (FD, KD) cannot separate anyone, and the verdict says so.
+- **Separated:** no candidate is tied with the best.
+- **Constraints:** each trial meets, fails or is *uncertain* on each constraint (its interval straddles the
+  threshold). Uncertainty does not change the pick; it names trials whose feasibility a confirmation
+  round should settle (``python -m sdsweep.confirm``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sdsweep import io
+from sdsweep.config.constraints import parse_constraint
+from sdsweep.evaluation.units import lpips_key_of, metric_for, paired_frame, read_units
+from sdsweep.study.record import TrialRecord, TrialState
+from sdsweep.uncertainty import ConstraintStatus, Difference, Interval, constraint_status, paired_difference
+
+VERDICT_FILE = "verdict.json"
+
+
+@dataclass
+class Comparison:
+    """One candidate against the best, per objective: (candidate − best) in the metric's own units."""
+
+    trial: int
+    differences: dict[str, Difference | None]  # None: the metric has no per-unit values
+    tied: bool
+
+    def describe(self, metric: str) -> str:
+        difference = self.differences.get(metric)
+        if difference is None:
+            return f"trial {self.trial}"
+        if difference.lo is None:
+            return f"trial {self.trial}: Δ {metric} {difference.mean:+.3g}"
+        return (
+            f"trial {self.trial}: Δ {metric} {difference.mean:+.3g} "
+            f"[{difference.lo:+.3g}, {difference.hi:+.3g}]"
+        )
+
+
+@dataclass
+class Verdict:
+    objectives: list[tuple[str, str]]
+    best: int | None
+    separated: bool | None  # None: nothing to compare (no candidate beside the best, or no per-unit values)
+    comparisons: list[Comparison] = field(default_factory=list)
+    uncertain: dict[int, list[str]] = field(default_factory=dict)  # trial -> constraints it straddles
+    units: dict[int, int] = field(default_factory=dict)  # trial -> evaluation units behind its objective
+    note: str | None = None  # why the verdict is partial (no units, a set metric)
+
+    @property
+    def tied(self) -> list[int]:
+        return [c.trial for c in self.comparisons if c.tied]
+
+    @property
+    def contenders(self) -> list[int]:
+        """The trials a confirmation round re-evaluates: the best, those tied with it, and the trials whose
+        feasibility is uncertain."""
+        if self.best is None:
+            return []
+        return sorted({self.best, *self.tied, *self.uncertain})
+
+    def sentence(self) -> str:
+        """The verdict in one line, e.g. ``best trial 5; trials 4 and 7 are not separable from it (...)``."""
+        if self.best is None:
+            return "no best trial: no trial completed with every objective value"
+        metric = self.objectives[0][0]
+        head = f"best trial {self.best}"
+        if self.separated is None:
+            return f"{head}; {self.note or 'nothing to compare it with'}"
+        if self.separated:
+            closest = self._closest()
+            tail = f" (closest: {closest.describe(metric)})" if closest is not None else ""
+            return f"{head}, separated from every other candidate{tail}"
+        tied = [c for c in self.comparisons if c.tied]
+        names = _join([str(c.trial) for c in tied])
+        details = "; ".join(c.describe(metric).split(": ", 1)[-1] for c in tied[:3])
+        verb = "is" if len(tied) == 1 else "are"
+        return f"{head}; trial{'s' if len(tied) > 1 else ''} {names} {verb} not separable from it ({details})"
+
+    def uncertain_sentence(self) -> str | None:
+        if not self.uncertain:
+            return None
+        parts = [f"trial {t} ({', '.join(c)})" for t, c in sorted(self.uncertain.items())]
+        return "feasibility uncertain (interval straddles the threshold): " + "; ".join(parts)
+
+    def _closest(self) -> Comparison | None:
+        metric = self.objectives[0][0]
+        known = [c for c in self.comparisons if c.differences.get(metric) is not None]
+        return max(known, key=lambda c: self._oriented(c, metric), default=None)
+
+    def _oriented(self, comparison: Comparison, metric: str) -> float:
+        direction = dict(self.objectives)[metric]
+        difference = comparison.differences[metric]
+        assert difference is not None
+        return difference.mean if direction == "maximize" else -difference.mean
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "objectives": [{"metric": m, "direction": d} for m, d in self.objectives],
+            "best": self.best,
+            "separated": self.separated,
+            "tied": self.tied,
+            "contenders": self.contenders,
+            "uncertain": {str(k): v for k, v in self.uncertain.items()},
+            "units": {str(k): v for k, v in self.units.items()},
+            "comparisons": [
+                {
+                    "trial": c.trial,
+                    "tied": c.tied,
+                    "differences": {m: d.to_json() if d else None for m, d in c.differences.items()},
+                }
+                for c in self.comparisons
+            ],
+            "sentence": self.sentence(),
+            "uncertain_sentence": self.uncertain_sentence(),
+            "note": self.note,
+        }
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# ---- computing it -----------------------------------------------------------------------------------------
+def judge_study(
+    root: str | os.PathLike,
+    results: pd.DataFrame,
+    objectives: list[tuple[str, str]],
+    best: dict[str, Any] | None,
+    records: dict[int, TrialRecord] | None = None,
+    constraints: list[str] | None = None,
+) -> Verdict:
+    """The verdict on ``best`` (a results row from ``best_trial``) against the other candidates."""
+    paths = io.StudyPaths(Path(root))
+    verdict = Verdict(objectives=list(objectives), best=None, separated=None)
+    if best is None or best.get("trial") is None:
+        return verdict
+    verdict.best = int(best["trial"])
+    verdict.uncertain = uncertain_constraints(paths, results, records or {}, constraints or [])
+    pool = _candidates(results, best)
+    units = {n: _units(paths, n) for n in [verdict.best, *pool]}
+    best_units = units[verdict.best]
+    if best_units is None:
+        verdict.note = "it was evaluated before per-unit results existed: no paired comparison"
+        return verdict
+    per_unit = {m for m, _ in objectives if metric_for(m, best_units, lpips_key_of(best_units)) is not None}
+    verdict.units = {
+        n: int(len(_values(u, objectives[0][0]))) for n, u in units.items() if u is not None and per_unit
+    }
+    if not per_unit:
+        verdict.note = (
+            f"{_join([m for m, _ in objectives])} has no per-unit values (a set statistic): "
+            "ties cannot be judged; add a per-image objective (eval/clip_score) to compare paired"
+        )
+        return verdict
+    for trial in pool:
+        if units[trial] is None:
+            continue
+        comparison = _compare(trial, units[trial], best_units, objectives, per_unit)
+        verdict.comparisons.append(comparison)
+    if not verdict.comparisons:
+        verdict.note = "no other candidate to compare it with"
+        return verdict
+    verdict.separated = not any(c.tied for c in verdict.comparisons)
+    missing = [m for m, _ in objectives if m not in per_unit]
+    if missing:
+        verdict.note = f"judged on {_join(sorted(per_unit))} alone: {_join(missing)} has no per-unit values"
+    return verdict
+
+
+def _candidates(results: pd.DataFrame, best: dict[str, Any]) -> list[int]:
+    """The other trials the pick was made among: COMPLETE, and feasible when the best is."""
+    if results.empty or "state" not in results:
+        return []
+    pool = results[(results["state"] == TrialState.COMPLETE.value) & (results["trial"] != best["trial"])]
+    if "feasible" in pool and _truthy(best.get("feasible")):
+        pool = pool[pool["feasible"].map(_truthy)]
+    return sorted(int(t) for t in pool["trial"])
+
+
+def _truthy(value: Any) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True  # no constraint evaluated
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
+def _units(paths: io.StudyPaths, trial: int) -> pd.DataFrame | None:
+    try:
+        return read_units(paths.trial(trial))
+    except io.DamagedFileError:
+        return None
+
+
+def _values(units: pd.DataFrame, metric: str) -> pd.DataFrame:
+    definition = metric_for(metric, units, lpips_key_of(units))
+    return definition.values(units) if definition is not None else units.iloc[0:0]
+
+
+def _compare(
+    trial: int,
+    units: pd.DataFrame,
+    best_units: pd.DataFrame,
+    objectives: list[tuple[str, str]],
+    per_unit: set[str],
+) -> Comparison:
+    differences: dict[str, Difference | None] = {}
+    worse = better = False
+    for metric, direction in objectives:
+        if metric not in per_unit:
+            differences[metric] = None
+            continue
+        pairs = paired_frame(_values(units, metric), _values(best_units, metric))
+        if len(pairs) < 2:
+            differences[metric] = None
+            continue
+        difference = paired_difference(
+            pairs["value_a"].to_numpy(), pairs["value_b"].to_numpy(), strata=pairs["prompt_index"].to_numpy()
+        )
+        differences[metric] = difference
+        if difference.excludes_zero():
+            sign = 1.0 if direction == "maximize" else -1.0
+            if sign * difference.mean < 0:
+                worse = True
+            else:
+                better = True
+    return Comparison(trial, differences, tied=not (worse and not better))
+
+
+def uncertain_constraints(
+    paths: io.StudyPaths,
+    results: pd.DataFrame,
+    records: dict[int, TrialRecord],
+    constraints: list[str],
+) -> dict[int, list[str]]:
+    """COMPLETE trials whose interval straddles a constraint's threshold, with those constraints."""
+    out: dict[int, list[str]] = {}
+    if not constraints or results.empty or "state" not in results:
+        return out
+    parsed = [parse_constraint(c) for c in constraints]
+    for trial in results.loc[results["state"] == TrialState.COMPLETE.value, "trial"]:
+        record = records.get(int(trial))
+        statuses = constraint_statuses(record, parsed) if record is not None else {}
+        straddled = [c for c, s in statuses.items() if s == ConstraintStatus.UNCERTAIN]
+        if straddled:
+            out[int(trial)] = straddled
+    return out
+
+
+def constraint_statuses(record: TrialRecord, constraints: list) -> dict[str, ConstraintStatus]:
+    """Each constraint met, violated or uncertain for this record, judged on its metric's interval."""
+    out = {}
+    for constraint in constraints:
+        interval = _interval(record, constraint.metric)
+        out[str(constraint)] = constraint_status(interval, constraint.op, constraint.threshold)
+    return out
+
+
+def _interval(record: TrialRecord, metric: str) -> Interval:
+    value = record.metrics.get(metric)
+    number = float(value) if isinstance(value, (int, float)) else float("nan")
+    raw = (record.intervals or {}).get(metric)
+    # An interval is used only with the value it was computed for (a record edited by hand keeps its value).
+    if raw and raw.get("value") is not None and math.isclose(float(raw["value"]), number, rel_tol=1e-9):
+        return Interval.from_json(raw)
+    return Interval(number, None, None, None, 0, "none", "no interval recorded")
+
+
+def write_verdict(root: str | os.PathLike, verdict: Verdict) -> Path:
+    return io.atomic_write_json(io.StudyPaths(Path(root)).root / VERDICT_FILE, verdict.to_json())
+
+
+def read_verdict(root: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        return io.read_json(io.StudyPaths(Path(root)).root / VERDICT_FILE)
+    except io.DamagedFileError:
+        return None
+
+
+def interval_text(interval: dict[str, Any] | None) -> str:
+    """``± 4.8`` for a table cell: the interval's half-width to 2 significant digits, or ``[0.51, 1]`` when
+    the interval is lopsided (a rate near 0 or 1)."""
+    if not interval or interval.get("lo") is None or interval.get("hi") is None:
+        return ""
+    lo, hi, value = float(interval["lo"]), float(interval["hi"]), float(interval["value"])
+    below, above = value - lo, hi - value
+    if abs(below - above) <= 0.25 * max(below, above, 1e-12):
+        return f"± {(below + above) / 2:.2g}"
+    return f"[{lo:.2g}, {hi:.2g}]"
