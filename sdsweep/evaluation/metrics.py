@@ -109,6 +109,27 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 # ---- CLIP score / CLIP-I ---------------------------------------------------------------------------------
+class _TruncatingTextProcessor:
+    """The CLIP processor with captions cut at the text tower's length, as CLIP itself reads them.
+
+    torchmetrics tokenizes with ``padding=True`` alone. A tokenizer saved after use (the shapes CLIP) keeps
+    ``max_length`` among its defaults, and ``max_length`` with padding but no truncation strategy makes
+    transformers warn on every call; sdsweep states both arguments, so the call means what it does.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("text") is not None:
+            kwargs.setdefault("truncation", True)
+            kwargs.setdefault("max_length", self.processor.tokenizer.model_max_length)
+        return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
 def clip_score(model, processor, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
     """torchmetrics ``CLIPScore`` (100 x cosine similarity, floored at 0), averaged over the pairs."""
     from torchmetrics.multimodal.clip_score import CLIPScore
@@ -117,7 +138,8 @@ def clip_score(model, processor, images: Sequence[Image.Image], prompts: Sequenc
         raise ValueError(
             f"CLIP score needs one prompt per image (got {len(images)} images, {len(prompts)} prompts)."
         )
-    metric = CLIPScore(model_name_or_path=lambda: (model, processor), **LOCAL)
+    captions = _TruncatingTextProcessor(processor)
+    metric = CLIPScore(model_name_or_path=lambda: (model, captions), **LOCAL)
     # torchmetrics moves the model to the images' device, so keep them where the model lives.
     metric.update(list(images_to_uint8(images, _model_device(model))), list(prompts))
     return float(metric.compute())
