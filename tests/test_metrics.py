@@ -171,3 +171,32 @@ def test_lpips_structure_on_clip_features_is_zero_for_a_pair_and_grows_with_dist
     assert (
         metric_names.lpips_key("clip") == "eval/lpips_clip" and metric_names.lpips_key("alex") == "eval/lpips"
     )
+
+
+def test_clip_score_of_a_used_and_saved_tokenizer_emits_no_max_length_warning(
+    tmp_path, tiny_clip_dir, demo_images
+):
+    """#32.5: the shapes CLIP's tokenizer is saved after the build used it (sdsweep.models.tokens: padding to
+    max_length with truncation), so its tokenizer.json keeps max_length=77; torchmetrics then called it with
+    padding=True and transformers warned "`max_length` is ignored ..." on every evaluation in every worker log."""
+    import shutil
+    import warnings
+
+    from transformers import CLIPTokenizer
+
+    from sdsweep.models.tokens import tokenize_prompts
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokenize_prompts(
+        tokenizer, ["a red star"]
+    )  # as the build does, before it saves the tokenizer with the CLIP
+    tokenizer.save_pretrained(folder)
+    model, processor = metrics.load_clip(str(folder))
+    assert processor.tokenizer.init_kwargs.get("max_length") == 77  # the state that made the warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = metrics.clip_score(model, processor, demo_images[:2], ["a red star", "a blue circle " * 60])
+    assert score >= 0
+    assert not [w for w in caught if "max_length" in str(w.message) or "longer than" in str(w.message)]

@@ -195,8 +195,26 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+def is_hub_id(model: ModelConfig) -> bool:
+    """A model that comes from the hub: not a local folder and not one of the models sdsweep builds."""
+    name = model.pretrained
+    built = tiny.parse_tiny_id(name) is not None or shapes.parse_shapes_id(name) is not None
+    return not model.path and not built and not Path(name).expanduser().is_dir()
+
+
 def model_unavailable_reason(model: ModelConfig, cache: str | None = None) -> str | None:
-    """Why the model cannot be used, or None; downloads nothing (a hub ID online is only looked up)."""
+    """Why the model cannot be used, or None; downloads nothing (a hub ID online is only looked up).
+
+    The offline models (``tiny:`` and ``shapes:`` IDs) are built here, never downloaded: a known flavour is
+    always available (the shapes model is built on first use, minutes, unless ``make demo`` built it).
+    """
+    shapes_flavour = shapes.parse_shapes_id(model.pretrained)
+    if shapes_flavour is not None and not model.path:
+        if shapes_flavour != "sd15":
+            return (
+                f"{model.pretrained!r} is not a shapes model sdsweep builds (only shapes:sd15, model=shapes)"
+            )
+        return None
     if (
         model.path
         or tiny.parse_tiny_id(model.pretrained) is not None
@@ -204,7 +222,7 @@ def model_unavailable_reason(model: ModelConfig, cache: str | None = None) -> st
     ):
         try:
             resolve_model_source(model, cache)
-        except ModelUnavailableError as error:
+        except (ModelUnavailableError, ValueError) as error:  # ValueError: an unknown tiny flavour
             return str(error)
         return None
     from huggingface_hub import model_info, snapshot_download

@@ -242,6 +242,13 @@ def model_card(
             "for tests and demos, not a real Stable Diffusion checkpoint. Its images are noise and its "
             "metrics say nothing about image quality.",
         ]
+    elif export_card.is_shapes(base_model, record.model or data.info.get("model")):
+        lines += [
+            "",
+            f"> **Offline demo model.** `{base_model}` is the small shapes model sdsweep builds locally "
+            "(`python -m sdsweep.models.shapes_build`, cached under `$SDSWEEP_CACHE/shapes`), not a hub "
+            "checkpoint: load the base from that folder instead of the ID.",
+        ]
     lines += ["", f"- Base model: `{base_model}`", f"- Method: `{method}` (weights format: {fmt_name})"]
     lines.append(
         f"- Trigger word / placeholder token: `{trigger}`"

@@ -60,6 +60,10 @@ def is_tiny(base_model: str, model: str | None) -> bool:
     return str(base_model).startswith("tiny") or model == "tiny"
 
 
+def is_shapes(base_model: str, model: str | None) -> bool:
+    return str(base_model).startswith("shapes:") or model == "shapes"
+
+
 def data_lines(info: dict[str, Any], config: dict[str, Any]) -> list[str]:
     """The training data as recorded: study.json ``data`` (when the sweep writes one), else the trial's
     config ``data`` section; empty settings are left out."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -253,9 +254,9 @@ def data_uri(path: Path) -> str:
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;padding:0 1rem;color:#212529;max-width:1200px}
-table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ced4da;padding:4px 8px;text-align:right;
-white-space:nowrap}
-th{background:#f1f3f5}td:nth-child(3),td:last-child{text-align:left;white-space:normal}
+table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ced4da;padding:4px 8px;text-align:right}
+th{background:#f1f3f5;vertical-align:bottom}td:nth-child(3),td:last-child{text-align:left}
+.nw{white-space:nowrap}
 .table-wrap{overflow-x:auto;max-width:100%}
 tr.best td{background:#fff3bf;font-weight:600}tr.baseline td{background:#e7f5ff;font-style:italic}
 tr.FAIL td{color:#c92a2a}tr.PRUNED td{color:#e67700}td.warn{background:#fff4e6}
@@ -298,19 +299,29 @@ def _grid_img(path: Path, alt: str) -> str:
     )
 
 
+# Tables fit the content width (#32.6): a header may break after "/" or "_" (eval/<wbr>prior_<wbr>clip_score),
+# a cell only between its words ("45.07" | "(+15.9)" | "⚠"), so a number such as 1e-4 never splits.
+def _breakable(label: str) -> str:
+    return re.sub(r"([/_])", r"\1<wbr>", html.escape(label))
+
+
+def _unbroken(cell: str) -> str:
+    return " ".join(f"<span class='nw'>{html.escape(word)}</span>" for word in cell.split(" ") if word)
+
+
 def _html_table(columns: list[str], rows: list[list[str]], classes: list[str], titles=None) -> str:
     esc = html.escape
     out = ["<div class='table-wrap'><table><thead><tr>"]
-    out += [f"<th>{esc(c)}</th>" for c in columns]
+    out += [f"<th>{_breakable(c)}</th>" for c in columns]
     out.append("</tr></thead><tbody>")
     for r, (css, cells) in enumerate(zip(classes, rows)):
         out.append(f"<tr class='{esc(css)}'>")
         for c, cell in enumerate(cells):
             warning = (titles or {}).get((r, c))
             if warning:
-                out.append(f"<td class='warn' title='{esc('; '.join(warning))}'>{esc(cell)}</td>")
+                out.append(f"<td class='warn' title='{esc('; '.join(warning))}'>{_unbroken(cell)}</td>")
             else:
-                out.append(f"<td>{esc(cell)}</td>")
+                out.append(f"<td>{_unbroken(cell)}</td>")
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)

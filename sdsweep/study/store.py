@@ -20,6 +20,10 @@ FAIL_REASON = "fail_reason"
 VIOLATIONS = "constraint_violations"
 INTERRUPTED = "interrupted"
 SUPERSEDED = "superseded"  # an interrupted trial whose grid point was queued again
+# A ticket that lost the claim race (sdsweep/sweep/claims.py): nothing ran and nothing failed. Optuna has no
+# state for that and no public way to delete a trial, and PRUNED would feed TPE a bad result at a point
+# nobody judged, so it ends FAIL with this attribute; every sdsweep view leaves it out and counts it apart.
+CLAIM_LOST = "claim_lost"
 GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_key)
 RUN_KEY = "run_key"
 TRIAL_DIR = "trial_dir"  # where the trial's files are, for a person reading the study in optuna-dashboard

@@ -7,7 +7,8 @@ grid point, created RUNNING with its run key, owner and first heartbeat as user 
 ``storage.create_new_trial`` call. It then re-reads the study. It has won the run when no other
 live (RUNNING, heart-beating, not superseded) trial of the same run key has a lower trial number
 and none of the run's points has meanwhile been decided. A loser marks its ticket superseded and
-fails it (it never counts as a result) and plans again.
+fails it with ``claim_lost`` set (bookkeeping: it never counts as a result, and no sdsweep view
+calls it a failure) and plans again.
 
 Why this is atomic on each backend (read in Optuna 5's source):
 - RDB (PostgreSQL, MySQL): ``_create_new_trial`` first takes ``SELECT ... FOR UPDATE`` on the
@@ -49,6 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sdsweep.config.schema import SweepConfig
 from sdsweep.study.store import (
+    CLAIM_LOST,
     FAIL_REASON,
     GRID_POINT,
     INTERRUPTED,
@@ -157,7 +159,8 @@ class Claims:
         return True
 
     def lose(self, ticket: int) -> None:
-        self.retire(ticket, "superseded: another worker claimed this run first", **{SUPERSEDED: True})
+        reason = "claim lost (bookkeeping, not a failure): another worker claimed this run first"
+        self.retire(ticket, reason, **{SUPERSEDED: True, CLAIM_LOST: True})
 
     def hand_back(self, numbers: list[int], why: str) -> int:
         handed = 0

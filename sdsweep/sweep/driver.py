@@ -16,6 +16,7 @@ from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.errors import ConfigError, SweepStopped
 from sdsweep.results.study_folder import best_trial, study_verdict
 from sdsweep.results.verdict import Verdict
+from sdsweep.study.store import CLAIM_LOST
 from sdsweep.sweep.engine import SweepEngine, log
 from sdsweep.sweep.fingerprint import ensure_study_identity
 
@@ -101,12 +102,22 @@ class SweepDriver:
         counts = self.outcome.states
         log(
             f"{sum(counts.get(k, 0) for k in ('COMPLETE', 'FAIL', 'PRUNED'))} finished ({counts.get('COMPLETE', 0)} complete, {counts.get('FAIL', 0)} failed, "
-            f"{counts.get('PRUNED', 0)} pruned)"
+            f"{counts.get('PRUNED', 0)} pruned)" + self.lost_claims_note()
         )
         self.outcome.best = best_trial(frame, self.sweep.objectives)
         self.outcome.verdict = study_verdict(self.paths.root, frame)
         self.track_study(frame)
         return self.outcome
+
+    def lost_claims_note(self) -> str:
+        """Lost claim races are FAIL in Optuna (study/store.py, CLAIM_LOST) but failures of nothing: say so."""
+        lost = sum(1 for t in self.engine.handle.trials() if t.user_attrs.get(CLAIM_LOST))
+        if not lost:
+            return ""
+        return (
+            f"; {lost} lost claim race(s) are left out: nothing ran, and Optuna tools list them as FAIL "
+            f"with user attribute {CLAIM_LOST}=true"
+        )
 
     def track_study(self, frame) -> None:
         """Build the local report, then hand its plots and the trial table to the study-level W&B run."""

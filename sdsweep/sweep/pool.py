@@ -2,7 +2,7 @@
 
 Each worker (``python -m sdsweep.sweep.worker``) imports torch once and runs claim -> run -> claim until
 the study needs nothing more (sdsweep/sweep/engine.py, SweepEngine.work). The driver only watches: it
-echoes the workers' ``[sdsweep]`` lines, keeps everything else in ``runs/worker-<n>.log``, and when
+echoes the workers' ``[sdsweep]`` lines, keeps everything else in ``runs/worker-<host>-<driver pid>-<n>.log``, and when
 a worker dies it fails that worker's running trials with a readable reason (the retry rule is in
 sdsweep/sweep/claims.py) and starts a replacement. Workers get SIGTERM when the driver dies, even by
 SIGKILL (PR_SET_PDEATHSIG, plus a parent check), so no orphan keeps a GPU busy.
@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,9 +24,10 @@ from pathlib import Path
 
 from sdsweep import io, signals
 from sdsweep.errors import SweepStopped
-from sdsweep.study.store import FAIL_REASON
+from sdsweep.study.store import CLAIM_LOST
 from sdsweep.sweep.claims import OWNER
 
+_HOST = re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname()) or "host"
 BASELINE_FAILED = 3  # a worker's exit code: the baseline evaluation failed, nothing can run
 STUDY_CHANGED = 4  # a worker's exit code: the study's data or settings changed under the sweep
 STOP_WAIT_SECONDS = 60  # how long a stopping worker may take to hand its run back before SIGKILL
@@ -203,7 +205,9 @@ class WorkerPool:
         device = self.devices[index]
         token = f"{self.engine.token}.{index}.{self.spawned}"
         self.tokens.append(token)
-        log_path = self.paths.runs / f"worker-{index}.log"
+        # One log per driver and slot: drivers on other machines, or a second driver here, share runs/ and
+        # number their workers from 0 too, so host and driver PID are in the name and the header (#32).
+        log_path = self.paths.runs / f"worker-{_HOST}-{os.getpid()}-{index}.log"
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
@@ -215,6 +219,13 @@ class WorkerPool:
         if self.threads is not None:
             env["SDSWEEP_TORCH_THREADS"] = env["OMP_NUM_THREADS"] = str(self.threads)
         label = f"worker {index}" + (f" (cuda:{device})" if device is not None else "")
+        self.paths.runs.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log_file:
+            log_file.write(
+                f"# sdsweep {label}, driver pid {os.getpid()} on {socket.gethostname()}, study "
+                f"{self.engine.cfg.study}, "
+                f"started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} (worker token {token})\n"
+            )
         proc = self.starter.start(str(self.job), label, token, env)
         worker = Worker(index, device, token, proc, log_path, threading.Thread())
         worker.reader = threading.Thread(target=self._pump, args=(worker,), daemon=True)
@@ -321,7 +332,7 @@ class WorkerPool:
             owner = str(frozen.user_attrs.get(OWNER, ""))
             if not any(f"[{token}]" in owner for token in self.tokens):
                 continue
-            if str(frozen.user_attrs.get(FAIL_REASON, "")).startswith("superseded: another worker"):
+            if frozen.user_attrs.get(CLAIM_LOST):
                 continue  # a lost claim race: nothing was trained
             trials += 1
             runs += bool(frozen.user_attrs.get("ticket"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def reference_dir_problem(cfg: Config) -> str | None:
 
 # ---- the search space (#18) -------------------------------------------------------------------------
 def _group_choice_reason(cfg: Config, key: str, value: Any) -> str | None:
-    from sdsweep.models.loading import model_unavailable_reason
+    from sdsweep.models.loading import is_hub_id, model_unavailable_reason
 
     option = CONF_DIR / key / f"{value}.yaml"
     if not option.is_file():
@@ -172,8 +173,10 @@ def _group_choice_reason(cfg: Config, key: str, value: Any) -> str | None:
         node.pop("defaults", None)
         model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
         reason = model_unavailable_reason(model, cfg.paths.cache)
-        if reason:
+        if reason and is_hub_id(model):
             return f"{reason}. Get it with `huggingface-cli download {model.pretrained} --local-dir /models/{value}`"
+        if reason:
+            return reason
     if key == "data":
         node = OmegaConf.load(option)
         path = node.get("path") if not OmegaConf.is_missing(node, "path") else cfg.data.path
@@ -259,32 +262,47 @@ def run_preflight(overrides: list[str]):
         cfg.method.name, overrides, [str(m) for m in getattr(swept, "choices", None) or []]
     )
     paths = io.StudyPaths.of(cfg.paths.root, cfg.study)
+    expected = (ModelUnavailableError, DataError, io.DamagedFileError, PreflightError)
+    problems: list[str] = []  # every problem the user must fix, listed in one message (#32)
+
+    def check(step: Callable[[], Any]) -> Any:
+        try:
+            return step()
+        except expected as error:
+            problems.append(str(error))
+            return None
+
+    check(lambda: reset_study_if_asked(cfg, paths))
+    check(lambda: check_study_folder(cfg, paths))
+    source = check(lambda: resolve_model_source(cfg.model, cfg.paths.cache))
+    evaluation = eval_model_problems(cfg)
+    reference = reference_dir_problem(cfg)
+    if reference:
+        evaluation.append(reference)
+    if evaluation:
+        problems.append("evaluation needs what is missing: " + "; ".join(evaluation) + ".")
+    device = select_device(cfg.device)
+    unavailable = unavailable_features(cfg, device)
+    if unavailable:
+        problems.append("requested but unavailable here: " + "; ".join(unavailable) + ".")
+    summary = check(lambda: summarize_dataset(cfg, _token_counter(source) if source else None))
+    space = check(lambda: search_space_problem(cfg))
+    if space:
+        problems.append(space)
+    if len(problems) == 1:
+        raise PreflightError(problems[0])
+    if problems:
+        listed = "".join(f"\n  {n}. {problem}" for n, problem in enumerate(problems, 1))
+        raise PreflightError(f"{len(problems)} things to fix before the run can start:{listed}")
+    from sdsweep.training.distributed import check_devices
+
+    check_devices(cfg, device)  # one GPU per rank of every worker
+    memory = check_fits(cfg, device)  # a ConfigError listing settings that fit, on a too-small GPU
+    from sdsweep.config.compose import user_overrides
+
     try:
-        reset_study_if_asked(cfg, paths)
-        check_study_folder(cfg, paths)
-        source = resolve_model_source(cfg.model, cfg.paths.cache)
-        problems = eval_model_problems(cfg)
-        reference = reference_dir_problem(cfg)
-        if reference:
-            problems.append(reference)
-        if problems:
-            raise PreflightError("evaluation needs what is missing: " + "; ".join(problems) + ".")
-        device = select_device(cfg.device)
-        unavailable = unavailable_features(cfg, device)
-        if unavailable:
-            raise PreflightError("requested but unavailable here: " + "; ".join(unavailable) + ".")
-        from sdsweep.training.distributed import check_devices
-
-        check_devices(cfg, device)  # one GPU per rank of every worker
-        memory = check_fits(cfg, device)  # a ConfigError listing settings that fit, on a too-small GPU
-        summary = summarize_dataset(cfg, _token_counter(source))
-        space = search_space_problem(cfg)
-        if space:
-            raise PreflightError(space)
-        from sdsweep.config.compose import user_overrides
-
         ensure_study_identity(cfg, paths, user_overrides(overrides), list_examples(cfg))  # verified above
-    except (ModelUnavailableError, DataError, io.DamagedFileError) as error:
+    except expected as error:
         raise PreflightError(str(error)) from None
     print(f"[sdsweep] {summary.describe()}", flush=True)
     print(f"[sdsweep] training memory on {device}: {memory.describe()}", flush=True)
