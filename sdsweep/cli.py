@@ -151,8 +151,29 @@ def plan_text(cfg) -> str:
     saving = f" ({unshared} without milestone sharing)" if unshared != total_steps else ""
     lines.append(f"estimated training steps: {total_steps}{saving}")
     lines.append(f"evaluations: {len(points)} + {baseline} baseline")
+    lines.append(noise_line(cfg))
     lines.append("already finished points are skipped when the study is resumed.")
     return "\n".join(lines)
+
+
+def noise_line(cfg) -> str:
+    """How finely one evaluation can tell two trials apart, from an existing baseline's unit-to-unit spread."""
+    from sdsweep import io
+    from sdsweep.evaluation.units import read_units_or_none
+    from sdsweep.results.verdict import noise_statement
+
+    ev = cfg.eval
+    units = len(ev.prompts) * ev.num_images_per_prompt if ev.protocol == "prompts" else "held-out"
+    objective = cfg.sweep.objectives[0] if cfg.sweep and cfg.sweep.objectives else None
+    metric = objective.metric if objective else "eval/clip_score"
+    baseline = read_units_or_none(io.StudyPaths.of(cfg.paths.root, cfg.study).baseline)
+    said = noise_statement(baseline, metric)
+    if said:
+        return f"noise: {said}"
+    return (
+        f"noise: each trial is judged on {units} evaluation units (prompt x seed); the study's baseline gives "
+        f"{metric}'s standard error and the smallest resolvable difference once it is evaluated (report, --plan)"
+    )
 
 
 def print_plan(raw: DictConfig) -> int:

@@ -24,7 +24,12 @@ def sweep_params(sweep: SweepConfig) -> dict[str, ParamSpec]:
         params["method.learning_rate"] = ParamSpec(choices=list(sweep.learning_rates))
     if sweep.steps is not None:
         params["train.max_train_steps"] = ParamSpec(choices=list(sweep.steps), type="int")
+    if sweep.replicates > 1:  # one training run per seed; milestone sharing still serves every step count
+        params[REPLICATE_KEY] = ParamSpec(choices=list(range(sweep.replicates)), type="int")
     return params
+
+
+REPLICATE_KEY = "train.seed"  # the parameter whose values are replicates of one configuration
 
 
 def resolved_resolution(cfg: Config) -> int:

@@ -180,7 +180,13 @@ class SweepConfig:
     params: dict[str, ParamSpec] = field(default_factory=dict)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
     constraints: list[str] = field(default_factory=list)  # e.g. "eval/appropriate_rate >= 0.75"
-    pruner: str = "none"  # none | median | hyperband
+    # none | median | hyperband (on val_loss) | wilcoxon: a run stops at a milestone whose evaluation is worse
+    # than the best trial so far on the shared units (one-sided paired Wilcoxon, p < pruner_alpha).
+    pruner: str = "none"
+    pruner_alpha: float = 0.05
+    # Training-seed replicates: every grid point is trained with each of these training seeds
+    # (train.seed = 0..replicates-1), and results are judged per configuration (mean over its seeds).
+    replicates: int = 1
     # Trials WITH A RESULT (complete, pruned, or failed for good) the study should reach: None means
     # the whole grid (grid) or 20 (tpe/random). Attempts that were handed back (Ctrl-C), taken over
     # from a dead worker and retried, or lost a claim race do not count.

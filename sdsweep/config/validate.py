@@ -29,7 +29,7 @@ ALLOWED = {
     "tracking.backend": {"wandb", "none"},
     "tracking.mode": {"offline", "online", "disabled"},
     "sweep.sampler": {"grid", "tpe", "random"},
-    "sweep.pruner": {"none", "median", "hyperband"},
+    "sweep.pruner": {"none", "median", "hyperband", "wilcoxon"},
     "sweep.isolation": {"subprocess", "inprocess"},
 }
 KNOWN_METRICS = {"clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss", "lpips"}
@@ -278,6 +278,23 @@ def _validate_sweep(cfg: Config) -> None:
     constraints.check_metric_names(cfg)
     if sweep.n_trials is not None and sweep.n_trials <= 0:
         _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
+    if sweep.replicates < 1:
+        _fail("sweep.replicates", sweep.replicates, "give 1 (one training seed per point) or more.")
+    seeds = sweep.params.get("train.seed")
+    replicate_seeds = list(range(sweep.replicates))
+    if sweep.replicates > 1 and (
+        sweep.sampler != "grid" or (seeds is not None and list(seeds.choices or []) != replicate_seeds)
+    ):
+        _fail(
+            "sweep.replicates",
+            sweep.replicates,
+            "replicates retrain every grid point with training seeds 0..replicates-1: use sampler grid and "
+            "do not also sweep train.seed.",
+        )
+    if not 0 < sweep.pruner_alpha < 1:
+        _fail(
+            "sweep.pruner_alpha", sweep.pruner_alpha, "give a significance level between 0 and 1, e.g. 0.05."
+        )
     _validate_parallel(sweep)
 
 

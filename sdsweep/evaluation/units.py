@@ -196,6 +196,14 @@ def read_units(folder: str | os.PathLike) -> pd.DataFrame | None:
         raise io.DamagedFileError(f"{path} is damaged ({error}); re-evaluate or delete it.") from None
 
 
+def read_units_or_none(folder: str | os.PathLike) -> pd.DataFrame | None:
+    """``read_units`` for readers that list many folders: a damaged table reads as absent."""
+    try:
+        return read_units(folder)
+    except io.DamagedFileError:
+        return None
+
+
 def paired_frame(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """Units both value frames (``UnitMetric.values``) hold, side by side: ``value_a``, ``value_b``."""
     return a.merge(b, on=KEY_COLUMNS, suffixes=("_a", "_b"))

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Union
 
 from sdsweep import metric_names
+from sdsweep.evaluation.units import read_units_or_none
 from sdsweep.metric_names import fmt, fmt_param, metric_columns, short_label
 from sdsweep.results.figures import Figures
 from sdsweep.results.leaderboard import Leaderboard
 from sdsweep.results.study_folder import StudyData
+from sdsweep.results.verdict import noise_statement
 
 
 # ---- blocks ---------------------------------------------------------------------------------------------
@@ -99,6 +101,16 @@ def _summary_lines(data: StudyData, board: Leaderboard) -> list[str]:
 
     else:
         lines.append("Best feasible trial: none (no trial is COMPLETE and satisfies the constraints)")
+    best = data.best()
+    if best is not None and best.get("replicates"):
+        lines.append(
+            f"Replicates: the pick is configuration mean {fmt(best['replicate_mean'])} over "
+            f"{best['replicates']} training seeds (sd {fmt(best['replicate_sd'])}, 95% interval "
+            f"[{fmt(best['replicate_lo'])}, {fmt(best['replicate_hi'])}]; trials {best['replicate_trials']})"
+        )
+    noise = noise_statement(read_units_or_none(data.paths.baseline), metric, direction)
+    if noise:
+        lines.append(f"Noise: {noise}")
     if board.verdict is not None and board.verdict.best is not None:
         lines.append(f"Verdict: {board.verdict.sentence()}")
         if board.verdict.uncertain_sentence():

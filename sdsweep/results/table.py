@@ -14,6 +14,8 @@ from sdsweep.metric_names import INTERVAL_PARTS
 from sdsweep.study.record import TrialRecord, TrialState, read_record
 
 LEADING_COLUMNS = ["trial", "state", "model", "method", "learning_rate", "max_train_steps"]
+REPLICATE_KEY = "train.seed"  # sdsweep.config.resolve.REPLICATE_KEY: replicates differ only in it
+_NOT_PARAMS = ("eval/", "delta/", "human/", "truth/")
 DAMAGED = TrialState.DAMAGED.value  # the trial's metrics.json exists but cannot be read; fail_reason says why
 
 
@@ -232,6 +234,48 @@ def _front_index(scores: pd.DataFrame) -> list[Any]:
     return front
 
 
+def replicate_groups(pool: pd.DataFrame) -> list[list[Any]] | None:
+    """Row labels of each configuration's replicates (trials that differ only in ``train.seed``), or None
+    when the study has no replicates."""
+    if REPLICATE_KEY not in pool or pool[REPLICATE_KEY].nunique(dropna=True) < 2:
+        return None
+    keys = [c for c in pool.columns if "." in c and c != REPLICATE_KEY and not c.startswith(_NOT_PARAMS)]
+    if not keys:
+        return [list(pool.index)]
+    return [list(rows.index) for _, rows in pool.groupby(keys, dropna=False, sort=True)]
+
+
+def _best_configuration(
+    pool: pd.DataFrame, groups: list[list[Any]], pairs: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """The configuration with the best mean objective(s) over its seeds; its row is the replicate nearest that
+    mean (its weights are exported), with ``replicates``, ``replicate_mean``/``_sd``/``_lo``/``_hi``."""
+    from sdsweep.uncertainty import replicate_interval
+
+    means = pd.DataFrame(
+        [{m: pd.to_numeric(pool.loc[g, m]).mean() for m, _ in pairs} for g in groups],
+        index=[min(int(pool.loc[i, "trial"]) for i in g) for g in groups],
+    )
+    means["trial"] = means.index
+    winner = best_trial(means.assign(state=TrialState.COMPLETE.value), pairs, feasible_only=False)
+    assert winner is not None
+    group = next(g for g in groups if min(int(pool.loc[i, "trial"]) for i in g) == int(winner["trial"]))
+    metric = pairs[0][0]
+    values = pd.to_numeric(pool.loc[group, metric])
+    nearest = (values - values.mean()).abs().sort_values(kind="stable").index[0]
+    row = pool.loc[nearest].to_dict()
+    spread = replicate_interval(values.to_numpy())
+    row.update(
+        replicates=len(group),
+        replicate_trials=sorted(int(pool.loc[i, "trial"]) for i in group),
+        replicate_mean=spread.value,
+        replicate_sd=float(values.std(ddof=1)),
+        replicate_lo=spread.lo,
+        replicate_hi=spread.hi,
+    )
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
 def pareto_front(results: pd.DataFrame, objectives: Objectives, feasible_only: bool = True) -> list[int]:
     """Trial numbers of the Pareto front over the same pool ``best_trial`` chooses from."""
     pairs = as_objectives(objectives)
@@ -260,6 +304,9 @@ def best_trial(
     pool = _candidates(results, [m for m, _ in pairs], feasible_only)
     if pool is None:
         return None
+    groups = replicate_groups(pool)
+    if groups is not None:  # training-seed replicates: the pick is by each configuration's mean
+        return _best_configuration(pool, groups, pairs)
     scores = _scores(pool, pairs)
     if len(pairs) == 1:
         distance = -scores.iloc[:, 0]

@@ -32,7 +32,14 @@ from sdsweep import io
 from sdsweep.config.constraints import parse_constraint
 from sdsweep.evaluation.units import lpips_key_of, metric_for, paired_frame, read_units
 from sdsweep.study.record import TrialRecord, TrialState
-from sdsweep.uncertainty import ConstraintStatus, Difference, Interval, constraint_status, paired_difference
+from sdsweep.uncertainty import (
+    ConstraintStatus,
+    Difference,
+    Interval,
+    constraint_status,
+    paired_difference,
+    resolvable_difference,
+)
 
 VERDICT_FILE = "verdict.json"
 
@@ -157,7 +164,7 @@ def judge_study(
         return verdict
     verdict.best = int(best["trial"])
     verdict.uncertain = uncertain_constraints(paths, results, records or {}, constraints or [])
-    pool = _candidates(results, best)
+    pool = [t for t in _candidates(results, best) if t not in (best.get("replicate_trials") or [])]
     units = {n: _units(paths, n) for n in [verdict.best, *pool]}
     best_units = units[verdict.best]
     if best_units is None:
@@ -285,6 +292,25 @@ def _interval(record: TrialRecord, metric: str) -> Interval:
     if raw and raw.get("value") is not None and math.isclose(float(raw["value"]), number, rel_tol=1e-9):
         return Interval.from_json(raw)
     return Interval(number, None, None, None, 0, "none", "no interval recorded")
+
+
+def noise_statement(units: pd.DataFrame | None, metric: str, direction: str = "maximize") -> str | None:
+    """What one trial's evaluation can resolve, from the baseline's unit-to-unit spread, e.g. "with 16 units,
+    eval/clip_score SE ≈ 4.8: differences under ~13 are not resolvable; ..."."""
+    if units is None:
+        return None
+    definition = metric_for(metric, units, lpips_key_of(units))
+    if definition is None:
+        return f"{metric} is one statistic of the whole image set: its noise cannot be estimated per unit"
+    interval = definition.interval(units)
+    if interval.se is None or not math.isfinite(interval.se):
+        return None
+    smallest = resolvable_difference(interval.se)
+    return (
+        f"with {interval.n} units, {metric} SE ≈ {interval.se:.2g} (from the baseline's spread): differences "
+        f"under ~{smallest:.2g} are not resolvable; raise eval.num_images_per_prompt or confirm the "
+        "contenders (python -m sdsweep.confirm)"
+    )
 
 
 def write_verdict(root: str | os.PathLike, verdict: Verdict) -> Path:

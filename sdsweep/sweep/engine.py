@@ -272,7 +272,7 @@ class SweepEngine:
         if run.shared:
             overrides.append(f"{STEP_KEY}={max(s.step for s in slots)}")
         report_every = 0
-        if self.sweep.pruner != "none" and not run.shared:
+        if self.sweep.pruner not in ("none", "wilcoxon") and not run.shared:  # wilcoxon judges evaluations
             report_every = max(1, max(s.step for s in slots) // 4)
         return RunSpec(
             kind="train",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sdsweep import io, signals
+from sdsweep.config.schema import Config
 from sdsweep.metric_names import is_internal
 from sdsweep.progress import Progress
 from sdsweep.study.plan import short_params
@@ -160,9 +161,15 @@ class RunExecutor:
                     f"stopped: eval/appropriate_rate collapsed to 0 at step {step} (every image degenerate or unsafe)",
                 )
                 return True
+            worse = paired_prune_reason(self.cfg, self.paths, slot.number) if self.open_slots else None
+            if worse:
+                self.stop_open(TrialState.PRUNED, f"pruned at step {step}: {worse}")
+                return True
         if not self.open_slots:
             return True
         assert self.setup is not None
+        if self.cfg.sweep.pruner == "wilcoxon":  # judged on evaluations above, not on val_loss
+            return False
         if val_loss is None:
             val_loss = self.setup.evaluator.val_loss_only(self.setup.method, self.setup.heldout_batch)
         for slot in self.open_slots:
@@ -233,6 +240,40 @@ class RunExecutor:
 
     def fail_open(self, reason: str) -> None:
         self.stop_open(TrialState.FAIL, reason)
+
+
+def paired_prune_reason(cfg: Config, paths: io.StudyPaths, trial: int) -> str | None:
+    """``sweep.pruner=wilcoxon``: why this run should stop after ``trial``'s evaluation, or None.
+
+    Every trial is evaluated on the same units, so the evaluation just recorded is compared, unit by unit,
+    with the best trial recorded so far (the study's own best-trial rule), one-sided paired Wilcoxon on the
+    first objective: the run stops when it is significantly worse (p < ``sweep.pruner_alpha``). Optuna's
+    WilcoxonPruner applies the same test to instances reported inside one trial; here the instances are the
+    evaluation units and the reference is another trial, which Optuna's pruners cannot see.
+    """
+    from sdsweep.evaluation.units import lpips_key_of, metric_for, paired_frame, read_units
+    from sdsweep.results.table import best_trial, build_results
+    from sdsweep.uncertainty import significantly_worse
+
+    objective = cfg.sweep.objectives[0]
+    best = best_trial(build_results(paths), [(objective.metric, objective.direction)])
+    if best is None or int(best["trial"]) == trial:
+        return None
+    mine, theirs = read_units(paths.trial(trial)), read_units(paths.trial(int(best["trial"])))
+    if mine is None or theirs is None:
+        return None
+    definition = metric_for(objective.metric, mine, lpips_key_of(mine))
+    if definition is None:
+        return None  # a set statistic (FD, KD) has no units to pair
+    pairs = paired_frame(definition.values(mine), definition.values(theirs))
+    alpha = cfg.sweep.pruner_alpha
+    if not significantly_worse(pairs["value_a"], pairs["value_b"], objective.direction, alpha=alpha):
+        return None
+    difference = float((pairs["value_a"] - pairs["value_b"]).mean())
+    return (
+        f"paired Wilcoxon: {objective.metric} worse than trial {int(best['trial'])} on {len(pairs)} shared "
+        f"units (mean difference {difference:+.3g}, p < {alpha:g})"
+    )
 
 
 def trial_line(slot: TrialSlot, record: TrialRecord) -> str:
