@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,7 +107,9 @@ def test_replicates_are_judged_by_their_configuration_mean(replicated_study):
     assert rows["train.seed"].tolist() != [rows["train.seed"].iloc[0]] * 2  # one trial per seed
     assert best["replicate_mean"] == pytest.approx(rows["eval/clip_score"].mean())
     # The pick is the configuration with the best mean over its seeds, not the best single trial.
-    configs = data.results.groupby(["method.learning_rate", "train.max_train_steps"])["eval/clip_score"].mean()
+    configs = data.results.groupby(["method.learning_rate", "train.max_train_steps"])[
+        "eval/clip_score"
+    ].mean()
     assert best["replicate_mean"] == pytest.approx(configs.max())
     assert "Replicates: the pick is configuration mean" in (study / "report.md").read_text()
     # The two seeds of one configuration trained differently.
