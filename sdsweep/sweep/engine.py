@@ -39,7 +39,7 @@ from sdsweep.study.plan import (
 from sdsweep.study.store import GRID_POINT, RUN_KEY, StudyHandle, storage_url
 from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
-from sdsweep.sweep.fingerprint import check_study_unchanged
+from sdsweep.sweep.fingerprint import check_study_unchanged, is_location_only
 from sdsweep.sweep.ledger import StudyLedger
 from sdsweep.sweep.preflight import available_search_space
 from sdsweep.sweep.run_config import compose_config
@@ -103,12 +103,27 @@ class SweepEngine:
         self.single_key = None
         self.single_params: dict[str, Any] = {}
         if self.sweep.name == "single":
-            from sdsweep.config.load import to_yaml
-
-            self.single_key = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
+            self.single_key = self.single_run_key()
             # What the user set on the command line (e.g. each job of a Hydra -m multirun) is what tells
             # single runs apart: it becomes the trial's parameters in results and the report.
             self.single_params = command_line_values(self.overrides)
+
+    def single_run_key(self) -> str:
+        """A single run's identity: its whole config except where things are (the study's fingerprint
+        checks what the data and model folders hold). A study started by an older sdsweep keeps the key
+        it gave its run (that one hashed the paths too), so the run is not trained again."""
+        import json
+
+        from sdsweep.config.load import to_yaml
+        from sdsweep.config.resolve import flatten
+
+        kept = {k: v for k, v in flatten(self.cfg).items() if not is_location_only(k)}
+        key = (
+            "single:" + hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        )
+        legacy = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
+        known = set(self.ledger.decided_points()) | self.ledger.live_points()
+        return legacy if legacy in known and key not in known else key
 
     def say(self, message: str) -> None:
         log(f"{self.label}: {message}" if self.label != "driver" else message)
