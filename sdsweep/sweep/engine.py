@@ -39,7 +39,7 @@ from sdsweep.study.plan import (
 from sdsweep.study.store import GRID_POINT, RUN_KEY, StudyHandle, storage_url
 from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
-from sdsweep.sweep.fingerprint import check_study_unchanged, is_location_only
+from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, is_location_only
 from sdsweep.sweep.ledger import StudyLedger
 from sdsweep.sweep.preflight import available_search_space
 from sdsweep.sweep.run_config import compose_config
@@ -366,12 +366,14 @@ class SweepEngine:
             execute_run(
                 spec, self.caches, still_owned=self.heartbeat.check_owned, say=self.say, label=self.label
             )
-        except signals.HandBack as stop:
+        except (signals.HandBack, StudyMismatchError) as stop:
             # Uninterruptible: a second signal (the driver forwards the Ctrl-C the terminal already sent
             # us, or an impatient user) must not leave trials RUNNING, to be taken over later as crashed.
+            # Data changed before the run loaded it: handed back too, and the sweep stops (not comparable).
+            signalled = isinstance(stop, signals.HandBack)
             with signals.critical():
                 left = [n for n in numbers if self.handle.get_trial(n).state == TrialState.RUNNING]
-                self.claims.hand_back(left, f"{stop} received")
+                self.claims.hand_back(left, f"{stop} received" if signalled else "the study's data changed")
             raise
         except RunTakenOver as lost:
             self.say(f"run {spec.run_key}: {lost}")

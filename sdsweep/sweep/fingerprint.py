@@ -350,7 +350,7 @@ def ensure_study_identity(
         io.atomic_write_json(paths.study_json, updated)
 
 
-def check_study_unchanged(cfg: Config, paths: io.StudyPaths) -> None:
+def check_study_unchanged(cfg: Config, paths: io.StudyPaths, examples: list[Any] | None = None) -> None:
     """Between runs of a sweep: raise ``StudyMismatchError`` when the data (or the model files, or the
     settings in conf/) changed since the study was defined. Cheap: file hashes are cached by size and
     mtime, so only changed files are read. Runs trained after such a change would not be comparable
@@ -359,7 +359,7 @@ def check_study_unchanged(cfg: Config, paths: io.StudyPaths) -> None:
     previous = (stored or {}).get("fingerprint")
     if not previous:
         return
-    changes = describe_changes(located(previous, cfg)[0], study_fingerprint(cfg))
+    changes = describe_changes(located(previous, cfg)[0], study_fingerprint(cfg, examples))
     if changes:
         raise StudyMismatchError(
             f"the study {cfg.study} changed while its sweep was running: {'; '.join(changes)}. Runs trained "
@@ -367,3 +367,18 @@ def check_study_unchanged(cfg: Config, paths: io.StudyPaths) -> None:
             "are kept). Put the data and settings back and re-run the same command to continue, or start a new "
             "study (study=<new name>, or study_reset=true to move this one aside)."
         )
+
+
+def raise_if_data_changed(cfg: Config, paths: io.StudyPaths, error: BaseException) -> None:
+    """A run failed while loading: when the study changed meanwhile (or its data cannot be read now, while it
+    could when the sweep started: a file half rewritten), raise ``StudyMismatchError`` instead, so the run
+    is handed back rather than failed. Otherwise return, and the caller records the original error."""
+    try:
+        check_study_unchanged(cfg, paths)
+    except StudyMismatchError:
+        raise
+    except Exception as unreadable:
+        raise StudyMismatchError(
+            f"the study {cfg.study} changed while its sweep was running: its data cannot be read now "
+            f"({type(unreadable).__name__}: {unreadable}). Put the data back and re-run the same command to continue."
+        ) from error
