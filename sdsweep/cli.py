@@ -72,8 +72,9 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
         log(f"trials: {states}")
     if outcome.best:
         best = outcome.best
+        weights = best.get("weights_dir")  # relative to the study folder, as results.csv holds it
         log(
-            f"best trial: {best.get('trial')} (objective {best.get('objective')}) weights: {best.get('weights_dir') or 'removed'}"
+            f"best trial: {best.get('trial')} (objective {best.get('objective')}) weights: {outcome.study_dir / weights if weights else 'removed'}"
             + (
                 ""
                 if is_feasible(best.get("feasible"))

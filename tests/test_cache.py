@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -107,10 +108,19 @@ def test_changed_image_resolution_or_model_gives_a_new_key_and_encodes_again(com
     base_key = cache_key(cfg, components["sd15"], examples, captions)
     build(cfg, components["sd15"], examples, tmp_path)
 
+    # The key names what the VAE and text encoder hold, not their folder: the two tiny flavours share both
+    # (byte for byte), so the second reuses the file; the same model copied elsewhere does too.
+    assert cache_key(cfg, components["sd21"], examples, captions) == base_key
+    copied = tmp_path / "elsewhere" / "model"
+    shutil.copytree(components["sd15"].source, copied)
+    moved = dataclasses.replace(components["sd15"], source=str(copied))
+    assert cache_key(cfg, moved, examples, captions) == base_key
+    # Another VAE (here: another config file in its folder) is another key, and encodes again.
+    config = copied / "vae" / "config.json"
+    config.write_text(config.read_text().replace("{", '{"_edited": true,', 1))
+    assert cache_key(cfg, moved, examples, captions) != base_key
     calls = LatentCache.encode_calls
-    build(make_cfg("model.pretrained=tiny:sd21"), components["sd21"], examples, tmp_path)
-    # Another model folder is another key, even where (as for the two tiny flavours) the VAEs agree.
-    assert cache_key(cfg, components["sd21"], examples, captions) != base_key
+    build(cfg, moved, examples, tmp_path)
     assert LatentCache.encode_calls > calls
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == 2
 

@@ -45,7 +45,7 @@ def test_demo_experiment_end_to_end_in_a_subprocess(tmp_path):
     assert len(results) == 4 and (results["state"] == "COMPLETE").all()
     assert results["eval/clip_score"].map(math.isfinite).all()
     assert (study_dir / "study.db").exists()
-    for trial_dir in map(Path, results["trial_dir"]):
+    for trial_dir in (study_dir / d for d in results["trial_dir"]):  # relative to the study folder
         assert (trial_dir / "config.yaml").exists() and (trial_dir / "metrics.json").exists()
         assert list((trial_dir / "samples").glob("*.png"))
     # One offline W&B run per trial (plus the study-level run).

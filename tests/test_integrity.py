@@ -338,7 +338,11 @@ def test_cli_refuses_changed_data_and_changes_nothing(tmp_path):
 def test_data_changed_while_a_sweep_runs_stops_it_before_the_next_run(isolation, tmp_path):
     """An image edited mid-sweep: the run already training finishes on the data it loaded, no later run
     starts (it would not be comparable), the command says which file changed (exit 2, no traceback),
-    and after the file is put back the same command finishes the grid."""
+    and after the file is put back the same command finishes the grid.
+
+    The edit lands once the second run has started; on a busy machine that run may not have loaded its
+    data yet. Then it is handed back (no record, never FAIL) and trained by the re-run; either way no run
+    trains on data the study does not hold."""
     data = make_dataset(tmp_path / "data", count=4)
     overrides = sweep_overrides(
         tmp_path / "exp",
@@ -370,7 +374,9 @@ def test_data_changed_while_a_sweep_runs_stops_it_before_the_next_run(isolation,
     assert "changed while its sweep was running" in err and "1.png" in err, err[-3000:]
     assert "Traceback" not in out + err
     records = [json.loads(p.read_text()) for p in study.glob("trials/*/metrics.json")]
-    assert len([r for r in records if r["state"] == "COMPLETE"]) == 2, [r["state"] for r in records]
+    states = sorted(r["state"] for r in records)
+    # The first run finished; the second finished on the data it loaded, or was handed back unrecorded.
+    assert states in (["COMPLETE"], ["COMPLETE", "COMPLETE"]), states
     assert len(list(study.glob("trials/*/config.yaml"))) == 2  # the third run never started
     (data / "1.png").write_bytes(original)
     again = run_cli(*overrides)

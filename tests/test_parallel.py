@@ -387,7 +387,7 @@ def test_keep_best_k_keeps_the_best_weights_after_a_kill_between_record_and_tell
     results = pd.read_csv(study_dir / "results.csv")
     best = best_trial(results, "maximize", feasible_only=False)
     assert best is not None
-    best_dir = Path(best["trial_dir"])
+    best_dir = study_dir / best["trial_dir"]  # results.csv paths are relative to the study folder
     assert (best_dir / "weights").is_dir() and any((best_dir / "weights").iterdir())
     assert json.loads((best_dir / "metrics.json").read_text()).get("weights")
     kept = [d for d in (study_dir / "trials").iterdir() if (d / "weights").is_dir()]

@@ -55,7 +55,7 @@ def test_grid_with_shared_milestones_gives_one_row_per_point_from_two_runs(tmp_p
     assert results["eval/clip_score"].map(math.isfinite).all()
     # Each trial folder is complete, and its saved config reproduces its own step count.
     for _, row in results.iterrows():
-        trial_dir = Path(row["trial_dir"])
+        trial_dir = outcome.study_dir / row["trial_dir"]  # relative to the study folder
         assert (trial_dir / "metrics.json").exists() and (trial_dir / "grid.png").exists()
         assert f"max_train_steps: {row['train.max_train_steps']}" in (trial_dir / "config.yaml").read_text()
         assert any((trial_dir / "weights").iterdir())
@@ -156,9 +156,9 @@ def test_keep_best_k_bounds_the_weights_on_disk(tmp_path):
         )
     )
     results = pd.read_csv(outcome.results_csv)
-    kept = [Path(d) for d in results["trial_dir"] if (Path(d) / "weights").exists()]
+    kept = [d for d in results["trial_dir"] if (outcome.study_dir / d / "weights").exists()]
     assert len(kept) == 1
-    assert outcome.best and Path(outcome.best["trial_dir"]) == kept[0]
+    assert outcome.best and outcome.best["trial_dir"] == kept[0]
 
 
 def test_keep_best_k_with_two_objectives_keeps_the_whole_pareto_front(tmp_path):
@@ -292,7 +292,7 @@ def test_tpe_search_switches_config_groups_with_per_method_learning_rates(tmp_pa
     results = pd.read_csv(outcome.results_csv)
     assert len(results) == 3 and (results["state"] == "COMPLETE").all()
     for _, row in results.iterrows():
-        config = (Path(row["trial_dir"]) / "config.yaml").read_text()
+        config = (outcome.study_dir / row["trial_dir"] / "config.yaml").read_text()
         assert f"name: {row['method']}" in config
         expected = "tiny:sd21" if row["model"] == "tiny_sd21" else "tiny:sd15"
         assert expected in config  # the whole model group was switched, not just a name

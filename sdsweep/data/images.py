@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,15 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path | BytesIO) -> Image.Image:
     """The image upright (EXIF orientation applied: phone photos) and in 8-bit RGB."""
     with Image.open(path) as image:
         return to_8bit(ImageOps.exif_transpose(image)).convert("RGB")
+
+
+def open_rgb_bytes(data: bytes) -> Image.Image:
+    """``open_rgb`` of an image already read into memory."""
+    return open_rgb(BytesIO(data))
 
 
 def load_pil_images(examples: list[Example]) -> list[Image.Image]:

@@ -6,9 +6,10 @@ distribution. We store the distribution's parameters (mean and log-variance, dif
 ``latent_dist.parameters``) rather than its mean: the published training scripts sample a fresh
 latent every step, and that VAE noise is a (mild) augmentation a cached run should keep.
 
-The file name is a hash of everything that changes the result (image bytes, captions, model folder
-and weight files, revision, resolution, crop and flip settings, VAE dtype), so a stale cache is never
-read; files are written atomically, so trials running side by side at worst encode twice.
+The file name is a hash of everything that changes the result (image bytes, captions, the content of
+the model's VAE and text encoder, revision, resolution, crop and flip settings, VAE dtype), never of a
+path, so a stale cache is never read and a moved study (or the same model at another path) reuses its
+latents; files are written atomically, so trials running side by side at worst encode twice.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from sdsweep import io
 from sdsweep.config.resolve import resolved_resolution
 from sdsweep.config.schema import Config
+from sdsweep.content import folder_identity
 from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, fit_to_bucket, grid_for
 from sdsweep.data.examples import Example
 from sdsweep.data.images import (
@@ -33,7 +35,7 @@ from sdsweep.data.images import (
     ItemKey,
     dataset_for,
     draw_seed,
-    load_pil_images,
+    open_rgb_bytes,
     resize_and_crop,
     split_key,
     to_tensor,
@@ -49,30 +51,36 @@ PLAIN, FLIPPED, TEXT = "latent_params", "latent_params_flipped", "text_embedding
 ROWS, BUCKET_SEP = "rows", "@"  # bucketed caches: "latent_params@24x40" holds the images in "rows@24x40"
 
 
-def _weights_fingerprint(source: str, subfolders: tuple[str, ...]) -> list[list[Any]]:
-    """Name, size and mtime of the weight files: a re-saved model at the same path changes the key
-    without hashing gigabytes of weights for every trial."""
-    root = Path(source)
-    entries = []
-    for sub in subfolders:
-        folder = root / sub
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                if path.is_file():
-                    stat = path.stat()
-                    entries.append([f"{sub}/{path.name}", stat.st_size, stat.st_mtime_ns])
-    return entries
+def model_content(cfg: Config, source: str, subfolders: tuple[str, ...]) -> str:
+    """What the model's parts that shape the cache hold (sdsweep/content.py): the same model reached through
+    another path or mount point gives the same key, and a re-saved model at the same path a new one. Each
+    weight file is read once per path, size and mtime (the hashes are cached by the machine's sdsweep cache)."""
+    from sdsweep.models.tiny import cache_root
+
+    return folder_identity(source, cache_root(cfg.paths.cache) / "file-hashes.json", subfolders)
 
 
-def cache_key(cfg: Config, components: Any, examples: list[Example], captions: list[str] | None) -> str:
+def read_images(examples: list[Example]) -> list[bytes]:
+    """Every image's bytes, read once: the cache key and the encoded latents come from the same bytes, so an
+    image replaced meanwhile can never leave latents of one version under the key of another."""
+    return [Path(example.image_path).read_bytes() for example in examples]
+
+
+def cache_key(
+    cfg: Config,
+    components: Any,
+    examples: list[Example],
+    captions: list[str] | None,
+    images: list[bytes] | None = None,
+) -> str:
     """The content hash naming a cache file; ``captions`` is None when no text is cached."""
     digest = hashlib.sha256()
+    parts = ("vae", "text_encoder", "tokenizer") if captions else ("vae",)
     header = {
         "version": CACHE_VERSION,
-        "model": components.source,
+        "model": model_content(cfg, components.source, parts),
         "revision": cfg.model.revision,
         "variant": cfg.model.variant,
-        "weights": _weights_fingerprint(components.source, ("vae", "text_encoder") if captions else ("vae",)),
         "vae_dtype": str(components.vae.dtype),
         "text_encoder_dtype": str(components.text_encoder.dtype) if captions else None,
         "resolution": resolved_resolution(cfg),
@@ -83,8 +91,8 @@ def cache_key(cfg: Config, components: Any, examples: list[Example], captions: l
     if cfg.train.bucketing:  # only then, so that square caches keep their names
         header["buckets"] = grid_for(cfg, components).buckets()
     digest.update(json.dumps(header, sort_keys=True).encode())
-    for example in examples:
-        digest.update(hashlib.sha256(example.image_path.read_bytes()).digest())
+    for blob in images if images is not None else read_images(examples):
+        digest.update(hashlib.sha256(blob).digest())
     return digest.hexdigest()[:32]
 
 
@@ -102,8 +110,10 @@ class LatentCache:
         self.components = components
         self.folder = Path(cache_dir) / "latents"
 
-    def path_for(self, examples: list[Example], captions: list[str] | None) -> Path:
-        return self.folder / f"{cache_key(self.cfg, self.components, examples, captions)}.safetensors"
+    def path_for(
+        self, examples: list[Example], captions: list[str] | None, images: list[bytes] | None = None
+    ) -> Path:
+        return self.folder / f"{cache_key(self.cfg, self.components, examples, captions, images)}.safetensors"
 
     def load_or_encode(self, examples: list[Example], captions: list[str] | None) -> dict[str, torch.Tensor]:
         """``latent_params`` [N, 2C, h, w] (+ ``latent_params_flipped``) and, with captions,
@@ -111,21 +121,29 @@ class LatentCache:
         from safetensors import SafetensorError
         from safetensors.torch import load_file, save
 
-        path = self.path_for(examples, captions)
+        images = read_images(examples)
+        path = self.path_for(examples, captions, images)
         if path.exists():
             try:
                 return load_file(str(path))
             except (SafetensorError, OSError) as error:  # unreadable (disk trouble): rebuild it
                 logger.warning("latent cache %s is unreadable (%s); encoding again", path, error)
-        tensors = self._encode_images(examples)
+        elif any(self.folder.glob("*.safetensors")):
+            # Keyed by content and settings, never by path: a moved study finds its latents; this data,
+            # model or setting is new to the study, so it is encoded once, here.
+            print(
+                f"[sdsweep] latent cache: no latents yet for these {len(examples)} images with this model and "
+                f"these settings; encoding them once ({path.name})",
+                flush=True,
+            )
+        tensors = self._encode_images([open_rgb_bytes(blob) for blob in images])
         if captions is not None:
             tensors[TEXT] = self._encode_text(sorted(set(captions)))
         io.atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
         return tensors
 
     @torch.no_grad()
-    def _encode_images(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        images = load_pil_images(examples)
+    def _encode_images(self, images: list[Any]) -> dict[str, torch.Tensor]:
         if self.cfg.train.bucketing:
             return self._encode_bucketed(images)
         resolution = resolved_resolution(self.cfg)

@@ -85,6 +85,13 @@ class StudyData:
             return {}
         return {k: v for k, v in self.baseline.metrics.items() if is_number(v)}
 
+    def in_folder(self, relative: Any) -> Path | None:
+        """A path results.csv holds (``trial_dir``, ``weights_dir``: relative to the study folder) where
+        the folder is now; None for an empty cell."""
+        if not isinstance(relative, str) or not relative:
+            return None
+        return self.root / relative
+
     def best(self) -> dict[str, Any] | None:
         return best_trial(self.results, self.objectives)
 
@@ -136,7 +143,17 @@ def load_study(study_dir: str | os.PathLike) -> StudyData:
         if record is not None and record.trial is not None:
             records[int(record.trial)] = record
     results = read_results(paths)
+    if _is_own_storage(info.get("storage"), paths):
+        info["storage"] = None  # an older study.json named its own study.db by where the folder was then
     return StudyData(root, info, results, read_record(paths.baseline / io.TRIAL_METRICS), records)
+
+
+def _is_own_storage(url: Any, paths: io.StudyPaths) -> bool:
+    """``sqlite:///<somewhere>/<study>/study.db``: the study's own storage, wherever the folder was."""
+    if not isinstance(url, str) or not url.startswith("sqlite:///"):
+        return False
+    recorded = Path(url.removeprefix("sqlite:///"))
+    return recorded.name == paths.storage_db.name and recorded.parent.name == paths.root.name
 
 
 def read_results(paths: io.StudyPaths) -> pd.DataFrame:
@@ -149,7 +166,21 @@ def read_results(paths: io.StudyPaths) -> pd.DataFrame:
         return frame
     frame = frame[frame["trial"] >= 0].copy()  # a baseline row (trial -1) is kept separately
     frame["trial"] = frame["trial"].astype(int)
+    for column in ("trial_dir", "weights_dir"):  # older tables held them relative to the cwd or absolute
+        if column in frame:
+            frame[column] = frame[column].map(_relative_to_study)
     return frame.sort_values("trial").reset_index(drop=True)
+
+
+def _relative_to_study(value: Any) -> Any:
+    """``/old/place/study/trials/0003/weights`` -> ``trials/0003/weights``; relative ones stay as they are."""
+    if not isinstance(value, str):
+        return value
+    parts = Path(value).parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "trials" and parts[i + 1].isdigit():
+            return Path(*parts[i:]).as_posix()
+    return value
 
 
 def read_baseline_metrics(study_dir: str | os.PathLike) -> dict[str, Any]:

@@ -36,19 +36,19 @@ def trial_rows(
                 "trial": number,
                 "state": DAMAGED,
                 "fail_reason": str(error),
-                "trial_dir": str(trial_dir),
+                "trial_dir": in_study(paths, trial_dir),
             }
             continue
         if record is None:
             continue
-        row = _row_from_record(record, trial_dir)
+        row = _row_from_record(record, trial_dir, paths)
         rows[row["trial"]] = row
     superseded = set(superseded or ())
     for frozen in optuna_trials or []:
         if frozen.number in superseded:
             continue
         row = rows.setdefault(
-            frozen.number, {"trial": frozen.number, "trial_dir": str(paths.trial(frozen.number))}
+            frozen.number, {"trial": frozen.number, "trial_dir": in_study(paths, paths.trial(frozen.number))}
         )
         if row.get("state") != DAMAGED:  # the storage is the source of truth, except for a torn record
             row["state"] = frozen.state.name
@@ -59,7 +59,12 @@ def trial_rows(
     return [rows[k] for k in sorted(rows) if k not in superseded]
 
 
-def _row_from_record(record: TrialRecord, trial_dir: Path) -> dict[str, Any]:
+def in_study(paths: io.StudyPaths, path: Path) -> str:
+    """``path`` relative to the study folder (``trials/0003``): the folder can move and its table still reads."""
+    return Path(path).relative_to(paths.root).as_posix()
+
+
+def _row_from_record(record: TrialRecord, trial_dir: Path, paths: io.StudyPaths) -> dict[str, Any]:
     row: dict[str, Any] = {
         "trial": record.trial,
         "state": record.state.value,
@@ -79,11 +84,12 @@ def _row_from_record(record: TrialRecord, trial_dir: Path) -> dict[str, Any]:
     row["warnings"] = "; ".join(record.warnings) or None
     row["train_seconds"] = record.train_seconds
     row["eval_seconds"] = record.eval_seconds
-    row["trial_dir"] = str(trial_dir)
+    row["trial_dir"] = in_study(paths, trial_dir)
     weights = record.weights
-    row["weights_dir"] = str(trial_dir / weights) if weights and (trial_dir / weights).exists() else None
-    if weights and row["weights_dir"] is None:
-        note = f"weights {trial_dir / weights} no longer exist"
+    exists = bool(weights) and (trial_dir / weights).exists()
+    row["weights_dir"] = in_study(paths, trial_dir / weights) if exists else None
+    if weights and not exists:
+        note = f"weights {in_study(paths, trial_dir / weights)} no longer exist"
         row["warnings"] = f"{row['warnings']}; {note}" if row["warnings"] else note
     row["wandb_run_id"] = record.wandb_run_id
     return row

@@ -26,7 +26,7 @@ SUPERSEDED = "superseded"  # an interrupted trial whose grid point was queued ag
 CLAIM_LOST = "claim_lost"
 GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_key)
 RUN_KEY = "run_key"
-TRIAL_DIR = "trial_dir"  # where the trial's files are, for a person reading the study in optuna-dashboard
+TRIAL_DIR = "trial_dir"  # where the trial's files are (trials/NNNN, relative to the study folder), for optuna-dashboard
 WANDB_RUN_ID = "wandb_run_id"
 INTERVALS = "intervals"  # {metric: [lo, hi]}: the 95% intervals of the trial's headline metrics
 

@@ -39,7 +39,7 @@ from sdsweep.study.plan import (
 from sdsweep.study.store import GRID_POINT, RUN_KEY, StudyHandle, storage_url
 from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
-from sdsweep.sweep.fingerprint import check_study_unchanged
+from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, is_location_only
 from sdsweep.sweep.ledger import StudyLedger
 from sdsweep.sweep.preflight import available_search_space
 from sdsweep.sweep.run_config import compose_config
@@ -103,12 +103,27 @@ class SweepEngine:
         self.single_key = None
         self.single_params: dict[str, Any] = {}
         if self.sweep.name == "single":
-            from sdsweep.config.load import to_yaml
-
-            self.single_key = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
+            self.single_key = self.single_run_key()
             # What the user set on the command line (e.g. each job of a Hydra -m multirun) is what tells
             # single runs apart: it becomes the trial's parameters in results and the report.
             self.single_params = command_line_values(self.overrides)
+
+    def single_run_key(self) -> str:
+        """A single run's identity: its whole config except where things are (the study's fingerprint
+        checks what the data and model folders hold). A study started by an older sdsweep keeps the key
+        it gave its run (that one hashed the paths too), so the run is not trained again."""
+        import json
+
+        from sdsweep.config.load import to_yaml
+        from sdsweep.config.resolve import flatten
+
+        kept = {k: v for k, v in flatten(self.cfg).items() if not is_location_only(k)}
+        key = (
+            "single:" + hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        )
+        legacy = "single:" + hashlib.sha1(to_yaml(self.cfg).encode()).hexdigest()[:12]
+        known = set(self.ledger.decided_points()) | self.ledger.live_points()
+        return legacy if legacy in known and key not in known else key
 
     def say(self, message: str) -> None:
         log(f"{self.label}: {message}" if self.label != "driver" else message)
@@ -351,12 +366,14 @@ class SweepEngine:
             execute_run(
                 spec, self.caches, still_owned=self.heartbeat.check_owned, say=self.say, label=self.label
             )
-        except signals.HandBack as stop:
+        except (signals.HandBack, StudyMismatchError) as stop:
             # Uninterruptible: a second signal (the driver forwards the Ctrl-C the terminal already sent
             # us, or an impatient user) must not leave trials RUNNING, to be taken over later as crashed.
+            # Data changed before the run loaded it: handed back too, and the sweep stops (not comparable).
+            signalled = isinstance(stop, signals.HandBack)
             with signals.critical():
                 left = [n for n in numbers if self.handle.get_trial(n).state == TrialState.RUNNING]
-                self.claims.hand_back(left, f"{stop} received")
+                self.claims.hand_back(left, f"{stop} received" if signalled else "the study's data changed")
             raise
         except RunTakenOver as lost:
             self.say(f"run {spec.run_key}: {lost}")

@@ -1,15 +1,23 @@
 """Study identity: what defines a study, recorded in study.json and checked on every re-run.
 
 A study's trials are comparable only if they share their data, model, evaluation and the training
-settings that are not swept. The fingerprint records exactly those; a re-run whose fingerprint differs
-stops with the list of changes instead of passing the old results off as new ones.
+settings that are not swept. The fingerprint records exactly those, by content, never by location: the
+same study seen through another path (an absolute or relative spelling, a symlink, a moved folder, a
+node that mounts the shared disk elsewhere) is the same study. A re-run whose fingerprint differs stops
+with the list of changes instead of passing the old results off as new ones.
 
 - data: every image (path relative to the dataset folder) with the SHA-256 of its bytes and its caption.
-  Hashes are cached by (path, size, mtime) under the cache folder, so a re-run reads no image twice.
-- settings: the flattened config minus what cannot change a result (paths, tracking, device, the sweep
-  block) and minus the swept keys. A swept group (``model``, ``method``, ``data``) drops its whole section.
+- model: a hub name at its revision, or for a local folder (``model.path``) the content hash of its
+  files (sdsweep/content.py: each file is read once per path, size and mtime).
+- settings: the flattened config minus what cannot change a result (where things are: ``paths``,
+  ``tracking``, the storage, the device; the sweep block) and minus the swept keys. A swept group
+  (``model``, ``method``, ``data``) drops its whole section. A local evaluation folder
+  (``eval.reference_dir``, a local ``eval.clip_model``) is recorded by content too.
 - single runs (no ``+sweep``) differ from each other in training settings by design; their study is
   defined by what the shared baseline depends on: model, data and evaluation.
+
+Older study.json files recorded some locations (``paths.root``, ``tracking.*``, a local model by file
+names and sizes); they are read with those keys ignored, and rewritten once without them.
 """
 
 from __future__ import annotations
@@ -24,17 +32,18 @@ from typing import Any
 from sdsweep import io
 from sdsweep.config.resolve import flatten
 from sdsweep.config.schema import Config
+from sdsweep.content import CONTENT_PREFIX, file_hashes, folder_identity
 from sdsweep.errors import ConfigError
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: location-free (no paths.*, tracking.*; a local model by content)
 RESET_MARKER_ENV = "SDSWEEP_STUDY_RESET_DONE"  # children of a reset run must not reset it again
-# Keys that never change what a trial produces.
+# Keys that never change what a trial produces (each also covers its sub-keys: "paths" -> "paths.root").
 NOT_DEFINING = (
     "study",
     "study_reset",
     "device",
-    "paths.",
-    "tracking.",
+    "paths",
+    "tracking",
     "sweep",
     "model.path",
     "model.pretrained",
@@ -48,8 +57,14 @@ NOT_DEFINING = (
     "eval.batch_size",
     "eval.baseline",
 )
+# Keys that only say where something is (the data and model folders are checked by content).
+LOCATION_ONLY = ("paths", "tracking.dir", "sweep.storage", "model.path", "data.path", "eval.reference_dir")
+STUDY_LOCATION = ("paths.root", "paths.cache", "tracking.dir")  # where the study and its caches are
+# Settings that name a local folder: recorded by its content (a hub name stays as it is).
+CONTENT_SETTINGS = ("eval.reference_dir", "eval.clip_model")
 SINGLE_RUN_SECTIONS = ("model.", "data.", "eval.")  # what the shared baseline depends on
 GROUP_KEYS = ("model", "method", "data")  # swept config groups: the whole section varies
+LEGACY_LOCAL_MODEL = "local:"  # version 1 named a local model by its file names and sizes
 
 
 class StudyMismatchError(ConfigError):
@@ -57,61 +72,63 @@ class StudyMismatchError(ConfigError):
 
 
 # ---- hashing ----------------------------------------------------------------------------------------
-def _hash_cache_file(cfg: Config) -> Path:
+def hash_cache_file(cfg: Config) -> Path:
+    """Where file hashes are cached (by resolved path, size and mtime): the machine's sdsweep cache."""
     from sdsweep.models.tiny import cache_root
 
     return cache_root(cfg.paths.cache) / "file-hashes.json"
 
 
-def file_hashes(paths: list[Path], cache_file: Path) -> dict[Path, str]:
-    """SHA-256 of each file's bytes, reusing cached hashes whose (size, mtime) still match."""
-    try:
-        cached = io.read_json(cache_file, {}) or {}
-    except io.DamagedFileError:
-        cached = {}  # a cache: rebuilt, never trusted when torn
-    out, changed = {}, False
-    for path in paths:
-        key = str(path.resolve())
-        stat = path.stat()
-        entry = cached.get(key)
-        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-            out[path] = entry["sha256"]
-            continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        out[path] = digest.hexdigest()
-        cached[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": out[path]}
-        changed = True
-    if changed:
-        try:
-            io.atomic_write_json(cache_file, cached)
-        except OSError:
-            pass  # a read-only cache only costs the re-hash next time
-    return out
+def _local_model_folder(cfg: Config) -> Path | None:
+    model = cfg.model
+    local = Path(os.path.expanduser(model.path or model.pretrained))
+    return local if model.path or local.is_dir() else None
 
 
 def _model_identity(cfg: Config) -> str:
-    model = cfg.model
-    local = Path(os.path.expanduser(model.path or model.pretrained))
-    if model.path or local.is_dir():
-        # A local folder may move between machines: identify it by its files and sizes, not its path.
-        digest = hashlib.sha256()
-        for file in sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            digest.update(f"{file.relative_to(local)}:{file.stat().st_size}\n".encode())
-        return f"local:{digest.hexdigest()[:16]}"
-    return f"{model.pretrained}@{model.revision or 'main'}"
+    local = _local_model_folder(cfg)
+    if local is not None:
+        # A local folder may move between machines or mount points: identify it by what its files hold.
+        return folder_identity(local, hash_cache_file(cfg))
+    return f"{cfg.model.pretrained}@{cfg.model.revision or 'main'}"
+
+
+def _legacy_model_identity(cfg: Config) -> str | None:
+    """Version 1's name for a local model (file names and sizes), to read older study.json files."""
+    local = _local_model_folder(cfg)
+    if local is None:
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{file.relative_to(local)}:{file.stat().st_size}\n".encode())
+    return f"{LEGACY_LOCAL_MODEL}{digest.hexdigest()[:16]}"
+
+
+def _content_setting(cfg: Config, value: Any) -> Any:
+    """A local folder by content; anything else (a hub name, None) as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    local = Path(os.path.expanduser(value))
+    return folder_identity(local, hash_cache_file(cfg)) if local.is_dir() else value
 
 
 def _is_single(cfg: Config) -> bool:
     return cfg.sweep is None or cfg.sweep.name == "single"
 
 
+def is_location(key: str) -> bool:
+    """A key that says where something is, or otherwise never changes a result."""
+    return any(key == k or key.startswith(f"{k}.") for k in NOT_DEFINING)
+
+
+def is_location_only(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in LOCATION_ONLY)
+
+
 def _defining(key: str, swept: set[str], single: bool) -> bool:
     if single and not key.startswith(SINGLE_RUN_SECTIONS):
         return False
-    if any(key == k or key.startswith(f"{k}.") for k in NOT_DEFINING):
+    if is_location(key):
         return False
     if key in swept:
         return False
@@ -125,12 +142,15 @@ def study_fingerprint(cfg: Config, examples: list[Any] | None = None) -> dict[st
     single = _is_single(cfg)
     swept = set(cfg.sweep.params) if cfg.sweep is not None else set()
     settings = {k: v for k, v in flatten(cfg).items() if _defining(k, swept, single)}
+    for key in CONTENT_SETTINGS:
+        if key in settings:
+            settings[key] = _content_setting(cfg, settings[key])
     data: dict[str, Any] | None = None
     if "data" not in swept:
         examples = examples if examples is not None else load_examples(cfg)
         files = [Path(e.image_path) for e in examples]
         root = Path(os.path.commonpath([str(f.resolve().parent) for f in files])) if files else Path(".")
-        hashes = file_hashes(files, _hash_cache_file(cfg))
+        hashes = file_hashes(files, hash_cache_file(cfg))
         data = {
             str(f.resolve().relative_to(root)): {"sha256": hashes[f], "caption": e.caption}
             for f, e in zip(files, examples, strict=True)
@@ -139,9 +159,45 @@ def study_fingerprint(cfg: Config, examples: list[Any] | None = None) -> dict[st
     return {"version": FINGERPRINT_VERSION, "model": model, "data": data, "settings": settings}
 
 
+def located(stored: dict[str, Any], cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """``stored`` without what an older version recorded about locations, and the names of what was dropped.
+
+    Location keys of ``settings`` go; a local folder named by path where this version names it by content
+    goes too; a version-1 local model (file names and sizes) becomes this version's content identity when
+    it still matches the folder the run uses (so a changed model still shows as a change)."""
+    settings = dict(stored.get("settings") or {})
+    dropped = [k for k in settings if is_location(k)]
+    current = flatten(cfg)
+    for key in CONTENT_SETTINGS:
+        value = settings.get(key)
+        if isinstance(value, str) and not value.startswith(CONTENT_PREFIX):
+            if str(_content_setting(cfg, current.get(key))).startswith(CONTENT_PREFIX):
+                dropped.append(key)  # version 1 recorded the folder's path: only its content counts now
+    for key in dropped:
+        settings.pop(key, None)
+    out = {**stored, "settings": settings}
+    model = stored.get("model")
+    if (
+        isinstance(model, str)
+        and model.startswith(LEGACY_LOCAL_MODEL)
+        and model == _legacy_model_identity(cfg)
+    ):
+        out["model"] = _model_identity(cfg)
+        dropped.append("model (file names and sizes)")
+    if dropped:
+        out["version"] = FINGERPRINT_VERSION
+    return out, dropped
+
+
 # ---- comparing --------------------------------------------------------------------------------------
 def _names(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _grouped(keys: list[str]) -> list[str]:
+    """``paths.root, paths.cache, eval.reference_dir`` -> ``paths.*, eval.reference_dir``."""
+    sections = {k.split(".", 1)[0] for k in keys if k.split(".", 1)[0] in ("paths", "tracking", "sweep")}
+    return sorted({f"{k.split('.', 1)[0]}.*" if k.split(".", 1)[0] in sections else k for k in keys})
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -186,10 +242,11 @@ def study_description(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -
     from sdsweep.study.store import single_run_sweep
 
     sweep = cfg.sweep or single_run_sweep()
-    storage = sweep.storage or f"sqlite:///{paths.storage_db.resolve()}"
     return {
         "study": cfg.study,
-        "storage": storage,
+        # null: the study's own study.db, wherever the folder is now. A shared storage is named without
+        # its password (a results file is no place for credentials).
+        "storage": strip_password(sweep.storage) if sweep.storage else None,
         "sweep": sweep.name,
         "sampler": sweep.sampler,
         "params": sorted(sweep.params),
@@ -208,8 +265,19 @@ def study_description(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -
             # Only when set: the study.json of a study without prior prompts stays as it was.
             **({"prior_prompts": list(cfg.eval.prior_prompts)} if cfg.eval.prior_prompts else {}),
         },
-        "overrides": list(overrides),
+        # The command line as given, less where the study lives (the folder may move; it is where it is)
+        # and less any password in a storage URL.
+        "overrides": [
+            strip_password(o) for o in overrides if o.lstrip("+~").split("=", 1)[0] not in STUDY_LOCATION
+        ],
     }
+
+
+def strip_password(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    from sdsweep.sweep.tracking_values import strip_secrets
+
+    return strip_secrets({"url": url})["url"]
 
 
 def reset_study_if_asked(cfg: Config, paths: io.StudyPaths) -> Path | None:
@@ -240,7 +308,8 @@ def ensure_study_identity(
     """Write study.json with the fingerprint, or check the existing one matches this run.
 
     Raises ``StudyMismatchError`` naming what changed when the folder holds another setup's study,
-    and ``io.DamagedFileError`` when study.json is torn. Never rewrites the fingerprint of a study.
+    and ``io.DamagedFileError`` when study.json is torn. Never changes the identity of a study: an
+    older fingerprint is rewritten only to drop the locations it recorded (see ``located``).
     """
     reset_study_if_asked(cfg, paths)
     current = study_fingerprint(cfg, examples)
@@ -259,6 +328,13 @@ def ensure_study_identity(
     if previous is None:  # a study from before fingerprints: adopt it, its trials are assumed to match
         print(f"[sdsweep] note: {paths.study_json} has no fingerprint yet; recording this run's", flush=True)
         previous = current
+    previous, dropped = located(previous, cfg)
+    if dropped:
+        print(
+            f"[sdsweep] note: {paths.study_json} was written by an older sdsweep that recorded where things "
+            f"were ({', '.join(_grouped(dropped))}); location never changes a study's identity, so they are ignored",
+            flush=True,
+        )
     changes = describe_changes(previous, current)
     if changes:
         raise StudyMismatchError(
@@ -274,7 +350,7 @@ def ensure_study_identity(
         io.atomic_write_json(paths.study_json, updated)
 
 
-def check_study_unchanged(cfg: Config, paths: io.StudyPaths) -> None:
+def check_study_unchanged(cfg: Config, paths: io.StudyPaths, examples: list[Any] | None = None) -> None:
     """Between runs of a sweep: raise ``StudyMismatchError`` when the data (or the model files, or the
     settings in conf/) changed since the study was defined. Cheap: file hashes are cached by size and
     mtime, so only changed files are read. Runs trained after such a change would not be comparable
@@ -283,7 +359,7 @@ def check_study_unchanged(cfg: Config, paths: io.StudyPaths) -> None:
     previous = (stored or {}).get("fingerprint")
     if not previous:
         return
-    changes = describe_changes(previous, study_fingerprint(cfg))
+    changes = describe_changes(located(previous, cfg)[0], study_fingerprint(cfg, examples))
     if changes:
         raise StudyMismatchError(
             f"the study {cfg.study} changed while its sweep was running: {'; '.join(changes)}. Runs trained "
@@ -291,3 +367,18 @@ def check_study_unchanged(cfg: Config, paths: io.StudyPaths) -> None:
             "are kept). Put the data and settings back and re-run the same command to continue, or start a new "
             "study (study=<new name>, or study_reset=true to move this one aside)."
         )
+
+
+def raise_if_data_changed(cfg: Config, paths: io.StudyPaths, error: BaseException) -> None:
+    """A run failed while loading: when the study changed meanwhile (or its data cannot be read now, while it
+    could when the sweep started: a file half rewritten), raise ``StudyMismatchError`` instead, so the run
+    is handed back rather than failed. Otherwise return, and the caller records the original error."""
+    try:
+        check_study_unchanged(cfg, paths)
+    except StudyMismatchError:
+        raise
+    except Exception as unreadable:
+        raise StudyMismatchError(
+            f"the study {cfg.study} changed while its sweep was running: its data cannot be read now "
+            f"({type(unreadable).__name__}: {unreadable}). Put the data back and re-run the same command to continue."
+        ) from error

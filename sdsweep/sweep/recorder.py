@@ -57,7 +57,8 @@ class TrialRecorder:
     def link(self, slot: TrialSlot) -> TrialLink:
         link = TrialLink(self.handle, slot.number)
         link.set_attr(RUN_KEY, self.spec.run_key)
-        link.set_attr(TRIAL_DIR, str(self.paths.trial(slot.number)))
+        # Relative to the study folder: the storage outlives a move of the folder (or sees it mounted elsewhere).
+        link.set_attr(TRIAL_DIR, self.paths.trial(slot.number).relative_to(self.paths.root).as_posix())
         return link
 
     def tell(self, slot: TrialSlot, action) -> None:

@@ -25,6 +25,7 @@ from sdsweep.study.plan import short_params
 from sdsweep.study.record import TrialRecord, TrialState
 from sdsweep.sweep.baseline import baseline_folder, baseline_metrics
 from sdsweep.sweep.claims import RunTakenOver
+from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, raise_if_data_changed
 from sdsweep.sweep.recorder import TrialRecorder, enforce_keep_best_k
 from sdsweep.sweep.run_config import compose_config
 from sdsweep.sweep.run_setup import RunCaches, RunSetup, release_memory
@@ -88,9 +89,9 @@ class RunExecutor:
             self.recorder.write_config(slot)
         try:
             self.train()
-        except (signals.HandBack, RunTakenOver):
-            # Not failed: a stop hands these trials back to the study; a take-over leaves them to their
-            # new owner. Either way nothing more is recorded here.
+        except (signals.HandBack, RunTakenOver, StudyMismatchError):
+            # Not failed: a stop (or data changed before the run loaded it) hands these trials back to the
+            # study; a take-over leaves them to their new owner. Either way nothing more is recorded here.
             self.open_slots.clear()
             raise
         except TrainingDiverged as error:
@@ -132,7 +133,14 @@ class RunExecutor:
         with distributed.Ranks(
             self.cfg, self.spec.overrides, self.paths.root, self.paths.runs, milestones, checkpoint_dir, label
         ):
-            self.setup = RunSetup(self.cfg, self.paths, self.caches)
+            try:
+                self.setup = RunSetup(self.cfg, self.paths, self.caches)
+            except Exception as error:
+                raise_if_data_changed(self.cfg, self.paths, error)  # handed back, not failed
+                raise
+            # The data this run loaded must be the study's: a file changed before it was read is not
+            # trained on (the run is handed back and the sweep stops); one changed later is not read.
+            check_study_unchanged(self.cfg, self.paths, self.setup.examples)
             hooks = TrainHooks(on_step=self.on_step, on_milestone=self.on_milestone)
             train(self.cfg, self.setup.method, self.setup.dataset, milestones, hooks, checkpoint_dir)
         if not self.open_slots and checkpoint_dir is not None:

@@ -97,7 +97,7 @@ class RunSetup:
         from sdsweep.training.methods import get_method
 
         self.device = select_device(cfg.device)
-        examples = load_examples(cfg)
+        self.examples = examples = load_examples(cfg)
         self.train_examples, heldout = split_examples(examples, cfg.data.num_heldout)
         # Predicted before any weights load; on a GPU with too little memory the trial fails here with the
         # settings that would fit, instead of an OOM minutes later.

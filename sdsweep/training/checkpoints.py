@@ -90,6 +90,7 @@ def save_checkpoint(
 # serves several step counts, and logging/evaluation/output settings do not change the weights.
 RESUME_IGNORED_KEYS = ("train.max_train_steps", "train.log_every", "train.checkpoint_at_milestones")
 RESUME_CHECKED_SECTIONS = ("model.", "method.", "data.", "train.")
+LOCATION_KEYS = ("data.path", "model.path")
 
 
 def check_resumable(path: Path, cfg: Config) -> None:
@@ -104,7 +105,9 @@ def check_resumable(path: Path, cfg: Config) -> None:
         for key in set(saved) | set(current)
         if key.startswith(RESUME_CHECKED_SECTIONS)
         and key not in RESUME_IGNORED_KEYS
-        and key != "data.path"  # the same folder may be reached by another path spelling
+        # Where the data and the model are is no setting: the same folder may be reached by another path
+        # (a moved study, another mount point); the study's fingerprint checks what they hold.
+        and key not in LOCATION_KEYS
         and saved.get(key) != current.get(key)
         and not (key not in saved and key in defaults and current.get(key) == defaults[key])
     )

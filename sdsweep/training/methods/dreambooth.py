@@ -21,6 +21,7 @@ from sdsweep import io
 from sdsweep.config.resolve import resolved_resolution
 from sdsweep.config.validate import check_dreambooth_prompts
 from sdsweep.data.images import open_rgb
+from sdsweep.data.latent_cache import model_content
 from sdsweep.models.loading import sampling_precision
 from sdsweep.training.distributed import process_rank
 from sdsweep.training.methods.base import Batch, TrainedModules
@@ -57,7 +58,10 @@ class DreamBooth(FullFineTune):
         """``<cache>/class_images/<key>``; the key covers everything that changes the generated images."""
         eval_cfg = self.cfg.eval
         identity = {
-            "source": str(self.components.source),
+            # What the model holds, not where it is: a moved cache or model reuses its class images.
+            "source": model_content(
+                self.cfg, self.components.source, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+            ),
             "class_prompt": self.cfg.method.class_prompt,
             "resolution": resolved_resolution(self.cfg),
             "seed": self.cfg.train.seed,
