@@ -28,10 +28,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## Create .venv and install sdsweep with dev tools
 	@echo "venv ready: $(VENV)"
 
-demo: $(STAMP) ## lr x steps grid teaching the shapes model a star it never saw (CPU; the first run builds it, minutes)
-	$(PY) -m sdsweep.models.shapes_build
-	$(PY) -m sdsweep +experiment=demo $(ARGS)
-	$(PY) -m sdsweep.report experiments/demo
+# SHAPES_SEED=N runs the demo on the shapes build of seed N (another model of the same world, built once):
+# model and CLIP shapes:sd15@seedN, study demo-seedN. 0 is the default build and the plain `make demo`.
+SHAPES_SEED ?= 0
+DEMO_STUDY := $(if $(filter 0,$(SHAPES_SEED)),demo,demo-seed$(SHAPES_SEED))
+DEMO_BUILD := $(if $(filter 0,$(SHAPES_SEED)),,model.pretrained=shapes:sd15@seed$(SHAPES_SEED) eval.clip_model=shapes:sd15@seed$(SHAPES_SEED) study=$(DEMO_STUDY))
+demo: $(STAMP) ## lr x steps grid teaching the shapes model a star it never saw (CPU; the first run builds it, minutes; SHAPES_SEED=N: build N)
+	$(PY) -m sdsweep.models.shapes_build --seed $(SHAPES_SEED)
+	$(PY) -m sdsweep +experiment=demo $(DEMO_BUILD) $(ARGS)
+	$(PY) -m sdsweep.report experiments/$(DEMO_STUDY)
 
 demo-tiny: $(STAMP) ## The same machinery on the random-weight tiny model (CPU, about a minute; images are noise)
 	$(PY) -m sdsweep +experiment=demo_tiny $(ARGS)
@@ -79,6 +84,12 @@ lint: $(STAMP) ## Ruff lint and format check
 bench: $(STAMP) ## Benchmark sweep cost, step overhead and eval speed; writes bench/results.json
 	$(PY) -m bench --out bench/results.json $(ARGS)
 
+# Not part of `make test`: the demo on every build x eval seed set (minutes each; the builds take minutes once).
+BUILDS ?= 0,1,2,3
+EVAL_SEEDS ?= 1234,4321
+validate: $(STAMP) ## Does the demo's pick hold across shapes builds and eval seeds? bench/validate.md (BUILDS=0,1,2,3 EVAL_SEEDS=1234,4321)
+	$(PY) -m bench.validate --builds $(BUILDS) --eval-seeds $(EVAL_SEEDS) --root experiments/validate --out bench/validate.json $(ARGS)
+
 report: $(STAMP) ## Build the HTML/markdown report: make report STUDY=demo
 	$(PY) -m sdsweep.report experiments/$(STUDY)
 
@@ -103,4 +114,4 @@ clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup browser demo demo-tiny demo-methods sweep workers test test-fast lint bench report export dashboard clean distclean
+.PHONY: help setup browser demo demo-tiny demo-methods sweep workers test test-fast lint bench validate report export dashboard clean distclean

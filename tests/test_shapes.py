@@ -7,15 +7,25 @@ their thresholds come from measured numbers (see the comments) with a margin.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from sdsweep.errors import ConfigError
 from sdsweep.evaluation import judge
 from sdsweep.models import shapes, shapes_build
 from tests.conftest import compose
+
+# The build the slow tests run on: SDSWEEP_TEST_SHAPES_SEED=N selects shapes:sd15@seedN (default 0, the build
+# `make demo` uses). The thresholds below hold on every build measured (builds 0-3), not on one.
+BUILD_SEED = int(os.environ.get("SDSWEEP_TEST_SHAPES_SEED", "0"))
+BUILD_ID = shapes.shapes_id("sd15", BUILD_SEED)
+BUILD = [f"model.pretrained={BUILD_ID}", f"eval.clip_model={BUILD_ID}"] if BUILD_SEED else []
 
 
 def test_judge_names_every_world_shape_and_colour_exactly():
@@ -75,7 +85,7 @@ def test_demo_recipes_compose_on_the_shapes_world():
     assert cfg.model.pretrained == "shapes:sd15" and cfg.eval.judge == "shapes"
     version = f"v{shapes.SHAPES_VERSION}"  # the conf paths follow the cache layout of the current build
     assert cfg.data.path.endswith(f"shapes/data-{version}") and not cfg.data.random_flip
-    assert cfg.eval.clip_model.endswith(f"shapes/sd15-{version}/clip")
+    assert cfg.eval.clip_model == "shapes:sd15"  # the build's own CLIP, by id
     # eval/clip_score is about the star prompts; the seen shapes are prior prompts, guarded by a constraint.
     assert all(judge.parse_prompt(p).concept for p in cfg.eval.prompts)
     assert not any(judge.parse_prompt(p).concept for p in cfg.eval.prior_prompts)
@@ -86,18 +96,63 @@ def test_demo_recipes_compose_on_the_shapes_world():
     assert len(methods.sweep.params["method"].choices) == 4
 
 
+def test_a_build_seed_selects_its_own_cache_folder_and_clip(tmp_path):
+    assert shapes.parse_shapes_model_id("shapes:sd15") == ("sd15", 0)
+    assert shapes.parse_shapes_model_id("shapes:sd15@seed3") == ("sd15", 3)
+    assert (
+        shapes.parse_shapes_id("shapes:sd15@seed3") == "sd15" and shapes.parse_shapes_id("tiny:sd15") is None
+    )
+    version = f"v{shapes.SHAPES_VERSION}"
+    assert shapes.model_dir("sd15", tmp_path) == tmp_path / "shapes" / f"sd15-{version}"  # today's path
+    assert shapes.model_dir("sd15", tmp_path, seed=3) == tmp_path / "shapes" / f"sd15-{version}-seed3"
+    assert shapes.resolve_clip("shapes:sd15@seed3", tmp_path) == str(shapes.clip_dir(tmp_path, 3))
+    assert shapes.clip_dir(tmp_path, 3).parent.name == f"sd15-{version}-seed3"
+    with pytest.raises(ConfigError, match=r"shapes:sd15@seed<N>"):
+        shapes.parse_shapes_model_id("shapes:sd15@three")
+
+
+def test_a_model_scored_by_another_builds_clip_is_a_config_error():
+    cfg = compose(
+        ["+experiment=demo", "model.pretrained=shapes:sd15@seed3", "eval.clip_model=shapes:sd15@seed3"]
+    )
+    assert cfg.model.pretrained == cfg.eval.clip_model == "shapes:sd15@seed3"
+    with pytest.raises(ConfigError) as error:
+        compose(["+experiment=demo", "model.pretrained=shapes:sd15@seed3"])
+    message = str(error.value)
+    assert "shapes:sd15@seed3" in message and "'shapes:sd15'" in message
+    assert "eval.clip_model=shapes:sd15@seed3" in message  # the fix
+    with pytest.raises(ConfigError, match="different shapes builds"):  # a folder inside another build, too
+        compose(["+experiment=demo", "eval.clip_model=/cache/shapes/sd15-v3-seed2/clip"])
+
+
+def test_the_build_command_and_make_demo_take_a_seed():
+    command = [sys.executable, "-m", "sdsweep.models.shapes_build", "--help"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "--seed" in out
+    dry = subprocess.run(
+        ["make", "-n", "demo", "SHAPES_SEED=3", "STAMP="], capture_output=True, text=True, check=True
+    ).stdout
+    assert "shapes_build --seed 3" in dry
+    assert "model.pretrained=shapes:sd15@seed3 eval.clip_model=shapes:sd15@seed3 study=demo-seed3" in dry
+    plain = subprocess.run(
+        ["make", "-n", "demo", "STAMP="], capture_output=True, text=True, check=True
+    ).stdout
+    assert "shapes_build --seed 0" in plain and "@seed" not in plain and "study=" not in plain
+
+
 # ---- on the pretrained model (slow: the build takes minutes once per session) -------------------------------
 # Thresholds come from the numbers measured on the default build and the `make demo` grid (listed at the end
 # of this file), with a margin. Every study runs in-process on the one session build.
 @pytest.fixture(scope="session")
 def shapes_model():
-    return shapes_build.ensure_shapes_model()
+    return shapes_build.ensure_shapes_model(seed=BUILD_SEED)
 
 
 def _study(root, *overrides: str):
     from sdsweep.sweep.driver import run_sweep
 
-    outcome = run_sweep([*overrides, "tracking=none", "sweep.isolation=inprocess", f"paths.root={root}"])
+    common = ["tracking=none", "sweep.isolation=inprocess", f"paths.root={root}"]
+    outcome = run_sweep([*overrides, *BUILD, *common])
     assert outcome.finished
     return outcome, pd.read_csv(outcome.study_dir / "results.csv")
 
@@ -179,15 +234,31 @@ def test_the_drift_guard_rejects_the_trials_that_forgot_the_prior(demo_study):
     assert len(kept) >= 3 and kept["feasible"].all(), kept[[*GRID, "eval/prior_clip_score", "feasible"]]
 
 
-@pytest.mark.slow
-def test_the_chosen_best_is_among_the_top_by_ground_truth(demo_study):
-    results, outcome = demo_study
+def _separated(outcome) -> bool | None:
+    """The study's verdict on whether its best is separated from the rest (None until the study says)."""
+    best = outcome.best or {}
+    for key in ("separated", "best_separated"):
+        if key in best and not pd.isna(best[key]):
+            return bool(best[key])
+    return None
+
+
+def _assert_pick_is_robust(results, outcome) -> None:
+    """The pick is among the top by ground truth, or the study says its best is not separable.
+
+    Top set: the trials whose truth/concept_accuracy + truth/prior_accuracy is within the TOP_K best values.
+    """
     truth = results["truth/concept_accuracy"] + results["truth/prior_accuracy"]
     top = set(results.loc[truth >= truth.nlargest(TOP_K).min(), "trial"])
-    assert outcome.best is not None and outcome.best["trial"] in top, (outcome.best, sorted(top))
-    # Measured: trial 5 (lr 3e-4, 1000 steps), the ground truth's best. Its prior CLIP (71.5) clears the guard
-    # by 1.5, so that is printed, not asserted; the next pick (trial 4) is also in the top by ground truth.
-    print("best", results.set_index("trial").loc[outcome.best["trial"], [*GRID, *TRUTH]].to_dict())
+    assert outcome.best is not None
+    best = results.set_index("trial").loc[outcome.best["trial"], [*GRID, *TRUTH]].to_dict()
+    print("best", outcome.best["trial"], best, "truth's top", sorted(top), "separated", _separated(outcome))
+    assert outcome.best["trial"] in top or _separated(outcome) is False, (outcome.best["trial"], sorted(top))
+
+
+@pytest.mark.slow
+def test_the_chosen_best_is_among_the_top_by_ground_truth(demo_study):
+    _assert_pick_is_robust(*demo_study)
 
 
 def _spearman(a: pd.Series, b: pd.Series) -> float:
@@ -209,6 +280,41 @@ def test_clip_score_agrees_with_ground_truth(demo_study):
     print("Spearman", {k: round(v, 2) for k, v in rho.items()})
     assert rho["clip_score ~ concept"] >= SPEARMAN_CONCEPT_MIN, rho
     assert rho["prior_clip_score ~ prior"] >= SPEARMAN_PRIOR_MIN, rho
+
+
+# The issue's "one alternative eval seed set runs in the tests": the demo's grid evaluated on other images of
+# the same prompts (eval.seed=4321, not 1234). The too-high rate (3e-2) is left out to keep the time: its row
+# is never feasible, so it cannot change the pick.
+ALT_EVAL_SEED = 4321
+
+
+@pytest.fixture(scope="session")
+def demo_study_alt_eval(shapes_model, tmp_path_factory):
+    outcome, results = _study(
+        tmp_path_factory.mktemp("shapes-demo-alt-eval"),
+        "+experiment=demo",
+        f"eval.seed={ALT_EVAL_SEED}",
+        f"sweep.learning_rates=[{LOW_LR},{GOOD_LR},{FAST_LR}]",
+        "study=demo-alt-eval",
+    )
+    print("\n" + results[[*GRID, *TRUTH, "eval/clip_score", "eval/prior_clip_score", "feasible"]].to_string())
+    return results, outcome
+
+
+@pytest.mark.slow
+def test_the_demo_holds_on_another_eval_seed_set(demo_study_alt_eval):
+    """The same properties as on eval.seed=1234: the untuned model has no star and keeps the seen shapes,
+    the fast rate's forgetting is rejected by the drift guard, prior CLIP ranks as prior accuracy, and the
+    pick is in the truth's top set (or the study says it cannot separate it)."""
+    results, outcome = demo_study_alt_eval
+    baseline = _baseline(outcome.study_dir)
+    assert baseline["truth/concept_accuracy"] <= BASELINE_CONCEPT_MAX
+    assert baseline["truth/prior_accuracy"] >= BASELINE_PRIOR_MIN
+    fast_end = _rate(results, FAST_LR).iloc[-1]
+    assert fast_end["truth/prior_accuracy"] <= FAST_PRIOR_MAX and not fast_end["feasible"]
+    rho = _spearman(results["eval/prior_clip_score"], results["truth/prior_accuracy"])
+    assert rho >= SPEARMAN_PRIOR_MIN, rho
+    _assert_pick_is_robust(results, outcome)
 
 
 # One fine-tune per method on the star, each at its own measured rate; the world's prompts (eval=shapes)

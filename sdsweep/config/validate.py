@@ -11,6 +11,7 @@ from sdsweep.config.features import check_optimizer_available
 from sdsweep.config.methods import check_method_options
 from sdsweep.config.resolve import get_key, sweep_params
 from sdsweep.config.schema import Config, ParamSpec, SweepConfig
+from sdsweep.config.shapes_ids import check_shapes_clip
 from sdsweep.errors import ConfigError
 
 ALLOWED = {
@@ -73,6 +74,7 @@ def validate(cfg: Config) -> Config:
         _fail("data.num_heldout", cfg.data.num_heldout, "it must be 0 or more.")
     check_eval_prompts(cfg.eval.prompts)
     check_prior_prompts(cfg)
+    check_shapes_clip(cfg.model.pretrained, cfg.eval.clip_model)  # one shapes build scores itself
     unknown = set(cfg.eval.metrics) - KNOWN_METRICS
     if unknown:
         _fail(

@@ -80,7 +80,7 @@ def _tensor_features_clip_class() -> type:
 
 
 def load_clip(name: str, cache: str | None = None, device: torch.device | str = "cpu"):
-    """(model, processor) for ``"tiny"`` (built offline), a local folder or a hub ID.
+    """(model, processor) for ``"tiny"`` (built offline), a shapes build (``shapes:sd15``), a folder or a hub ID.
 
     Raises ``CLIPUnavailableError`` with the fix when the weights are neither local nor downloadable.
     """
@@ -90,6 +90,10 @@ def load_clip(name: str, cache: str | None = None, device: torch.device | str = 
         from sdsweep.models import tiny
 
         source = str(tiny.ensure_tiny_clip(cache))
+    elif name.startswith("shapes:"):  # shapes:sd15[@seed<N>]: that build's CLIP, saved in its clip/ folder
+        from sdsweep.models import shapes
+
+        source = shapes.resolve_clip(name, cache)
     else:
         source = os.path.expanduser(name)
     try:

@@ -153,9 +153,9 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
     flavour = tiny.parse_tiny_id(model.pretrained)
     if flavour is not None:
         return str(tiny.ensure_tiny_model(flavour, cache))
-    shapes_flavour = shapes.parse_shapes_id(model.pretrained)
-    if shapes_flavour is not None:  # the known-answer shapes model, pretrained here once (minutes)
-        return str(shapes_build.ensure_shapes_model(shapes_flavour, cache))
+    shapes_build_id = shapes.parse_shapes_model_id(model.pretrained)
+    if shapes_build_id is not None:  # the known-answer shapes model (that seed's build), pretrained here once
+        return str(shapes_build.ensure_shapes_model(shapes_build_id[0], cache, seed=shapes_build_id[1]))
     local = Path(os.path.expanduser(model.pretrained))
     if local.is_dir():
         return _complete(local, "model.pretrained")

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sdsweep.config.shapes_ids import SHAPES_PREFIX, parse_shapes_build, shapes_id  # noqa: F401
 from sdsweep.models import tiny
 
-SHAPES_PREFIX = "shapes:"
 SHAPES_VERSION = "3"  # bump when the world or the build below changes, so cached copies are rebuilt
 SIZE = 32  # pixels; the VAE halves it, so latents are 16x16
 SUPERSAMPLE = 4  # draw at 4x and downsample, for anti-aliased edges
@@ -193,17 +193,29 @@ class BuildPlan:
     seed: int = 0
 
 
-def model_dir(flavour: str = "sd15", cache: str | os.PathLike | None = None) -> Path:
-    return tiny.cache_root(cache) / "shapes" / f"{flavour}-v{SHAPES_VERSION}"
+def model_dir(flavour: str = "sd15", cache: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The build's cache folder: ``sd15-v3`` for seed 0 (today's build), ``sd15-v3-seed<N>`` for seed N."""
+    suffix = f"-seed{seed}" if seed else ""
+    return tiny.cache_root(cache) / "shapes" / f"{flavour}-v{SHAPES_VERSION}{suffix}"
 
 
-def clip_dir(cache: str | os.PathLike | None = None) -> Path:
-    """The shapes CLIP (for eval.clip_model=shapes) is saved inside the model folder, under clip/."""
-    return model_dir("sd15", cache) / "clip"
+def clip_dir(cache: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The shapes CLIP (eval.clip_model=shapes:sd15[@seed<N>]) is saved inside the model folder, under clip/."""
+    return model_dir("sd15", cache, seed) / "clip"
+
+
+def parse_shapes_model_id(pretrained: str) -> tuple[str, int] | None:
+    """``shapes:sd15`` -> ("sd15", 0); ``shapes:sd15@seed3`` -> ("sd15", 3); anything else -> None."""
+    return parse_shapes_build(pretrained)
 
 
 def parse_shapes_id(pretrained: str) -> str | None:
-    """``shapes:sd15`` -> ``sd15``; anything else -> None."""
-    if pretrained.startswith(SHAPES_PREFIX):
-        return pretrained[len(SHAPES_PREFIX) :] or "sd15"
-    return None
+    """``shapes:sd15`` (or ``shapes:sd15@seed3``) -> ``sd15``; anything else -> None."""
+    build = parse_shapes_build(pretrained)
+    return None if build is None else build[0]
+
+
+def resolve_clip(name: str, cache: str | os.PathLike | None = None) -> str | None:
+    """The clip/ folder of the shapes build that eval.clip_model names (``shapes:sd15@seed3``); None if no id."""
+    build = parse_shapes_build(name)
+    return None if build is None else str(clip_dir(cache, build[1]))

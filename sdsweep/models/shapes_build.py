@@ -293,22 +293,48 @@ def build(target: Path, plan) -> None:
 
 
 def ensure_shapes_model(
-    flavour: str = "sd15", cache: str | os.PathLike | None = None, plan: shapes.BuildPlan | None = None
+    flavour: str = "sd15",
+    cache: str | os.PathLike | None = None,
+    plan: shapes.BuildPlan | None = None,
+    seed: int = 0,
 ) -> Path:
-    """The cached build, building it first (minutes, with a progress bar) if it is not there."""
+    """The cached build for ``seed``, building it first (minutes, with a progress bar) if it is not there.
+
+    Seed 0 is the default build (``shapes:sd15``); another seed pretrains another model of the same world
+    (``shapes:sd15@seed<N>``), for checking that a result holds across builds, not for one build only.
+    """
     if flavour != "sd15":
         raise ValueError(f"Unknown shapes flavour {flavour!r}; only shapes:sd15 is built (model=shapes).")
+    plan = plan or shapes.BuildPlan(seed=seed)
     shapes.ensure_concept_dataset(cache)  # data=shapes reads it; writing it takes well under a second
-    return tiny._atomic_dir(shapes.model_dir(flavour, cache), lambda d: build(d, plan or shapes.BuildPlan()))
+    return tiny._atomic_dir(shapes.model_dir(flavour, cache, seed), lambda d: build(d, plan))
 
 
-def main() -> None:
-    """``python -m sdsweep.models.shapes_build``: build (or find) the cached model and concept data, print where and how long."""
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sdsweep.models.shapes_build [--seed N]``: build (or find) the cached model and concept data."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sdsweep.models.shapes_build",
+        description="Build (once, minutes on a CPU) or find the pretrained shapes model and its concept data, "
+        "cached under $SDSWEEP_CACHE/shapes (default ~/.cache/sdsweep/shapes).",
+    )
+    version = shapes.SHAPES_VERSION
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=f"the build's seed: 0 (default) is shapes:sd15 in sd15-v{version}/; N is shapes:sd15@seedN "
+        f"in sd15-v{version}-seedN/, another model of the same world",
+    )
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: give a whole number >= 0")
     started, cpu = time.perf_counter(), time.process_time()
-    path = ensure_shapes_model()
+    path = ensure_shapes_model(seed=args.seed)
     data = shapes.ensure_concept_dataset()
     print(
-        f"shapes model: {path}\nconcept data: {data}\n"
+        f"shapes model {shapes.shapes_id('sd15', args.seed)}: {path}\nconcept data: {data}\n"
         f"wall {time.perf_counter() - started:.0f} s, cpu {time.process_time() - cpu:.0f} s"
     )
 

@@ -133,7 +133,10 @@ def eval_model_problems(cfg: Config) -> list[str]:
     )
     problems = []
     if needs_clip and ev.clip_model != "tiny":
-        reason = _hub_or_local_reason(ev.clip_model, "the CLIP model", "eval.clip_model ('tiny' offline)")
+        from sdsweep.models import shapes  # shapes:sd15[@seed<N>] -> that build's clip/ folder
+
+        clip = shapes.resolve_clip(ev.clip_model, cfg.paths.cache) or ev.clip_model
+        reason = _hub_or_local_reason(clip, "the CLIP model", "eval.clip_model ('tiny' offline)")
         if reason:
             problems.append(reason)
     if ev.safety_checker:

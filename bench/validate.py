@@ -1,0 +1,252 @@
+"""``make validate``: does the demo's verdict hold across shapes builds and eval seed sets? (issue 25, item 9)
+
+For every build (``--builds``: seeds of ``python -m sdsweep.models.shapes_build``) and every eval seed set
+(``--eval-seeds``: values of ``eval.seed``) it runs the demo study as a user types it::
+
+    python -m sdsweep +experiment=demo [model.pretrained=shapes:sd15@seedN eval.clip_model=shapes:sd15@seedN] \\
+        eval.seed=S study=validate-bN-eS paths.root=ROOT tracking=none
+
+and tabulates, per run, the pick (``load_study(...).best()``), its ground truth, and the ground truth's own best.
+
+The ground truth's best (``TRUTH_RULE``): among trials that kept the prior (``truth/prior_accuracy >= 0.75``,
+at most 4 of the 16 seen-shape images wrong), the highest ``truth/concept_accuracy + truth/prior_accuracy``
+(ties all count). The pick is "in the region" when the star was learned (concept >= 3/16) and the prior kept
+(prior >= 0.75). ``separated`` is read from the study if it says (a ``separated`` column of results.csv, or
+``verdict.json`` / ``confirmation.json`` / study.json), else "n/a".
+
+Beside the table it records, per run, the quantities ``tests/test_shapes.py`` thresholds (baseline truth,
+the accuracies per learning rate, Spearman correlations, drift-guard feasibility), so the tests' thresholds
+can be set from the spread over builds. A finished study is read again, not re-run (``--rerun`` re-runs it).
+
+Usage: ``python -m bench.validate --builds 0,1,2,3 --eval-seeds 1234,4321 --root experiments/validate
+--out bench/validate.json`` (writes the markdown table beside it, ``bench/validate.md``). Minutes per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+PRIOR_KEPT = 0.75  # the ground truth's best must keep at least 12 of 16 seen-shape images
+CONCEPT_LEARNED = 3 / 16  # three star images of 16: above the baseline's 0-1 by a margin
+TRUTH_RULE = (
+    f"truth's best: max truth/concept_accuracy + truth/prior_accuracy among trials with "
+    f"truth/prior_accuracy >= {PRIOR_KEPT} (ties all count); in region: concept >= {CONCEPT_LEARNED:.4g} "
+    f"and prior >= {PRIOR_KEPT}"
+)
+CONCEPT, PRIOR = "truth/concept_accuracy", "truth/prior_accuracy"
+LR, STEPS = "method.learning_rate", "train.max_train_steps"
+LOW_LR, GOOD_LR, FAST_LR, HIGH_LR = 1.0e-5, 3.0e-4, 1.0e-3, 3.0e-2  # the demo grid's rows
+
+
+def log(message: str) -> None:
+    print(f"[validate] {message}", flush=True)
+
+
+def study_name(build: int, eval_seed: int) -> str:
+    return f"validate-b{build}-e{eval_seed}"
+
+
+def demo_command(build: int, eval_seed: int, root: Path) -> list[str]:
+    command = [sys.executable, "-m", "sdsweep", "+experiment=demo"]
+    if build:
+        model = f"shapes:sd15@seed{build}"
+        command += [f"model.pretrained={model}", f"eval.clip_model={model}"]
+    return command + [
+        f"eval.seed={eval_seed}",
+        f"study={study_name(build, eval_seed)}",
+        f"paths.root={root}",
+        "tracking=none",
+    ]
+
+
+def finished(study_dir: Path) -> bool:
+    results = study_dir / "results.csv"
+    if not results.is_file():
+        return False
+    frame = pd.read_csv(results)
+    return len(frame) > 0 and (frame["state"] == "COMPLETE").all()
+
+
+def run_study(build: int, eval_seed: int, root: Path, rerun: bool) -> tuple[Path, float | None]:
+    study_dir = root / study_name(build, eval_seed)
+    if finished(study_dir) and not rerun:
+        log(f"{study_dir.name}: finished before, read again")
+        return study_dir, None
+    subprocess.run(
+        [sys.executable, "-m", "sdsweep.models.shapes_build", "--seed", str(build)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    command = demo_command(build, eval_seed, root) + (["study_reset=true"] if rerun else [])
+    log(" ".join(command[1:]))
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return study_dir, time.perf_counter() - started
+
+
+def _separated(study, best: dict[str, Any] | None) -> Any:
+    """The study's own verdict on whether its best is separated from the rest, if it records one."""
+    from sdsweep import io
+
+    if best is not None:
+        for column in ("separated", "best_separated"):
+            if column in best and pd.notna(best[column]):
+                return bool(best[column])
+    for source in (study.root / "verdict.json", study.root / "confirmation.json", study.paths.study_json):
+        data = io.read_json_or_none(source) if source.is_file() else None
+        if isinstance(data, dict):
+            for holder in (data, data.get("verdict") or {}, data.get("best") or {}):
+                if isinstance(holder, dict) and "separated" in holder:
+                    return holder["separated"]
+    return "n/a"
+
+
+def _spearman(a: pd.Series, b: pd.Series) -> float:
+    return round(float(a.rank().corr(b.rank())), 3)
+
+
+def _rate(results: pd.DataFrame, lr: float) -> pd.DataFrame:
+    return results[np.isclose(results[LR], lr)].sort_values(STEPS)
+
+
+def _floats(series: pd.Series) -> list[float]:
+    return [round(float(v), 4) for v in series]
+
+
+def test_measures(study) -> dict[str, Any]:
+    """The quantities tests/test_shapes.py asserts on the demo study, for thresholds across builds."""
+    results, base = study.results, study.baseline_metrics
+    truth = results[CONCEPT] + results[PRIOR]
+    ranked = truth.rank(ascending=False, method="min")
+    best = study.best()
+    good, low, fast, high = (_rate(results, lr) for lr in (GOOD_LR, LOW_LR, FAST_LR, HIGH_LR))
+    kept = results[results[PRIOR] >= 0.85]
+    return {
+        "baseline": {k: base.get(k) for k in (CONCEPT, PRIOR, "eval/val_loss", "eval/clip_score")},
+        "good_concept": _floats(good[CONCEPT]),
+        "good_prior": _floats(good[PRIOR]),
+        "low_concept_max": float(low[CONCEPT].max()),
+        "low_prior_min": float(low[PRIOR].min()),
+        "fast_concept_end": float(fast[CONCEPT].iloc[-1]),
+        "fast_prior_end": float(fast[PRIOR].iloc[-1]),
+        "fast_end_feasible": bool(fast["feasible"].iloc[-1]),
+        "high_prior_max": float(high[PRIOR].max()),
+        "high_val_loss_ratio_min": round(float(high["eval/val_loss"].min() / base["eval/val_loss"]), 3),
+        "high_clip_ratio_max": round(float(high["eval/clip_score"].max() / base["eval/clip_score"]), 3),
+        "high_prior_clip_ratio_max": round(
+            float(high["eval/prior_clip_score"].max() / base["eval/prior_clip_score"]), 3
+        ),
+        "high_any_feasible": bool(high["feasible"].any()),
+        "kept_prior_trials": [int(t) for t in kept["trial"]],
+        "kept_prior_feasible": [bool(f) for f in kept["feasible"]],
+        "spearman_clip_concept": _spearman(results["eval/clip_score"], results[CONCEPT]),
+        "spearman_prior_clip_prior": _spearman(results["eval/prior_clip_score"], results[PRIOR]),
+        "pick_truth_rank": None if best is None else int(ranked[results["trial"] == best["trial"]].iloc[0]),
+    }
+
+
+def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
+    from sdsweep.results.study_folder import load_study
+
+    study = load_study(study_dir)
+    results = study.results
+    best = study.best()
+    kept = results[results[PRIOR] >= PRIOR_KEPT]
+    score = kept[CONCEPT] + kept[PRIOR]
+    truth_best = kept[score >= score.max() - 1e-9] if len(kept) else kept
+    row: dict[str, Any] = {
+        "build": build,
+        "eval_seed": eval_seed,
+        "study": study_dir.name,
+        "pick_trial": None if best is None else int(best["trial"]),
+        "pick_lr": None if best is None else float(best[LR]),
+        "pick_steps": None if best is None else int(best[STEPS]),
+        "pick_feasible": None if best is None else bool(best.get("feasible")),
+        "pick_concept": None if best is None else float(best[CONCEPT]),
+        "pick_prior": None if best is None else float(best[PRIOR]),
+        "truth_best_trials": [int(t) for t in truth_best["trial"]],
+        "truth_best": [f"{r[LR]:g} x {int(r[STEPS])}" for _, r in truth_best.iterrows()],
+        "truth_best_concept": None if truth_best.empty else float(truth_best[CONCEPT].iloc[0]),
+        "truth_best_prior": None if truth_best.empty else float(truth_best[PRIOR].iloc[0]),
+        "separated": _separated(study, best),
+    }
+    row["pick_is_truth_best"] = row["pick_trial"] in row["truth_best_trials"]
+    row["pick_in_region"] = bool(
+        best is not None and best[CONCEPT] >= CONCEPT_LEARNED - 1e-9 and best[PRIOR] >= PRIOR_KEPT
+    )
+    row["measures"] = test_measures(study)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| build | eval.seed | pick (lr × steps) | pick concept / prior | truth's best (lr × steps) "
+        "| its concept / prior | pick = truth's best | pick in region | separated |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        pick = (
+            "none"
+            if r["pick_trial"] is None
+            else f"trial {r['pick_trial']}: {r['pick_lr']:g} × {r['pick_steps']}"
+        )
+        if r["pick_feasible"] is False:
+            pick += " (infeasible)"
+        lines.append(
+            f"| {r['build']} | {r['eval_seed']} | {pick} | {r['pick_concept']:.3f} / {r['pick_prior']:.3f} "
+            f"| {', '.join(r['truth_best']) or 'none'} | "
+            + (
+                "n/a"
+                if r["truth_best_concept"] is None
+                else f"{r['truth_best_concept']:.3f} / {r['truth_best_prior']:.3f}"
+            )
+            + f" | {'yes' if r['pick_is_truth_best'] else 'no'} | {'yes' if r['pick_in_region'] else 'no'} "
+            f"| {r['separated']} |"
+        )
+    return head + "\n".join(lines) + f"\n\nRule: {TRUTH_RULE}.\n"
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sdsweep import io
+
+    parser = argparse.ArgumentParser(prog="python -m bench.validate", description=__doc__.split("\n")[0])
+    parser.add_argument("--builds", type=parse_ints, default=[0, 1, 2, 3], help="shapes build seeds: 0,1,2,3")
+    parser.add_argument("--eval-seeds", type=parse_ints, default=[1234, 4321], help="eval.seed values")
+    parser.add_argument("--root", type=Path, default=Path("experiments/validate"), help="where studies go")
+    parser.add_argument("--out", type=Path, default=Path("bench/validate.json"), help="JSON; .md beside it")
+    parser.add_argument("--rerun", action="store_true", help="run finished studies again")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows, seconds = [], {}
+    for build in args.builds:
+        for eval_seed in args.eval_seeds:
+            study_dir, wall = run_study(build, eval_seed, args.root.resolve(), args.rerun)
+            seconds[study_dir.name] = None if wall is None else round(wall, 1)
+            rows.append(tabulate(study_dir, build, eval_seed))
+            table = markdown(rows)
+            io.atomic_write_json(args.out, {"rule": TRUTH_RULE, "runs": rows, "wall_seconds": seconds})
+            io.atomic_write_text(args.out.with_suffix(".md"), table)
+    print(table)
+    in_region = sum(r["pick_in_region"] for r in rows)
+    log(
+        f"{in_region} of {len(rows)} picks in the region; JSON {args.out}, table {args.out.with_suffix('.md')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
