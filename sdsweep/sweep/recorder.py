@@ -162,7 +162,8 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
     outside it when more trials finish, and the best trial so far is always inside it. With several
     objectives "best" is a Pareto-front member (sdsweep.results.table.best_trial), so the whole front
     keeps its weights even beyond k: a dominated trial stays dominated, so nothing deleted can become
-    the best later. The record says so before any file is deleted.
+    the best later. The trials verdict.json names as contenders keep theirs too (confirmation races
+    them). The record says so before any file is deleted.
     """
     k = cfg.sweep.keep_best_k
     if k < 0:
@@ -184,7 +185,7 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         ranked.append((not feasible, -values[0], frozen.number))
         scores[frozen.number] = (feasible, values)
     ranked.sort()
-    keep = {number for _, _, number in ranked[:k]}
+    keep = {number for _, _, number in ranked[:k]} | confirmation_contenders(paths)
     if len(signs) > 1:
         keep |= pareto_members(scores)
     losers = [(n, f"not among the best {k} (sweep.keep_best_k)") for _, _, n in ranked if n not in keep]
@@ -198,6 +199,18 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         record.weights_removed = why
         record.write(trial_dir / io.TRIAL_METRICS)
         shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+
+
+def confirmation_contenders(paths: io.StudyPaths) -> set[int]:
+    """The trials verdict.json names as contenders: confirmation re-evaluates them from their weights, so
+    keep_best_k keeps them (a missing or damaged verdict protects nothing extra)."""
+    from sdsweep.results.verdict import VERDICT_FILE
+
+    raw = io.read_json_or_none(paths.root / VERDICT_FILE)
+    found = raw.get("contenders") if isinstance(raw, dict) else None
+    if not isinstance(found, list):
+        return set()
+    return {int(t) for t in found if isinstance(t, (int, float)) and not isinstance(t, bool)}
 
 
 def pareto_members(scores: dict[int, tuple[bool, list[float]]]) -> set[int]:

@@ -148,3 +148,35 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def evaluation_setup(cfg: Config, paths: io.StudyPaths, caches: RunCaches, device: torch.device):
+    """The Evaluator a run of ``cfg`` would use (same reference and instance images from the same data
+    split), without any training object: what confirmation rounds evaluate saved weights with."""
+    from sdsweep.data.examples import load_examples, split_examples
+    from sdsweep.data.images import load_pil_images
+    from sdsweep.evaluation.evaluate import Evaluator
+
+    train_examples, heldout = split_examples(load_examples(cfg), cfg.data.num_heldout)
+    return caches.evaluators.get(
+        EvaluatorCache.key_for(cfg, paths),
+        lambda: Evaluator(
+            cfg,
+            paths,
+            device,
+            reference_images=load_pil_images(heldout or train_examples),
+            instance_images=load_pil_images(train_examples),
+            heldout_captions=[example.caption for example in heldout],
+        ),
+    )
+
+
+def untuned_pipeline(cfg: Config, paths: io.StudyPaths, device: torch.device):
+    """The baseline's pipeline: the base model prepared by the method (a textual-inversion token gets its
+    initial embedding), untrained, exactly as ``execute_baseline`` evaluates it."""
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.methods import get_method
+
+    method = get_method(cfg.method.name)(cfg, load_components(cfg, device), device, cache_dir=paths.cache)
+    method.prepare()
+    return method.pipeline_for_eval(cfg.eval.scheduler)
