@@ -55,7 +55,7 @@ def test_judge_prompts_splits_concept_from_prior_and_reads_placeholders():
     # A prompt outside the world has no ground truth, and an empty group is left out, not reported as 0.
     assert judge.judge_prompts([images[0]], ["a photo of sks"]) == {}
     with pytest.raises(ValueError, match="eval.judge='cubes'"):
-        judge.judge_truth("cubes", images, prompts)
+        judge.judge_units("cubes", images, prompts)
 
 
 def test_tokenizer_has_the_star_and_a_one_token_initializer():
