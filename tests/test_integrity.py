@@ -383,3 +383,36 @@ def test_data_changed_while_a_sweep_runs_stops_it_before_the_next_run(isolation,
     assert again.returncode == 0, again.stderr[-3000:]
     results = pd.read_csv(study / "results.csv")
     assert len(results) == 3 and (results["state"] == "COMPLETE").all()
+
+
+@pytest.mark.slow
+def test_a_run_whose_data_changed_before_it_loaded_it_is_handed_back_not_failed(tmp_path):
+    """The window the busy-machine flake fell into, made deterministic: the run is claimed (the study
+    matched), then an image changes before the run loads its data. The run raises the study change, its
+    trial is handed back (no record, not a result) and never FAIL in results; nothing trained on the edit."""
+    from sdsweep.sweep.claims import HANDED_BACK, Heartbeat
+    from sdsweep.sweep.driver import SweepDriver
+    from sdsweep.sweep.fingerprint import StudyMismatchError, ensure_study_identity
+
+    data = make_dataset(tmp_path / "data", count=4)
+    overrides = sweep_overrides(
+        tmp_path / "exp", data, "sweep.learning_rates=[1e-4]", "sweep.steps=[2]", "sweep.isolation=inprocess"
+    )
+    driver = SweepDriver(overrides)
+    engine = driver.engine
+    ensure_study_identity(driver.cfg, driver.paths, driver.overrides)
+    engine.ensure_baseline()
+    spec = engine.next_run()
+    assert spec is not None
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(data / "1.png")  # after the claim, before the run loads
+    engine.heartbeat = Heartbeat(engine.handle, engine.sweep.heartbeat_interval)
+    try:
+        with pytest.raises(StudyMismatchError, match="1.png"):
+            engine.run_one(spec)
+    finally:
+        engine.heartbeat.stop()
+    (number,) = [slot.number for slot in spec.slots]
+    trial = engine.handle.get_trial(number)
+    assert trial.user_attrs.get(HANDED_BACK), trial.user_attrs
+    assert not (driver.paths.trial(number) / "metrics.json").exists()
+    assert engine.publish_results().empty  # a handed-back attempt is no result, least of all a FAIL

@@ -236,9 +236,9 @@ class Race:
 
         self.opts, self.say = opts, say
         self.paths = io.StudyPaths(Path(opts.study_dir))
+        self.data = load_study(self.paths.root)  # not a study folder: StudyFolderError, nothing created
         self.folder = self.paths.root / CONFIRM_DIR
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.data = load_study(self.paths.root)
         self.info = self.data.info
         self.caches = RunCaches()
         self.claims = ClaimBook(self.folder, opts.grace, say)
