@@ -36,6 +36,7 @@ DEMO_BUILD := $(if $(filter 0,$(SHAPES_SEED)),,model.pretrained=shapes:sd15@seed
 demo: $(STAMP) ## lr x steps grid teaching the shapes model a star it never saw (CPU; the first run builds it, minutes; SHAPES_SEED=N: build N)
 	$(PY) -m sdsweep.models.shapes_build --seed $(SHAPES_SEED)
 	$(PY) -m sdsweep +experiment=demo $(DEMO_BUILD) $(ARGS)
+	$(PY) -m sdsweep.confirm experiments/$(DEMO_STUDY)
 	$(PY) -m sdsweep.report experiments/$(DEMO_STUDY)
 
 demo-tiny: $(STAMP) ## The same machinery on the random-weight tiny model (CPU, about a minute; images are noise)

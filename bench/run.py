@@ -28,7 +28,7 @@ from bench.section import run_section
 from bench.table import table
 from bench.verdicts import RUN_TARGETS, judge, limits
 
-SECTIONS = ("sweep", "step", "eval", "gpu", "parallel")
+SECTIONS = ("sweep", "step", "eval", "gpu", "parallel", "racing")
 
 
 def log(message: str) -> None:
@@ -63,12 +63,18 @@ def section_runners(args: argparse.Namespace, workdir: Path) -> dict[str, Callab
 
         return parallel.run(args.quick, workdir / "parallel")
 
+    def run_racing() -> dict[str, Any]:
+        from bench import racing
+
+        return racing.run(args.quick, workdir / "racing", log)
+
     return {
         "sweep": run_sweep_cost,
         "step": run_step,
         "eval": run_evaluation,
         "gpu": run_gpu,
         "parallel": run_parallel,
+        "racing": run_racing,
     }
 
 

@@ -18,6 +18,8 @@ def table(results: dict[str, Any]) -> str:
     lines += gpu_lines(results.get("gpu", {}))
     if "parallel" in results:
         lines += ["", "5. " + parallel_table(results["parallel"])]
+    if "racing" in results:
+        lines += ["", *section_lines("6", results["racing"], racing_lines)]
     lines += ["", "Targets:"]
     lines += verdict_lines(results.get("verdicts", {}), width=22)
     return "\n".join(lines)
@@ -46,6 +48,18 @@ def sweep_cost_lines(sweep: dict[str, Any]) -> list[str]:
             f"   subprocess isolation costs {sweep['subprocess_overhead']:.2f}x the in-process full arm"
         )
     return lines
+
+
+def racing_lines(racing: dict[str, Any]) -> list[str]:
+    full, raced = racing["full"], racing["raced"]
+    return [
+        f"Racing, tiny model, grid lr {racing['grid']['learning_rates']} x steps {racing['grid']['steps']}: "
+        f"{racing['start_per_prompt']} images/prompt then confirmation, vs {racing['full_per_prompt']} for every trial",
+        f"   full: {full['images']} images, pick trial {full['best']} {full['configuration']}",
+        f"   raced: {raced['images']} images, pick trial {raced['best']} {raced['configuration']}",
+        f"   images raced / full {racing['ratio_images_raced_vs_full']:.2f}, same pick: {racing['same_pick']}"
+        f" (raced pick among the full evaluation's tied set: {racing['raced_pick_in_full_tied_set']})",
+    ]
 
 
 def step_lines(step: dict[str, Any]) -> list[str]:

@@ -72,6 +72,9 @@ def test_every_trial_keeps_its_units_and_its_metrics_are_their_means(replicated_
     assert (results["eval/clip_score/lo"] <= results["eval/clip_score"]).all()
     assert (results["eval/clip_score"] <= results["eval/clip_score/hi"]).all()
     assert results["no_interval"].str.contains("eval/fd_clip: a set statistic").all()
+    # The change from the untuned model is paired over the same units, with its own interval.
+    delta = results[["delta/eval/clip_score", "delta/eval/clip_score/lo", "delta/eval/clip_score/hi"]]
+    assert (delta.iloc[:, 1] <= delta.iloc[:, 0]).all() and (delta.iloc[:, 0] <= delta.iloc[:, 2]).all()
 
 
 @pytest.mark.slow

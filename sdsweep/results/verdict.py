@@ -235,24 +235,29 @@ def _compare(
     differences: dict[str, Difference | None] = {}
     worse = better = False
     for metric, direction in objectives:
-        if metric not in per_unit:
-            differences[metric] = None
-            continue
-        pairs = paired_frame(_values(units, metric), _values(best_units, metric))
-        if len(pairs) < 2:
-            differences[metric] = None
-            continue
-        difference = paired_difference(
-            pairs["value_a"].to_numpy(), pairs["value_b"].to_numpy(), strata=pairs["prompt_index"].to_numpy()
-        )
+        difference = paired_on(metric, units, best_units) if metric in per_unit else None
         differences[metric] = difference
-        if difference.excludes_zero():
+        if difference is not None and difference.excludes_zero():
             sign = 1.0 if direction == "maximize" else -1.0
             if sign * difference.mean < 0:
                 worse = True
             else:
                 better = True
     return Comparison(trial, differences, tied=not (worse and not better))
+
+
+def paired_on(metric: str, units: pd.DataFrame, reference: pd.DataFrame) -> Difference | None:
+    """``units`` minus ``reference`` on ``metric``, paired over the units both tables hold (stratified by
+    prompt); None when the metric has no per-unit values or fewer than 2 units are shared."""
+    definition = metric_for(metric, reference, lpips_key_of(reference))
+    if definition is None:
+        return None
+    pairs = paired_frame(definition.values(units), definition.values(reference))
+    if len(pairs) < 2:
+        return None
+    return paired_difference(
+        pairs["value_a"].to_numpy(), pairs["value_b"].to_numpy(), strata=pairs["prompt_index"].to_numpy()
+    )
 
 
 def uncertain_constraints(

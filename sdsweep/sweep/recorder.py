@@ -42,13 +42,21 @@ TAKEN_OVER = (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueErr
 class TrialRecorder:
     """Writes a trial's folder and tells Optuna and tracking, in that order, so files exist first."""
 
-    def __init__(self, cfg: Config, spec: RunSpec, paths: io.StudyPaths, baseline: dict[str, float]):
+    def __init__(
+        self,
+        cfg: Config,
+        spec: RunSpec,
+        paths: io.StudyPaths,
+        baseline: dict[str, float],
+        baseline_dir: Path | None = None,
+    ):
         from sdsweep.sweep import tracking
 
         self.cfg = cfg
         self.spec = spec
         self.paths = paths
         self.baseline = baseline
+        self.baseline_dir = baseline_dir  # its units.csv pairs each delta with an interval
         self.constraints = [parse_constraint(c) for c in cfg.sweep.constraints]
         self.handle = StudyHandle(cfg, spec.storage, spec.study)
         self.study = self.handle.study
@@ -100,6 +108,7 @@ class TrialRecorder:
             for k, v in self.baseline.items()
             if k in metrics and isinstance(v, (int, float)) and metrics[k] is not None
         }
+        record.intervals = {**(record.intervals or {}), **self.delta_intervals(slot, record)}
         violations = [c.violation(metrics) for c in self.constraints]
         record.violations = {str(c): v for c, v in zip(self.constraints, violations)}
         record.feasible = all(v <= 0 for v in violations)
@@ -127,6 +136,23 @@ class TrialRecorder:
         if intervals:
             self.tell(slot, lambda: link.set_attr(INTERVALS, intervals))
         self.tell(slot, lambda: link.complete(values, record.violations))
+
+    def delta_intervals(self, slot: TrialSlot, record: TrialRecord) -> dict[str, dict]:
+        """``delta/<metric>``'s interval: the trial minus the untuned model, paired over the units both were
+        evaluated on (the same prompts and seeds), for every per-image metric."""
+        from sdsweep.evaluation.units import read_units_or_none
+        from sdsweep.results.verdict import paired_on
+        from sdsweep.uncertainty import Interval
+
+        base = read_units_or_none(self.baseline_dir) if self.baseline_dir else None
+        mine = read_units_or_none(self.paths.trial(slot.number)) if base is not None else None
+        out = {}
+        for key in record.delta if mine is not None else ():
+            difference = paired_on(key.removeprefix("delta/"), mine, base)
+            if difference is not None and difference.lo is not None:
+                d = difference
+                out[key] = Interval(d.mean, d.lo, d.hi, d.se, d.n, "paired bootstrap").to_json()
+        return out
 
     def fail(
         self,
@@ -163,7 +189,8 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
     objectives "best" is a Pareto-front member (sdsweep.results.table.best_trial), so the whole front
     keeps its weights even beyond k: a dominated trial stays dominated, so nothing deleted can become
     the best later. The trials verdict.json names as contenders keep theirs too (confirmation races
-    them). The record says so before any file is deleted.
+    them), and so do the trials not separable from the best so far (paired interval includes 0), which
+    confirmation would race. The record says so before any file is deleted.
     """
     k = cfg.sweep.keep_best_k
     if k < 0:
@@ -186,6 +213,10 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         scores[frozen.number] = (feasible, values)
     ranked.sort()
     keep = {number for _, _, number in ranked[:k]} | confirmation_contenders(paths)
+    if ranked:  # a trial not separable from the best so far may be the best after confirmation: keep it
+        best_infeasible, _, best = ranked[0]
+        rest = [n for infeasible, _, n in ranked if n not in keep and infeasible == best_infeasible]
+        keep |= tied_with(paths, best, rest, cfg.sweep.objectives[0].metric)
     if len(signs) > 1:
         keep |= pareto_members(scores)
     losers = [(n, f"not among the best {k} (sweep.keep_best_k)") for _, _, n in ranked if n not in keep]
@@ -199,6 +230,24 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         record.weights_removed = why
         record.write(trial_dir / io.TRIAL_METRICS)
         shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+
+
+def tied_with(paths: io.StudyPaths, best: int, others: list[int], metric: str) -> set[int]:
+    """The trials among ``others`` whose paired difference to ``best`` on ``metric`` has an interval that
+    includes 0 (sdsweep.results.verdict's rule), judged on the units both were evaluated on."""
+    from sdsweep.evaluation.units import read_units_or_none
+    from sdsweep.results.verdict import paired_on
+
+    best_units = read_units_or_none(paths.trial(best))
+    if best_units is None:
+        return set()
+    tied = set()
+    for number in others:
+        units = read_units_or_none(paths.trial(number))
+        difference = paired_on(metric, units, best_units) if units is not None else None
+        if difference is not None and not difference.excludes_zero():
+            tied.add(number)
+    return tied
 
 
 def confirmation_contenders(paths: io.StudyPaths) -> set[int]:

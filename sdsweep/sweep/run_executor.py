@@ -54,9 +54,8 @@ class RunExecutor:
         self.say = say or (lambda message: print(f"[sdsweep] {message}", flush=True))
         self.paths = io.StudyPaths(Path(spec.study_root))
         self.cfg = compose_config(spec.overrides)
-        self.recorder = TrialRecorder(
-            self.cfg, spec, self.paths, baseline_metrics(baseline_folder(self.paths, self.cfg))
-        )
+        base = baseline_folder(self.paths, self.cfg)
+        self.recorder = TrialRecorder(self.cfg, spec, self.paths, baseline_metrics(base), base)
         self.slots = sorted(spec.slots, key=lambda s: s.step)
         self.links = {s.number: self.recorder.link(s) for s in self.slots}
         self.records: dict[int, TrialRecord] = {s.number: self.recorder.base_record(s) for s in self.slots}
