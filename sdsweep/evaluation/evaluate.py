@@ -131,8 +131,14 @@ class Evaluator:
         try:
             if self.feature_kind == "inception":
                 return metrics.inception_features().to(self.device)
-            # The resolved folder (not just "tiny") keys the cache, so a rebuilt CLIP never hits stale stats.
+            # The CLIP's content (not its name, not where it lives) keys the cache: a rebuilt CLIP never hits
+            # stale statistics, and the same CLIP under another cache folder or mount reuses them.
             source = getattr(self.clip_model, "name_or_path", "") or self.cfg.eval.clip_model
+            if Path(source).is_dir():
+                from sdsweep.content import folder_identity
+                from sdsweep.models.tiny import cache_root
+
+                source = folder_identity(source, cache_root(self.cfg.paths.cache) / "file-hashes.json")
             return metrics.CLIPImageFeatures(self.clip_model, self.clip_processor, source)
         except Exception as error:  # recorded per evaluation as missing FID/KID, never fatal
             self._feature_error = f"no FID/KID feature extractor: {_reason(error)}"
