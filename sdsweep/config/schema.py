@@ -51,6 +51,8 @@ class DataConfig:
     random_flip: bool = True
     num_heldout: int = 2  # images kept out of training for val_loss and FID/KID references
     demo_num_images: int = 10  # size of the generated demo set (kind=demo)
+    # kind=imagefolder without metadata.jsonl/csv: the caption file beside each image (kohya layout)
+    caption_extension: str = ".txt"
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""Data in the layouts other trainers use (issue 27): sidecar captions with kohya repeat folders,
+and Hugging Face datasets saved on disk (parquet with image bytes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TINY_OVERRIDES, compose
+from PIL import Image
+
+from sdsweep.data.examples import DataError, load_examples, split_examples, summarize_dataset
+
+
+def write_image(path: Path, color=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), color).save(path)
+    return path
+
+
+def folder_cfg(folder: Path, *extra: str):
+    return compose(TINY_OVERRIDES + ["data=imagefolder", f"data.path={folder}", *extra])
+
+
+def kohya_folder(root: Path) -> Path:
+    """kohya's layout: 10_sks dog/ (3 captioned images, one caption empty) and 2_dog/ (2 images)."""
+    for i in range(3):
+        write_image(root / "10_sks dog" / f"{i}.png", (10 * i, 0, 0))
+        (root / "10_sks dog" / f"{i}.txt").write_text("" if i == 2 else f"sks dog, photo {i}\n")
+    for i in range(2):
+        write_image(root / "2_dog" / f"d{i}.jpg", (0, 10 * i, 0))
+        (root / "2_dog" / f"d{i}.txt").write_text(f"a dog, number {i}")
+    return root
+
+
+def test_sidecar_captions_beside_images(tmp_path):
+    for name, caption in [("a.png", "a red square"), ("b.png", "a blue\nsquare ")]:
+        write_image(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(caption)
+    examples = load_examples(folder_cfg(tmp_path, "data.num_heldout=0"))
+    assert [(e.image_path.name, e.caption, e.repeats) for e in examples] == [
+        ("a.png", "a red square", 1),
+        ("b.png", "a blue square", 1),
+    ]
+
+
+def test_caption_extension_selects_the_sidecar(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "a.caption").write_text("from the caption file")
+    (tmp_path / "a.txt").write_text("from the txt file")
+    cfg = folder_cfg(tmp_path, "data.num_heldout=0", "data.caption_extension=.caption")
+    assert [e.caption for e in load_examples(cfg)] == ["from the caption file"]
+
+
+def test_kohya_repeat_folders_weight_sampling_and_appear_in_the_summary(tmp_path):
+    cfg = folder_cfg(kohya_folder(tmp_path), "data.num_heldout=1")
+    examples = load_examples(cfg)
+    assert {e.image_path.parent.name: e.repeats for e in examples} == {"10_sks dog": 10, "2_dog": 2}
+    assert sorted(e.caption for e in examples)[0] == ""  # the empty caption file is kept, as kohya does
+    train, heldout = split_examples(examples, 1)
+    assert len(heldout) == 1 and heldout[0].repeats in (10, 2)
+    assert len(train) == sum(e.repeats for e in examples) - heldout[0].repeats
+    text = summarize_dataset(cfg).describe()
+    assert "sidecar captions (.txt)" in text
+    assert "folder 10_sks dog: 10 repeat(s), 3 image(s)" in text
+    assert "folder 2_dog: 2 repeat(s), 2 image(s)" in text
+    assert "1 caption file(s) are empty" in text and "10_sks dog/2.txt" in text
+    assert "4 used for training" in text  # images, not draws
+
+
+def test_missing_sidecars_are_listed_or_fall_back_to_the_stated_caption(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("captioned")
+    write_image(tmp_path / "b.png")
+    write_image(tmp_path / "c.png")
+    with pytest.raises(DataError) as error:
+        load_examples(folder_cfg(tmp_path, "data.num_heldout=0"))
+    message = str(error.value)
+    assert "2 image(s)" in message and "b.png, c.png" in message and "data.instance_prompt" in message
+    cfg = folder_cfg(tmp_path, "data.num_heldout=0", "data.instance_prompt='a photo'")
+    assert [e.caption for e in load_examples(cfg)] == ["captioned", "a photo", "a photo"]
+    text = summarize_dataset(cfg).describe()
+    assert "2 image(s) without a .txt file use data.instance_prompt" in text
+
+
+def test_stray_files_and_folders_are_reported_as_skipped(tmp_path):
+    kohya_folder(tmp_path)
+    (tmp_path / "notes.md").write_text("x")
+    (tmp_path / "unused").mkdir()
+    text = summarize_dataset(folder_cfg(tmp_path, "data.num_heldout=0")).describe()
+    assert "notes.md (not an image type" in text and "unused (a folder not named <repeats>_<name>" in text
