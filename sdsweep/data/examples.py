@@ -280,7 +280,12 @@ def _list_dataset(cfg: Config) -> _Listing:
         from sdsweep.data import sidecar
 
         items, sidecar_notes = sidecar.read_sidecars(
-            folder, cfg.data.caption_extension, cfg.data.instance_prompt, IMAGE_SUFFIXES, DataError
+            folder,
+            cfg.data.caption_extension,
+            cfg.data.instance_prompt,
+            IMAGE_SUFFIXES,
+            DataError,
+            decode_text,
         )
         notes.extend(sidecar_notes)
         examples = [Example(path, caption, repeats) for path, caption, repeats in items]

@@ -6,6 +6,7 @@ sub-folders (``10_sks dog/``), whose repeat count sets how often each of its ima
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def normalise_extension(extension: str) -> str:
 
 
 def read_sidecars(
-    root: Path, extension: str, default_caption: str | None, suffixes: tuple[str, ...], error: type[Exception]
+    root: Path,
+    extension: str,
+    default_caption: str | None,
+    suffixes: tuple[str, ...],
+    error: type[Exception],
+    decode: Callable[[Path, list[str]], str],
 ) -> tuple[list[tuple[Path, str, int]], list[str]]:
     """``(image, caption, repeats)`` for every image under ``root``, and notes for the data summary.
 
@@ -61,8 +67,6 @@ def read_sidecars(
     (data.instance_prompt) is set; an empty caption file is kept (the image trains with an empty caption,
     as in kohya) and counted in the notes.
     """
-    from sdsweep.data.examples import decode_text
-
     extension = normalise_extension(extension)
     folders = repeat_folders(root, suffixes)
     items: list[tuple[Path, str, int]] = []
@@ -78,7 +82,7 @@ def read_sidecars(
                     continue
                 caption = default_caption
             else:
-                caption = " ".join(decode_text(sidecar, notes).split())  # one line, as kohya joins them
+                caption = " ".join(decode(sidecar, notes).split())  # one line, as kohya joins them
                 if not caption:
                     empty.append(sidecar)
             items.append((image, caption, folder.repeats))
