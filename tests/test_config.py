@@ -13,12 +13,13 @@ from sdsweep.errors import ConfigError
 GROUPS = {
     "model": ["sd15", "sd21", "sd21_base", "shapes", "tiny", "tiny_sd21"],
     "method": ["full", "dreambooth", "textual_inversion", "lora"],
-    "data": ["demo", "imagefolder", "instances", "shapes"],
+    "data": ["demo", "hf", "imagefolder", "instances", "shapes"],
     "eval": ["default", "shapes", "tiny"],
     "tracking": ["wandb", "none"],
 }
 DATA_NEEDS = {
     "imagefolder": ["data.path=/tmp"],
+    "hf": ["data.path=/tmp"],
     "instances": ["data.path=/tmp", "data.instance_prompt=a photo of sks"],
 }
 

@@ -89,3 +89,57 @@ def test_stray_files_and_folders_are_reported_as_skipped(tmp_path):
     (tmp_path / "unused").mkdir()
     text = summarize_dataset(folder_cfg(tmp_path, "data.num_heldout=0")).describe()
     assert "notes.md (not an image type" in text and "unused (a folder not named <repeats>_<name>" in text
+
+
+# ---- Hugging Face datasets on disk ------------------------------------------------------------------
+def pokemon_like(n: int, start: int = 0):
+    """Rows shaped like the Pokémon BLIP captions set: an Image feature stored as PNG bytes, and text."""
+    datasets = pytest.importorskip("datasets")
+    images = [Image.new("RGB", (32, 32), (40 * i, 200 - 20 * i, 90)) for i in range(start, start + n)]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    texts = [f"a drawing of creature {i}" for i in range(start, start + n)]
+    return datasets.Dataset.from_dict({"image": images, "text": texts}, features=features)
+
+
+def hf_cfg(folder: Path, tmp_path: Path, *extra: str):
+    return compose(
+        TINY_OVERRIDES + ["data=hf", f"data.path={folder}", f"paths.cache={tmp_path / 'cache'}", *extra]
+    )
+
+
+def test_parquet_with_image_bytes_reads_through_datasets(tmp_path):
+    folder = tmp_path / "pokemon"
+    (folder / "data").mkdir(parents=True)
+    pokemon_like(5).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    cfg = hf_cfg(folder, tmp_path, "data.num_heldout=1")
+    examples = load_examples(cfg)
+    assert [e.caption for e in examples] == [f"a drawing of creature {i}" for i in range(5)]
+    assert all(e.image_path.is_file() and e.image_path.suffix == ".png" for e in examples)
+    with Image.open(examples[2].image_path) as image:
+        assert image.getpixel((0, 0)) == (80, 160, 90)
+    assert load_examples(cfg)[0].image_path == examples[0].image_path  # same bytes, same file
+    text = summarize_dataset(cfg).describe()
+    assert "Hugging Face dataset (parquet files, split train)" in text and "4 used for training" in text
+
+
+def test_save_to_disk_with_a_test_split_holds_out_from_it(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": pokemon_like(4), "test": pokemon_like(2, start=4)}).save_to_disk(
+        str(folder)
+    )
+    examples = load_examples(hf_cfg(folder, tmp_path, "data.num_heldout=2"))
+    train, heldout = split_examples(examples, 2)
+    assert [e.caption for e in heldout] == ["a drawing of creature 4", "a drawing of creature 5"]
+    assert [e.caption for e in train] == [f"a drawing of creature {i}" for i in range(4)]
+
+
+def test_wrong_column_or_split_lists_what_exists(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": pokemon_like(3)}).save_to_disk(str(folder))
+    with pytest.raises(DataError) as error:
+        load_examples(hf_cfg(folder, tmp_path, "data.caption_column=caption", "data.num_heldout=0"))
+    assert "'caption'" in str(error.value) and "['image', 'text']" in str(error.value)
+    with pytest.raises(DataError, match=r"data.split=valid is not a split .* \['train'\]"):
+        load_examples(hf_cfg(folder, tmp_path, "data.split=valid", "data.num_heldout=0"))

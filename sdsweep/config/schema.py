@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "demo"  # demo | imagefolder | instances
+    kind: str = "demo"  # demo | imagefolder | instances | hf
     path: Optional[str] = None
     image_column: Optional[str] = None  # None: detect file_name / image / image_file / path
     caption_column: Optional[str] = None  # None: detect text / caption / prompt
@@ -53,6 +53,7 @@ class DataConfig:
     demo_num_images: int = 10  # size of the generated demo set (kind=demo)
     # kind=imagefolder without metadata.jsonl/csv: the caption file beside each image (kohya layout)
     caption_extension: str = ".txt"
+    split: str = "train"  # kind=hf: the split to train on; held-out images come from test/validation if present
 
 
 @dataclass

@@ -18,7 +18,7 @@ ALLOWED = {
     "model.prediction_type": {"auto", "epsilon", "v_prediction"},
     "method.name": {"full", "dreambooth", "textual_inversion", "lora"},
     "method.template": {"object", "style", "none"},
-    "data.kind": {"demo", "imagefolder", "instances"},
+    "data.kind": {"demo", "imagefolder", "instances", "hf"},
     "train.lr_scheduler": {"constant", "constant_with_warmup", "cosine", "linear"},
     "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
     "train.optimizer": {"adamw", "adamw8bit", "prodigy", "lion"},
@@ -90,7 +90,7 @@ def validate(cfg: Config) -> Config:
             "(captions in metadata.jsonl/csv) or data=instances (one prompt for all images).",
         )
     constraints.check_eval_protocol(cfg)
-    if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
+    if cfg.data.kind in ("imagefolder", "instances", "hf") and not cfg.data.path:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
     swept = (sweep_params(cfg.sweep).get("method") or ParamSpec()) if cfg.sweep else ParamSpec()
     check_method_options(cfg.method, [str(m) for m in swept.choices or []])

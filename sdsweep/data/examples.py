@@ -37,6 +37,7 @@ class Example:
     image_path: Path
     caption: str
     repeats: int = 1  # kohya's <repeats>_<name> folders: drawn this many times per pass over the data
+    heldout: bool = False  # from a held-out split of the dataset (data=hf with a test/validation split)
 
 
 # ---- listing ---------------------------------------------------------------------------------------
@@ -276,6 +277,21 @@ def _list_dataset(cfg: Config) -> _Listing:
     if cfg.data.kind == "instances":
         examples = _instance_examples(folder, cfg)
         source = "one instance prompt"
+    elif cfg.data.kind == "hf":
+        from sdsweep.data import hf_dataset
+        from sdsweep.models.tiny import cache_root
+
+        train, heldout, hf_notes, source = hf_dataset.read_rows(
+            folder,
+            cfg.data.split,
+            cfg.data.image_column,
+            cfg.data.caption_column,
+            cache_root(cfg.paths.cache),
+            DataError,
+        )
+        notes.extend(hf_notes)
+        examples = [Example(p, c) for p, c in train] + [Example(p, c, heldout=True) for p, c in heldout]
+        skipped = []
     elif _is_sidecar_dataset(folder, cfg):
         from sdsweep.data import sidecar
 
@@ -303,7 +319,7 @@ def _list_dataset(cfg: Config) -> _Listing:
             f"The dataset in {folder} is empty: no images found (looked for {list(IMAGE_SUFFIXES)}). "
             "Add images or point data.path elsewhere."
         )
-    if not source.startswith("sidecar"):
+    if not source.startswith(("sidecar", "Hugging Face")):
         skipped = _skipped_files(folder, {e.image_path.resolve() for e in examples})
     return _Listing(folder, source, examples, skipped, notes)
 
@@ -364,6 +380,10 @@ def split_examples(examples: list[Example], num_heldout: int) -> tuple[list[Exam
             f"data.num_heldout={num_heldout} leaves no training images out of {len(examples)}; "
             "lower data.num_heldout or add images."
         )
+    if any(e.heldout for e in examples):  # the dataset's own held-out split
+        held = [e for e in examples if e.heldout][:num_heldout]
+        train = [e for e in examples if not e.heldout for _ in range(max(1, e.repeats))]
+        return train, held
     order = list(range(len(examples)))
     random.Random(0).shuffle(order)  # a constant seed: every trial of a study holds out the same images
     heldout_ids = set(order[len(order) - num_heldout :]) if num_heldout else set()
