@@ -143,3 +143,19 @@ def test_wrong_column_or_split_lists_what_exists(tmp_path):
     assert "'caption'" in str(error.value) and "['image', 'text']" in str(error.value)
     with pytest.raises(DataError, match=r"data.split=valid is not a split .* \['train'\]"):
         load_examples(hf_cfg(folder, tmp_path, "data.split=valid", "data.num_heldout=0"))
+
+
+def test_fingerprint_sees_a_changed_sidecar_and_repeat_count(tmp_path):
+    from sdsweep.sweep.fingerprint import describe_changes, study_fingerprint
+
+    root = tmp_path / "data"
+    for i in range(2):
+        write_image(root / "10_sks" / f"{i}.png", (i, 0, 0))
+        (root / "10_sks" / f"{i}.txt").write_text(f"sks {i}")
+    cfg = folder_cfg(root, "data.num_heldout=0", f"paths.cache={tmp_path / 'cache'}")
+    before = study_fingerprint(cfg)
+    (root / "10_sks" / "1.txt").write_text("sks, recaptioned")
+    (root / "10_sks").rename(root / "3_sks")
+    changes = describe_changes(before, study_fingerprint(cfg))
+    assert any("2 file(s) with new repeats" in line for line in changes), changes
+    assert any("1 file(s) with a new caption: 1.png" in line for line in changes), changes
