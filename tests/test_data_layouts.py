@@ -159,3 +159,40 @@ def test_fingerprint_sees_a_changed_sidecar_and_repeat_count(tmp_path):
     changes = describe_changes(before, study_fingerprint(cfg))
     assert any("2 file(s) with new repeats" in line for line in changes), changes
     assert any("1 file(s) with a new caption: 1.png" in line for line in changes), changes
+
+
+# ---- tag captions -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_shuffle_tags_is_seeded_per_draw_and_keeps_the_first_tokens(tmp_path):
+    import torch
+
+    from sdsweep.data.images import collate
+    from sdsweep.data.latent_cache import build_training_dataset
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.caption_dropout import TagShuffle, with_tag_shuffle
+    from sdsweep.training.methods import get_method
+
+    root = tmp_path / "tags"
+    for i in range(2):
+        write_image(root / f"{i}.png", (60 * i, 0, 0))
+        (root / f"{i}.txt").write_text(f"sks, dog, red collar, grass, sunny day, photo {i}")
+    extra = ["data.num_heldout=0", "data.shuffle_tags=true", "data.keep_tokens=1", f"paths.cache={tmp_path}"]
+    cfg = folder_cfg(root, *extra)
+    components = load_components(cfg, torch.device("cpu"))
+    method = get_method(cfg.method.name)(cfg, components, torch.device("cpu"), tmp_path / "cache")
+    method.prepare()
+    examples, _ = split_examples(load_examples(cfg), 0)
+    wrapped = with_tag_shuffle(cfg, build_training_dataset(cfg, components, method, examples, tmp_path / "c"))
+    assert isinstance(wrapped, TagShuffle)
+    captions = [wrapped[(0, draw)]["caption"] for draw in range(20)]
+    assert all(c.startswith("sks, ") for c in captions)  # keep_tokens=1
+    assert all(sorted(c.split(", ")) == sorted(captions[0].split(", ")) for c in captions)
+    assert len(set(captions)) > 5  # the rest is shuffled per draw
+    again = with_tag_shuffle(cfg, build_training_dataset(cfg, components, method, examples, tmp_path / "c"))
+    assert [again[(0, draw)]["caption"] for draw in range(20)] == captions  # resume / other rank: same order
+    item = wrapped[(1, 3)]
+    assert "encoder_hidden_states" not in item  # the shuffled caption is encoded, not the cached one
+    loss = method.compute_loss(collate([wrapped[(0, 0)], wrapped[(1, 0)]]), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss if isinstance(loss, torch.Tensor) else loss[0]).all()
+    with pytest.raises(Exception, match="data.keep_tokens"):
+        folder_cfg(root, "data.keep_tokens=-1")

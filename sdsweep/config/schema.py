@@ -53,7 +53,11 @@ class DataConfig:
     demo_num_images: int = 10  # size of the generated demo set (kind=demo)
     # kind=imagefolder without metadata.jsonl/csv: the caption file beside each image (kohya layout)
     caption_extension: str = ".txt"
-    split: str = "train"  # kind=hf: the split to train on; held-out images come from test/validation if present
+    shuffle_tags: bool = False  # shuffle comma-separated caption tags per draw (kohya's shuffle_caption)
+    keep_tokens: int = 0  # with shuffle_tags: the first N tags stay in place (kohya's keep_tokens)
+    split: str = (
+        "train"  # kind=hf: the split to train on; held-out images come from test/validation if present
+    )
 
 
 @dataclass

@@ -180,6 +180,8 @@ def check_dreambooth_prompts(cfg: Config) -> None:
 def _validate_recipes(cfg: Config) -> None:
     """The train.* recipe knobs (optimizer, zero-terminal SNR, perturbation, dropout, buckets)."""
     train = cfg.train
+    if not isinstance(cfg.data.keep_tokens, int) or cfg.data.keep_tokens < 0:
+        _fail("data.keep_tokens", cfg.data.keep_tokens, "give a whole number >= 0 (tags kept in place).")
     for key in ("train.input_perturbation", "train.caption_dropout"):
         value = get_key(cfg, key)
         if not 0.0 <= value < 1.0:
