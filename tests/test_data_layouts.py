@@ -196,3 +196,33 @@ def test_shuffle_tags_is_seeded_per_draw_and_keeps_the_first_tokens(tmp_path):
     assert torch.isfinite(loss if isinstance(loss, torch.Tensor) else loss[0]).all()
     with pytest.raises(Exception, match="data.keep_tokens"):
         folder_cfg(root, "data.keep_tokens=-1")
+
+
+# ---- the shapes build in a log ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_shapes_build_writes_plain_progress_and_no_torchvision_advice_to_a_log(tmp_path):
+    """Issue 27 items 9 and 10: stderr is a file (not a TTY), as under nohup or CI."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from sdsweep.models import shapes, shapes_build\n"
+        "plan = shapes.BuildPlan(vae_steps=3, vae_batch_size=2, clip_steps=3, unet_steps=3, batch_size=2,"
+        " num_images=8)\n"
+        f"shapes_build.build(__import__('pathlib').Path({str(tmp_path / 'model')!r}), plan)\n"
+    )
+    log = tmp_path / "build.log"
+    with log.open("w") as stream:
+        subprocess.run(
+            [sys.executable, "-c", code],
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+    text = log.read_text()
+    assert "\r" not in text  # no progress-bar redraws
+    assert "building the shapes model (once): 9/9 steps" in text  # the closing plain line
+    assert "requires torchvision" not in text
+    assert (tmp_path / "model" / "model_index.json").is_file()
