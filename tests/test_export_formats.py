@@ -66,6 +66,24 @@ def test_single_file_export_loads_with_from_single_file_and_draws_the_same_image
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     np.testing.assert_array_equal(images(reference), images(loaded))
 
+    # generate and the app take what export wrote, in either format, and draw the same image
+    from PIL import Image
+
+    from sdsweep.results.app import StudyApp
+    from sdsweep.results.generate import generate
+
+    pngs = []
+    for fmt in ("diffusers", "single_file"):
+        (png,) = generate(
+            tmp_path / fmt, "a photo of sks", num_images=1, steps=2, out=tmp_path / f"{fmt}.png"
+        )
+        pngs.append(np.asarray(Image.open(png)))
+    np.testing.assert_array_equal(pngs[0], pngs[1])
+    app = StudyApp(tmp_path / "single_file", device="cpu")
+    trial = app.choices()[1]
+    assert app.choices() == ["baseline", trial] and not app.leaderboard().empty
+    assert np.asarray(app.generate(trial, "a photo of sks", 0, 2)).shape == pngs[0].shape
+
 
 def test_kohya_lora_loads_with_load_lora_weights_and_matches(tiny_model_dirs, tmp_path):
     from diffusers import StableDiffusionPipeline

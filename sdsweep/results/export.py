@@ -364,6 +364,8 @@ def export_trial(
             fmt_name == "pipeline" and converted is None
         ):  # load with the sampler the metrics were measured with, not PNDM
             export_card.set_pipeline_scheduler(staging, (data.info.get("eval") or {}).get("scheduler"))
+        if (selected.trial_dir / io.TRIAL_CONFIG).is_file():  # generate and the app load the export with it
+            shutil.copyfile(selected.trial_dir / io.TRIAL_CONFIG, staging / export_formats.EXPORT_CONFIG)
         grid = selected.trial_dir / io.TRIAL_GRID
         if grid.is_file():
             shutil.copyfile(grid, staging / GRID_FILE)

@@ -17,6 +17,38 @@ FORMATS = ("diffusers", "single_file", "a1111")
 SINGLE_FILE = "model.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
 A1111_EMBEDDING_FILE = "embedding.safetensors"
+EXPORT_CONFIG = "sdsweep_config.yaml"  # the trial's config, beside the weights: generate and the app read it
+
+
+def load_exported_pipeline(folder: Path, cfg, device, scheduler: str):
+    """A pipeline from what ``sdsweep.export`` wrote in any format (imports torch/diffusers)."""
+    from sdsweep.models.loading import load_pipeline, make_inference_scheduler, resolve_model_source
+
+    folder = Path(folder)
+    if (folder / SINGLE_FILE).is_file():
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(folder / SINGLE_FILE),
+            config=resolve_model_source(cfg.model, cfg.paths.cache),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        pipe.scheduler = make_inference_scheduler(scheduler, pipe.scheduler.config)
+        return pipe.to(device)
+    if (folder / KOHYA_LORA_FILE).is_file() or (folder / A1111_EMBEDDING_FILE).is_file():
+        pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
+        if (folder / KOHYA_LORA_FILE).is_file():
+            pipe.load_lora_weights(str(folder), weight_name=KOHYA_LORA_FILE)
+        else:
+            pipe.load_textual_inversion(
+                str(folder / A1111_EMBEDDING_FILE), token=cfg.method.placeholder_token
+            )
+        return pipe
+    from sdsweep.training.methods import load_trained_pipeline
+
+    return load_trained_pipeline(cfg, folder, device, scheduler)
 
 
 class FormatError(ValueError):
