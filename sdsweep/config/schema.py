@@ -203,6 +203,9 @@ class SweepConfig:
     # folder. Also sqlite:///path.db, postgresql+psycopg://user@host/db (many machines), or a
     # JournalStorage file on a shared filesystem: journal:///abs/path/study.log (or a path ending .log/.journal).
     storage: Optional[str] = None
+    # Optuna artifact store for each trial's grid (optuna-dashboard shows it on the trial page). None:
+    # <study>/artifacts; with a shared storage, a folder every worker and the dashboard can reach.
+    artifact_dir: Optional[str] = None
     # Training runs at once on this machine: an int, or "auto" (one per visible CUDA device, 1 on CPU).
     # Each worker is a long-lived process that imports torch once and runs many runs.
     workers: Any = 1

@@ -126,7 +126,20 @@ class TrialRecorder:
         }
         if intervals:
             self.tell(slot, lambda: link.set_attr(INTERVALS, intervals))
+        self.tell(
+            slot, lambda: self.upload_grids(slot, link)
+        )  # before complete: a finished trial is read-only
         self.tell(slot, lambda: link.complete(values, record.violations))
+
+    def upload_grids(self, slot: TrialSlot, link: TrialLink) -> None:
+        """The trial's grid on its dashboard page, the baseline's on the study's (once each)."""
+        from sdsweep.study import artifacts
+
+        store = artifacts.artifact_dir(self.paths.root, self.cfg.sweep.artifact_dir)
+        storage = self.handle.storage
+        artifacts.upload_once(store, self.paths.trial(slot.number) / io.TRIAL_GRID, link.trial, storage)
+        baseline = self.paths.baseline / io.TRIAL_GRID
+        artifacts.upload_once(store, baseline, self.study, storage, artifacts.BASELINE_GRID)
 
     def fail(
         self,
