@@ -137,9 +137,15 @@ class TrialRecorder:
 
         store = artifacts.artifact_dir(self.paths.root, self.cfg.sweep.artifact_dir)
         storage = self.handle.storage
-        artifacts.upload_once(store, self.paths.trial(slot.number) / io.TRIAL_GRID, link.trial, storage)
-        baseline = self.paths.baseline / io.TRIAL_GRID
-        artifacts.upload_once(store, baseline, self.study, storage, artifacts.BASELINE_GRID)
+        try:
+            artifacts.upload_once(store, self.paths.trial(slot.number) / io.TRIAL_GRID, link.trial, storage)
+            baseline = self.paths.baseline / io.TRIAL_GRID
+            artifacts.upload_once(store, baseline, self.study, storage, artifacts.BASELINE_GRID)
+        except OSError as error:  # the images are a view: an unwritable store must not fail the trial
+            print(
+                f"[sdsweep] trial {slot.number}: grid not uploaded to the artifact store {store} ({error})",
+                flush=True,
+            )
 
     def fail(
         self,
