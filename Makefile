@@ -100,13 +100,17 @@ export: $(STAMP) ## Export the best trial: make export STUDY=demo TO=exported/de
 # Optuna's web dashboard over a study's storage (the `dashboard` extra: pip install -e '.[dashboard]').
 # STORAGE overrides the default SQLite file, e.g. STORAGE=postgresql+psycopg://user@host/optuna for a
 # study run with sweep.storage=...; PORT picks the port (default 8080); open http://127.0.0.1:$(PORT)/.
+# ARTIFACTS: the trial grids' artifact store (default: artifacts/ beside the SQLite study.db, else
+# experiments/$(STUDY)/artifacts; a study run with sweep.artifact_dir=... passes that folder).
 PORT ?= 8080
-dashboard: $(STAMP) ## Optuna dashboard on a study: make dashboard STUDY=demo [STORAGE=postgresql+psycopg://...] [PORT=8080]
+dashboard: $(STAMP) ## Optuna dashboard on a study: make dashboard STUDY=demo [STORAGE=...] [ARTIFACTS=dir] [PORT=8080]
 	@storage='$(or $(STORAGE),sqlite:///experiments/$(STUDY)/study.db)'; \
 	case "$$storage" in sqlite:///*) test -f "$${storage#sqlite:///}" || \
 	  { echo "no study storage at $${storage#sqlite:///}: run the study first (make demo), or pass STORAGE=..."; exit 2; };; esac; \
 	echo "optuna-dashboard on http://127.0.0.1:$(PORT)/ (Ctrl-C stops it)"; \
-	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(PORT) "$$storage"
+	artifacts='$(ARTIFACTS)'; test -n "$$artifacts" || case "$$storage" in \
+	  sqlite:///*) artifacts="$$(dirname "$${storage#sqlite:///}")/artifacts";; *) artifacts="experiments/$(STUDY)/artifacts";; esac; \
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(PORT) --artifact-dir "$$artifacts" "$$storage"
 
 clean: ## Remove caches and build outputs (keeps experiments/ and .venv)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info outputs multirun

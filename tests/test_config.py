@@ -13,12 +13,13 @@ from sdsweep.errors import ConfigError
 GROUPS = {
     "model": ["sd15", "sd21", "sd21_base", "shapes", "tiny", "tiny_sd21"],
     "method": ["full", "dreambooth", "textual_inversion", "lora"],
-    "data": ["demo", "imagefolder", "instances", "shapes"],
+    "data": ["demo", "hf", "imagefolder", "instances", "shapes"],
     "eval": ["default", "shapes", "tiny"],
     "tracking": ["wandb", "none"],
 }
 DATA_NEEDS = {
     "imagefolder": ["data.path=/tmp"],
+    "hf": ["data.path=/tmp"],
     "instances": ["data.path=/tmp", "data.instance_prompt=a photo of sks"],
 }
 
@@ -201,3 +202,14 @@ def test_methods_sweep_composes_with_the_tiny_model():
     cfg = compose(TINY_OVERRIDES + ["+sweep=methods"])
     assert cfg.sweep.params["model"].choices == ["sd15", "sd21"]
     assert cfg.model.name == "tiny"
+
+
+def test_heldout_captions_protocol_brings_lpips():
+    """The reference protocol is FID + LPIPS on the test-set captions: no hand edit of eval.metrics."""
+    cfg = compose(["eval.protocol=heldout_captions"])
+    assert "lpips" in cfg.eval.metrics and "fid" in cfg.eval.metrics
+    assert compose([]).eval.metrics.count("lpips") == 0  # the prompts protocol has no paired photos
+    assert compose(["eval.protocol=heldout_captions", "eval.metrics=[lpips,fid]"]).eval.metrics == [
+        "lpips",
+        "fid",
+    ]

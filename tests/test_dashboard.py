@@ -112,3 +112,53 @@ def test_dashboard_shows_the_trials_in_chromium(dashboard, tmp_path):
     for number in range(4):
         assert f"Trial {number}" in dom, dom[-3000:]
     assert "method.learning_rate" in dom
+
+
+def _study_and_trial_ids(dashboard) -> tuple[int, list[dict]]:
+    _, body = get(f"{dashboard}/api/studies")
+    study_id = next(
+        s["study_id"] for s in json.loads(body)["study_summaries"] if s["study_name"] == "finished"
+    )
+    _, body = get(f"{dashboard}/api/studies/{study_id}")
+    return study_id, json.loads(body)["trials"]
+
+
+def test_each_trial_grid_is_an_artifact_served_by_the_dashboard(dashboard, finished_study):
+    import optuna
+
+    from sdsweep.study import artifacts
+
+    study_id, trials = _study_and_trial_ids(dashboard)
+    for trial in trials:
+        [grid] = [a for a in trial["artifacts"] if a["filename"] == "grid.png"]
+        status, png = get(f"{dashboard}/artifacts/{study_id}/{trial['trial_id']}/{grid['artifact_id']}")
+        assert status == 200 and png.startswith(b"\x89PNG")
+        local = finished_study / "trials" / f"{trial['number']:04d}" / "grid.png"
+        assert png == local.read_bytes()
+    # The baseline's grid is on the study; a second upload (a resume or takeover) adds nothing.
+    storage = f"sqlite:///{finished_study / 'study.db'}"
+    study = optuna.load_study(study_name="finished", storage=storage)
+    names = [m.filename for m in optuna.artifacts.get_all_artifact_meta(study)]
+    assert names == [artifacts.BASELINE_GRID]
+    trial = study.trials[0]
+    store = artifacts.artifact_dir(finished_study, None)
+    assert artifacts.upload_once(store, store.parent / "trials/0000/grid.png", trial, study._storage) is None
+    assert len(optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)) == 1
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make browser installs Debian's)")
+def test_dashboard_trial_page_shows_its_grid_in_chromium(dashboard, tmp_path):
+    study_id, trials = _study_and_trial_ids(dashboard)
+    url = f"{dashboard}/dashboard/studies/{study_id}/trials?numbers={trials[1]['number']}"
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--virtual-time-budget=15000"]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1400,2000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    [grid] = [a for a in trials[1]["artifacts"] if a["filename"] == "grid.png"]
+    assert "grid.png" in dom, dom[-3000:]
+    assert f"/artifacts/{study_id}/{trials[1]['trial_id']}/{grid['artifact_id']}" in dom  # the image itself

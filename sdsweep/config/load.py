@@ -86,9 +86,13 @@ def reject_unknown_keys(raw: DictConfig) -> None:
 
 
 def normalise(cfg: Config) -> Config:
-    """The one step that rewrites a config: the sweep shorthands become ``sweep.params`` entries.
+    """The one step that rewrites a config: the sweep shorthands become ``sweep.params`` entries, and
+    ``eval.protocol=heldout_captions`` brings its paired LPIPS (the reference protocol: FID + LPIPS on
+    the test-set captions) without editing ``eval.metrics``.
 
     Called where configs are built (``to_typed``, ``load_yaml``), before ``validate``, which only reads."""
+    if cfg.eval.protocol == "heldout_captions" and "lpips" not in cfg.eval.metrics:
+        cfg.eval.metrics = [*cfg.eval.metrics, "lpips"]
     if cfg.sweep is not None:
         cfg.sweep.params = sweep_params(cfg.sweep)
     return cfg

@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "demo"  # demo | imagefolder | instances
+    kind: str = "demo"  # demo | imagefolder | instances | hf
     path: Optional[str] = None
     image_column: Optional[str] = None  # None: detect file_name / image / image_file / path
     caption_column: Optional[str] = None  # None: detect text / caption / prompt
@@ -51,6 +51,13 @@ class DataConfig:
     random_flip: bool = True
     num_heldout: int = 2  # images kept out of training for val_loss and FID/KID references
     demo_num_images: int = 10  # size of the generated demo set (kind=demo)
+    # kind=imagefolder without metadata.jsonl/csv: the caption file beside each image (kohya layout)
+    caption_extension: str = ".txt"
+    shuffle_tags: bool = False  # shuffle comma-separated caption tags per draw (kohya's shuffle_caption)
+    keep_tokens: int = 0  # with shuffle_tags: the first N tags stay in place (kohya's keep_tokens)
+    split: str = (
+        "train"  # kind=hf: the split to train on; held-out images come from test/validation if present
+    )
 
 
 @dataclass
@@ -196,6 +203,9 @@ class SweepConfig:
     # folder. Also sqlite:///path.db, postgresql+psycopg://user@host/db (many machines), or a
     # JournalStorage file on a shared filesystem: journal:///abs/path/study.log (or a path ending .log/.journal).
     storage: Optional[str] = None
+    # Optuna artifact store for each trial's grid (optuna-dashboard shows it on the trial page). None:
+    # <study>/artifacts; with a shared storage, a folder every worker and the dashboard can reach.
+    artifact_dir: Optional[str] = None
     # Training runs at once on this machine: an int, or "auto" (one per visible CUDA device, 1 on CPU).
     # Each worker is a long-lived process that imports torch once and runs many runs.
     workers: Any = 1

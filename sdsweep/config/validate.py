@@ -18,7 +18,7 @@ ALLOWED = {
     "model.prediction_type": {"auto", "epsilon", "v_prediction"},
     "method.name": {"full", "dreambooth", "textual_inversion", "lora"},
     "method.template": {"object", "style", "none"},
-    "data.kind": {"demo", "imagefolder", "instances"},
+    "data.kind": {"demo", "imagefolder", "instances", "hf"},
     "train.lr_scheduler": {"constant", "constant_with_warmup", "cosine", "linear"},
     "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
     "train.optimizer": {"adamw", "adamw8bit", "prodigy", "lion"},
@@ -90,7 +90,7 @@ def validate(cfg: Config) -> Config:
             "(captions in metadata.jsonl/csv) or data=instances (one prompt for all images).",
         )
     constraints.check_eval_protocol(cfg)
-    if cfg.data.kind in ("imagefolder", "instances") and not cfg.data.path:
+    if cfg.data.kind in ("imagefolder", "instances", "hf") and not cfg.data.path:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
     swept = (sweep_params(cfg.sweep).get("method") or ParamSpec()) if cfg.sweep else ParamSpec()
     check_method_options(cfg.method, [str(m) for m in swept.choices or []])
@@ -180,6 +180,8 @@ def check_dreambooth_prompts(cfg: Config) -> None:
 def _validate_recipes(cfg: Config) -> None:
     """The train.* recipe knobs (optimizer, zero-terminal SNR, perturbation, dropout, buckets)."""
     train = cfg.train
+    if not isinstance(cfg.data.keep_tokens, int) or cfg.data.keep_tokens < 0:
+        _fail("data.keep_tokens", cfg.data.keep_tokens, "give a whole number >= 0 (tags kept in place).")
     for key in ("train.input_perturbation", "train.caption_dropout"):
         value = get_key(cfg, key)
         if not 0.0 <= value < 1.0:
@@ -229,7 +231,7 @@ def _validate_sweep(cfg: Config) -> None:
     sweep = cfg.sweep
     assert sweep is not None
     params = sweep_params(sweep)  # what normalise() will store; validate() itself changes nothing
-    if not params:
+    if not params and sweep.name != "single":  # "single": the one-run sweep a saved trial config records
         _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
     for key, spec in params.items():
         try:

@@ -36,6 +36,8 @@ class DataError(ValueError):
 class Example:
     image_path: Path
     caption: str
+    repeats: int = 1  # kohya's <repeats>_<name> folders: drawn this many times per pass over the data
+    heldout: bool = False  # from a held-out split of the dataset (data=hf with a test/validation split)
 
 
 # ---- listing ---------------------------------------------------------------------------------------
@@ -77,7 +79,9 @@ def find_metadata_folder(folder: Path) -> Path:
     return folder
 
 
-def _read_rows(folder: Path, notes: list[str] | None = None) -> tuple[list[dict[str, Any]], Path]:
+def _read_rows(
+    folder: Path, notes: list[str] | None = None, cfg_extension: str = ".txt"
+) -> tuple[list[dict[str, Any]], Path]:
     jsonl = folder / "metadata.jsonl"
     if jsonl.exists():
         rows = []
@@ -106,7 +110,8 @@ def _read_rows(folder: Path, notes: list[str] | None = None) -> tuple[list[dict[
     raise DataError(
         f"No metadata.jsonl or metadata.csv in {folder}. Add one with a line per image, e.g. "
         '{"file_name": "001.png", "text": "a photo of sks dog"} (the Hugging Face layout with a train/ '
-        "folder holding metadata.jsonl is found too)." + hint
+        "folder holding metadata.jsonl is found too), or put a caption file beside each image (001.png with "
+        f"001{cfg_extension}, the kohya layout)." + hint
     )
 
 
@@ -145,7 +150,7 @@ def _caption_of(value: Any, row_number: int, source: Path, fallback: str | None)
 
 
 def _imagefolder_examples(folder: Path, cfg: Config, notes: list[str] | None = None) -> list[Example]:
-    rows, source = _read_rows(folder, notes)
+    rows, source = _read_rows(folder, notes, cfg.data.caption_extension)
     if not rows:
         raise DataError(f"{source} lists no images; add at least one line.")
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -272,6 +277,36 @@ def _list_dataset(cfg: Config) -> _Listing:
     if cfg.data.kind == "instances":
         examples = _instance_examples(folder, cfg)
         source = "one instance prompt"
+    elif cfg.data.kind == "hf":
+        from sdsweep.data import hf_dataset
+        from sdsweep.models.tiny import cache_root
+
+        train, heldout, hf_notes, source = hf_dataset.read_rows(
+            folder,
+            cfg.data.split,
+            cfg.data.image_column,
+            cfg.data.caption_column,
+            cache_root(cfg.paths.cache),
+            DataError,
+        )
+        notes.extend(hf_notes)
+        examples = [Example(p, c) for p, c in train] + [Example(p, c, heldout=True) for p, c in heldout]
+        skipped = []
+    elif _is_sidecar_dataset(folder, cfg):
+        from sdsweep.data import sidecar
+
+        items, sidecar_notes = sidecar.read_sidecars(
+            folder,
+            cfg.data.caption_extension,
+            cfg.data.instance_prompt,
+            IMAGE_SUFFIXES,
+            DataError,
+            decode_text,
+        )
+        notes.extend(sidecar_notes)
+        examples = [Example(path, caption, repeats) for path, caption, repeats in items]
+        source = f"sidecar captions ({sidecar.normalise_extension(cfg.data.caption_extension)})"
+        skipped = sidecar.skipped_sidecar_files(folder, cfg.data.caption_extension, IMAGE_SUFFIXES)
     else:
         found = find_metadata_folder(folder)
         if found != folder:
@@ -284,8 +319,22 @@ def _list_dataset(cfg: Config) -> _Listing:
             f"The dataset in {folder} is empty: no images found (looked for {list(IMAGE_SUFFIXES)}). "
             "Add images or point data.path elsewhere."
         )
-    skipped = _skipped_files(folder, {e.image_path.resolve() for e in examples})
+    if not source.startswith(("sidecar", "Hugging Face")):
+        skipped = _skipped_files(folder, {e.image_path.resolve() for e in examples})
     return _Listing(folder, source, examples, skipped, notes)
+
+
+def _is_sidecar_dataset(folder: Path, cfg: Config) -> bool:
+    """An imagefolder without metadata.jsonl/csv whose images have caption files beside them (or that
+    has kohya repeat folders)."""
+    from sdsweep.data import sidecar
+
+    if cfg.data.kind != "imagefolder" or find_metadata_folder(folder) != folder:
+        return False
+    if any((folder / name).exists() for name in METADATA_FILES):
+        return False
+    extension = sidecar.normalise_extension(cfg.data.caption_extension)
+    return sidecar.has_sidecars(folder, extension, IMAGE_SUFFIXES)
 
 
 def list_examples(cfg: Config) -> list[Example]:
@@ -314,7 +363,7 @@ def summarize_dataset(cfg: Config, count_tokens: Callable[[str], int] | None = N
         folder=listing.folder,
         source=listing.source,
         found=len(listing.examples),
-        used=len(train),
+        used=len({e.image_path for e in train}),
         heldout=len(heldout),
         skipped=listing.skipped,
         long_captions=long_captions,
@@ -331,9 +380,15 @@ def split_examples(examples: list[Example], num_heldout: int) -> tuple[list[Exam
             f"data.num_heldout={num_heldout} leaves no training images out of {len(examples)}; "
             "lower data.num_heldout or add images."
         )
+    if any(e.heldout for e in examples):  # the dataset's own held-out split
+        held = [e for e in examples if e.heldout][:num_heldout]
+        train = [e for e in examples if not e.heldout for _ in range(max(1, e.repeats))]
+        return train, held
     order = list(range(len(examples)))
     random.Random(0).shuffle(order)  # a constant seed: every trial of a study holds out the same images
     heldout_ids = set(order[len(order) - num_heldout :]) if num_heldout else set()
-    train = [e for i, e in enumerate(examples) if i not in heldout_ids]
+    # kohya's repeats: an image of a 10_ folder appears 10 times in the training list, so the seeded
+    # sampler draws it 10 times as often; held-out images are evaluated once.
+    train = [e for i, e in enumerate(examples) if i not in heldout_ids for _ in range(max(1, e.repeats))]
     heldout = [e for i, e in enumerate(examples) if i in heldout_ids]
     return train, heldout

@@ -53,6 +53,29 @@ def build_vae():
     )
 
 
+class _BuildProgress:
+    """The build's progress as the sweep shows it (``sdsweep.progress``): a bar on a terminal, a plain line
+    every 30 s in logs and CI, not thousands of carriage-return redraws."""
+
+    def __init__(self, total: int):
+        from sdsweep.progress import Progress
+
+        self.progress = Progress("building the shapes model (once)", total, "steps")
+        self.postfix = ""
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def update(self, count: int = 1) -> None:
+        self.progress.advance(count, last=self.postfix)
+
+    def __enter__(self) -> _BuildProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.close()
+
+
 def train_vae(images: torch.Tensor, steps: int, batch: int, progress, seed: int):
     vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -234,8 +257,10 @@ def train_unet(latents, captions, text_encoder, tokenizer, steps: int, batch: in
 
 def build(target: Path, plan) -> None:
     """Pretrain all parts and save a diffusers pipeline into ``target`` (and the CLIP into target/clip)."""
+    from sdsweep import warnings_filter
+
+    warnings_filter.install()  # before transformers: its PIL image processor is what sdsweep wants
     from diffusers import StableDiffusionPipeline
-    from tqdm.auto import tqdm
     from transformers import CLIPTextModel
 
     started, cpu = time.perf_counter(), time.process_time()
@@ -252,7 +277,7 @@ def build(target: Path, plan) -> None:
         captions = [s.caption for s in scenes]
         tokenizer = shapes.build_tokenizer()
         total = plan.vae_steps + plan.clip_steps + plan.unet_steps
-        with tqdm(total=total, desc="building the shapes model (once)", unit="step") as progress:
+        with _BuildProgress(total) as progress:
             vae, latents = train_vae(images, plan.vae_steps, plan.vae_batch_size, progress, plan.seed)
             clip = train_clip(
                 images, captions, tokenizer, plan.clip_steps, plan.batch_size, progress, plan.seed

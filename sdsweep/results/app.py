@@ -28,10 +28,17 @@ class StudyApp:
     """The study's data plus a cache of loaded pipelines, one per trial (weights load once)."""
 
     def __init__(self, study_dir: str | Path, device: str = "auto"):
+        from sdsweep import io
+        from sdsweep.results.export import TRIAL_FILE
         from sdsweep.results.study_folder import load_study
 
         self.study_dir = Path(study_dir)
-        self.data = load_study(self.study_dir)  # StudyFolderError names the fix for a wrong folder
+        # A folder sdsweep.export wrote (any --format): its one trial and the base model, no leaderboard.
+        self.exported = (
+            io.read_json(self.study_dir / TRIAL_FILE) if (self.study_dir / TRIAL_FILE).is_file() else None
+        )
+        # StudyFolderError names the fix for a wrong folder
+        self.data = None if self.exported is not None else load_study(self.study_dir)
         self.device = device
         self._pipelines: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()  # gradio serves requests on threads; load each trial once
@@ -41,6 +48,8 @@ class StudyApp:
         """``baseline`` and every trial that kept its weights."""
         from sdsweep import io
 
+        if self.exported is not None:
+            return [BASELINE, str(self.exported.get("trial"))]
         trials = [
             str(int(d.name))
             for d in self.data.paths.trial_dirs()
@@ -49,6 +58,19 @@ class StudyApp:
         return [BASELINE] + trials
 
     def leaderboard(self):
+        if self.exported is not None:
+            import pandas as pd
+
+            summary = self.exported
+            return pd.DataFrame(
+                [
+                    {
+                        "trial": summary.get("trial"),
+                        "method": summary.get("method"),
+                        **(summary.get("metrics") or {}),
+                    }
+                ]
+            )
         results = self.data.results
         metrics = [c for c in results.columns if c.startswith(("eval/", "human/"))]
         shown = [c for c in LEADERBOARD_COLUMNS if c in results.columns] + metrics
@@ -57,6 +79,8 @@ class StudyApp:
     def contact_sheet(self) -> str | None:
         from sdsweep.results.figures import contact_sheet
 
+        if self.data is None:
+            return None
         out = Path(tempfile.mkdtemp(prefix="sdsweep-app-")) / "contact_sheet.png"
         made = contact_sheet(self.data, out)
         return str(made) if isinstance(made, Path) else None

@@ -328,28 +328,49 @@ def trial_summary(
     }
 
 
-def export_trial(study_dir: Path, to: Path, trial: int | None = None, force: bool = False) -> Path:
-    """Copy the chosen trial's weights to ``to`` with a model card; returns ``to``."""
+def export_trial(
+    study_dir: Path, to: Path, trial: int | None = None, force: bool = False, fmt: str = "diffusers"
+) -> Path:
+    """Copy the chosen trial's weights to ``to`` (or convert them to ``fmt``) with a model card; returns ``to``."""
+    from sdsweep.results import export_formats
+
     data = load_study(study_dir)
     selected = select_trial(data, trial)
     source = weights_dir(data, selected)
     fmt_name = weights_format(source, selected.record.method)
+    try:
+        export_formats.output_file(fmt, fmt_name)
+    except export_formats.FormatError as error:
+        raise ExportError(str(error)) from None
     to = Path(to)
     if to.exists() and any(to.iterdir()) and not force:
         raise ExportError(f"{to} exists and is not empty; choose another --to or pass --force to overwrite.")
     # Copy into a staging folder and swap it in, so a failed export never leaves half a model.
     staging = io.staging_dir(to)
     try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        if fmt_name == "pipeline":  # load with the sampler the metrics were measured with, not PNDM
+        config = _trial_config(selected)
+        spec = METHOD_SPECS.get(str(selected.record.method))
+        converted = export_formats.convert(
+            source,
+            fmt_name,
+            spec.weights_file if spec else "",
+            fmt,
+            staging,
+            export_formats.lora_alphas(config),
+        )
+        if converted is None:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+        if (
+            fmt_name == "pipeline" and converted is None
+        ):  # load with the sampler the metrics were measured with, not PNDM
             export_card.set_pipeline_scheduler(staging, (data.info.get("eval") or {}).get("scheduler"))
+        if (selected.trial_dir / io.TRIAL_CONFIG).is_file():  # generate and the app load the export with it
+            shutil.copyfile(selected.trial_dir / io.TRIAL_CONFIG, staging / export_formats.EXPORT_CONFIG)
         grid = selected.trial_dir / io.TRIAL_GRID
         if grid.is_file():
             shutil.copyfile(grid, staging / GRID_FILE)
-        config = _trial_config(selected)
-        io.atomic_write_text(
-            staging / "README.md", model_card(data, selected, fmt_name, config, grid.is_file())
-        )
+        card = model_card(data, selected, fmt_name, config, grid.is_file())
+        io.atomic_write_text(staging / "README.md", card + export_card.format_lines(converted, fmt_name))
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         io.atomic_write_json(
             staging / TRIAL_FILE, trial_summary(data, selected, fmt_name, files + [TRIAL_FILE])
@@ -368,9 +389,16 @@ def main(argv: list[str] | None = None) -> int:
         "--trial", type=int, default=None, help="trial number (default: the best feasible trial)"
     )
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --to folder")
+    parser.add_argument(
+        "--format",
+        default="diffusers",
+        choices=["diffusers", "single_file", "a1111"],
+        help="diffusers (as trained); single_file (full/DreamBooth: one original-layout .safetensors); "
+        "a1111 (what AUTOMATIC1111/ComfyUI load: checkpoint, kohya LoRA or emb_params embedding)",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_trial(args.study_dir, args.to, args.trial, args.force)
+        out = export_trial(args.study_dir, args.to, args.trial, args.force, args.format)
     except (ExportError, StudyFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -117,3 +117,35 @@ def metric_rows(record: TrialRecord, baseline: dict[str, float]) -> list[str]:
 
 def warning_lines(record: TrialRecord) -> list[str]:
     return [f"- ⚠ {w}" for w in record.warnings]
+
+
+def format_lines(converted: str | None, weights_format: str) -> str:
+    """The model card's "Formats" section: each export format and the lines that load it."""
+    lines = ["", "## Formats", ""]
+    lines.append(
+        "`python -m sdsweep.export <study> --to <dir> --format NAME` writes: `diffusers` (the weights as trained, "
+        "loaded as under Usage), `single_file` (full fine-tune / DreamBooth: `model.safetensors`, original "
+        "Stable Diffusion layout), `a1111` (the file AUTOMATIC1111 and ComfyUI load for this method)."
+    )
+    if converted is None:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"This folder holds `{converted}` (format for AUTOMATIC1111 / ComfyUI / diffusers):", ""]
+    if weights_format == "pipeline":
+        lines += [
+            "- AUTOMATIC1111: copy it to `models/Stable-diffusion/`; ComfyUI: `models/checkpoints/`.",
+            "- diffusers: `StableDiffusionPipeline.from_single_file("
+            f'"{converted}", config="<base model folder or id>")`',
+        ]
+    elif weights_format == "lora":
+        lines += [
+            "- AUTOMATIC1111: copy it to `models/Lora/` and add `<lora:lora_kohya:1>` to the prompt; "
+            "ComfyUI: `models/loras/`.",
+            f'- diffusers: `pipe.load_lora_weights("path/to/this/folder", weight_name="{converted}")`',
+        ]
+    else:
+        lines += [
+            "- AUTOMATIC1111: copy it to `embeddings/` and write its file name (`embedding`) in the prompt; "
+            "ComfyUI: `models/embeddings/`, prompt `embedding:embedding`.",
+            f'- diffusers: `pipe.load_textual_inversion("path/to/this/folder/{converted}", token="<token>")`',
+        ]
+    return "\n".join(lines) + "\n"

@@ -33,6 +33,20 @@ class Target:
 
 
 def resolve_target(study_dir: Path, which: str) -> Target:
+    from sdsweep.results.export import TRIAL_FILE
+    from sdsweep.results.export_formats import EXPORT_CONFIG
+
+    if (Path(study_dir) / TRIAL_FILE).is_file():  # a folder written by sdsweep.export, in any --format
+        if not (Path(study_dir) / EXPORT_CONFIG).is_file():
+            raise ExportError(
+                f"{study_dir} has no {EXPORT_CONFIG}; export the trial again with this version."
+            )
+        summary = io.read_json(Path(study_dir) / TRIAL_FILE) or {}
+        if which == "baseline":
+            return Target("baseline", Path(study_dir) / EXPORT_CONFIG, None)
+        return Target(
+            f"t{int(summary.get('trial') or 0):04d}", Path(study_dir) / EXPORT_CONFIG, Path(study_dir)
+        )
     data = load_study(study_dir)
     if which == "baseline":
         config_path = data.paths.baseline / io.TRIAL_CONFIG
@@ -62,9 +76,9 @@ def load_pipeline_for(target: Target, device: Any, scheduler: str | None):
 
         pipeline = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
     else:
-        from sdsweep.training.methods import load_trained_pipeline
+        from sdsweep.results.export_formats import load_exported_pipeline
 
-        pipeline = load_trained_pipeline(cfg, target.weights, device, scheduler)
+        pipeline = load_exported_pipeline(target.weights, cfg, device, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, cfg
 
@@ -121,7 +135,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate images with a trial of a sdsweep study.")
-    parser.add_argument("study_dir", type=Path, help="experiments/<study>")
+    parser.add_argument("study_dir", type=Path, help="experiments/<study>, or a folder sdsweep.export wrote")
     parser.add_argument("--trial", default="best", help="a trial number, 'best' (default) or 'baseline'")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--num-images", type=int, default=4)

@@ -135,6 +135,17 @@ def _defining(key: str, swept: set[str], single: bool) -> bool:
     return not any(key.startswith(f"{group}.") for group in GROUP_KEYS if group in swept)
 
 
+def _data_entry(sha256: str, example: Any) -> dict[str, Any]:
+    """One image's identity; kohya repeats and a held-out split only when set, so fingerprints of studies
+    without them stay as they were."""
+    entry: dict[str, Any] = {"sha256": sha256, "caption": example.caption}
+    if getattr(example, "repeats", 1) != 1:
+        entry["repeats"] = example.repeats
+    if getattr(example, "heldout", False):
+        entry["heldout"] = True
+    return entry
+
+
 def study_fingerprint(cfg: Config, examples: list[Any] | None = None) -> dict[str, Any]:
     """The study's identity as plain JSON: {"version", "model", "data": {file: {sha256, caption}}, "settings"}."""
     from sdsweep.data.examples import load_examples
@@ -152,7 +163,7 @@ def study_fingerprint(cfg: Config, examples: list[Any] | None = None) -> dict[st
         root = Path(os.path.commonpath([str(f.resolve().parent) for f in files])) if files else Path(".")
         hashes = file_hashes(files, hash_cache_file(cfg))
         data = {
-            str(f.resolve().relative_to(root)): {"sha256": hashes[f], "caption": e.caption}
+            str(f.resolve().relative_to(root)): _data_entry(hashes[f], e)
             for f, e in zip(files, examples, strict=True)
         }
     model = _model_identity(cfg) if "model" not in swept else None
@@ -217,6 +228,11 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         recaptioned = sorted(
             k for k in old_data.keys() & new_data.keys() if old_data[k]["caption"] != new_data[k]["caption"]
         )
+        both = old_data.keys() & new_data.keys()
+        repeated = sorted(k for k in both if old_data[k].get("repeats", 1) != new_data[k].get("repeats", 1))
+        resplit = sorted(
+            k for k in both if old_data[k].get("heldout", False) != new_data[k].get("heldout", False)
+        )
         added, removed = sorted(new_data.keys() - old_data.keys()), sorted(old_data.keys() - new_data.keys())
         parts = [
             f"{len(items)} file(s) {what}: {_names(items)}"
@@ -225,6 +241,8 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 ("added", added),
                 ("removed", removed),
                 ("with a new caption", recaptioned),
+                ("with new repeats", repeated),
+                ("moved between the train and held-out splits", resplit),
             )
             if items
         ]

@@ -135,6 +135,9 @@ class TrialRecorder:
         }
         if intervals:
             self.tell(slot, lambda: link.set_attr(INTERVALS, intervals))
+        self.tell(
+            slot, lambda: self.upload_grids(slot, link)
+        )  # before complete: a finished trial is read-only
         self.tell(slot, lambda: link.complete(values, record.violations))
 
     def delta_intervals(self, slot: TrialSlot, record: TrialRecord) -> dict[str, dict]:
@@ -153,6 +156,22 @@ class TrialRecorder:
                 d = difference
                 out[key] = Interval(d.mean, d.lo, d.hi, d.se, d.n, "paired bootstrap").to_json()
         return out
+
+    def upload_grids(self, slot: TrialSlot, link: TrialLink) -> None:
+        """The trial's grid on its dashboard page, the baseline's on the study's (once each)."""
+        from sdsweep.study import artifacts
+
+        store = artifacts.artifact_dir(self.paths.root, self.cfg.sweep.artifact_dir)
+        storage = self.handle.storage
+        try:
+            artifacts.upload_once(store, self.paths.trial(slot.number) / io.TRIAL_GRID, link.trial, storage)
+            baseline = self.paths.baseline / io.TRIAL_GRID
+            artifacts.upload_once(store, baseline, self.study, storage, artifacts.BASELINE_GRID)
+        except OSError as error:  # the images are a view: an unwritable store must not fail the trial
+            print(
+                f"[sdsweep] trial {slot.number}: grid not uploaded to the artifact store {store} ({error})",
+                flush=True,
+            )
 
     def fail(
         self,

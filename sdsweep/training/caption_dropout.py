@@ -1,4 +1,4 @@
-"""Caption dropout: some draws train unconditionally, reproducibly per draw."""
+"""Caption dropout and tag shuffling: per-draw caption changes, reproducible per draw."""
 
 from __future__ import annotations
 
@@ -61,3 +61,43 @@ def with_caption_dropout(cfg: Config, method: Any, dataset: torch.utils.data.Dat
         with torch.no_grad():
             empty = method.encode_text([""])[0].detach().float().cpu()
     return CaptionDropout(dataset, cfg.train.caption_dropout, cfg.train.seed, empty)
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """kohya's shuffle_caption: the comma-separated tags after the first ``keep_tokens`` in a random order."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(rest)
+    return ", ".join(tag for tag in kept + rest if tag)
+
+
+class TagShuffle(torch.utils.data.Dataset):
+    """Shuffles each draw's comma-separated tags (``data.shuffle_tags``), keeping the first
+    ``data.keep_tokens`` in place. The order of draw ``(index, draw)`` comes from its own seeded stream:
+    the same on every data-parallel rank and after a resume. A shuffled caption is encoded per step, so
+    cached text embeddings of the unshuffled caption are dropped from the item."""
+
+    SALT = 0x7A65_5F  # keeps the shuffle stream apart from the flip/crop and dropout streams
+
+    def __init__(self, dataset: torch.utils.data.Dataset, keep_tokens: int, seed: int):
+        self.dataset, self.keep_tokens, self.seed = dataset, keep_tokens, seed
+        self.supports_draw_keys = getattr(dataset, "supports_draw_keys", False)
+        self.bucket_ids = getattr(dataset, "bucket_ids", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        item = dict(self.dataset[key])
+        index, draw = split_key(key)
+        rng = random.Random(draw_seed(self.seed + self.SALT, index, draw))
+        item["caption"] = shuffle_tags(item["caption"], self.keep_tokens, rng)
+        item.pop("encoder_hidden_states", None)
+        return item
+
+
+def with_tag_shuffle(cfg: Config, dataset: torch.utils.data.Dataset):
+    """The dataset wrapped in ``TagShuffle`` when ``data.shuffle_tags``."""
+    if not cfg.data.shuffle_tags:
+        return dataset
+    return TagShuffle(dataset, cfg.data.keep_tokens, cfg.train.seed)

@@ -31,7 +31,7 @@ from sdsweep.config.schema import Config
 from sdsweep.models.loading import resolve_mixed_precision
 from sdsweep.training import distributed
 from sdsweep.training.batches import noise_seeds, training_loader
-from sdsweep.training.caption_dropout import with_caption_dropout
+from sdsweep.training.caption_dropout import with_caption_dropout, with_tag_shuffle
 from sdsweep.training.checkpoints import (
     LoopState,
     check_resumable,
@@ -218,7 +218,7 @@ def train(
 
     accumulation = cfg.train.gradient_accumulation_steps
     batch_size = cfg.train.train_batch_size
-    dataset = with_caption_dropout(cfg, method, dataset)
+    dataset = with_caption_dropout(cfg, method, with_tag_shuffle(cfg, dataset))
     # The single-process stream at the global batch, resumed after the draws of all ranks so far.
     loader = training_loader(
         dataset,

@@ -1,0 +1,162 @@
+"""Weights in the formats other tools load (``python -m sdsweep.export ... --format NAME``).
+
+- ``diffusers`` (default): the trial's weights as the method saved them (a pipeline folder,
+  ``pytorch_lora_weights.safetensors`` or ``learned_embeds.safetensors``).
+- ``single_file``: full fine-tune / DreamBooth as one ``model.safetensors`` in the original Stable Diffusion
+  key layout (AUTOMATIC1111, ComfyUI, diffusers ``from_single_file``).
+- ``a1111``: what AUTOMATIC1111 loads for the method: the single-file checkpoint for a pipeline, a kohya-format
+  LoRA (``lora_kohya.safetensors``, converted by diffusers' ``convert_state_dict_to_kohya``), or an
+  embedding with ``emb_params`` (``embedding.safetensors``) for textual inversion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FORMATS = ("diffusers", "single_file", "a1111")
+SINGLE_FILE = "model.safetensors"
+KOHYA_LORA_FILE = "lora_kohya.safetensors"
+A1111_EMBEDDING_FILE = "embedding.safetensors"
+EXPORT_CONFIG = "sdsweep_config.yaml"  # the trial's config, beside the weights: generate and the app read it
+
+
+def load_exported_pipeline(folder: Path, cfg, device, scheduler: str):
+    """A pipeline from what ``sdsweep.export`` wrote in any format (imports torch/diffusers)."""
+    from sdsweep.models.loading import load_pipeline, make_inference_scheduler, resolve_model_source
+
+    folder = Path(folder)
+    if (folder / SINGLE_FILE).is_file():
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(folder / SINGLE_FILE),
+            config=resolve_model_source(cfg.model, cfg.paths.cache),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        pipe.scheduler = make_inference_scheduler(scheduler, pipe.scheduler.config)
+        return pipe.to(device)
+    if (folder / KOHYA_LORA_FILE).is_file() or (folder / A1111_EMBEDDING_FILE).is_file():
+        pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
+        if (folder / KOHYA_LORA_FILE).is_file():
+            pipe.load_lora_weights(str(folder), weight_name=KOHYA_LORA_FILE)
+        else:
+            pipe.load_textual_inversion(
+                str(folder / A1111_EMBEDDING_FILE), token=cfg.method.placeholder_token
+            )
+        return pipe
+    from sdsweep.training.methods import load_trained_pipeline
+
+    return load_trained_pipeline(cfg, folder, device, scheduler)
+
+
+class FormatError(ValueError):
+    """The requested format does not exist for the trial's weights; the message names the ones that do."""
+
+
+def output_file(fmt: str, weights_format: str) -> str | None:
+    """The file ``fmt`` writes for ``weights_format`` (None: the diffusers weights are copied as they are)."""
+    if fmt not in FORMATS:
+        raise FormatError(f"Unknown --format {fmt}; choose one of {', '.join(FORMATS)}.")
+    if fmt == "diffusers":
+        return None
+    if weights_format == "pipeline":
+        return SINGLE_FILE
+    if fmt == "single_file":
+        raise FormatError(
+            f"--format single_file is a full Stable Diffusion checkpoint; this trial's weights are a {weights_format} "
+            "adapter. Use --format a1111 (the file AUTOMATIC1111 and ComfyUI load) or --format diffusers."
+        )
+    return KOHYA_LORA_FILE if weights_format == "lora" else A1111_EMBEDDING_FILE
+
+
+def lora_alphas(config: dict) -> dict[str, float]:
+    """The trained lora_alpha per component (from the trial's config), for the kohya file's ``alpha``."""
+    method = config.get("method") or {}
+    if method.get("name") != "lora":
+        return {}
+    rank = method.get("rank") or 4
+    return {
+        "unet": float(method.get("alpha") or rank),
+        "text_encoder": float(method.get("text_encoder_rank") or 4),
+    }
+
+
+def _lora_alphas(path: Path) -> dict[str, float]:
+    """lora_alpha per component ("unet", "text_encoder") from the metadata diffusers writes with the weights."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    raw = metadata.get("lora_adapter_metadata")
+    alphas = {}
+    for component, config in (json.loads(raw) if raw else {}).items():
+        prefix = component.split(".")[0]
+        if isinstance(config, dict) and config.get("lora_alpha") is not None:
+            alphas[prefix] = float(config["lora_alpha"])
+    return alphas
+
+
+def kohya_lora(path: Path, target: Path, alphas: dict[str, float] | None = None) -> Path:
+    """A diffusers LoRA file as kohya's format; each module's ``alpha`` is the trained ``lora_alpha``
+    (diffusers' converter writes alpha = rank, which changes the scale when alpha != rank)."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from diffusers.utils.state_dict_utils import PEFT_TO_DIFFUSERS, convert_state_dict
+    from safetensors.torch import load_file, save_file
+
+    alphas = {**_lora_alphas(path), **(alphas or {})}
+    # save_lora_weights wrote PEFT_TO_DIFFUSERS names (.lora.down/.lora.up); diffusers' own table, read back
+    peft = convert_state_dict(load_file(str(path)), {new: old for old, new in PEFT_TO_DIFFUSERS.items()})
+    state = convert_state_dict_to_kohya(peft)
+    for key in [k for k in state if k.endswith(".alpha")]:
+        component = "text_encoder" if key.startswith("lora_te") else "unet"
+        if component in alphas:
+            state[key] = torch.tensor(alphas[component])
+    partial = target.with_name(target.name + ".partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(partial))
+    partial.replace(target)
+    return target
+
+
+def a1111_embedding(path: Path, target: Path) -> Path:
+    """A textual-inversion file as an A1111 embedding: ``emb_params`` holding the vectors (the token is the
+    file name in A1111; diffusers' ``load_textual_inversion`` reads it with ``token=``)."""
+    from safetensors.torch import load_file, save_file
+
+    learned = load_file(str(path))
+    if len(learned) != 1:
+        raise FormatError(f"{path} holds {len(learned)} tokens; an A1111 embedding holds one.")
+    ((token, vectors),) = learned.items()
+    vectors = vectors if vectors.ndim == 2 else vectors.unsqueeze(0)
+    partial = target.with_name(target.name + ".partial")
+    save_file({"emb_params": vectors.contiguous()}, str(partial), metadata={"token": token})
+    partial.replace(target)
+    return target
+
+
+def convert(
+    source: Path,
+    weights_format: str,
+    weights_file: str,
+    fmt: str,
+    target_dir: Path,
+    lora_alphas: dict[str, float] | None = None,
+) -> str | None:
+    """Write the ``fmt`` file for the trial weights in ``source`` into ``target_dir``; returns its name."""
+    name = output_file(fmt, weights_format)
+    if name is None:
+        return None
+    target = Path(target_dir) / name
+    if weights_format == "pipeline":
+        from sdsweep.results.single_file import write_single_file
+
+        write_single_file(source, target)
+    elif weights_format == "lora":
+        kohya_lora(source / weights_file, target, lora_alphas)
+    else:
+        a1111_embedding(source / weights_file, target)
+    return name
