@@ -202,7 +202,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         pick = (
             "none"
             if r["pick_trial"] is None
-            else f"trial {r['pick_trial']}: {r['pick_lr']:g} × {r['pick_steps']}"
+            else f"trial {r['pick_trial']}: {_lr(r['pick_lr'])} × {r['pick_steps']}"
         )
         if r["pick_feasible"] is False:
             pick += " (infeasible)"
