@@ -463,3 +463,13 @@ METHOD_VAL_LOSS_RATIO = {"full": 0.5, "dreambooth": 0.5, "textual_inversion": 0.
 # the UNet a shape it never drew.
 METHOD_PRIOR_MIN = {"full": 0.5, "dreambooth": 0.8, "textual_inversion": 0.75, "lora": 0.8}
 METHOD_CONCEPT_MIN = {"full": 0.1875}  # DreamBooth's 2 stars of 16 leave no margin to assert
+
+
+def test_preflight_names_a_shapes_clip_that_is_not_built(tmp_path):
+    from sdsweep.sweep.preflight import eval_model_problems
+
+    cfg = compose(
+        ["eval.clip_model=shapes:sd15@seed5", "eval.metrics=[clip_score]", f"paths.cache={tmp_path}"]
+    )
+    problems = eval_model_problems(cfg)
+    assert len(problems) == 1 and str(shapes.clip_dir(tmp_path, 5)) in problems[0], problems
