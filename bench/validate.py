@@ -174,7 +174,7 @@ def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
         "pick_concept": None if best is None else float(best[CONCEPT]),
         "pick_prior": None if best is None else float(best[PRIOR]),
         "truth_best_trials": [int(t) for t in truth_best["trial"]],
-        "truth_best": [f"{r[LR]:g} x {int(r[STEPS])}" for _, r in truth_best.iterrows()],
+        "truth_best": [f"{_lr(r[LR])} × {int(r[STEPS])}" for _, r in truth_best.iterrows()],
         "truth_best_concept": None if truth_best.empty else float(truth_best[CONCEPT].iloc[0]),
         "truth_best_prior": None if truth_best.empty else float(truth_best[PRIOR].iloc[0]),
         "separated": _separated(study, best),
@@ -187,9 +187,13 @@ def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
     return row
 
 
+def _lr(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| build | eval.seed | pick (lr × steps) | pick concept / prior | truth's best (lr × steps) "
+        "| build | eval.seed | pick (trial: lr × steps) | pick concept / prior | truth's best (lr × steps) "
         "| its concept / prior | pick = truth's best | pick in region | separated |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -198,7 +202,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         pick = (
             "none"
             if r["pick_trial"] is None
-            else f"trial {r['pick_trial']}: {r['pick_lr']:g} × {r['pick_steps']}"
+            else f"trial {r['pick_trial']}: {_lr(r['pick_lr'])} × {r['pick_steps']}"
         )
         if r["pick_feasible"] is False:
             pick += " (infeasible)"

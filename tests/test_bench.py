@@ -106,3 +106,16 @@ def test_quick_bench_writes_results(tmp_path, capsys):
         assert row["predicted_peak_gib"] > 0
     assert all("error" not in s and s["images_per_second"] > 0 for s in gpu["sampling"])
     assert "Targets:" in capsys.readouterr().out  # the printed table
+
+
+def test_validate_runs_the_demo_as_a_user_types_it_per_build_and_eval_seed(tmp_path):
+    from bench import validate
+
+    plain = validate.demo_command(0, 1234, tmp_path)
+    assert plain[1:4] == ["-m", "sdsweep", "+experiment=demo"] and not any("@seed" in a for a in plain)
+    seeded = validate.demo_command(3, 4321, tmp_path)
+    assert "model.pretrained=shapes:sd15@seed3" in seeded and "eval.clip_model=shapes:sd15@seed3" in seeded
+    assert {"eval.seed=4321", "study=validate-b3-e4321", f"paths.root={tmp_path}", "tracking=none"} <= set(
+        seeded
+    )
+    assert not validate.finished(tmp_path / "validate-b3-e4321")  # nothing there yet: it would run

