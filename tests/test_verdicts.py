@@ -139,3 +139,18 @@ def test_the_paired_pruner_stops_a_run_only_when_it_is_worse_on_the_shared_units
     assert paired_prune_reason(cfg, paths, 90) is None  # the same units: no evidence
     reason = paired_prune_reason(cfg, paths, 91)
     assert reason and f"worse than trial {int(best['trial'])}" in reason and "-8" in reason
+
+
+def test_a_relative_constraint_is_judged_against_the_untuned_model():
+    from sdsweep.config.constraints import parse_constraint
+    from sdsweep.errors import ConfigError
+
+    guard = parse_constraint("eval/prior_clip_score >= 0.75x baseline")
+    assert guard.relative and str(guard) == "eval/prior_clip_score >= 0.75x baseline"
+    assert guard.bound({"eval/prior_clip_score": 88.0}) == pytest.approx(66.0)
+    assert guard.satisfied({"eval/prior_clip_score": 67.0}, {"eval/prior_clip_score": 88.0})
+    assert not guard.satisfied({"eval/prior_clip_score": 67.0}, {"eval/prior_clip_score": 94.0})
+    assert guard.violation({"eval/prior_clip_score": 67.0}) == 1.0  # no baseline: cannot be met
+    assert parse_constraint("eval/appropriate_rate >= 0.75").bound(None) == 0.75
+    with pytest.raises(ConfigError, match="0.75x baseline"):
+        parse_constraint("eval/prior_clip_score >= 75%")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from sdsweep.errors import ConfigError
 
-_PATTERN = re.compile(r"^\s*([A-Za-z0-9_/.\-]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+_PATTERN = re.compile(
+    r"^\s*([A-Za-z0-9_/.\-]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*(x\s*baseline)?\s*$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -20,20 +22,33 @@ class Constraint:
     metric: str
     op: str
     threshold: float
+    # ``eval/prior_clip_score >= 0.75x baseline``: the threshold is that multiple of the untuned model's
+    # value, so the guard means the same with any CLIP (each CLIP has its own scale) and any model.
+    relative: bool = False
 
-    def violation(self, metrics: dict) -> float:
+    def bound(self, baseline: dict | None = None) -> float | None:
+        """The threshold in the metric's units; None for a relative one without a baseline value."""
+        if not self.relative:
+            return self.threshold
+        base = (baseline or {}).get(self.metric)
+        if not isinstance(base, (int, float)) or not math.isfinite(base):
+            return None
+        return self.threshold * float(base)
+
+    def violation(self, metrics: dict, baseline: dict | None = None) -> float:
         value = metrics.get(self.metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        bound = self.bound(baseline)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or bound is None:
             return 1.0
         if self.op in (">=", ">"):
-            return self.threshold - float(value) + (1e-12 if self.op == ">" else 0.0)
-        return float(value) - self.threshold + (1e-12 if self.op == "<" else 0.0)
+            return bound - float(value) + (1e-12 if self.op == ">" else 0.0)
+        return float(value) - bound + (1e-12 if self.op == "<" else 0.0)
 
-    def satisfied(self, metrics: dict) -> bool:
-        return self.violation(metrics) <= 0
+    def satisfied(self, metrics: dict, baseline: dict | None = None) -> bool:
+        return self.violation(metrics, baseline) <= 0
 
     def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.threshold:g}"
+        return f"{self.metric} {self.op} {self.threshold:g}" + ("x baseline" if self.relative else "")
 
 
 def parse_constraint(text: str) -> Constraint:
@@ -41,9 +56,10 @@ def parse_constraint(text: str) -> Constraint:
     if not match:
         raise ConfigError(
             f"Invalid sweep constraint {text!r}: write it as '<metric> <op> <number>', "
-            "e.g. 'eval/appropriate_rate >= 0.75' (op is one of >=, <=, >, <)."
+            "e.g. 'eval/appropriate_rate >= 0.75' (op is one of >=, <=, >, <), or relative to the untuned "
+            "model as '<metric> <op> <number>x baseline', e.g. 'eval/prior_clip_score >= 0.75x baseline'."
         )
-    return Constraint(match.group(1), match.group(2), float(match.group(3)))
+    return Constraint(match.group(1), match.group(2), float(match.group(3)), bool(match.group(4)))
 
 
 # ---- which eval/* metrics a study can compute ----------------------------------------------------------

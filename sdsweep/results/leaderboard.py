@@ -82,7 +82,8 @@ def build_leaderboard(data: StudyData) -> Leaderboard:
                 if state == TrialState.COMPLETE.value
                 else "–"
             )
-            cells.append(_note(row, best, data.records.get(trial), verdict))
+            untuned = data.baseline_for(row.get("model")) or base
+            cells.append(_note(row, best, data.records.get(trial), verdict, untuned))
             rows.append(cells)
             row_trials.append(trial)
     if data.baseline:
@@ -112,7 +113,11 @@ def _with_delta(value: Any, baseline: Any, interval: dict[str, Any] | None = Non
 
 
 def _note(
-    row: pd.Series, best: dict[str, Any] | None, record: TrialRecord | None, verdict: Verdict | None = None
+    row: pd.Series,
+    best: dict[str, Any] | None,
+    record: TrialRecord | None,
+    verdict: Verdict | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> str:
     trial = int(row["trial"])
     if best is not None and trial == int(best["trial"]):
@@ -131,17 +136,17 @@ def _note(
         if notes and row.get("state") == TrialState.COMPLETE.value and is_feasible(row.get("feasible")):
             return "; ".join(notes)
         if notes and trial in verdict.uncertain:
-            failed = _failed_note(row, record)
+            failed = _failed_note(row, record, baseline)
             return "; ".join([failed] + notes[-1:]) if failed else notes[-1]
     reason = row.get("fail_reason")
     if isinstance(reason, str) and reason:
         return reason if len(reason) < 160 else reason[:157] + "..."
     if row.get("state") == TrialState.COMPLETE.value and not is_feasible(row.get("feasible")):
-        return _failed_note(row, record) or "violates a constraint"
+        return _failed_note(row, record, baseline) or "violates a constraint"
     return ""
 
 
-def _failed_note(row: pd.Series, record: TrialRecord | None) -> str:
+def _failed_note(row: pd.Series, record: TrialRecord | None, baseline: dict[str, Any] | None = None) -> str:
     """What the sweep recorded the trial failing, with its values: "eval/prior_clip_score 68.56 fails >= 70"
     (read from the trial's record, which also set its "feasible", not re-judged by today's settings)."""
     notes = []
@@ -151,5 +156,7 @@ def _failed_note(row: pd.Series, record: TrialRecord | None) -> str:
         except ConfigError:  # a hand-written entry: shown as written
             notes.append(text)
             continue
-        notes.append(f"{c.metric} {fmt(row.get(c.metric))} fails {c.op} {fmt(c.threshold)}")
+        bound = c.bound(baseline)
+        shown = fmt(bound) + (f" ({fmt(c.threshold)}x baseline)" if c.relative else "")
+        notes.append(f"{c.metric} {fmt(row.get(c.metric))} fails {c.op} {shown}")
     return "; ".join(notes)

@@ -31,7 +31,7 @@ import pandas as pd
 from sdsweep import io
 from sdsweep.config.constraints import parse_constraint
 from sdsweep.evaluation.units import lpips_key_of, metric_for, paired_frame, read_units
-from sdsweep.study.record import TrialRecord, TrialState
+from sdsweep.study.record import TrialRecord, TrialState, read_record_or_none
 from sdsweep.uncertainty import (
     ConstraintStatus,
     Difference,
@@ -273,19 +273,37 @@ def uncertain_constraints(
     parsed = [parse_constraint(c) for c in constraints]
     for trial in results.loc[results["state"] == TrialState.COMPLETE.value, "trial"]:
         record = records.get(int(trial))
-        statuses = constraint_statuses(record, parsed) if record is not None else {}
+        if record is None:
+            continue
+        statuses = constraint_statuses(record, parsed, _untuned(paths, record.model))
         straddled = [c for c, s in statuses.items() if s == ConstraintStatus.UNCERTAIN]
         if straddled:
             out[int(trial)] = straddled
     return out
 
 
-def constraint_statuses(record: TrialRecord, constraints: list) -> dict[str, ConstraintStatus]:
-    """Each constraint met, violated or uncertain for this record, judged on its metric's interval."""
+def _untuned(paths: io.StudyPaths, model: str | None) -> dict[str, Any]:
+    """The untuned model's metrics: ``baseline/<model>/`` when the sweep spans models, else ``baseline/``."""
+    for folder in ([paths.baseline / str(model)] if model else []) + [paths.baseline]:
+        record = read_record_or_none(folder / io.TRIAL_METRICS)
+        if record is not None:
+            return record.metrics
+    return {}
+
+
+def constraint_statuses(
+    record: TrialRecord, constraints: list, baseline: dict[str, Any] | None = None
+) -> dict[str, ConstraintStatus]:
+    """Each constraint met, violated or uncertain for this record, judged on its metric's interval (a
+    relative constraint against the untuned model's value)."""
     out = {}
     for constraint in constraints:
         interval = _interval(record, constraint.metric)
-        out[str(constraint)] = constraint_status(interval, constraint.op, constraint.threshold)
+        bound = constraint.bound(baseline)
+        if bound is None:
+            out[str(constraint)] = ConstraintStatus.VIOLATED
+            continue
+        out[str(constraint)] = constraint_status(interval, constraint.op, bound)
     return out
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 from sdsweep import io, signals
 from sdsweep.config.constraints import parse_constraint
 from sdsweep.evaluation.units import lpips_key_of, read_units, summarize, write_units
-from sdsweep.results.study_folder import load_study
+from sdsweep.results.study_folder import load_study, read_baseline_metrics
 from sdsweep.study.record import TrialRecord, read_record
 from sdsweep.sweep.claims import host_name
 
@@ -207,12 +207,20 @@ def rescore(
         record.metrics.update(values)
         record.intervals = {**(record.intervals or {}), **{k: i.to_json() for k, i in intervals.items()}}
         if item != BASELINE:
-            judge(record, info, table, baseline, seed)
+            judge(record, info, table, baseline, seed, read_baseline_metrics(paths.root))
         record.write(folder / io.TRIAL_METRICS)
 
 
-def judge(record: TrialRecord, info: dict[str, Any], table: pd.DataFrame, baseline, seed: int) -> None:
+def judge(
+    record: TrialRecord,
+    info: dict[str, Any],
+    table: pd.DataFrame,
+    baseline,
+    seed: int,
+    untuned_metrics: dict[str, Any] | None = None,
+) -> None:
     metrics = record.metrics
+    base: dict[str, float] = {}
     if baseline is not None and "round" in baseline:
         same = baseline[baseline["round"].isin(set(table["round"]))]  # the units this trial saw: paired
         base, _ = summarize(same, lpips_key_of(same), seed=seed)
@@ -222,7 +230,8 @@ def judge(record: TrialRecord, info: dict[str, Any], table: pd.DataFrame, baseli
         }
     constraints = [parse_constraint(c) for c in info.get("constraints") or []]
     if constraints:
-        record.violations = {str(c): c.violation(metrics) for c in constraints}
+        untuned = base or untuned_metrics or {}  # relative constraints ("0.75x baseline") need the untuned
+        record.violations = {str(c): c.violation(metrics, untuned) for c in constraints}
         record.feasible = all(v <= 0 for v in record.violations.values())
     objectives = info.get("objectives") or []
     if objectives and isinstance(metrics.get(objectives[0]["metric"]), (int, float)):

@@ -109,7 +109,7 @@ class TrialRecorder:
             if k in metrics and isinstance(v, (int, float)) and metrics[k] is not None
         }
         record.intervals = {**(record.intervals or {}), **self.delta_intervals(slot, record)}
-        violations = [c.violation(metrics) for c in self.constraints]
+        violations = [c.violation(metrics, self.baseline) for c in self.constraints]
         record.violations = {str(c): v for c, v in zip(self.constraints, violations)}
         record.feasible = all(v <= 0 for v in violations)
         values = objective_values(self.cfg, metrics)
