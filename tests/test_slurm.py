@@ -1,0 +1,166 @@
+"""The SLURM path on a real one-node SLURM cluster (tests/slurm.py, recipe in tests/SLURM.md): the real
+``scripts/slurm/sdsweep_array.sbatch`` submitted with sbatch against a real PostgreSQL server, judged by
+what a user sees: job states and exit codes, the task logs, the study in storage, results.csv, the report,
+and the processes left on the node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from drivers import wait_until
+from test_parallel import (
+    GRID,
+    PARALLEL_OVERRIDES,
+    STEPS,
+    assert_grid_complete_once,
+    complete_records,
+    first_history_step,
+    has_checkpoint,
+    trained_folders,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "slurm" / "sdsweep_array.sbatch"
+JOB_TIMEOUT = 300  # seconds for a job to finish (a busy shared CI core is slow)
+# Sized for the test node: one CPU per task, no GPU, minutes not a day, SIGTERM well before the limit.
+SMALL = ["--cpus-per-task=1", "--gpus-per-task=0", "--time=10"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """slurmctld + slurmd on this host for the module; munged started if none answers."""
+    from slurm import SlurmCluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests: {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def _tiny_assets(tiny_model_dirs, demo_data_dir, tiny_clip_dir):
+    """Build the tiny models before any task would race to build them."""
+
+
+@pytest.fixture
+def job_env(slurm_cluster, postgres_url, tmp_path):
+    """The environment sbatch passes on to the tasks (SLURM exports it): storage, results root, python."""
+    (tmp_path / "logs").mkdir()
+    return slurm_cluster.env(
+        SDSWEEP_STORAGE=postgres_url,
+        SDSWEEP_ROOT=str(tmp_path),
+        PYTHON=sys.executable,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="",  # what SLURM allocated decides the threads, not the test runner's setting
+    )
+
+
+def overrides(*extra: str) -> list[str]:
+    """The grid of tests/test_parallel.py (2 learning rates x 2 step counts, tiny model, no W&B)."""
+    return [o for o in PARALLEL_OVERRIDES if not o.startswith("sweep.build_report")] + ["study=slurm", *extra]
+
+
+def task_logs(tmp_path: Path) -> dict[str, str]:
+    return {p.name: p.read_text(errors="replace") for p in sorted((tmp_path / "logs").glob("*.out"))}
+
+
+def assert_nothing_left(cluster) -> None:
+    """No job step and no sdsweep process is left on the node."""
+    assert wait_until(lambda: not cluster.job_processes(), 30), cluster.job_processes()
+
+
+def test_array_runs_the_grid_once_with_logs_naming_the_task(slurm_cluster, job_env, postgres_url, tmp_path):
+    started = time.monotonic()
+    job = slurm_cluster.sbatch("--array=0-1", *SMALL, str(SCRIPT), *overrides(), env=job_env, cwd=tmp_path)
+    states = slurm_cluster.wait_done(job, JOB_TIMEOUT)
+    logs = task_logs(tmp_path)
+    assert {j["JobState"] for j in states.values()} == {"COMPLETED"}, (states, logs)
+    assert sorted(logs) == [f"sdsweep-{job}_0.out", f"sdsweep-{job}_1.out"], logs
+    study_dir = tmp_path / "slurm"
+    assert_grid_complete_once(study_dir, postgres_url)
+    assert set(trained_folders(study_dir).values()) == {1}, trained_folders(study_dir)
+    host = slurm_cluster.host
+    for task in (0, 1):
+        log = logs[f"sdsweep-{job}_{task}.out"]
+        assert f"task {task} on {host}-task{task}" in log, log
+        # One CPU each: one worker with one torch thread, not one per core of the node.
+        assert "starting 1 worker(s) on CPU, 1 thread(s) each" in log, log
+        assert "Traceback" not in log, log
+    owners = {str(r.get("owner") or "") for r in complete_records(study_dir)}
+    assert (study_dir / "report.html").exists() and (study_dir / "report.md").exists()
+    print(f"array of 2 tasks: {time.monotonic() - started:.1f}s; owners {owners}")
+    assert_nothing_left(slurm_cluster)
+
+
+def wait_for_checkpoint(cluster, job: str, study_dir: Path) -> None:
+    """Until the task has written its first milestone checkpoint (and still runs)."""
+    assert wait_until(lambda: has_checkpoint(study_dir), JOB_TIMEOUT), cluster.job_states(job)
+    assert any(j["JobState"] == "RUNNING" for j in cluster.job_states(job).values()), cluster.job_states(job)
+
+
+def assert_resumed_from_checkpoint(study_dir: Path) -> None:
+    resumed = [r for r in complete_records(study_dir) if r.get("step") == max(STEPS)]
+    starts = sorted(first_history_step(r) for r in resumed)
+    assert min(STEPS) + 1 in starts, f"no run resumed from the step-{min(STEPS)} checkpoint: {starts}"
+
+
+def test_requeue_hands_the_run_back_and_the_requeued_task_resumes_it(
+    slurm_cluster, job_env, postgres_url, tmp_path
+):
+    started = time.monotonic()
+    study_dir = tmp_path / "slurm"
+    job = slurm_cluster.sbatch("--array=0", *SMALL, str(SCRIPT), *overrides(), env=job_env, cwd=tmp_path)
+    wait_for_checkpoint(slurm_cluster, job, study_dir)
+    slurm_cluster.run("scontrol", "requeue", f"{job}_0")
+    requeued = time.monotonic()
+    states = slurm_cluster.wait_done(job, JOB_TIMEOUT)
+    (log,) = task_logs(tmp_path).values()
+    (state,) = states.values()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, log)
+    assert "start 1," in log and "start 2," in log, log  # one log, both starts (--open-mode=append)
+    assert "SIGTERM received: stopping the workers" in log, log
+    assert "Traceback" not in log, log
+    assert re.search(rf"_job_complete: JobId={job}_0\S* WEXITSTATUS 143", slurm_cluster.ctld_log()), (
+        slurm_cluster.ctld_log()[-3000:]
+    )
+    assert_grid_complete_once(study_dir, postgres_url)
+    assert_resumed_from_checkpoint(study_dir)
+    print(f"requeue: {requeued - started:.1f}s to checkpoint, {time.monotonic() - requeued:.1f}s after")
+    assert_nothing_left(slurm_cluster)
+
+
+def test_sigterm_to_the_batch_step_exits_143_and_the_next_task_resumes(
+    slurm_cluster, job_env, postgres_url, tmp_path
+):
+    """`scancel --signal=TERM --batch` is what `--signal=B:TERM@N` sends at the time limit."""
+    started = time.monotonic()
+    study_dir = tmp_path / "slurm"
+    job = slurm_cluster.sbatch("--array=0", *SMALL, str(SCRIPT), *overrides(), env=job_env, cwd=tmp_path)
+    wait_for_checkpoint(slurm_cluster, job, study_dir)
+    slurm_cluster.run("scancel", "--signal=TERM", "--batch", f"{job}_0")
+    (state,) = slurm_cluster.wait_done(job, JOB_TIMEOUT).values()
+    (log,) = task_logs(tmp_path).values()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "143:0", (state, log)
+    assert "SIGTERM received: stopping the workers" in log and "Traceback" not in log, log
+    assert_nothing_left(slurm_cluster)
+    stopped = time.monotonic()
+    nxt = slurm_cluster.sbatch("--array=1", *SMALL, str(SCRIPT), *overrides(), env=job_env, cwd=tmp_path)
+    (state,) = slurm_cluster.wait_done(nxt, JOB_TIMEOUT).values()
+    assert state["JobState"] == "COMPLETED", (state, task_logs(tmp_path))
+    assert_grid_complete_once(study_dir, postgres_url)
+    assert_resumed_from_checkpoint(study_dir)
+    print(f"scancel TERM: {stopped - started:.1f}s to stop, {time.monotonic() - stopped:.1f}s for the next task")
+    assert_nothing_left(slurm_cluster)
