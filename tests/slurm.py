@@ -19,7 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 INSTALL_HINT = "install Debian's SLURM with `apt-get install -y slurm-wlm munge` (or `make browser`)"
-COMMANDS = ("slurmctld", "slurmd", "munged", "munge", "unmunge", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
+COMMANDS = (
+    "slurmctld",
+    "slurmd",
+    "munged",
+    "munge",
+    "unmunge",
+    "sbatch",
+    "squeue",
+    "scontrol",
+    "sinfo",
+    "scancel",
+)
 MUNGE_DIRS = ("/etc/munge", "/var/run/munge", "/var/log/munge", "/var/lib/munge")
 
 
@@ -95,7 +106,9 @@ class SlurmCluster:
             list(argv), capture_output=True, text=True, timeout=timeout, env=env or self.env(), cwd=cwd
         )
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+            raise RuntimeError(
+                f"{' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            )
         return proc
 
     @classmethod
@@ -173,7 +186,9 @@ class SlurmCluster:
             if state == "idle":
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"the SLURM node is not idle after {timeout:.0f}s (sinfo: {state!r}){self.log_tail()}")
+        raise RuntimeError(
+            f"the SLURM node is not idle after {timeout:.0f}s (sinfo: {state!r}){self.log_tail()}"
+        )
 
     def ctld_log(self) -> str:
         path = self.root / "slurmctld.log"
@@ -208,8 +223,11 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while True:
             jobs = self.job_states(job_id)
-            if jobs and all(j.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING",
-                                                      "REQUEUED", "SUSPENDED") for j in jobs.values()):
+            if jobs and all(
+                j.get("JobState")
+                not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")
+                for j in jobs.values()
+            ):
                 return jobs
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
