@@ -242,6 +242,8 @@ class SlurmCluster:
         left = []
         for proc in psutil.process_iter(["pid", "name", "cmdline"]):
             try:
+                if proc.info["name"] in ("slurmctld", "slurmd"):
+                    continue  # the cluster itself (started with SLURM_CONF too)
                 if proc.info["name"] == "slurmstepd" or proc.environ().get("SLURM_CONF") == str(self.conf):
                     if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE:
                         left.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:200]}")

@@ -32,8 +32,6 @@ JOB_TIMEOUT = 300  # seconds for a job to finish (a busy shared CI core is slow)
 # Sized for the test node: one CPU per task, no GPU, minutes not a day, SIGTERM well before the limit.
 SMALL = ["--cpus-per-task=1", "--gpus-per-task=0", "--time=10"]
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
@@ -59,13 +57,14 @@ def _tiny_assets(tiny_model_dirs, demo_data_dir, tiny_clip_dir):
 def job_env(slurm_cluster, postgres_url, tmp_path):
     """The environment sbatch passes on to the tasks (SLURM exports it): storage, results root, python."""
     (tmp_path / "logs").mkdir()
-    return slurm_cluster.env(
+    env = slurm_cluster.env(
         SDSWEEP_STORAGE=postgres_url,
         SDSWEEP_ROOT=str(tmp_path),
         PYTHON=sys.executable,
         PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="",  # what SLURM allocated decides the threads, not the test runner's setting
     )
+    env.pop("OMP_NUM_THREADS", None)  # what SLURM allocated decides the threads, not the runner's setting
+    return env
 
 
 def overrides(*extra: str) -> list[str]:
@@ -82,6 +81,7 @@ def assert_nothing_left(cluster) -> None:
     assert wait_until(lambda: not cluster.job_processes(), 30), cluster.job_processes()
 
 
+@pytest.mark.slow
 def test_array_runs_the_grid_once_with_logs_naming_the_task(slurm_cluster, job_env, postgres_url, tmp_path):
     started = time.monotonic()
     job = slurm_cluster.sbatch("--array=0-1", *SMALL, str(SCRIPT), *overrides(), env=job_env, cwd=tmp_path)
@@ -117,6 +117,7 @@ def assert_resumed_from_checkpoint(study_dir: Path) -> None:
     assert min(STEPS) + 1 in starts, f"no run resumed from the step-{min(STEPS)} checkpoint: {starts}"
 
 
+@pytest.mark.slow
 def test_requeue_hands_the_run_back_and_the_requeued_task_resumes_it(
     slurm_cluster, job_env, postgres_url, tmp_path
 ):
@@ -144,6 +145,7 @@ def test_requeue_hands_the_run_back_and_the_requeued_task_resumes_it(
     assert_nothing_left(slurm_cluster)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_batch_step_exits_143_and_the_next_task_resumes(
     slurm_cluster, job_env, postgres_url, tmp_path
 ):
@@ -170,6 +172,7 @@ def test_sigterm_to_the_batch_step_exits_143_and_the_next_task_resumes(
     assert_nothing_left(slurm_cluster)
 
 
+@pytest.mark.slow
 def test_submit_sizes_the_array_from_the_plan_and_prints_the_watch_command(slurm_cluster, job_env, tmp_path):
     """`python -m sdsweep.submit` as a user types it; a 2-point grid (2 runs) with one task too many."""
     started = time.monotonic()
@@ -195,3 +198,37 @@ def test_submit_refuses_without_shared_storage(slurm_cluster, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and "SDSWEEP_STORAGE is not set" in done.stderr, done.stdout + done.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_workers_auto_uses_the_slurm_allocation_not_the_node(monkeypatch):
+    """Inside a SLURM job the allocation caps cores and GPUs; outside one nothing changes."""
+    from sdsweep.sweep import allocation
+    from sdsweep.sweep.pool import cpu_threads_per_worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for name in ("SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    node = allocation.affinity_cores()
+    assert allocation.allocated_cores() == node and allocation.allocated_gpu_count(4) == 4
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")
+    assert allocation.allocated_cores() == 1 and cpu_threads_per_worker(1) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert cpu_threads_per_worker(1) == 1
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    assert allocation.allocated_gpu_count(8) == 2  # no CUDA_VISIBLE_DEVICES: SLURM's count caps it
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
+    assert allocation.allocated_gpu_count(8) == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert allocation.allocated_gpu_count(2) == 2  # torch already sees only SLURM's devices
+
+
+def test_submit_sizes_by_gpus_per_task():
+    from sdsweep.sweep.submit import gpus_per_task, size
+
+    assert gpus_per_task([]) == 4  # the script's #SBATCH line
+    assert gpus_per_task(["--gpus-per-task=1"]) == 1 and gpus_per_task(["--gpus-per-task", "2"]) == 2
+    grid = overrides()  # 2 learning rates x 2 step counts: 2 runs with milestone sharing
+    assert (size(grid, ["--gpus-per-task=0"]).runs, size(grid, ["--gpus-per-task=0"]).needed) == (2, 2)
+    assert size(grid, ["--gpus-per-task=2"]).needed == 1
