@@ -117,13 +117,13 @@ ONE_RUN = ("sweep.learning_rates=[0.0001]",)  # one run, milestones 2 and 4: eno
 
 
 def assert_one_run_complete_once(study_dir: Path, storage: str) -> None:
-    """Both points of ONE_RUN COMPLETE exactly once in storage and in results.csv, each trained once."""
+    """Both points of ONE_RUN COMPLETE exactly once in storage and in results.csv (the handed-back trials
+    keep their folders, so folders are not counted here; the resume is checked from the history)."""
     trials = load_trials(study_dir, storage)
     complete = Counter(point_of(t) for t in trials if t.state.name == "COMPLETE")
     assert complete == Counter({(1e-4, s): 1 for s in STEPS}), complete
     results = pd.read_csv(study_dir / "results.csv")
     assert len(results) == len(STEPS) and (results["state"] == "COMPLETE").all(), results
-    assert set(trained_folders(study_dir).values()) == {1}, trained_folders(study_dir)
 
 
 def assert_resumed_from_checkpoint(study_dir: Path) -> None:
@@ -253,13 +253,14 @@ def test_submit_sizes_by_gpus_per_task():
 
 @pytest.mark.slow
 def test_the_time_limit_signal_reaches_sdsweep_through_the_script(slurm_cluster, job_env, tmp_path):
-    """`--signal=B:TERM@90` with `--time=2`: SLURM's 30-s check sends SIGTERM 30-60 s in, to the batch
+    """`--signal=B:TERM@90` with `--time=3`: SIGTERM comes 30-90 s in (SLURM checks about once a minute,
+    so it may come up to 60 s early: with `--time=2` it once came 2 s in, before Python ran), to the batch
     step, which is sdsweep itself (`exec`); it hands its run back and the task exits 143 before the limit."""
     started = time.monotonic()
     long_grid = overrides("sweep.steps=[2,400]")  # still training when the signal comes
-    options = ["--cpus-per-task=1", "--gpus-per-task=0", "--time=2", "--signal=B:TERM@90"]
+    options = ["--cpus-per-task=1", "--gpus-per-task=0", "--time=3", "--signal=B:TERM@90"]
     job = slurm_cluster.sbatch("--array=0", *options, str(SCRIPT), *long_grid, env=job_env, cwd=tmp_path)
-    (state,) = slurm_cluster.wait_done(job, 200).values()
+    (state,) = slurm_cluster.wait_done(job, 240).values()
     (log,) = task_logs(tmp_path).values()
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "143:0", (state, log)
     assert "stopped by SIGTERM: its runs were handed back" in log and "Traceback" not in log, log
