@@ -57,12 +57,18 @@ N ?= 2
 workers: $(STAMP) ## N local workers on one study: make workers N=4 ARGS="+experiment=demo_tiny" (one driver, sweep.workers=N)
 	$(PY) -m sdsweep $(ARGS) sweep.workers=$(N)
 
+# A SLURM job array of scripts/slurm/sdsweep_array.sbatch for the study, sized from its plan (needs
+# SDSWEEP_STORAGE): make submit ARGS="--tasks 4 --gpus-per-task=1 -- study=dog +sweep=lr_steps model=sd15"
+submit: $(STAMP) ## Submit the study as a SLURM array: make submit ARGS="--tasks N [sbatch options] -- <overrides>"
+	$(PY) -m sdsweep.submit $(ARGS)
+
 test: $(STAMP) browser ## Run the test suite (tiny models, offline)
 	$(PY) -m pytest -q $(ARGS)
 
 # System packages the tests use, from Debian; best effort, so a machine without apt still runs the rest:
 # chromium renders report.html (that one test skips without it); postgresql's server binaries
-# (initdb, pg_ctl) back the parallel-sweep tests' throwaway PostgreSQL cluster (they skip without it).
+# (initdb, pg_ctl) back the parallel-sweep tests' throwaway PostgreSQL cluster (they skip without it);
+# slurm-wlm and munge run the SLURM tests' one-node cluster (tests/SLURM.md; they skip without it).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Debian chromium for the report render test"; \
@@ -74,6 +80,11 @@ browser:
 	  (apt-get install -y -qq postgresql >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1)) || \
 	  echo "postgresql could not be installed; the PostgreSQL tests will be skipped"; }
+	@command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 || { \
+	  echo "installing Debian slurm-wlm and munge for the one-node SLURM cluster tests"; \
+	  (apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1)) || \
+	  echo "slurm-wlm could not be installed; the SLURM tests will be skipped"; }
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

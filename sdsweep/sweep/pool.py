@@ -25,6 +25,7 @@ from pathlib import Path
 from sdsweep import io, signals
 from sdsweep.errors import SweepStopped
 from sdsweep.study.store import CLAIM_LOST
+from sdsweep.sweep import allocation
 from sdsweep.sweep.claims import OWNER
 
 _HOST = re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname()) or "host"
@@ -39,7 +40,7 @@ def worker_devices(workers, devices: list[int] | None, per_worker: int = 1) -> l
     ``per_worker`` > 1 (train.num_processes) each worker gets that many devices, e.g. "0,1"."""
     import torch
 
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = allocation.allocated_gpu_count(torch.cuda.device_count() if torch.cuda.is_available() else 0)
     chosen = list(devices) if devices is not None else list(range(visible))
     count = max(1, len(chosen) // per_worker) if workers == "auto" else int(workers)
     # Indices count within the devices this process may see (SLURM sets CUDA_VISIBLE_DEVICES).
@@ -54,10 +55,7 @@ def worker_devices(workers, devices: list[int] | None, per_worker: int = 1) -> l
 
 
 def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return allocation.allocated_cores()  # under SLURM: SLURM_CPUS_PER_TASK, not the node's cores
 
 
 def cpu_threads_per_worker(workers: int) -> int:
