@@ -18,6 +18,8 @@ DIRECTIONS: dict[str, str] = {
     "clip_score": UP,
     "prior_clip_score": UP,
     "clip_i": UP,
+    "dino": UP,
+    "cmmd": DOWN,
     "appropriate_rate": UP,
     "fid": DOWN,
     "fd_clip": DOWN,

@@ -122,6 +122,8 @@ class EvalConfig:
         default_factory=lambda: ["clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss"]
     )
     clip_model: str = "openai/clip-vit-large-patch14"  # or "tiny" for the offline CLIP
+    # eval/dino (DreamBooth's DINO subject fidelity): a transformers ViT, hub id or folder; "tiny" offline
+    dino_model: str = "facebook/dino-vits16"
     reference_dir: Optional[str] = None  # None: the held-out training images
     # auto (inception if available, else clip) | inception | clip. Inception features give eval/fid and
     # eval/kid; CLIP features give eval/fd_clip and eval/kd_clip (a different number on a different scale).

@@ -33,7 +33,17 @@ ALLOWED = {
     "sweep.pruner": {"none", "median", "hyperband", "wilcoxon"},
     "sweep.isolation": {"subprocess", "inprocess"},
 }
-KNOWN_METRICS = {"clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss", "lpips"}
+KNOWN_METRICS = {
+    "clip_score",
+    "fid",
+    "kid",
+    "clip_i",
+    "dino",
+    "cmmd",
+    "appropriate_rate",
+    "val_loss",
+    "lpips",
+}
 POSITIVE = [
     "method.learning_rate",
     "train.max_train_steps",

@@ -1,0 +1,155 @@
+"""CMMD, DINO and validation loss by noise level (#28), on synthetic features, the shapes world and the tiny model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_OVERRIDES, compose
+from PIL import Image
+
+from sdsweep import io
+from sdsweep.cli import UserError, preflight
+from sdsweep.errors import ConfigError
+from sdsweep.evaluation import dino
+from sdsweep.evaluation.cmmd import cmmd, cmmd_interval
+from sdsweep.evaluation.evaluate import Evaluator
+from sdsweep.metric_names import direction_arrow
+from sdsweep.models import loading as models
+from sdsweep.models import shapes
+
+
+# ---- CMMD -------------------------------------------------------------------------------------------------
+def _direct_cmmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0) -> float:
+    """The textbook unbiased MMD^2, pair by pair, on unit-length rows, times 1000."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    def k(a, b):
+        return math.exp(-float(((a - b) ** 2).sum()) / (2 * sigma**2))
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(a, b) for a in x for b in y) / (m * n)
+    return 1000 * (xx + yy - 2 * xy)
+
+
+def test_cmmd_matches_a_closed_form_and_a_direct_computation():
+    p, q = np.eye(4)[0], np.eye(4)[1]  # orthogonal unit vectors: |p - q|^2 = 2
+    value = cmmd(np.stack([p, p]), np.stack([q, q]))
+    assert value == pytest.approx(2000 * (1 - math.exp(-2 / 200)), rel=1e-9)  # 19.90...
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 16)), rng.normal(0.3, 1.0, size=(9, 16))
+    assert cmmd(x, y) == pytest.approx(_direct_cmmd(x, y), rel=1e-9)
+
+
+def test_cmmd_is_unbiased_near_zero_for_two_samples_of_one_distribution():
+    rng = np.random.default_rng(1)
+    same = [cmmd(rng.normal(size=(10, 32)), rng.normal(size=(10, 32))) for _ in range(200)]
+    shifted = [cmmd(rng.normal(size=(10, 32)), rng.normal(0.5, 1.0, size=(10, 32))) for _ in range(20)]
+    mean, se = float(np.mean(same)), float(np.std(same, ddof=1) / np.sqrt(len(same)))
+    assert abs(mean) < 3 * se  # unbiased: centred on 0 (values below 0 happen, as they should)
+    assert min(same) < 0
+    # The biased (V-statistic) estimate would sit ~1000 * (1 - k) / n above 0 per set: far outside.
+    assert mean < 0.2 * np.mean(shifted)
+    assert min(shifted) > 3 * se
+
+
+def test_cmmd_interval_is_a_seeded_bootstrap_over_the_generated_images():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(8, 16)), rng.normal(0.4, 1.0, size=(8, 16))
+    strata = [0, 0, 0, 0, 1, 1, 1, 1]
+    interval = cmmd_interval(x, y, strata, seed=3)
+    assert interval.value == pytest.approx(cmmd(x, y))
+    assert interval.method == "bootstrap" and interval.n == 8
+    assert interval.lo < interval.value < interval.hi and interval.se > 0
+    assert cmmd_interval(x, y, strata, seed=3) == interval
+    from sdsweep.evaluation.metrics import MetricUnavailable
+
+    with pytest.raises(MetricUnavailable, match="at least 2 images per set"):
+        cmmd(x[:1], y)
+
+
+# ---- DINO -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    from sdsweep.models import tiny
+
+    folder = tmp_path_factory.mktemp("dino") / "vit"
+    model, processor = tiny.build_tiny_dino(seed=0)  # a small random ViT, saved as a user's folder would be
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _scenes(shape: str, colour: str, count: int, seed: int) -> list[Image.Image]:
+    return [shapes.draw(replace(s, colour=colour)) for s in shapes.scenes(count, seed, (shape,))]
+
+
+def test_dino_scores_the_instance_above_other_shapes_in_the_shapes_world(tiny_dino):
+    model, processor = dino.load_dino(str(tiny_dino))
+    instance = _scenes("star", "red", 4, seed=0)
+    same = np.mean(dino.dino_per_image(model, processor, _scenes("star", "red", 6, seed=1), instance))
+    for shape, colour in [("star", "blue"), ("circle", "red"), ("square", "green"), ("triangle", "yellow")]:
+        other = dino.dino_per_image(model, processor, _scenes(shape, colour, 6, seed=1), instance)
+        assert same > np.mean(other), (shape, colour)
+    assert dino.dino_per_image(model, processor, instance[:1], instance[:1]) == [pytest.approx(1.0)]
+
+
+def test_a_dino_model_that_is_not_there_is_named(tmp_path, tiny_dino):
+    with pytest.raises(dino.DINOUnavailableError, match="eval.dino_model"):
+        dino.load_dino(str(tmp_path / "nothing"))
+    base = TINY_OVERRIDES + [f"paths.root={tmp_path / 'exp'}", "eval.metrics=[dino]"]
+    with pytest.raises(UserError, match=r"DINO model 'facebook/dino-vits16' is not in the local"):
+        preflight(base + ["eval.dino_model=facebook/dino-vits16"])
+    with pytest.raises(UserError, match="DINO model folder .* has no config.json"):
+        preflight(base + [f"eval.dino_model={tmp_path}"])
+    preflight(base + [f"eval.dino_model={tiny_dino}"])
+    unwanted = [f"paths.root={tmp_path / 'other'}", "eval.dino_model=facebook/dino-vits16"]
+    preflight(TINY_OVERRIDES + unwanted)  # not in eval.metrics: not checked
+
+
+def test_new_metrics_have_directions_and_are_known_to_the_config(tmp_path):
+    assert direction_arrow("eval/dino") == "↑" and direction_arrow("eval/cmmd") == "↓"
+    with pytest.raises(ConfigError, match="unknown metric"):
+        compose(TINY_OVERRIDES + ["eval.metrics=[dinov9]"])
+    with pytest.raises(ConfigError, match="cannot compute it"):
+        compose(
+            TINY_OVERRIDES + ["+sweep=tpe", "sweep.objectives=[{metric: eval/cmmd, direction: minimize}]"]
+        )
+
+
+def test_the_evaluator_gives_dino_and_cmmd_with_intervals_on_the_tiny_model(
+    tmp_path, tiny_model_dirs, demo_data_dir
+):
+    images = [Image.open(f).convert("RGB") for f in sorted(Path(demo_data_dir).glob("*.png"))]
+    cfg = compose(
+        TINY_OVERRIDES
+        + [
+            f"paths.root={tmp_path / 'exp'}",
+            "eval.num_images_per_prompt=2",
+            "eval.metrics=[cmmd,dino,fid]",
+            "eval.dino_model=tiny",
+        ]
+    )
+    pipeline = models.load_pipeline(str(tiny_model_dirs["sd15"]))
+    evaluator = Evaluator(cfg, io.StudyPaths(tmp_path / "s"), "cpu", images[:4], instance_images=images[4:])
+    result = evaluator.evaluate(pipeline, out_dir=tmp_path / "out")
+    assert {"eval/cmmd", "eval/dino", "eval/fd_clip"} <= set(result.metrics), result.missing
+    assert result.intervals["eval/cmmd"].method == "bootstrap"
+    assert result.intervals["eval/cmmd"].lo <= result.metrics["eval/cmmd"] <= result.intervals["eval/cmmd"].hi
+    assert result.intervals["eval/dino"].method == "bootstrap"
+    assert result.intervals["eval/fd_clip"].method == "none"  # FD keeps its stated reason
+    units = result.units
+    assert units["dino"].notna().all() and np.mean(units["dino"]) == pytest.approx(
+        result.metrics["eval/dino"]
+    )
+    # Too few reference images: CMMD is absent with the reason, never zero.
+    few = Evaluator(cfg, io.StudyPaths(tmp_path / "t"), "cpu", images[:1], instance_images=None)
+    result = few.evaluate(pipeline)
+    assert "eval/cmmd" not in result.metrics and "at least 2" in result.missing["eval/cmmd"]
+    assert "instance" in result.missing["eval/dino"]
