@@ -177,7 +177,7 @@ class ObjectiveSpec:
 @dataclass
 class SweepConfig:
     name: str = "lr_steps"
-    sampler: str = "grid"  # grid | tpe | random
+    sampler: str = "grid"  # grid | tpe | random | gp (Gaussian process) | cmaes (needs the cmaes extra)
     # Dotted config keys -> search dimension, e.g. ``method.learning_rate: {choices: [1e-5, 1e-4]}``.
     params: dict[str, ParamSpec] = field(default_factory=dict)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
