@@ -153,3 +153,64 @@ def test_the_evaluator_gives_dino_and_cmmd_with_intervals_on_the_tiny_model(
     result = few.evaluate(pipeline)
     assert "eval/cmmd" not in result.metrics and "at least 2" in result.missing["eval/cmmd"]
     assert "instance" in result.missing["eval/dino"]
+
+
+# ---- validation loss by noise level -------------------------------------------------------------------------
+def test_band_edges_split_the_schedule_and_timesteps_stay_in_their_band():
+    import torch
+
+    from sdsweep.evaluation.validation import band_edges, band_key
+    from sdsweep.training.loss import sample_noise_and_timesteps, timestep_band
+
+    assert band_edges(1000, 5) == [(0, 199), (200, 399), (400, 599), (600, 799), (800, 999)]
+    assert band_key(0, 199) == "eval/val_loss/t0-199" and band_edges(1000, 0) == []
+    assert direction_arrow("eval/val_loss/t0-199") == "↓"
+    latents = torch.zeros(64, 4, 2, 2)
+    with timestep_band(200, 399):
+        _, steps = sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(0))
+    assert steps.min() >= 200 and steps.max() <= 399 and len(set(steps.tolist())) > 10
+    _, steps = sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(0))
+    assert steps.max() > 399  # outside the block the whole range is drawn again
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_sd21"])  # epsilon and v-prediction
+def test_training_in_one_band_lowers_that_bands_validation_loss_most(tmp_path, demo_data_dir, model):
+    import json
+
+    import torch
+
+    from sdsweep.evaluation.validation import validation_loss, validation_loss_by_band
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.loss import timestep_band
+    from sdsweep.training.methods import get_method
+
+    cfg = compose(TINY_OVERRIDES + [f"model={model}", "method=full"])
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    method = get_method("full")(cfg, load_components(cfg, cpu), cpu, cache_dir=tmp_path)
+    method.prepare()
+    rows = [json.loads(line) for line in (demo_data_dir / "metadata.jsonl").read_text().splitlines()][:4]
+    pixels = [
+        np.asarray(Image.open(demo_data_dir / r["file_name"]).convert("RGB").resize((32, 32))) for r in rows
+    ]
+    batch = {
+        "pixel_values": torch.from_numpy(np.stack(pixels) / 127.5 - 1.0).permute(0, 3, 1, 2).float(),
+        "captions": [r["text"] for r in rows],
+    }
+    before = validation_loss_by_band(method, batch, seed=5, timesteps=3, bands=5)
+    assert list(before) == [f"eval/val_loss/t{lo}-{lo + 199}" for lo in range(0, 1000, 200)]
+    assert before == validation_loss_by_band(method, batch, seed=5, timesteps=3, bands=5)  # fixed draws
+    assert validation_loss(method, batch, 5, 3) not in before.values()  # the whole range is another number
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-3)
+    method.set_train_mode(True)
+    for step in range(8):  # learn the noisy end only: t in [800, 999]
+        with timestep_band(800, 999):
+            loss, _ = method.compute_loss(batch, torch.Generator().manual_seed(100 + step))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    method.set_train_mode(False)
+    after = validation_loss_by_band(method, batch, seed=5, timesteps=3, bands=5)
+    gain = {key: before[key] - after[key] for key in before}
+    assert gain["eval/val_loss/t800-999"] > 0, (before, after)
+    assert max(gain, key=lambda k: gain[k] / before[k]) == "eval/val_loss/t800-999", (before, after)

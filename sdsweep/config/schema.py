@@ -135,6 +135,8 @@ class EvalConfig:
     min_reliable_fid_images: int = 200
     safety_checker: Optional[str] = None  # e.g. CompVis/stable-diffusion-safety-checker
     val_loss_timesteps: int = 8  # fixed timesteps per held-out image for eval/val_loss
+    # eval/val_loss/t<lo>-<hi>: the same draws in this many equal timestep bands (5: t0-199 ... t800-999); 0: off
+    val_loss_bands: int = 5
     baseline: bool = True  # evaluate the untuned base model once per study
     dtype: str = "auto"  # sampling precision: auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     judge: Optional[str] = None  # "shapes": ground-truth truth/concept_accuracy and truth/prior_accuracy

@@ -35,7 +35,7 @@ from sdsweep.evaluation.outputs import EvalResult, make_grid, save_outputs
 from sdsweep.evaluation.protocol_files import HELDOUT_TRUTH
 from sdsweep.evaluation.reference import cached_reference_features, load_reference_dir, reference_key
 from sdsweep.evaluation.units import build_units, no_interval_reasons, summarize, write_units
-from sdsweep.evaluation.validation import validation_loss
+from sdsweep.evaluation.validation import validation_loss, validation_loss_by_band
 from sdsweep.metric_names import lpips_key
 from sdsweep.uncertainty import Interval
 
@@ -255,7 +255,7 @@ class Evaluator(EmbeddingMetrics):
                 key = lpips_key(self.lpips_backbone)
             try:
                 if name == "val_loss":
-                    values[key] = self._val_loss(method, heldout_batch)
+                    values.update(self._val_loss(method, heldout_batch))
                 elif generation_error is not None:
                     missing[key] = generation_error
                 else:
@@ -405,9 +405,13 @@ class Evaluator(EmbeddingMetrics):
         units["appropriate"] = [float(ok) for ok in metrics.appropriate_flags(generated.arrays, unsafe)]
         return {}
 
-    def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> float:
+    def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> dict[str, float]:
         if method is None:
             raise metrics.MetricUnavailable("no method given (a plain pipeline has no training loss)")
         if heldout_batch is None:
             raise metrics.MetricUnavailable("no held-out batch given (data.num_heldout=0?)")
-        return self.val_loss_only(method, heldout_batch)
+        ev = self.cfg.eval
+        by_band = validation_loss_by_band(
+            method, heldout_batch, ev.seed, ev.val_loss_timesteps, ev.val_loss_bands
+        )
+        return {"eval/val_loss": self.val_loss_only(method, heldout_batch), **by_band}
