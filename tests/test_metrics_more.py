@@ -214,3 +214,20 @@ def test_training_in_one_band_lowers_that_bands_validation_loss_most(tmp_path, d
     gain = {key: before[key] - after[key] for key in before}
     assert gain["eval/val_loss/t800-999"] > 0, (before, after)
     assert max(gain, key=lambda k: gain[k] / before[k]) == "eval/val_loss/t800-999", (before, after)
+
+
+def test_the_report_draws_validation_loss_by_band_for_baseline_best_and_a_chosen_trial(
+    finished_study, tmp_path
+):
+    from sdsweep.results.band_figure import band_values, val_loss_band_plot
+    from sdsweep.results.report import build_report
+    from sdsweep.results.study_folder import load_study
+
+    data = load_study(finished_study)
+    assert list(band_values(data.baseline.metrics)) == [(lo, lo + 199) for lo in range(0, 1000, 200)]
+    assert all(len(band_values(r.metrics)) == 5 for r in data.records.values())
+    html, md = build_report(finished_study, tmp_path / "report")
+    assert (tmp_path / "report" / "report_files" / "val_loss_bands.png").stat().st_size > 0
+    assert "Validation loss by noise level" in md.read_text()
+    chosen = max(data.records)
+    assert val_loss_band_plot(data, tmp_path / "chosen.png", trial=chosen) == tmp_path / "chosen.png"
