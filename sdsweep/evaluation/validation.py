@@ -1,8 +1,8 @@
 """The fixed-seed validation loss: the training loss on held-out data, comparable across steps and trials.
 
 ``eval/val_loss`` averages the loss over ``timesteps`` fixed draws of noise and timestep. The loss at a
-high-noise timestep and at a low-noise one differ by orders of magnitude, so that one average mostly
-reports the noisy end. ``eval/val_loss/t<lo>-<hi>`` (SimpleTuner's and OneTrainer's per-band validation)
+high-noise timestep and at a low-noise one can differ by orders of magnitude (epsilon prediction is
+hardest at little noise), so that one average mostly reports the bands where the loss is largest. ``eval/val_loss/t<lo>-<hi>`` (SimpleTuner's and OneTrainer's per-band validation)
 repeats the same fixed draws with the timestep confined to one band of the schedule: where in the noise
 range a fine-tune learned, or broke, what it knew.
 """

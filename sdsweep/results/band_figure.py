@@ -1,7 +1,7 @@
 """The report's "validation loss by noise level": ``eval/val_loss/t<lo>-<hi>`` per band, baseline vs. trials.
 
-One line per model over the timestep bands (log scale: the noisy end's loss is orders of magnitude below
-the clean end's), for the baseline, the best trial and one more: a trial given by number, or by default the
+One line per model over the timestep bands (log scale: with epsilon prediction the loss at little noise can be
+orders of magnitude above the loss at much noise), for the baseline, the best trial and one more: a trial given by number, or by default the
 trial with the lowest overall ``eval/val_loss`` when that is not the best. Where the best trial's line is
 below the baseline's, it learned at that noise level; above it, it lost what the base model knew there.
 """
