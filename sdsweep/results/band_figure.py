@@ -40,8 +40,6 @@ def val_loss_band_plot(
     data: StudyData, out_png: Path, trial: int | None = None, dpi: int = 200
 ) -> Path | str:
     """The figure, or a note saying why there is none."""
-    from sdsweep.results.figures import _pyplot
-
     row = best_trial(data.results, data.objectives) if not data.results.empty else None
     best = int(row["trial"]) if row is not None else None
     other = trial if trial is not None else _chosen(data, best)
@@ -58,7 +56,11 @@ def val_loss_band_plot(
     lines = [line for line in lines if line[1]]
     if not lines:
         return "no eval/val_loss/t<lo>-<hi> values (val_loss not in eval.metrics, or eval.val_loss_bands=0)"
-    plt = _pyplot()
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless, as every report figure
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4))
     for label, values, colour in lines:
         names = [f"{lo}-{hi}" for lo, hi in values]
