@@ -35,7 +35,10 @@ def load_dino(name: str, cache: str | None = None, device: torch.device | str = 
     else:
         source = os.path.expanduser(name)
     try:
-        model = AutoModel.from_pretrained(source, add_pooling_layer=False)
+        try:  # ViT (DINO v1) has an unused pooler; other backbones (DINOv2) take no such argument
+            model = AutoModel.from_pretrained(source, add_pooling_layer=False)
+        except TypeError:
+            model = AutoModel.from_pretrained(source)
         processor = AutoImageProcessor.from_pretrained(source)
     except Exception as error:  # offline, missing, gated or misspelt: the fix is the same
         raise DINOUnavailableError(
