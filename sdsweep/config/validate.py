@@ -76,7 +76,9 @@ def validate(cfg: Config) -> Config:
         if value is None or not value > 0:
             _fail(key, value, "it must be greater than zero.")
     if cfg.eval.val_loss_bands < 0:
-        _fail("eval.val_loss_bands", cfg.eval.val_loss_bands, "give 0 (no bands) or a number of bands, e.g. 5.")
+        _fail(
+            "eval.val_loss_bands", cfg.eval.val_loss_bands, "give 0 (no bands) or a number of bands, e.g. 5."
+        )
     for key in ("model.resolution", "data.resolution", "eval.resolution"):
         value = get_key(cfg, key)
         if value is not None and (value <= 0 or value % 8 != 0):
