@@ -18,6 +18,8 @@ DIRECTIONS: dict[str, str] = {
     "clip_score": UP,
     "prior_clip_score": UP,
     "clip_i": UP,
+    "dino": UP,
+    "cmmd": DOWN,
     "appropriate_rate": UP,
     "fid": DOWN,
     "fd_clip": DOWN,
@@ -27,7 +29,7 @@ DIRECTIONS: dict[str, str] = {
     "val_loss": DOWN,
 }
 # Whole families where higher is better (a held-out truth check, human ratings).
-DIRECTION_PREFIXES: dict[str, str] = {"truth/": UP, "human/": UP}
+DIRECTION_PREFIXES: dict[str, str] = {"truth/": UP, "human/": UP, "eval/val_loss/": DOWN}
 
 # A metric's interval in results.csv, W&B and Optuna: ``<metric>/lo`` and ``<metric>/hi`` (the 95% interval)
 # and ``<metric>/se`` (its standard error), e.g. ``eval/clip_score/lo``. A metric without one is named,

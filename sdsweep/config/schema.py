@@ -129,6 +129,8 @@ class EvalConfig:
         default_factory=lambda: ["clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss"]
     )
     clip_model: str = "openai/clip-vit-large-patch14"  # or "tiny" for the offline CLIP
+    # eval/dino (DreamBooth's DINO subject fidelity): a transformers ViT, hub id or folder; "tiny" offline
+    dino_model: str = "facebook/dino-vits16"
     reference_dir: Optional[str] = None  # None: the held-out training images
     # auto (inception if available, else clip) | inception | clip. Inception features give eval/fid and
     # eval/kid; CLIP features give eval/fd_clip and eval/kd_clip (a different number on a different scale).
@@ -140,6 +142,8 @@ class EvalConfig:
     min_reliable_fid_images: int = 200
     safety_checker: Optional[str] = None  # e.g. CompVis/stable-diffusion-safety-checker
     val_loss_timesteps: int = 8  # fixed timesteps per held-out image for eval/val_loss
+    # eval/val_loss/t<lo>-<hi>: the same draws in this many equal timestep bands (5: t0-199 ... t800-999); 0: off
+    val_loss_bands: int = 5
     baseline: bool = True  # evaluate the untuned base model once per study
     dtype: str = "auto"  # sampling precision: auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     judge: Optional[str] = None  # "shapes": ground-truth truth/concept_accuracy and truth/prior_accuracy
@@ -182,7 +186,7 @@ class ObjectiveSpec:
 @dataclass
 class SweepConfig:
     name: str = "lr_steps"
-    sampler: str = "grid"  # grid | tpe | random
+    sampler: str = "grid"  # grid | tpe | random | gp (Gaussian process) | cmaes (needs the cmaes extra)
     # Dotted config keys -> search dimension, e.g. ``method.learning_rate: {choices: [1e-5, 1e-4]}``.
     params: dict[str, ParamSpec] = field(default_factory=dict)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])

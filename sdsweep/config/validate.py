@@ -4,6 +4,7 @@ naming the key, the value and the fix. Validation reads the config and changes n
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 from sdsweep.config import constraints
@@ -29,11 +30,21 @@ ALLOWED = {
     "eval.lpips_backbone": {"auto", "alex", "vgg", "squeeze", "clip"},
     "tracking.backend": {"wandb", "none"},
     "tracking.mode": {"offline", "online", "disabled"},
-    "sweep.sampler": {"grid", "tpe", "random"},
+    "sweep.sampler": {"grid", "tpe", "random", "gp", "cmaes"},
     "sweep.pruner": {"none", "median", "hyperband", "wilcoxon"},
     "sweep.isolation": {"subprocess", "inprocess"},
 }
-KNOWN_METRICS = {"clip_score", "fid", "kid", "clip_i", "appropriate_rate", "val_loss", "lpips"}
+KNOWN_METRICS = {
+    "clip_score",
+    "fid",
+    "kid",
+    "clip_i",
+    "dino",
+    "cmmd",
+    "appropriate_rate",
+    "val_loss",
+    "lpips",
+}
 POSITIVE = [
     "method.learning_rate",
     "train.max_train_steps",
@@ -64,6 +75,10 @@ def validate(cfg: Config) -> Config:
         value = get_key(cfg, key)
         if value is None or not value > 0:
             _fail(key, value, "it must be greater than zero.")
+    if cfg.eval.val_loss_bands < 0:
+        _fail(
+            "eval.val_loss_bands", cfg.eval.val_loss_bands, "give 0 (no bands) or a number of bands, e.g. 5."
+        )
     for key in ("model.resolution", "data.resolution", "eval.resolution"):
         value = get_key(cfg, key)
         if value is not None and (value <= 0 or value % 8 != 0):
@@ -280,6 +295,7 @@ def _validate_sweep(cfg: Config) -> None:
     for text in sweep.constraints:
         constraints.parse_constraint(text)
     constraints.check_metric_names(cfg)
+    _check_sampler(sweep)
     if sweep.n_trials is not None and sweep.n_trials <= 0:
         _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
     if sweep.replicates < 1:
@@ -300,6 +316,23 @@ def _validate_sweep(cfg: Config) -> None:
             "sweep.pruner_alpha", sweep.pruner_alpha, "give a significance level between 0 and 1, e.g. 0.05."
         )
     _validate_parallel(sweep)
+
+
+def _check_sampler(sweep: SweepConfig) -> None:
+    """CMA-ES: one objective, no constraints (Optuna's CmaEsSampler ignores them), the cmaes package."""
+    if sweep.sampler != "cmaes":
+        return
+    if sweep.constraints:
+        _fail(
+            "sweep.sampler",
+            "cmaes",
+            f"Optuna's CMA-ES sampler ignores constraints ({list(sweep.constraints)}); use sweep.sampler=gp "
+            "or tpe, which honour them, or drop sweep.constraints.",
+        )
+    if len(sweep.objectives) > 1:
+        _fail("sweep.sampler", "cmaes", "CMA-ES optimises one objective; use sweep.sampler=gp or tpe.")
+    if importlib.util.find_spec("cmaes") is None:
+        _fail("sweep.sampler", "cmaes", "it needs the cmaes package: pip install 'sdsweep[cmaes]'.")
 
 
 def _validate_parallel(sweep: SweepConfig) -> None:

@@ -26,7 +26,8 @@ from sdsweep.config.features import torch_fidelity_available
 from sdsweep.config.resolve import resolved_guidance_rescale
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import check_eval_prompts
-from sdsweep.evaluation import metrics
+from sdsweep.evaluation import dino, metrics
+from sdsweep.evaluation.embedding_metrics import EmbeddingMetrics
 from sdsweep.evaluation.generation import Generated, SampleSpec, generate, sample_plan
 from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table
 from sdsweep.evaluation.judge import judge_units
@@ -34,8 +35,9 @@ from sdsweep.evaluation.outputs import EvalResult, make_grid, save_outputs
 from sdsweep.evaluation.protocol_files import HELDOUT_TRUTH
 from sdsweep.evaluation.reference import cached_reference_features, load_reference_dir, reference_key
 from sdsweep.evaluation.units import build_units, no_interval_reasons, summarize, write_units
-from sdsweep.evaluation.validation import validation_loss
+from sdsweep.evaluation.validation import validation_loss, validation_loss_by_band
 from sdsweep.metric_names import lpips_key
+from sdsweep.uncertainty import Interval
 
 
 # ---- the evaluator ---------------------------------------------------------------------------------------
@@ -48,7 +50,7 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}{where}"
 
 
-class Evaluator:
+class Evaluator(EmbeddingMetrics):
     """Loads CLIP, the FID/KID feature extractor and the reference features once; then judges pipelines."""
 
     def __init__(
@@ -97,7 +99,7 @@ class Evaluator:
         self.feature_kind = self._choose_feature_kind() if wants_features else None
         self.lpips_backbone = resolved_lpips_backbone(ev.lpips_backbone) if "lpips" in self.wanted else None
         needs_clip = (
-            bool({"clip_score", "clip_i"} & set(self.wanted))
+            bool({"clip_score", "clip_i", "cmmd"} & set(self.wanted))
             or self.feature_kind == "clip"
             or self.lpips_backbone == "clip"
         )
@@ -107,6 +109,10 @@ class Evaluator:
                 ev.clip_model, cfg.paths.cache, self.device
             )
         self.feature = self._build_feature_extractor() if wants_features else None
+        self._cmmd_reference: torch.Tensor | None = None
+        self.dino_model, self.dino_processor = (None, None)
+        if "dino" in self.wanted:  # DINOUnavailableError propagates, like CLIP's
+            self.dino_model, self.dino_processor = dino.load_dino(ev.dino_model, cfg.paths.cache, self.device)
         self.safety_checker = self._load_safety_checker() if ev.safety_checker else None
         self._lpips_error: str | None = None
         self.lpips = self._build_lpips() if self.lpips_backbone else None
@@ -242,23 +248,28 @@ class Evaluator:
             "kid": self._kid,
             "lpips": self._lpips,
             "clip_i": self._clip_i,
+            "dino": self._dino,
+            "cmmd": self._cmmd,
             "appropriate_rate": self._appropriate_rate,
         }
         per_image: dict[str, list[float]] = {}
         unit_values: dict[str, list] = {}  # per-image scores, the unit table's columns
+        set_intervals: dict[str, Interval] = {}  # set statistics that bring their own (bootstrap) interval
         for name in self.wanted:
             key = {"fid": self.fid_key, "kid": self.kid_key}.get(name, f"eval/{name}")
             if name == "lpips":
                 key = lpips_key(self.lpips_backbone)
             try:
                 if name == "val_loss":
-                    values[key] = self._val_loss(method, heldout_batch)
+                    values.update(self._val_loss(method, heldout_batch))
                 elif generation_error is not None:
                     missing[key] = generation_error
                 else:
-                    values.update(
-                        image_metrics[name](inputs.get(name, concept), warnings, per_image, unit_values)
-                    )
+                    scores = image_metrics[name](inputs.get(name, concept), warnings, per_image, unit_values)
+                    for metric_key, score in scores.items():
+                        if isinstance(score, Interval):
+                            set_intervals[metric_key], score = score, score.value
+                        values[metric_key] = score
             except Exception as error:
                 missing[key] = _reason(error)
 
@@ -283,6 +294,7 @@ class Evaluator:
             )
             unit_means, intervals = summarize(units, lpips_name, seed=ev.seed)
             values.update(unit_means)  # the per-image metrics are the table's means and shares
+        intervals.update(set_intervals)
         intervals.update(no_interval_reasons(values, intervals))
         grid = make_grid(generated.images, generated.specs, self.prompts + self.prior_prompts)
         if out_dir is not None:
@@ -385,16 +397,6 @@ class Evaluator:
         units["lpips"] = values
         return {}
 
-    def _clip_i(
-        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
-    ) -> dict[str, float]:
-        if not self.instance_images:
-            raise metrics.MetricUnavailable("no instance (training) images were given to the Evaluator")
-        units["clip_i"] = metrics.clip_i_per_image(
-            self.clip_model, self.clip_processor, generated.images, self.instance_images
-        )
-        return {}
-
     def _appropriate_rate(
         self, generated: Generated, warnings: list[str], per_image: dict, units: dict
     ) -> dict[str, float]:
@@ -409,9 +411,13 @@ class Evaluator:
         units["appropriate"] = [float(ok) for ok in metrics.appropriate_flags(generated.arrays, unsafe)]
         return {}
 
-    def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> float:
+    def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> dict[str, float]:
         if method is None:
             raise metrics.MetricUnavailable("no method given (a plain pipeline has no training loss)")
         if heldout_batch is None:
             raise metrics.MetricUnavailable("no held-out batch given (data.num_heldout=0?)")
-        return self.val_loss_only(method, heldout_batch)
+        ev = self.cfg.eval
+        by_band = validation_loss_by_band(
+            method, heldout_batch, ev.seed, ev.val_loss_timesteps, ev.val_loss_bands
+        )
+        return {"eval/val_loss": self.val_loss_only(method, heldout_batch), **by_band}

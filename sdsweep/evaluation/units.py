@@ -11,7 +11,7 @@ Columns: ``group`` (``concept`` for ``eval.prompts`` or held-out captions, ``pri
 index within the group: the ``/p{i}`` of per-prompt keys), ``prompt``, ``seed``, ``round`` (0 for the
 trial's own evaluation, k for the k-th confirmation round), then one column per score:
 ``clip`` (CLIP score of the image with its prompt), ``clip_i`` (mean CLIP-I similarity to the instance
-images; concept only), ``appropriate`` (1/0), ``lpips``/``lpips_clip`` (paired with its photo;
+images; concept only), ``dino`` (the same with DINO embeddings), ``appropriate`` (1/0), ``lpips``/``lpips_clip`` (paired with its photo;
 held-out captions only), ``truth`` (1/0: the judge saw what was asked) with ``truth_group``.
 """
 
@@ -88,6 +88,8 @@ def unit_metrics(units: pd.DataFrame, lpips_key: str | None = None) -> list[Unit
                 found += [UnitMetric(f"{key}/p{int(i)}", "clip", group, int(i)) for i in prompts]
     if "clip_i" in present and units["clip_i"].notna().any():
         found.append(UnitMetric("eval/clip_i", "clip_i", CONCEPT))
+    if "dino" in present and units["dino"].notna().any():
+        found.append(UnitMetric("eval/dino", "dino", CONCEPT))
     if "appropriate" in present and units["appropriate"].notna().any():
         found.append(UnitMetric("eval/appropriate_rate", "appropriate", rate=True))
     if lpips_key and "lpips" in present and units["lpips"].notna().any():

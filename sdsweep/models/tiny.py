@@ -254,6 +254,35 @@ def ensure_tiny_clip(cache: str | os.PathLike | None = None) -> Path:
     return _atomic_dir(target, write)
 
 
+def build_tiny_dino(seed: int = 0):
+    """A random ViTModel + ViTImageProcessor with 32 px images: DINO's architecture, for eval/dino offline."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(seed)
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    return model, processor
+
+
+def ensure_tiny_dino(cache: str | os.PathLike | None = None) -> Path:
+    target = cache_root(cache) / "tiny" / f"dino-v{TINY_VERSION}"
+
+    def write(d: Path) -> None:
+        model, processor = build_tiny_dino()
+        model.save_pretrained(d, safe_serialization=True)
+        processor.save_pretrained(d)
+
+    return _atomic_dir(target, write)
+
+
 def _draw_demo_image(index: int, size: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
     background = list(_COLOURS)[index % len(_COLOURS)]
     shape = _SHAPES[(index // len(_COLOURS)) % len(_SHAPES)]

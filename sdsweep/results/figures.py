@@ -47,6 +47,7 @@ class Figures:
     pareto: Path | None = None
     lr_panels: Path | None = None
     method_sheets: list[Path] = field(default_factory=list)
+    val_loss_bands: Path | None = None  # eval/val_loss/t<lo>-<hi>: baseline vs. best vs. one more trial
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -366,6 +367,13 @@ def make_figures(data: StudyData, files_dir: Path) -> Figures:
     optuna_figures(data, files_dir, figures)
     collect_grids(data, files_dir, figures)
     comparison_figures(data, files_dir, figures)
+    from sdsweep.results.band_figure import val_loss_band_plot
+
+    bands = val_loss_band_plot(data, files_dir / "val_loss_bands.png", dpi=FIGURE_DPI)
+    if isinstance(bands, str):
+        figures.notes["val_loss_bands"] = bands
+    else:
+        figures.val_loss_bands = bands
     return figures
 
 

@@ -190,6 +190,9 @@ def sections(data: StudyData, board: Leaderboard, figures: Figures) -> list[Bloc
     out.append(Figure(figures.contact_sheet, "contact sheet", notes.get("contact_sheet")))
     out.append(Heading("Metric heatmaps"))
     out += [Figure(p, p.stem) for p in figures.heatmaps] or [Figure(None, "", notes.get("heatmaps"))]
+    if figures.val_loss_bands:
+        out.append(Heading("Validation loss by noise level"))
+        out.append(Figure(figures.val_loss_bands, "validation loss by timestep band"))
     out.append(Heading("Optuna"))
     out.append(Figure(figures.history, "optimization history", notes.get("history")))
     out.append(Figure(figures.importances, "parameter importances", notes.get("importances")))

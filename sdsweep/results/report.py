@@ -57,7 +57,7 @@ def report_plots(out_dir: Path) -> dict[str, Path]:
     """The study-level figures of a built report (name -> PNG), for ``tracking.record_study(plots=...)``."""
     files_dir = Path(out_dir) / FILES_DIR
     names = ["contact_sheet.png", "optimization_history.png", "param_importances.png", "pareto_front.png"]
-    names.append("lr_by_method.png")
+    names += ["lr_by_method.png", "val_loss_bands.png"]
     found = [files_dir / n for n in names] + sorted(files_dir.glob("heatmap_*.png"))
     found += sorted(files_dir.glob("method_sheet_*.png"))
     return {p.stem: p for p in found if p.is_file()}

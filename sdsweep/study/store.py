@@ -94,6 +94,13 @@ def make_sampler(cfg: Config):
     assert sweep is not None
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=sweep.seed)
+    # GP and TPE read each trial's constraints (Trial.set_constraint) themselves; CMA-ES cannot, so a
+    # constrained CMA-ES study is refused at validation. Few startup trials: a sweep has few trials at all.
+    startup = min(10, max(2, (sweep.n_trials or 10) // 4))
+    if sweep.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=sweep.seed, n_startup_trials=startup)
+    if sweep.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=sweep.seed, n_startup_trials=startup)
     # Grid studies enqueue every point, so the sampler never samples. Feasibility reaches TPE through
     # Trial.set_constraint (Optuna 5), recorded when the trial is told.
     return optuna.samplers.TPESampler(seed=sweep.seed, multivariate=True)

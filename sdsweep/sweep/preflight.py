@@ -128,7 +128,7 @@ def eval_model_problems(cfg: Config) -> list[str]:
     """The CLIP model (CLIP score, CLIP-I, CLIP-feature FID/KID) and the safety checker, if enabled."""
     ev = cfg.eval
     wanted = set(ev.metrics)
-    needs_clip = bool({"clip_score", "clip_i"} & wanted) or (
+    needs_clip = bool({"clip_score", "clip_i", "cmmd"} & wanted) or (
         bool({"fid", "kid"} & wanted) and ev.fid_features in ("clip", "auto")
     )
     problems = []
@@ -137,6 +137,10 @@ def eval_model_problems(cfg: Config) -> list[str]:
 
         clip = shapes.resolve_clip(ev.clip_model, cfg.paths.cache) or ev.clip_model
         reason = _hub_or_local_reason(clip, "the CLIP model", "eval.clip_model ('tiny' offline)")
+        if reason:
+            problems.append(reason)
+    if "dino" in wanted and ev.dino_model != "tiny":
+        reason = _hub_or_local_reason(ev.dino_model, "the DINO model", "eval.dino_model ('tiny' offline)")
         if reason:
             problems.append(reason)
     if ev.safety_checker:

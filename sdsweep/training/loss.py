@@ -11,6 +11,8 @@ one step every method shares, given the model components.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,6 +95,22 @@ def randint(high: int, size: int, generator: Generators, device: torch.device) -
     return torch.randint(0, high, (size,), generator=generator, device=device)
 
 
+# The validation loss by noise level draws its timesteps from one band [lo, hi]. A context variable carries
+# the band to the one place timesteps are drawn, instead of a parameter threaded through every method's
+# compute_loss; training never sets it.
+_TIMESTEP_BAND: ContextVar[tuple[int, int] | None] = ContextVar("timestep_band", default=None)
+
+
+@contextmanager
+def timestep_band(lo: int, hi: int):
+    """Within the block, every drawn timestep is uniform on [lo, hi] (inclusive) instead of the whole range."""
+    token = _TIMESTEP_BAND.set((int(lo), int(hi)))
+    try:
+        yield
+    finally:
+        _TIMESTEP_BAND.reset(token)
+
+
 def sample_noise_and_timesteps(
     latents: torch.Tensor,
     num_train_timesteps: int,
@@ -108,7 +126,11 @@ def sample_noise_and_timesteps(
     draw_device = torch.device("cpu") if generator is not None else latents.device
     batch, channels = latents.shape[0], latents.shape[1]
     noise = randn(tuple(latents.shape), generator, draw_device)
-    timesteps = randint(num_train_timesteps, batch, generator, draw_device)
+    band = _TIMESTEP_BAND.get()
+    if band is None:
+        timesteps = randint(num_train_timesteps, batch, generator, draw_device)
+    else:
+        timesteps = band[0] + randint(band[1] - band[0] + 1, batch, generator, draw_device)
     if noise_offset:
         # A per-channel constant shift lets the model learn to change overall brightness (very dark or
         # bright images), which zero-mean noise never asks of it.
