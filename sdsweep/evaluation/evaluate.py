@@ -22,7 +22,6 @@ from PIL import Image
 
 from sdsweep import io
 from sdsweep.config.constraints import distance_keys, resolved_lpips_backbone
-from sdsweep.config.features import torch_fidelity_available
 from sdsweep.config.resolve import resolved_guidance_rescale
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import check_eval_prompts
@@ -33,7 +32,13 @@ from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table
 from sdsweep.evaluation.judge import judge_units
 from sdsweep.evaluation.outputs import EvalResult, make_grid, save_outputs
 from sdsweep.evaluation.protocol_files import HELDOUT_TRUTH
-from sdsweep.evaluation.reference import cached_reference_features, load_reference_dir, reference_key
+from sdsweep.evaluation.reference import (
+    cached_reference_features,
+    choose_feature_kind,
+    feature_identity,
+    load_reference_dir,
+    reference_key,
+)
 from sdsweep.evaluation.units import build_units, no_interval_reasons, summarize, write_units
 from sdsweep.evaluation.validation import validation_loss, validation_loss_by_band
 from sdsweep.metric_names import lpips_key
@@ -96,7 +101,9 @@ class Evaluator(EmbeddingMetrics):
         self.instance_images = [metrics.square_resize(i, self.resolution) for i in instance_images or []]
 
         wants_features = bool({"fid", "kid"} & set(self.wanted))
-        self.feature_kind = self._choose_feature_kind() if wants_features else None
+        self.feature_kind = (
+            choose_feature_kind(ev.fid_features, self.static_warnings) if wants_features else None
+        )
         self.lpips_backbone = resolved_lpips_backbone(ev.lpips_backbone) if "lpips" in self.wanted else None
         needs_clip = (
             bool({"clip_score", "clip_i", "cmmd"} & set(self.wanted))
@@ -118,33 +125,12 @@ class Evaluator(EmbeddingMetrics):
         self.lpips = self._build_lpips() if self.lpips_backbone else None
 
     # -- construction helpers
-    def _choose_feature_kind(self) -> str:
-        kind = self.cfg.eval.fid_features
-        if kind != "auto":
-            return kind
-        if torch_fidelity_available():
-            self.static_warnings.append(
-                "eval.fid_features=auto: using Inception features (torch-fidelity found)."
-            )
-            return "inception"
-        self.static_warnings.append(
-            "eval.fid_features=auto: torch-fidelity is not installed, so FID/KID use CLIP image features; "
-            "they rank trials but are not comparable with published Inception FIDs."
-        )
-        return "clip"
-
     def _build_feature_extractor(self) -> torch.nn.Module | None:
         try:
             if self.feature_kind == "inception":
                 return metrics.inception_features().to(self.device)
-            # The CLIP's content (not its name, not where it lives) keys the cache: a rebuilt CLIP never hits
-            # stale statistics, and the same CLIP under another cache folder or mount reuses them.
             source = getattr(self.clip_model, "name_or_path", "") or self.cfg.eval.clip_model
-            if Path(source).is_dir():
-                from sdsweep.content import folder_identity
-                from sdsweep.models.tiny import cache_root
-
-                source = folder_identity(source, cache_root(self.cfg.paths.cache) / "file-hashes.json")
+            source = feature_identity(source, self.cfg.paths.cache)
             return metrics.CLIPImageFeatures(self.clip_model, self.clip_processor, source)
         except Exception as error:  # recorded per evaluation as missing FID/KID, never fatal
             self._feature_error = f"no FID/KID feature extractor: {_reason(error)}"

@@ -27,6 +27,35 @@ def load_reference_dir(folder: str | Path) -> list[Image.Image]:
     return [open_rgb(file) for file in files]
 
 
+def choose_feature_kind(kind: str, warnings: list[str]) -> str:
+    """``eval.fid_features`` resolved: ``auto`` takes Inception where torch-fidelity is installed (saying
+    so in ``warnings``), else CLIP image features."""
+    from sdsweep.config.features import torch_fidelity_available
+
+    if kind != "auto":
+        return kind
+    if torch_fidelity_available():
+        warnings.append("eval.fid_features=auto: using Inception features (torch-fidelity found).")
+        return "inception"
+    warnings.append(
+        "eval.fid_features=auto: torch-fidelity is not installed, so FID/KID use CLIP image features; "
+        "they rank trials but are not comparable with published Inception FIDs."
+    )
+    return "clip"
+
+
+def feature_identity(source: str, cache: str | None) -> str:
+    """What keys the reference features: a local model folder by its content (not its name, not where it
+    lives), so a rebuilt CLIP never hits stale statistics and the same CLIP under another cache folder or
+    mount reuses them; a hub id as it is."""
+    if not Path(source).is_dir():
+        return source
+    from sdsweep.content import folder_identity
+    from sdsweep.models.tiny import cache_root
+
+    return folder_identity(source, cache_root(cache) / "file-hashes.json")
+
+
 def reference_key(images: Sequence[Image.Image], feature_id: str, resolution: int) -> str:
     digest = hashlib.sha256(f"{feature_id}|{resolution}|{len(images)}".encode())
     for image in images:
