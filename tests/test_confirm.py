@@ -214,3 +214,27 @@ def test_two_workers_share_the_rounds_and_a_killed_one_loses_nothing(tiny_study,
     assert not list((study / "confirm").glob("r*/*.claim"))  # every claim released or taken over
     verdict = json.loads((study / "verdict.json").read_text())
     assert verdict["sentence"] == state["rounds"][-1]["sentence"]
+
+
+@pytest.mark.slow
+def test_a_contender_without_weights_is_skipped_and_racing_still_ends(tiny_study, tmp_path):
+    """keep_best_k may have removed a contender's weights during the sweep: it cannot be raced, so it must not
+    hold the race open (it once did, for 68 rounds on the shapes demo)."""
+    study = copy_of(tiny_study, tmp_path)
+    verdict = json.loads((study / "verdict.json").read_text())
+    lost = [t for t in verdict["contenders"] if t != verdict["best"]][0]
+    shutil.rmtree(study / "trials" / f"{lost:04d}" / "weights")
+    budget = 2 * len(units_of(study, verdict["best"]))
+    done = subprocess.run(
+        confirm_cmd(study, "--budget", str(budget)),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"trial {lost} is a contender but has no weights" in done.stdout
+    assert set(units_of(study, lost)["round"]) == {0}  # never raced
+    state = json.loads((study / "confirm" / "state.json").read_text())
+    assert len(state["rounds"]) <= 1, state  # one round takes every raceable contender to the budget

@@ -53,7 +53,7 @@ def stop_reason(
     """Why racing stops before the next round, or None to go on. ``contenders`` come from the latest
     verdict (the best, its ties, the uncertain); ``images`` is the unit rows each trial has so far."""
     if len(contenders) <= 1:
-        return "the best is separated and no contender is uncertain"
+        return "the best is separated and no contender with weights is uncertain"
     if all(images.get(t, 0) >= budget for t in contenders):
         return f"every contender reached the budget of {budget} images"
     if max_rounds is not None and rounds_done >= max_rounds:
@@ -273,9 +273,16 @@ class Race:
         existing = io.read_json_or_none(path)
         if existing is not None:
             return existing
+        # Only a contender with weights can be raced: one without (keep_best_k removed them during the sweep)
+        # would never reach the budget, and racing would never end.
+        racing = [t for t in verdict.contenders if self.has_weights(t)]
+        for trial in sorted(set(verdict.contenders) - set(racing)):
+            self.say(
+                f"trial {trial} is a contender but has no weights (sweep.keep_best_k removed them): skipped"
+            )
         reason = stop_reason(
-            verdict.contenders,
-            {t: self.images(t) for t in verdict.contenders},
+            racing,
+            {t: self.images(t) for t in racing},
             self.budget(verdict),
             round_number - 1,
             self.opts.max_rounds,
@@ -283,14 +290,6 @@ class Race:
         if reason is not None:
             self.finish(reason)
             return None
-        racing = []
-        for trial in verdict.contenders:
-            if self.has_weights(trial):
-                racing.append(trial)
-            else:
-                self.say(
-                    f"trial {trial} is a contender but has no weights (sweep.keep_best_k removed them): skipped"
-                )
         baseline = (self.paths.baseline / io.TRIAL_CONFIG).is_file() and read_units(
             self.paths.baseline
         ) is not None
