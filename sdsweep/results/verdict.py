@@ -275,14 +275,14 @@ def uncertain_constraints(
         record = records.get(int(trial))
         if record is None:
             continue
-        statuses = constraint_statuses(record, parsed, _untuned(paths, record.model))
+        statuses = constraint_statuses(record, parsed, untuned_metrics(paths, record.model))
         straddled = [c for c, s in statuses.items() if s == ConstraintStatus.UNCERTAIN]
         if straddled:
             out[int(trial)] = straddled
     return out
 
 
-def _untuned(paths: io.StudyPaths, model: str | None) -> dict[str, Any]:
+def untuned_metrics(paths: io.StudyPaths, model: str | None) -> dict[str, Any]:
     """The untuned model's metrics: ``baseline/<model>/`` when the sweep spans models, else ``baseline/``."""
     for folder in ([paths.baseline / str(model)] if model else []) + [paths.baseline]:
         record = read_record_or_none(folder / io.TRIAL_METRICS)

@@ -19,7 +19,7 @@ from sdsweep import io
 from sdsweep.config.constraints import parse_constraint
 from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config
-from sdsweep.study.record import TrialRecord, TrialState, read_record
+from sdsweep.study.record import TrialRecord, TrialState, read_record, read_record_or_none
 from sdsweep.study.store import (
     INTERVALS,
     RUN_KEY,
@@ -236,6 +236,11 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         best_infeasible, _, best = ranked[0]
         rest = [n for infeasible, _, n in ranked if n not in keep and infeasible == best_infeasible]
         keep |= tied_with(paths, best, rest, cfg.sweep.objectives[0].metric)
+        # An infeasible trial that beats the best but only straddles a threshold may turn out feasible.
+        better = [
+            n for infeasible, value, n in ranked if infeasible and value < ranked[0][1] and n not in keep
+        ]
+        keep |= possibly_feasible(paths, better, cfg.sweep.constraints)
     if len(signs) > 1:
         keep |= pareto_members(scores)
     losers = [(n, f"not among the best {k} (sweep.keep_best_k)") for _, _, n in ranked if n not in keep]
@@ -267,6 +272,23 @@ def tied_with(paths: io.StudyPaths, best: int, others: list[int], metric: str) -
         if difference is not None and not difference.excludes_zero():
             tied.add(number)
     return tied
+
+
+def possibly_feasible(paths: io.StudyPaths, trials: list[int], constraints: list[str]) -> set[int]:
+    """The trials among ``trials`` that no constraint surely rejects (each is met or uncertain on its interval)."""
+    from sdsweep.results.verdict import constraint_statuses, untuned_metrics
+    from sdsweep.uncertainty import ConstraintStatus
+
+    parsed = [parse_constraint(c) for c in constraints]
+    found = set()
+    for number in trials:
+        record = read_record_or_none(paths.trial(number) / io.TRIAL_METRICS)
+        if record is None or not parsed:
+            continue
+        statuses = constraint_statuses(record, parsed, untuned_metrics(paths, record.model))
+        if all(s != ConstraintStatus.VIOLATED for s in statuses.values()):
+            found.add(number)
+    return found
 
 
 def confirmation_contenders(paths: io.StudyPaths) -> set[int]:
