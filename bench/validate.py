@@ -8,11 +8,10 @@ For every build (``--builds``: seeds of ``python -m sdsweep.models.shapes_build`
 
 and tabulates, per run, the pick (``load_study(...).best()``), its ground truth, and the ground truth's own best.
 
-The ground truth's best (``TRUTH_RULE``): among trials that kept the prior (``truth/prior_accuracy >= 0.75``,
-at most 4 of the 16 seen-shape images wrong), the highest ``truth/concept_accuracy + truth/prior_accuracy``
+The ground truth's best (``TRUTH_RULE``): among trials that kept the prior (``truth/prior_accuracy >= 0.625``,
+at most 6 of the 16 seen-shape images wrong), the highest ``truth/concept_accuracy + truth/prior_accuracy``
 (ties all count). The pick is "in the region" when the star was learned (concept >= 3/16) and the prior kept
-(prior >= 0.75). ``separated`` is read from the study if it says (a ``separated`` column of results.csv, or
-``verdict.json`` / ``confirmation.json`` / study.json), else "n/a".
+(prior >= 0.625). ``separated`` is the study's verdict (verdict.json), "n/a" when there is nothing to compare.
 
 Beside the table it records, per run, the quantities ``tests/test_shapes.py`` thresholds (baseline truth,
 the accuracies per learning rate, Spearman correlations, drift-guard feasibility), so the tests' thresholds
@@ -35,7 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-PRIOR_KEPT = 0.75  # the ground truth's best must keep at least 12 of 16 seen-shape images
+# The prior is kept when at most 6 of 16 seen-shape images go wrong. Measured after confirmation (32-64 images
+# each), lr 3e-4 x 1000 keeps 0.69-0.70 on builds 0 and 2 while drawing stars; a 0.75 gate sent the truth's
+# best to the untuned-like lr 1e-5 trials, which learned nothing.
+PRIOR_KEPT = 0.625
 CONCEPT_LEARNED = 3 / 16  # three star images of 16: above the baseline's 0-1 by a margin
 TRUTH_RULE = (
     f"truth's best: max truth/concept_accuracy + truth/prior_accuracy among trials with "

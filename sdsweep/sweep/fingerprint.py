@@ -368,7 +368,9 @@ def ensure_study_identity(
         io.atomic_write_json(paths.study_json, updated)
 
 
-def check_study_unchanged(cfg: Config, paths: io.StudyPaths, examples: list[Any] | None = None) -> None:
+def check_study_unchanged(
+    cfg: Config, paths: io.StudyPaths, examples: list[Any] | None = None, data_only: bool = False
+) -> None:
     """Between runs of a sweep: raise ``StudyMismatchError`` when the data (or the model files, or the
     settings in conf/) changed since the study was defined. Cheap: file hashes are cached by size and
     mtime, so only changed files are read. Runs trained after such a change would not be comparable
@@ -377,7 +379,10 @@ def check_study_unchanged(cfg: Config, paths: io.StudyPaths, examples: list[Any]
     previous = (stored or {}).get("fingerprint")
     if not previous:
         return
-    changes = describe_changes(located(previous, cfg)[0], study_fingerprint(cfg, examples))
+    old, new = located(previous, cfg)[0], study_fingerprint(cfg, examples)
+    if data_only:  # a run's own config differs from the study's by design (its point, a method's prompts)
+        old, new = {**old, "settings": {}}, {**new, "settings": {}}
+    changes = describe_changes(old, new)
     if changes:
         raise StudyMismatchError(
             f"the study {cfg.study} changed while its sweep was running: {'; '.join(changes)}. Runs trained "
@@ -392,7 +397,7 @@ def raise_if_data_changed(cfg: Config, paths: io.StudyPaths, error: BaseExceptio
     could when the sweep started: a file half rewritten), raise ``StudyMismatchError`` instead, so the run
     is handed back rather than failed. Otherwise return, and the caller records the original error."""
     try:
-        check_study_unchanged(cfg, paths)
+        check_study_unchanged(cfg, paths, data_only=True)
     except StudyMismatchError:
         raise
     except Exception as unreadable:

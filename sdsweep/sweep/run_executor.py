@@ -139,7 +139,7 @@ class RunExecutor:
                 raise
             # The data this run loaded must be the study's: a file changed before it was read is not
             # trained on (the run is handed back and the sweep stops); one changed later is not read.
-            check_study_unchanged(self.cfg, self.paths, self.setup.examples)
+            check_study_unchanged(self.cfg, self.paths, self.setup.examples, data_only=True)
             hooks = TrainHooks(on_step=self.on_step, on_milestone=self.on_milestone)
             train(self.cfg, self.setup.method, self.setup.dataset, milestones, hooks, checkpoint_dir)
         if not self.open_slots and checkpoint_dir is not None:
