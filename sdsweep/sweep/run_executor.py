@@ -168,7 +168,8 @@ class RunExecutor:
                     f"stopped: eval/appropriate_rate collapsed to 0 at step {step} (every image degenerate or unsafe)",
                 )
                 return True
-            worse = paired_prune_reason(self.cfg, self.paths, slot.number) if self.open_slots else None
+            paired = self.cfg.sweep.pruner == "wilcoxon" and self.open_slots
+            worse = paired_prune_reason(self.cfg, self.paths, slot.number) if paired else None
             if worse:
                 self.stop_open(TrialState.PRUNED, f"pruned at step {step}: {worse}")
                 return True
