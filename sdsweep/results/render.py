@@ -269,7 +269,7 @@ def data_uri(path: Path) -> str:
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;padding:0 1rem;color:#212529;max-width:1200px}
-table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ced4da;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ced4da;padding:3px 6px;text-align:right}
 th{background:#f1f3f5;vertical-align:bottom}td:nth-child(3),td:last-child{text-align:left}
 .nw{white-space:nowrap}
 .table-wrap{overflow-x:auto;max-width:100%}

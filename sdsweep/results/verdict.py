@@ -200,8 +200,8 @@ def _candidates(results: pd.DataFrame, best: dict[str, Any]) -> list[int]:
     if results.empty or "state" not in results:
         return []
     pool = results[(results["state"] == TrialState.COMPLETE.value) & (results["trial"] != best["trial"])]
-    if "feasible" in pool and _truthy(best.get("feasible")):
-        pool = pool[pool["feasible"].map(_truthy)]
+    if "feasible" in pool and _truthy(best.get("feasible")) and not pool.empty:
+        pool = pool[pool["feasible"].map(_truthy).astype(bool)]  # an empty object mask would select columns
     return sorted(int(t) for t in pool["trial"])
 
 
