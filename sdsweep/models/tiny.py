@@ -244,14 +244,7 @@ def build_tiny_clip(seed: int = 0):
 
 
 def ensure_tiny_clip(cache: str | os.PathLike | None = None) -> Path:
-    target = cache_root(cache) / "tiny" / f"clip-v{TINY_VERSION}"
-
-    def write(d: Path) -> None:
-        model, processor = build_tiny_clip()
-        model.save_pretrained(d, safe_serialization=True)
-        processor.save_pretrained(d)
-
-    return _atomic_dir(target, write)
+    return _ensure_saved_model(cache, "clip", build_tiny_clip)
 
 
 def build_tiny_dino(seed: int = 0):
@@ -273,14 +266,18 @@ def build_tiny_dino(seed: int = 0):
 
 
 def ensure_tiny_dino(cache: str | os.PathLike | None = None) -> Path:
-    target = cache_root(cache) / "tiny" / f"dino-v{TINY_VERSION}"
+    return _ensure_saved_model(cache, "dino", build_tiny_dino)
+
+
+def _ensure_saved_model(cache: str | os.PathLike | None, name: str, build) -> Path:
+    """``$SDSWEEP_CACHE/tiny/<name>-v<version>``: a (model, processor) pair from ``build``, saved once."""
 
     def write(d: Path) -> None:
-        model, processor = build_tiny_dino()
+        model, processor = build()
         model.save_pretrained(d, safe_serialization=True)
         processor.save_pretrained(d)
 
-    return _atomic_dir(target, write)
+    return _atomic_dir(cache_root(cache) / "tiny" / f"{name}-v{TINY_VERSION}", write)
 
 
 def _draw_demo_image(index: int, size: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
