@@ -257,7 +257,9 @@ def test_the_time_limit_signal_reaches_sdsweep_through_the_script(slurm_cluster,
     so it may come up to 60 s early: with `--time=2` it once came 2 s in, before Python ran), to the batch
     step, which is sdsweep itself (`exec`); it hands its run back and the task exits 143 before the limit."""
     started = time.monotonic()
-    long_grid = overrides("sweep.steps=[2,400]")  # still training when the signal comes
+    # Far more steps than any machine trains in 3 minutes (400 once finished in 30 s on a faster CI
+    # machine, before the signal): the run is still training whenever the signal comes.
+    long_grid = overrides("sweep.steps=[2,1000000]")
     options = ["--cpus-per-task=1", "--gpus-per-task=0", "--time=3", "--signal=B:TERM@90"]
     job = slurm_cluster.sbatch("--array=0", *options, str(SCRIPT), *long_grid, env=job_env, cwd=tmp_path)
     (state,) = slurm_cluster.wait_done(job, 240).values()
