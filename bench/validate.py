@@ -8,10 +8,17 @@ For every build (``--builds``: seeds of ``python -m sdsweep.models.shapes_build`
 
 and tabulates, per run, the pick (``load_study(...).best()``), its ground truth, and the ground truth's own best.
 
-The ground truth's best (``TRUTH_RULE``): among trials that kept the prior (``truth/prior_accuracy >= 0.625``,
-at most 6 of the 16 seen-shape images wrong), the highest ``truth/concept_accuracy + truth/prior_accuracy``
-(ties all count). The pick is "in the region" when the star was learned (concept >= 3/16) and the prior kept
-(prior >= 0.625). ``separated`` is the study's verdict (verdict.json), "n/a" when there is nothing to compare.
+The ground truth's best (``TRUTH_RULE``): among trials that kept the prior, the highest
+``truth/concept_accuracy + truth/prior_accuracy`` (ties all count). "Kept the prior" is the demo's own drift
+guard applied to the ground truth instead of to CLIP: ``truth/prior_accuracy >= 0.75 x`` the untuned model's
+(the factor is read from the study's ``eval/prior_clip_score >= 0.75x baseline`` constraint). The pick is
+"in the region" when the star was learned (concept >= 3/16) and the prior kept. ``separated`` is the
+study's verdict (verdict.json), "n/a" when there is nothing to compare.
+
+Robust: the pick is in the region; or the verdict says it cannot tell the pick from a trial in the region
+(tied); or no trial is in the region (on that build nothing learned the star without breaking the user's
+own guard) and the pick kept the prior. The last case is a correct answer to the question the study asked,
+not a miss: a sweep that picks a drifted trial there has violated the user's constraint in truth.
 
 Beside the table it records, per run, the quantities ``tests/test_shapes.py`` thresholds (baseline truth,
 the accuracies per learning rate, Spearman correlations, drift-guard feasibility), so the tests' thresholds
@@ -34,15 +41,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# The prior is kept when at most 6 of 16 seen-shape images go wrong. Measured after confirmation (32-64 images
-# each), lr 3e-4 x 1000 keeps 0.69-0.70 on builds 0 and 2 while drawing stars; a 0.75 gate sent the truth's
-# best to the untuned-like lr 1e-5 trials, which learned nothing.
-PRIOR_KEPT = 0.625
+# Until wave 7 the prior counted as kept at an absolute 0.625 (at most 6 of 16 seen-shape images wrong). That
+# rule is looser than the guard the demo states (lose at most a quarter of the untuned model's score): on
+# build 1 it counted lr 3e-4 x 1000 as "kept" (1.0 -> 0.69 in truth, a 31% loss) and so scored the study
+# wrong for honouring its own constraint. The guard's factor, applied to the truth, is the rule now; the
+# absolute one is still tabulated (``pick_in_region_absolute``) for comparison with earlier tables.
+PRIOR_KEPT_ABSOLUTE = 0.625
+GUARD_METRIC = "eval/prior_clip_score"
+DEFAULT_GUARD_FACTOR = 0.75
 CONCEPT_LEARNED = 3 / 16  # three star images of 16: above the baseline's 0-1 by a margin
 TRUTH_RULE = (
-    f"truth's best: max truth/concept_accuracy + truth/prior_accuracy among trials with "
-    f"truth/prior_accuracy >= {PRIOR_KEPT} (ties all count); in region: concept >= {CONCEPT_LEARNED:.4g} "
-    f"and prior >= {PRIOR_KEPT}"
+    "truth's best: max truth/concept_accuracy + truth/prior_accuracy among trials that kept the prior "
+    "(truth/prior_accuracy >= the drift guard's factor x the untuned model's; ties all count); in region: "
+    f"concept >= {CONCEPT_LEARNED:.4g} and the prior kept; robust: in region, or tied with a trial in it, or "
+    "no trial in it and the pick kept the prior"
 )
 CONCEPT, PRIOR = "truth/concept_accuracy", "truth/prior_accuracy"
 LR, STEPS = "method.learning_rate", "train.max_train_steps"
@@ -147,13 +159,26 @@ def test_measures(study) -> dict[str, Any]:
     }
 
 
+def guard_factor(info: dict[str, Any]) -> float:
+    """The factor of the study's relative drift guard (``eval/prior_clip_score >= 0.75x baseline``)."""
+    from sdsweep.config.constraints import parse_constraint
+
+    for text in info.get("constraints") or []:
+        constraint = parse_constraint(text)
+        if constraint.metric == GUARD_METRIC and constraint.relative:
+            return float(constraint.threshold)
+    return DEFAULT_GUARD_FACTOR
+
+
 def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
     from sdsweep.results.study_folder import load_study
 
     study = load_study(study_dir)
     results = study.results
     best = study.best()
-    kept = results[results[PRIOR] >= PRIOR_KEPT]
+    factor = guard_factor(study.info)
+    prior_kept = factor * float(study.baseline_metrics[PRIOR])
+    kept = results[results[PRIOR] >= prior_kept - 1e-9]
     score = kept[CONCEPT] + kept[PRIOR]
     truth_best = kept[score >= score.max() - 1e-9] if len(kept) else kept
     row: dict[str, Any] = {
@@ -171,24 +196,37 @@ def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
         "truth_best_concept": None if truth_best.empty else float(truth_best[CONCEPT].iloc[0]),
         "truth_best_prior": None if truth_best.empty else float(truth_best[PRIOR].iloc[0]),
         "separated": _separated(study, best),
+        "baseline_prior": float(study.baseline_metrics[PRIOR]),
+        "prior_kept_at": round(prior_kept, 4),
     }
     row["pick_is_truth_best"] = row["pick_trial"] in row["truth_best_trials"]
-    row["pick_in_region"] = bool(
-        best is not None and best[CONCEPT] >= CONCEPT_LEARNED - 1e-9 and best[PRIOR] >= PRIOR_KEPT
-    )
     verdict = study.verdict()
     row["tied"] = verdict.tied
+    row["beats_untuned"] = verdict.beats_untuned
+    row["sentence"] = verdict.sentence()
     row["units_of_pick"] = verdict.units.get(row["pick_trial"]) if row["pick_trial"] is not None else None
-    in_region = set(
-        results.loc[(results[CONCEPT] >= CONCEPT_LEARNED - 1e-9) & (results[PRIOR] >= PRIOR_KEPT), "trial"]
-    )
-    # Robust: the pick learned the star and kept the prior, or the study says it cannot tell and a trial that
-    # did is among those it cannot tell apart from its pick.
-    row["robust"] = row["pick_in_region"] or (
-        verdict.separated is False and bool(in_region & set(verdict.tied))
-    )
+    for suffix, kept_at in (("", prior_kept), ("_absolute", PRIOR_KEPT_ABSOLUTE)):
+        row.update({f"{k}{suffix}": v for k, v in judged(results, best, verdict, kept_at).items()})
     row["measures"] = test_measures(study)
     return row
+
+
+def judged(results: pd.DataFrame, best: dict[str, Any] | None, verdict, kept_at: float) -> dict[str, Any]:
+    """The pick against the truth, with the prior counted as kept at ``kept_at``: in the region (learned the
+    star and kept the prior), and robust (in it; or tied with a trial in it; or nothing in it and the pick
+    kept the prior)."""
+    learned = results[CONCEPT] >= CONCEPT_LEARNED - 1e-9
+    kept = results[PRIOR] >= kept_at - 1e-9
+    region = sorted(int(t) for t in results.loc[learned & kept, "trial"])
+    pick_kept = bool(best is not None and best[PRIOR] >= kept_at - 1e-9)
+    in_region = best is not None and int(best["trial"]) in region
+    robust = in_region or bool(verdict.separated is False and set(region) & set(verdict.tied))
+    return {
+        "region": region,
+        "pick_kept_prior": pick_kept,
+        "pick_in_region": bool(in_region),
+        "robust": bool(robust or (not region and pick_kept)),
+    }
 
 
 def _lr(value: float) -> str:
@@ -198,8 +236,9 @@ def _lr(value: float) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| build | eval.seed | pick (trial: lr × steps) | pick concept / prior | truth's best (lr × steps) "
-        "| its concept / prior | pick = truth's best | pick in region | separated | tied with the pick | units | robust |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| its concept / prior | region (prior kept at) | pick = truth's best | pick in region | separated "
+        "| tied with the pick | units | beats untuned | robust | robust at prior >= 0.625 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -218,11 +257,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 if r["truth_best_concept"] is None
                 else f"{r['truth_best_concept']:.3f} / {r['truth_best_prior']:.3f}"
             )
+            + f" | {', '.join(map(str, r['region'])) or 'none'} ({r['prior_kept_at']:.2f})"
             + f" | {'yes' if r['pick_is_truth_best'] else 'no'} | {'yes' if r['pick_in_region'] else 'no'} "
             f"| {r['separated']} | {', '.join(map(str, r['tied'])) or '–'} | {r['units_of_pick']} "
-            f"| {'yes' if r['robust'] else 'no'} |"
+            f"| {_yes(r['beats_untuned'])} | {_yes(r['robust'])} | {_yes(r['robust_absolute'])} |"
         )
     return head + "\n".join(lines) + f"\n\nRule: {TRUTH_RULE}.\n"
+
+
+def _yes(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
 
 
 def parse_ints(text: str) -> list[int]:
@@ -251,8 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             io.atomic_write_text(args.out.with_suffix(".md"), table)
     print(table)
     in_region = sum(r["pick_in_region"] for r in rows)
+    robust = sum(r["robust"] for r in rows)
+    absolute = sum(r["robust_absolute"] for r in rows)
     log(
-        f"{in_region} of {len(rows)} picks in the region; JSON {args.out}, table {args.out.with_suffix('.md')}"
+        f"{in_region} of {len(rows)} picks in the region, {robust} of {len(rows)} robust "
+        f"({absolute} with the prior counted kept at an absolute {PRIOR_KEPT_ABSOLUTE}); "
+        f"JSON {args.out}, table {args.out.with_suffix('.md')}"
     )
     return 0
 

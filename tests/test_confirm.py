@@ -37,6 +37,13 @@ def test_racing_stops_when_the_best_stands_alone():
     assert "separated" in stop_reason([5], {5: 8}, budget=32, rounds_done=0, max_rounds=None)
 
 
+def test_a_lone_pick_uncertain_on_a_constraint_is_still_raced_until_the_budget():
+    """The pick alone (its rivals' weights removed) but straddling the drift guard: more units settle it."""
+    assert stop_reason([7], {7: 16}, budget=64, rounds_done=0, max_rounds=None, uncertain={7}) is None
+    assert "budget of 64" in stop_reason([7], {7: 64}, budget=64, rounds_done=3, max_rounds=None, uncertain={7})
+    assert "separated" in stop_reason([7], {7: 16}, budget=64, rounds_done=0, max_rounds=None, uncertain={6})
+
+
 def test_racing_goes_on_while_a_contender_is_under_budget():
     assert stop_reason([1, 3], {1: 32, 3: 16}, budget=32, rounds_done=2, max_rounds=None) is None
 

@@ -90,6 +90,13 @@ def test_the_verdict_is_said_in_the_closing_line_the_report_and_optuna(replicate
     for comparison in verdict["comparisons"]:
         difference = comparison["differences"]["eval/clip_score"]
         assert difference["paired"] and difference["n"] == verdict["units"][str(verdict["best"])]
+    # The pick against the untuned model, paired over the baseline's units, is said either way.
+    untuned = verdict["untuned"]
+    assert untuned["paired"] and untuned["n"] == verdict["units"][str(verdict["best"])]
+    if verdict["beats_untuned"]:
+        assert untuned["lo"] > 0 and "over the untuned model" in verdict["sentence"]
+    else:
+        assert untuned["lo"] <= 0 and "NOT separable from the untuned model" in verdict["sentence"]
     report = (study / "report.md").read_text()
     assert f"Verdict: {verdict['sentence']}" in report and "±" in report and "Noise: with" in report
     import optuna

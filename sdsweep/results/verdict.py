@@ -13,6 +13,10 @@ The rules, the same for the CLI's closing line, the report, W&B, export and conf
   only when the paired comparison shows it worse on at least one objective and better on none; an
   objective without per-unit values (FD, KD) cannot separate anyone, and the verdict says so.
 - **Separated:** no candidate is tied with the best.
+- **Against the untuned model:** the pick's paired difference to the baseline (the untuned model on the
+  same units) on the first objective. When its interval includes 0, or lies on the wrong side, the
+  sentence says the pick is *not separable from the untuned model*: nothing the study tried beat not
+  fine-tuning under its constraints, whatever the ranking among trials says.
 - **Constraints:** each trial meets, fails or is *uncertain* on each constraint (its interval straddles the
   threshold). Uncertainty does not change the pick; it names trials whose feasibility a confirmation
   round should settle (``python -m sdsweep.confirm``).
@@ -73,6 +77,15 @@ class Verdict:
     uncertain: dict[int, list[str]] = field(default_factory=dict)  # trial -> constraints it straddles
     units: dict[int, int] = field(default_factory=dict)  # trial -> evaluation units behind its objective
     note: str | None = None  # why the verdict is partial (no units, a set metric)
+    untuned: Difference | None = None  # the pick minus the untuned model, paired, on the first objective
+
+    @property
+    def beats_untuned(self) -> bool | None:
+        """The pick is better than the untuned model beyond noise; None when there is no baseline to pair."""
+        if self.untuned is None or self.untuned.lo is None:
+            return None
+        sign = 1.0 if self.objectives[0][1] == "maximize" else -1.0
+        return self.untuned.excludes_zero() and sign * self.untuned.mean > 0
 
     @property
     def tied(self) -> list[int]:
@@ -90,6 +103,21 @@ class Verdict:
         """The verdict in one line, e.g. ``best trial 5; trials 4 and 7 are not separable from it (...)``."""
         if self.best is None:
             return "no best trial: no trial completed with every objective value"
+        return self._among_trials() + self._against_untuned()
+
+    def _against_untuned(self) -> str:
+        if self.untuned is None or self.untuned.lo is None:
+            return ""
+        metric = self.objectives[0][0]
+        delta = f"Δ {metric} {self.untuned.mean:+.3g} [{self.untuned.lo:+.3g}, {self.untuned.hi:+.3g}]"
+        if self.beats_untuned:
+            return f"; over the untuned model: {delta}"
+        return (
+            f"; NOT separable from the untuned model ({delta}): nothing this study tried beats not "
+            "fine-tuning under its constraints"
+        )
+
+    def _among_trials(self) -> str:
         metric = self.objectives[0][0]
         head = f"best trial {self.best}"
         if self.separated is None:
@@ -141,6 +169,8 @@ class Verdict:
             "sentence": self.sentence(),
             "uncertain_sentence": self.uncertain_sentence(),
             "note": self.note,
+            "untuned": self.untuned.to_json() if self.untuned is not None else None,
+            "beats_untuned": self.beats_untuned,
         }
 
 
@@ -171,6 +201,9 @@ def judge_study(
         verdict.note = "it was evaluated before per-unit results existed: no paired comparison"
         return verdict
     per_unit = {m for m, _ in objectives if metric_for(m, best_units, lpips_key_of(best_units)) is not None}
+    untuned_units = _untuned_units(paths, (records or {}).get(verdict.best))
+    if objectives[0][0] in per_unit and untuned_units is not None:
+        verdict.untuned = paired_on(objectives[0][0], best_units, untuned_units)
     verdict.units = {
         n: int(len(_values(u, objectives[0][0]))) for n, u in units.items() if u is not None and per_unit
     }
@@ -211,6 +244,19 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() == "true"
     return bool(value)
+
+
+def _untuned_units(paths: io.StudyPaths, record: TrialRecord | None) -> pd.DataFrame | None:
+    """The baseline's unit table for the pick's model (``baseline/<model>/`` when the sweep spans models)."""
+    model = record.model if record is not None else None
+    for folder in ([paths.baseline / str(model)] if model else []) + [paths.baseline]:
+        try:
+            table = read_units(folder)
+        except io.DamagedFileError:
+            continue
+        if table is not None:
+            return table
+    return None
 
 
 def _units(paths: io.StudyPaths, trial: int) -> pd.DataFrame | None:

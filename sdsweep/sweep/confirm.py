@@ -48,11 +48,20 @@ class Options:
 
 
 def stop_reason(
-    contenders: list[int], images: dict[int, int], budget: int, rounds_done: int, max_rounds: int | None
+    contenders: list[int],
+    images: dict[int, int],
+    budget: int,
+    rounds_done: int,
+    max_rounds: int | None,
+    uncertain: set[int] | frozenset[int] = frozenset(),
 ) -> str | None:
     """Why racing stops before the next round, or None to go on. ``contenders`` come from the latest
-    verdict (the best, its ties, the uncertain); ``images`` is the unit rows each trial has so far."""
-    if len(contenders) <= 1:
+    verdict (the best, its ties, the uncertain); ``images`` is the unit rows each trial has so far;
+    ``uncertain`` are the contenders whose interval straddles a constraint's threshold. A lone contender
+    is still raced while it is uncertain: the pick itself may be infeasible (build 3 of the shapes world
+    once picked a drifted trial, uncertain on the drift guard, and stopped because its rivals had no
+    weights left)."""
+    if len(contenders) <= 1 and not set(contenders) & set(uncertain):
         return "the best is separated and no contender with weights is uncertain"
     if all(images.get(t, 0) >= budget for t in contenders):
         return f"every contender reached the budget of {budget} images"
@@ -286,6 +295,7 @@ class Race:
             self.budget(verdict),
             round_number - 1,
             self.opts.max_rounds,
+            uncertain=set(verdict.uncertain),
         )
         if reason is not None:
             self.finish(reason)
@@ -364,7 +374,8 @@ class Race:
     def run(self) -> int:
         verdict = self.data.verdict(write=True)
         self.say(f"verdict: {verdict.sentence()}")
-        if len(verdict.contenders) <= 1 and not (self.folder / "r1" / "contenders.json").exists():
+        lone_and_settled = len(verdict.contenders) <= 1 and not set(verdict.contenders) & set(verdict.uncertain)
+        if lone_and_settled and not (self.folder / "r1" / "contenders.json").exists():
             self.say("nothing to confirm")
             return 0
         r = 1
