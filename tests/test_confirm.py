@@ -40,7 +40,9 @@ def test_racing_stops_when_the_best_stands_alone():
 def test_a_lone_pick_uncertain_on_a_constraint_is_still_raced_until_the_budget():
     """The pick alone (its rivals' weights removed) but straddling the drift guard: more units settle it."""
     assert stop_reason([7], {7: 16}, budget=64, rounds_done=0, max_rounds=None, uncertain={7}) is None
-    assert "budget of 64" in stop_reason([7], {7: 64}, budget=64, rounds_done=3, max_rounds=None, uncertain={7})
+    assert "budget of 64" in stop_reason(
+        [7], {7: 64}, budget=64, rounds_done=3, max_rounds=None, uncertain={7}
+    )
     assert "separated" in stop_reason([7], {7: 16}, budget=64, rounds_done=0, max_rounds=None, uncertain={6})
 
 

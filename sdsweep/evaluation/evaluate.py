@@ -11,8 +11,8 @@ before any image is generated.
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,18 @@ from sdsweep.config.resolve import resolved_guidance_rescale
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import check_eval_prompts
 from sdsweep.evaluation import dino, metrics
-from sdsweep.evaluation.embedding_metrics import EmbeddingMetrics
 from sdsweep.evaluation.generation import Generated, SampleSpec, generate, sample_plan
 from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table
 from sdsweep.evaluation.judge import judge_units
+from sdsweep.evaluation.measures import (
+    CONCEPT_IMAGES,
+    EVERY_IMAGE,
+    NO_IMAGES,
+    Inputs,
+    Measurement,
+    build_measures,
+    reason_of,
+)
 from sdsweep.evaluation.outputs import EvalResult, make_grid, save_outputs
 from sdsweep.evaluation.protocol_files import HELDOUT_TRUTH
 from sdsweep.evaluation.reference import (
@@ -40,22 +48,13 @@ from sdsweep.evaluation.reference import (
     reference_key,
 )
 from sdsweep.evaluation.units import build_units, no_interval_reasons, summarize, write_units
-from sdsweep.evaluation.validation import validation_loss, validation_loss_by_band
+from sdsweep.evaluation.validation import validation_loss
 from sdsweep.metric_names import lpips_key
 from sdsweep.uncertainty import Interval
 
 
 # ---- the evaluator ---------------------------------------------------------------------------------------
-def _reason(error: BaseException) -> str:
-    """A one-line reason for ``missing``; unexpected errors also say where they happened."""
-    if isinstance(error, metrics.MetricUnavailable):
-        return str(error)
-    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-    where = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame else ""
-    return f"{type(error).__name__}: {error}{where}"
-
-
-class Evaluator(EmbeddingMetrics):
+class Evaluator:
     """Loads CLIP, the FID/KID feature extractor and the reference features once; then judges pipelines."""
 
     def __init__(
@@ -123,6 +122,7 @@ class Evaluator(EmbeddingMetrics):
         self.safety_checker = self._load_safety_checker() if ev.safety_checker else None
         self._lpips_error: str | None = None
         self.lpips = self._build_lpips() if self.lpips_backbone else None
+        self.measures = build_measures(self, self.wanted)
 
     # -- construction helpers
     def _build_feature_extractor(self) -> torch.nn.Module | None:
@@ -133,7 +133,7 @@ class Evaluator(EmbeddingMetrics):
             source = feature_identity(source, self.cfg.paths.cache)
             return metrics.CLIPImageFeatures(self.clip_model, self.clip_processor, source)
         except Exception as error:  # recorded per evaluation as missing FID/KID, never fatal
-            self._feature_error = f"no FID/KID feature extractor: {_reason(error)}"
+            self._feature_error = f"no FID/KID feature extractor: {reason_of(error)}"
             return None
 
     def _build_lpips(self):
@@ -146,7 +146,7 @@ class Evaluator(EmbeddingMetrics):
                 return lambda a, b: metrics.lpips_structured(feature, a, b)
             return metrics.TorchmetricsLPIPS(self.lpips_backbone, self.device)
         except Exception as error:
-            self._lpips_error = f"no LPIPS network: {_reason(error)}"
+            self._lpips_error = f"no LPIPS network: {reason_of(error)}"
             return None
 
     def _load_safety_checker(self) -> metrics.SafetyChecker | None:
@@ -193,12 +193,50 @@ class Evaluator(EmbeddingMetrics):
         """Generate, measure, save. ``round_number`` tags the unit rows (0: the trial's own evaluation;
         k: the k-th confirmation round, sampled with fresh seeds)."""
         started = time.perf_counter()
-        ev = self.cfg.eval
-        values: dict[str, float] = {}
-        missing: dict[str, str] = {}
         warnings = list(self.static_warnings)
-        prefix = f"{label}: " if label else ""
-        generated = Generated(specs=list(self.plan))
+        generated, generation_error = self._generate(pipeline, warnings, f"{label}: " if label else "")
+        measured = self._measure(generated, generation_error, method, heldout_batch)
+        warnings += measured.warnings
+        units, intervals = None, {}
+        values = measured.values
+        if generation_error is None:
+            units = build_units(
+                generated.specs,
+                self.concept_count,
+                len(self.prompts),
+                measured.units,
+                self.cfg.eval.protocol,
+                round_number,
+                self.lpips_key,
+            )
+            unit_means, intervals = summarize(units, self.lpips_key, seed=self.cfg.eval.seed)
+            values.update(unit_means)  # the per-image metrics are the table's means and shares
+        intervals.update(measured.intervals)
+        intervals.update(no_interval_reasons(values, intervals))
+        grid = make_grid(generated.images, generated.specs, self.prompts + self.prior_prompts)
+        if out_dir is not None:
+            warnings += self._save(Path(out_dir), generated, grid, units, measured.per_image, label)
+        return EvalResult(
+            metrics=values,
+            missing=measured.missing,
+            warnings=list(dict.fromkeys(warnings)),
+            images=generated.images,
+            prompts=[spec.prompt for spec in generated.specs],
+            seeds=[spec.seed for spec in generated.specs],
+            grid=grid,
+            seconds=time.perf_counter() - started,
+            per_image=measured.per_image,
+            units=units,
+            intervals=intervals,
+        )
+
+    @property
+    def lpips_key(self) -> str | None:
+        return lpips_key(self.lpips_backbone) if self.lpips_backbone else None
+
+    def _generate(self, pipeline, warnings: list[str], prefix: str) -> tuple[Generated, str | None]:
+        """The plan's images, or none and why (every image measure is then missing; the loss may work)."""
+        ev = self.cfg.eval
         try:
             generated = generate(
                 pipeline,
@@ -213,121 +251,63 @@ class Evaluator(EmbeddingMetrics):
                 dtype=ev.dtype,
                 group_boundary=self.concept_count,
             )
-            nan_count = sum(not np.isfinite(a).all() for a in generated.arrays)
-            if nan_count:
-                warnings.append(
-                    f"{prefix}{nan_count} of {len(generated.arrays)} generated images contain NaN."
-                )
-        except Exception as error:  # no images: every image metric is missing, val_loss may still work
-            warnings.append(f"{prefix}generation failed: {_reason(error)}")
-            generation_error = f"generation failed: {_reason(error)}"
-        else:
-            generation_error = None
+        except Exception as error:
+            warnings.append(f"{prefix}generation failed: {reason_of(error)}")
+            return Generated(specs=list(self.plan)), f"generation failed: {reason_of(error)}"
+        nan_count = sum(not np.isfinite(a).all() for a in generated.arrays)
+        if nan_count:
+            warnings.append(f"{prefix}{nan_count} of {len(generated.arrays)} generated images contain NaN.")
+        return generated, None
 
+    def _measure(
+        self, generated: Generated, generation_error: str | None, method, heldout_batch
+    ) -> _Measured:
+        """Every measure on the images it reads, then the judge's ground truth (known-answer worlds)."""
+        out = _Measured()
         # FID/KID, CLIP-I and LPIPS compare the concept's images with the concept's photos; CLIP score scores
         # both groups, each apart; every image, prior ones included, is usable or not (appropriate rate).
-        concept = generated.part(0, self.concept_count)
-        inputs = {"clip_score": generated, "appropriate_rate": generated}
-        image_metrics = {
-            "clip_score": self._clip_score,
-            "fid": self._fid,
-            "kid": self._kid,
-            "lpips": self._lpips,
-            "clip_i": self._clip_i,
-            "dino": self._dino,
-            "cmmd": self._cmmd,
-            "appropriate_rate": self._appropriate_rate,
+        images = {
+            EVERY_IMAGE: generated,
+            CONCEPT_IMAGES: generated.part(0, self.concept_count),
+            NO_IMAGES: None,
         }
-        per_image: dict[str, list[float]] = {}
-        unit_values: dict[str, list] = {}  # per-image scores, the unit table's columns
-        set_intervals: dict[str, Interval] = {}  # set statistics that bring their own (bootstrap) interval
-        for name in self.wanted:
-            key = {"fid": self.fid_key, "kid": self.kid_key}.get(name, f"eval/{name}")
-            if name == "lpips":
-                key = lpips_key(self.lpips_backbone)
+        for measure in self.measures:
+            if measure.reads != NO_IMAGES and generation_error is not None:
+                out.missing[measure.key] = generation_error
+                continue
             try:
-                if name == "val_loss":
-                    values.update(self._val_loss(method, heldout_batch))
-                elif generation_error is not None:
-                    missing[key] = generation_error
-                else:
-                    scores = image_metrics[name](inputs.get(name, concept), warnings, per_image, unit_values)
-                    for metric_key, score in scores.items():
-                        if isinstance(score, Interval):
-                            set_intervals[metric_key], score = score, score.value
-                        values[metric_key] = score
+                measurement = measure.measure(Inputs(images[measure.reads], method, heldout_batch))
             except Exception as error:
-                missing[key] = _reason(error)
-
-        if ev.judge and generation_error is None:  # ground truth beside the metrics (known-answer worlds)
+                out.missing[measure.key] = reason_of(error)
+                continue
+            out.add(measurement)
+        if self.cfg.eval.judge and generation_error is None:
             try:
-                verdicts = judge_units(ev.judge, generated.images, [s.prompt for s in generated.specs])
-                unit_values["truth_group"] = [group for group, _ in verdicts]
-                unit_values["truth"] = [right for _, right in verdicts]
+                prompts = [s.prompt for s in generated.specs]
+                verdicts = judge_units(self.cfg.eval.judge, generated.images, prompts)
+                out.units["truth_group"] = [group for group, _ in verdicts]
+                out.units["truth"] = [right for _, right in verdicts]
             except Exception as error:
-                missing["truth"] = _reason(error)
-        units, intervals = None, {}
-        if generation_error is None:
-            lpips_name = lpips_key(self.lpips_backbone) if self.lpips_backbone else None
-            units = build_units(
-                generated.specs,
-                self.concept_count,
-                len(self.prompts),
-                unit_values,
-                ev.protocol,
-                round_number,
-                lpips_name,
-            )
-            unit_means, intervals = summarize(units, lpips_name, seed=ev.seed)
-            values.update(unit_means)  # the per-image metrics are the table's means and shares
-        intervals.update(set_intervals)
-        intervals.update(no_interval_reasons(values, intervals))
-        grid = make_grid(generated.images, generated.specs, self.prompts + self.prior_prompts)
-        if out_dir is not None:
-            try:
-                save_outputs(Path(out_dir), generated.images, generated.specs, grid)
-                if units is not None:
-                    write_units(Path(out_dir), units)
-                if self.heldout:
-                    write_heldout_table(
-                        Path(out_dir), self.truth_dir, concept.specs, self.reference_images, per_image
-                    )
-            except OSError as error:  # a full disk must not lose the metrics themselves
-                warnings.append(f"{prefix}could not save samples/grid to {out_dir}: {error}")
-        return EvalResult(
-            metrics=values,
-            missing=missing,
-            warnings=list(dict.fromkeys(warnings)),
-            images=generated.images,
-            prompts=[spec.prompt for spec in generated.specs],
-            seeds=[spec.seed for spec in generated.specs],
-            grid=grid,
-            seconds=time.perf_counter() - started,
-            per_image=per_image,
-            units=units,
-            intervals=intervals,
-        )
+                out.missing["truth"] = reason_of(error)
+        return out
 
-    # -- one method per metric; each returns {key: value} and may append warnings
-    def _clip_score(
-        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
-    ) -> dict[str, float]:
-        """One CLIP score per image, with its own prompt: ``eval/clip_score`` is the mean over the concept's
-        images, ``eval/prior_clip_score`` over the prior's, each with a per-prompt breakdown (``.../p{i}``,
-        i counted within its own group); ``summarize`` computes them from the unit table."""
-        scores: list[float] = []
-        # Group by group, as the images were sampled: the concept's scores never depend on the prior prompts.
-        for part in (
-            generated.part(0, self.concept_count),
-            generated.part(self.concept_count, len(generated.specs)),
-        ):
-            if part.specs:
-                prompts = [s.prompt for s in part.specs]
-                scores += metrics.clip_scores(self.clip_model, self.clip_processor, part.images, prompts)
-        units["clip"] = scores
-        return {}
+    def _save(self, out_dir: Path, generated: Generated, grid, units, per_image, label: str) -> list[str]:
+        """Samples, grid, unit table (and the held-out table); a full disk warns, never loses the metrics."""
+        try:
+            save_outputs(out_dir, generated.images, generated.specs, grid)
+            if units is not None:
+                write_units(out_dir, units)
+            if self.heldout:
+                concept = generated.part(0, self.concept_count)
+                write_heldout_table(out_dir, self.truth_dir, concept.specs, self.reference_images, per_image)
+        except OSError as error:
+            prefix = f"{label}: " if label else ""
+            return [f"{prefix}could not save samples/grid to {out_dir}: {error}"]
+        return []
 
-    def _generated_features(self, generated: Generated) -> torch.Tensor:
+    # -- shared by the measures (measures.py, embedding_metrics.py)
+    def generated_features(self, generated: Generated) -> torch.Tensor:
+        """FID/KID features of the generated images, computed on first use and shared by FID, KID and CMMD."""
         if generated.features is None:
             if self.feature is None:
                 raise metrics.MetricUnavailable(self._feature_error or "no feature extractor")
@@ -336,74 +316,39 @@ class Evaluator(EmbeddingMetrics):
             )
         return generated.features
 
-    def _fid(
-        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
-    ) -> dict[str, float]:
-        reference = self.reference_features()
-        value = metrics.frechet_distance(reference, self._generated_features(generated))
-        n = len(generated.images)
-        reliable = n >= self.cfg.eval.min_reliable_fid_images
-        if not reliable:
-            warnings.append(
-                f"{'FID' if self.fid_key == 'eval/fid' else 'FD_CLIP'} on {n} images is unreliable (eval.min_reliable_fid_images={self.cfg.eval.min_reliable_fid_images}); "
-                "use it to rank trials of this study only."
+    def cmmd_reference(self) -> torch.Tensor:
+        """CLIP embeddings of the reference images, for CMMD when FD/KD use other features."""
+        if self._cmmd_reference is None:
+            self._cmmd_reference = metrics.clip_image_embeddings(
+                self.clip_model, self.clip_processor, self.reference_images
             )
-        return {self.fid_key: value, f"{self.fid_key}_reliable": 1.0 if reliable else 0.0}
+        return self._cmmd_reference
 
-    def _kid(
-        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
-    ) -> dict[str, float]:
-        reference = self.reference_features()
-        fake = self._generated_features(generated)
-        wanted = self.cfg.eval.kid_subset_size
-        subset = min(wanted, len(fake), len(reference))
-        if subset < wanted:
-            warnings.append(
-                f"KID subset size shrunk from eval.kid_subset_size={wanted} to {subset} "
-                f"({len(fake)} generated, {len(reference)} reference images)."
-            )
-        mean, _ = metrics.kernel_inception_distance(reference, fake, subset, seed=self.cfg.eval.seed)
-        return {self.kid_key: mean}
+    def unavailable_reason(self, name: str) -> str | None:
+        """Why measure ``name`` cannot work in this run (its network failed to load), or None."""
+        if name in ("fid", "kid") and self.feature is None:
+            return self._feature_error or "no feature extractor"
+        if name == "lpips" and self.lpips is None:
+            return self._lpips_error or "no LPIPS network"
+        return None
 
-    def _lpips(
-        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
-    ) -> dict[str, float]:
-        """Paired LPIPS: image i against held-out photo i, both in [-1, 1]; per image and the mean."""
-        if self.lpips is None:
-            raise metrics.MetricUnavailable(self._lpips_error or "no LPIPS network")
-        key = lpips_key(self.lpips_backbone)
-        values: list[float] = []
-        batch = self.cfg.eval.batch_size
-        for start in range(0, len(generated.images), batch):
-            chunk = generated.specs[start : start + batch]
-            fake = metrics.pil_to_signed(generated.images[start : start + batch], self.device)
-            real = metrics.pil_to_signed([self.reference_images[s.prompt_index] for s in chunk], self.device)
-            values.extend(float(v) for v in self.lpips(fake, real))
-        per_image[key] = values
-        units["lpips"] = values
-        return {}
 
-    def _appropriate_rate(
-        self, generated: Generated, warnings: list[str], per_image: dict, units: dict
-    ) -> dict[str, float]:
-        unsafe = None
-        if self.safety_checker is not None:
-            try:
-                unsafe = self.safety_checker.unsafe(generated.arrays)
-            except Exception as error:
-                warnings.append(
-                    f"safety checker failed ({_reason(error)}); only the degeneracy check applied."
-                )
-        units["appropriate"] = [float(ok) for ok in metrics.appropriate_flags(generated.arrays, unsafe)]
-        return {}
+@dataclass
+class _Measured:
+    """Everything the measures of one evaluation gave, merged."""
 
-    def _val_loss(self, method, heldout_batch: dict[str, Any] | None) -> dict[str, float]:
-        if method is None:
-            raise metrics.MetricUnavailable("no method given (a plain pipeline has no training loss)")
-        if heldout_batch is None:
-            raise metrics.MetricUnavailable("no held-out batch given (data.num_heldout=0?)")
-        ev = self.cfg.eval
-        by_band = validation_loss_by_band(
-            method, heldout_batch, ev.seed, ev.val_loss_timesteps, ev.val_loss_bands
-        )
-        return {"eval/val_loss": self.val_loss_only(method, heldout_batch), **by_band}
+    values: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, Interval] = field(default_factory=dict)  # set statistics' own (bootstrap) intervals
+    units: dict[str, list] = field(default_factory=dict)
+    per_image: dict[str, list[float]] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, measurement: Measurement) -> None:
+        for key, value in measurement.values.items():
+            if isinstance(value, Interval):
+                self.intervals[key], value = value, value.value
+            self.values[key] = value
+        self.units.update(measurement.units)
+        self.per_image.update(measurement.per_image)
+        self.warnings += measurement.warnings

@@ -17,6 +17,9 @@ The rules, the same for the CLI's closing line, the report, W&B, export and conf
   same units) on the first objective. When its interval includes 0, or lies on the wrong side, the
   sentence says the pick is *not separable from the untuned model*: nothing the study tried beat not
   fine-tuning under its constraints, whatever the ranking among trials says.
+- **Ruled out by a constraint:** the infeasible trials whose objective beats the pick's are named with the
+  constraints they fail: when the constraints, not the objective, decide the study, the sentence says so
+  (e.g. a drift guard that rejects every trial that learned the concept).
 - **Constraints:** each trial meets, fails or is *uncertain* on each constraint (its interval straddles the
   threshold). Uncertainty does not change the pick; it names trials whose feasibility a confirmation
   round should settle (``python -m sdsweep.confirm``).
@@ -33,14 +36,11 @@ from typing import Any
 import pandas as pd
 
 from sdsweep import io
-from sdsweep.config.constraints import parse_constraint
 from sdsweep.evaluation.units import lpips_key_of, metric_for, paired_frame, read_units
-from sdsweep.study.record import TrialRecord, TrialState, read_record_or_none
+from sdsweep.results.feasibility import ruled_out, truthy, uncertain_constraints
+from sdsweep.study.record import TrialRecord, TrialState
 from sdsweep.uncertainty import (
-    ConstraintStatus,
     Difference,
-    Interval,
-    constraint_status,
     paired_difference,
     resolvable_difference,
 )
@@ -78,6 +78,7 @@ class Verdict:
     units: dict[int, int] = field(default_factory=dict)  # trial -> evaluation units behind its objective
     note: str | None = None  # why the verdict is partial (no units, a set metric)
     untuned: Difference | None = None  # the pick minus the untuned model, paired, on the first objective
+    ruled_out: dict[int, list[str]] = field(default_factory=dict)  # better on the objective, but infeasible
 
     @property
     def beats_untuned(self) -> bool | None:
@@ -103,7 +104,19 @@ class Verdict:
         """The verdict in one line, e.g. ``best trial 5; trials 4 and 7 are not separable from it (...)``."""
         if self.best is None:
             return "no best trial: no trial completed with every objective value"
-        return self._among_trials() + self._against_untuned()
+        return self._among_trials() + self._against_untuned() + self._ruled_out()
+
+    def _ruled_out(self) -> str:
+        if not self.ruled_out:
+            return ""
+        trials = sorted(self.ruled_out)
+        failed = sorted({c for t in trials for c in self.ruled_out[t]})
+        names = _join([str(t) for t in trials])
+        verb = "scores" if len(trials) == 1 else "score"
+        return (
+            f"; trial{'s' if len(trials) > 1 else ''} {names} {verb} higher on {self.objectives[0][0]} but "
+            f"fail{'s' if len(trials) == 1 else ''} {'; '.join(failed)}"
+        )
 
     def _against_untuned(self) -> str:
         if self.untuned is None or self.untuned.lo is None:
@@ -171,6 +184,7 @@ class Verdict:
             "note": self.note,
             "untuned": self.untuned.to_json() if self.untuned is not None else None,
             "beats_untuned": self.beats_untuned,
+            "ruled_out": {str(k): v for k, v in self.ruled_out.items()},
         }
 
 
@@ -194,6 +208,7 @@ def judge_study(
         return verdict
     verdict.best = int(best["trial"])
     verdict.uncertain = uncertain_constraints(paths, results, records or {}, constraints or [])
+    verdict.ruled_out = ruled_out(results, best, objectives, records or {})
     pool = [t for t in _candidates(results, best) if t not in (best.get("replicate_trials") or [])]
     units = {n: _units(paths, n) for n in [verdict.best, *pool]}
     best_units = units[verdict.best]
@@ -233,17 +248,9 @@ def _candidates(results: pd.DataFrame, best: dict[str, Any]) -> list[int]:
     if results.empty or "state" not in results:
         return []
     pool = results[(results["state"] == TrialState.COMPLETE.value) & (results["trial"] != best["trial"])]
-    if "feasible" in pool and _truthy(best.get("feasible")) and not pool.empty:
-        pool = pool[pool["feasible"].map(_truthy).astype(bool)]  # an empty object mask would select columns
+    if "feasible" in pool and truthy(best.get("feasible")) and not pool.empty:
+        pool = pool[pool["feasible"].map(truthy).astype(bool)]  # an empty object mask would select columns
     return sorted(int(t) for t in pool["trial"])
-
-
-def _truthy(value: Any) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return True  # no constraint evaluated
-    if isinstance(value, str):
-        return value.strip().lower() == "true"
-    return bool(value)
 
 
 def _untuned_units(paths: io.StudyPaths, record: TrialRecord | None) -> pd.DataFrame | None:
@@ -304,63 +311,6 @@ def paired_on(metric: str, units: pd.DataFrame, reference: pd.DataFrame) -> Diff
     return paired_difference(
         pairs["value_a"].to_numpy(), pairs["value_b"].to_numpy(), strata=pairs["prompt_index"].to_numpy()
     )
-
-
-def uncertain_constraints(
-    paths: io.StudyPaths,
-    results: pd.DataFrame,
-    records: dict[int, TrialRecord],
-    constraints: list[str],
-) -> dict[int, list[str]]:
-    """COMPLETE trials whose interval straddles a constraint's threshold, with those constraints."""
-    out: dict[int, list[str]] = {}
-    if not constraints or results.empty or "state" not in results:
-        return out
-    parsed = [parse_constraint(c) for c in constraints]
-    for trial in results.loc[results["state"] == TrialState.COMPLETE.value, "trial"]:
-        record = records.get(int(trial))
-        if record is None:
-            continue
-        statuses = constraint_statuses(record, parsed, untuned_metrics(paths, record.model))
-        straddled = [c for c, s in statuses.items() if s == ConstraintStatus.UNCERTAIN]
-        if straddled:
-            out[int(trial)] = straddled
-    return out
-
-
-def untuned_metrics(paths: io.StudyPaths, model: str | None) -> dict[str, Any]:
-    """The untuned model's metrics: ``baseline/<model>/`` when the sweep spans models, else ``baseline/``."""
-    for folder in ([paths.baseline / str(model)] if model else []) + [paths.baseline]:
-        record = read_record_or_none(folder / io.TRIAL_METRICS)
-        if record is not None:
-            return record.metrics
-    return {}
-
-
-def constraint_statuses(
-    record: TrialRecord, constraints: list, baseline: dict[str, Any] | None = None
-) -> dict[str, ConstraintStatus]:
-    """Each constraint met, violated or uncertain for this record, judged on its metric's interval (a
-    relative constraint against the untuned model's value)."""
-    out = {}
-    for constraint in constraints:
-        interval = _interval(record, constraint.metric)
-        bound = constraint.bound(baseline)
-        if bound is None:
-            out[str(constraint)] = ConstraintStatus.VIOLATED
-            continue
-        out[str(constraint)] = constraint_status(interval, constraint.op, bound)
-    return out
-
-
-def _interval(record: TrialRecord, metric: str) -> Interval:
-    value = record.metrics.get(metric)
-    number = float(value) if isinstance(value, (int, float)) else float("nan")
-    raw = (record.intervals or {}).get(metric)
-    # An interval is used only with the value it was computed for (a record edited by hand keeps its value).
-    if raw and raw.get("value") is not None and math.isclose(float(raw["value"]), number, rel_tol=1e-9):
-        return Interval.from_json(raw)
-    return Interval(number, None, None, None, 0, "none", "no interval recorded")
 
 
 def noise_statement(units: pd.DataFrame | None, metric: str, direction: str = "maximize") -> str | None:

@@ -374,7 +374,9 @@ class Race:
     def run(self) -> int:
         verdict = self.data.verdict(write=True)
         self.say(f"verdict: {verdict.sentence()}")
-        lone_and_settled = len(verdict.contenders) <= 1 and not set(verdict.contenders) & set(verdict.uncertain)
+        lone_and_settled = len(verdict.contenders) <= 1 and not set(verdict.contenders) & set(
+            verdict.uncertain
+        )
         if lone_and_settled and not (self.folder / "r1" / "contenders.json").exists():
             self.say("nothing to confirm")
             return 0

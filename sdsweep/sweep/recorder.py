@@ -276,7 +276,7 @@ def tied_with(paths: io.StudyPaths, best: int, others: list[int], metric: str) -
 
 def possibly_feasible(paths: io.StudyPaths, trials: list[int], constraints: list[str]) -> set[int]:
     """The trials among ``trials`` that no constraint surely rejects (each is met or uncertain on its interval)."""
-    from sdsweep.results.verdict import constraint_statuses, untuned_metrics
+    from sdsweep.results.feasibility import constraint_statuses, untuned_metrics
     from sdsweep.uncertainty import ConstraintStatus
 
     parsed = [parse_constraint(c) for c in constraints]
