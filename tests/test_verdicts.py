@@ -161,3 +161,44 @@ def test_a_relative_constraint_is_judged_against_the_untuned_model():
     assert parse_constraint("eval/appropriate_rate >= 0.75").bound(None) == 0.75
     with pytest.raises(ConfigError, match="0.75x baseline"):
         parse_constraint("eval/prior_clip_score >= 75%")
+
+
+def test_the_verdict_names_better_trials_a_constraint_ruled_out_and_says_whether_the_pick_beats_untuned():
+    """The shapes demo on build 1: the drift guard rejects every trial that learned the star, so the pick is
+    an lr that changed little; the sentence must say both that the guard decided and how far the pick is
+    from the untuned model."""
+    from sdsweep.results.verdict import Verdict, ruled_out
+    from sdsweep.study.record import TrialRecord, TrialState
+    from sdsweep.uncertainty import Difference
+
+    guard = "eval/prior_clip_score >= 0.75x baseline"
+    results = pd.DataFrame(
+        {
+            "trial": [0, 5, 8, 9],
+            "state": ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"],
+            "eval/clip_score": [72.0, 88.0, 70.0, 99.0],
+            "feasible": [True, False, False, None],
+        }
+    )
+    records = {
+        n: TrialRecord(
+            trial=n, state=TrialState.COMPLETE, violations={guard: v, "eval/appropriate_rate >= 0.75": -0.2}
+        )
+        for n, v in ((0, -3.0), (5, 12.5), (8, 30.0))
+    }
+    best = results.iloc[0].to_dict()
+    objectives = [("eval/clip_score", "maximize")]
+    # Trial 5 beats the pick and fails the guard; trial 8 fails it too but scores lower; trial 9 failed to run.
+    assert ruled_out(results, best, objectives, records) == {5: [guard]}
+    assert ruled_out(results, {**best, "feasible": False}, objectives, records) == {}  # nothing was feasible
+    small_gain = Difference(mean=3.4, lo=0.3, hi=7.3, se=1.8, n=64, p_value=0.03, paired=True)
+    verdict = Verdict(objectives, best=0, separated=None, untuned=small_gain, ruled_out={5: [guard]})
+    assert verdict.beats_untuned is True
+    sentence = verdict.sentence()
+    assert "over the untuned model: Δ eval/clip_score +3.4 [+0.3, +7.3]" in sentence
+    assert f"trial 5 scores higher on eval/clip_score but fails {guard}" in sentence
+    no_gain = Difference(mean=1.0, lo=-2.0, hi=4.0, se=1.5, n=16, p_value=0.5, paired=True)
+    verdict = Verdict(objectives, best=0, separated=None, untuned=no_gain)
+    assert verdict.beats_untuned is False and "NOT separable from the untuned model" in verdict.sentence()
+    minimize = Verdict([("eval/fd_clip", "minimize")], best=0, separated=None, untuned=small_gain)
+    assert minimize.beats_untuned is False  # higher is worse when minimizing
