@@ -49,9 +49,8 @@ def make_optimizer(
     weight_decay = weight_decay_of(cfg)
     if name == "adamw8bit":
         if device.type != "cuda":
-            key = "method.use_8bit_adam" if cfg.method.use_8bit_adam else "train.optimizer=adamw8bit"
             raise ConfigError(
-                f"Invalid config value {key}: bitsandbytes' 8-bit AdamW runs on CUDA only and the device "
+                "Invalid config value train.optimizer=adamw8bit: bitsandbytes' 8-bit AdamW runs on CUDA only and the device "
                 f"is {device}; use train.optimizer=adamw on this machine."
             )
         import bitsandbytes as bnb
