@@ -252,7 +252,7 @@ for _spec in (
 
 
 # ---- plugins: methods defined outside sdsweep ----------------------------------------------------------------------
-PLUGINS_ENV = "SDSWEEP_PLUGINS"  # comma-separated modules to import, e.g. SDSWEEP_PLUGINS=my_methods.bitfit
+PLUGINS_ENV = "SDSWEEP_PLUGINS"  # comma-separated modules to import, e.g. SDSWEEP_PLUGINS=my_methods.adapter
 ENTRY_POINT_GROUP = "sdsweep.methods"  # installed packages: [project.entry-points."sdsweep.methods"]
 _loaded_plugins: set[str] = set()
 
