@@ -16,7 +16,7 @@ import logging
 import torch
 
 from sdsweep.config.features import check_optimizer_available, optimizer_name
-from sdsweep.config.methods import METHOD_SPECS
+from sdsweep.config.methods import method_spec
 from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def weight_decay_of(cfg: Config) -> float:
     """train.adam_weight_decay, or 0 for a method that must not decay (``MethodSpec.decays_weights``)."""
-    spec = METHOD_SPECS.get(cfg.method.name)
+    spec = method_spec(cfg.method.name)
     return cfg.train.adam_weight_decay if spec is None or spec.decays_weights else 0.0
 
 
