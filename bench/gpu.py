@@ -74,7 +74,7 @@ class Case:
             f"train.train_batch_size={self.batch_size}",
             f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
             f"train.use_latent_cache={str(self.latent_cache).lower()}",
-            f"method.use_8bit_adam={str(self.eight_bit_adam).lower()}",
+            f"train.optimizer={'adamw8bit' if self.eight_bit_adam else 'adamw'}",
         ]
 
 

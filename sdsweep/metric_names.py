@@ -123,7 +123,9 @@ def fmt_param(key: str, value: Any) -> str:
     return fmt(value)
 
 
-LR_KEY = "method.learning_rate"  # same keys as sdsweep.study.plan (which imports the config schema)
+# The swept learning rate and step count, defined once here (a leaf: the report and the planner import
+# them without the config schema).
+LR_KEY = "method.learning_rate"
 STEP_KEY = "train.max_train_steps"
 
 

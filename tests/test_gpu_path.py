@@ -54,10 +54,10 @@ def test_half_precision_frozen_parts_train(tiny_cfg, method_name):
 
 def test_unavailable_features_are_named(tiny_cfg):
     cpu = torch.device("cpu")
-    tiny_cfg.method.use_8bit_adam = True
+    tiny_cfg.train.optimizer = "adamw8bit"  # what method.use_8bit_adam=true is translated into
     problems = unavailable_features(tiny_cfg, cpu)
     assert len(problems) == 1 and "bitsandbytes" in problems[0]
-    tiny_cfg.method.use_8bit_adam = False
+    tiny_cfg.train.optimizer = "adamw"
     tiny_cfg.train.compile = True
     has_compiler = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
     assert (unavailable_features(tiny_cfg, cpu) == []) == has_compiler

@@ -95,3 +95,14 @@ def test_too_little_memory_names_what_would_fit(tiny_cfg):
     assert "exceeds" in message and f"{needed.total / GIB:.2f}" in message
     assert "train.gradient_checkpointing=true (predicted" in message
     assert "train.train_batch_size=4" in message
+
+
+def test_the_advice_names_the_optimizer_and_the_lighter_method_from_the_spec(tiny_cfg):
+    """8-bit Adam is advised by its one spelling (train.optimizer), and a full fine-tune's lighter method
+    comes from its MethodSpec (lighter_method)."""
+    needed = check_fits(tiny_cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError) as error:
+        check_fits(tiny_cfg, torch.device("cpu"), available=needed.total - 1)
+    message = str(error.value)
+    assert "train.optimizer=adamw8bit (needs bitsandbytes) (predicted" in message
+    assert "method=lora (predicted" in message and "use_8bit_adam" not in message

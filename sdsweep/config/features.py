@@ -32,9 +32,7 @@ def torchvision_available() -> bool:
 
 
 def optimizer_name(cfg: Config) -> str:
-    """The optimizer actually used: the legacy ``method.use_8bit_adam`` means adamw8bit."""
-    if cfg.method.use_8bit_adam and cfg.train.optimizer == "adamw":
-        return "adamw8bit"
+    """The optimizer actually used (the legacy ``method.use_8bit_adam`` was translated by ``normalise``)."""
     return cfg.train.optimizer
 
 
@@ -46,7 +44,7 @@ def check_optimizer_available(cfg: Config) -> None:
     module, package = OPTIONAL_OPTIMIZER_PACKAGES[name]
     if installed(module):
         return
-    key = "method.use_8bit_adam=true" if cfg.method.use_8bit_adam else f"train.optimizer={name}"
+    key = f"train.optimizer={name}"
     extra = " (it needs a CUDA GPU)" if name == "adamw8bit" else ""
     raise ConfigError(
         f"Invalid config value {key}: the package {package!r} is not installed{extra}. Install it with "

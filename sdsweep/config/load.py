@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import warnings
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdsweep.config.methods import load_plugins
 from sdsweep.config.resolve import sweep_params
 from sdsweep.config.schema import Config
 from sdsweep.config.validate import validate
@@ -90,7 +92,26 @@ def normalise(cfg: Config) -> Config:
     ``eval.protocol=heldout_captions`` brings its paired LPIPS (the reference protocol: FID + LPIPS on
     the test-set captions) without editing ``eval.metrics``.
 
+    The legacy ``method.use_8bit_adam=true`` becomes ``train.optimizer=adamw8bit`` here, with a deprecation
+    note, and is read nowhere else.
+
     Called where configs are built (``to_typed``, ``load_yaml``), before ``validate``, which only reads."""
+    if cfg.method.use_8bit_adam:
+        warnings.warn(
+            "method.use_8bit_adam is deprecated; it is the same as train.optimizer=adamw8bit, which is what "
+            "this run uses"
+            + (
+                ""
+                if cfg.train.optimizer == "adamw"
+                else f" unless another optimizer is set (here {cfg.train.optimizer})"
+            )
+            + ". Write train.optimizer=adamw8bit instead.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        if cfg.train.optimizer == "adamw":
+            cfg.train.optimizer = "adamw8bit"
+        cfg.method.use_8bit_adam = False
     if cfg.eval.protocol == "heldout_captions" and "lpips" not in cfg.eval.metrics:
         cfg.eval.metrics = [*cfg.eval.metrics, "lpips"]
     if cfg.sweep is not None:
@@ -115,5 +136,6 @@ def to_yaml(cfg: Config) -> str:
 
 
 def load_yaml(path: str) -> Config:
+    load_plugins()  # a plugin method's options are part of the schema the file is read against
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
     return validate(normalise(OmegaConf.to_object(merged)))

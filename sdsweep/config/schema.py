@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from sdsweep.config.methods import METHOD_SCHEMAS, MethodConfig
+from sdsweep.config.methods import METHOD_SCHEMAS, MethodConfig, load_plugins
 
 
 @dataclass
@@ -261,7 +261,17 @@ def data_tag(kind: str, path: Optional[str] = None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or str(kind)
 
 
+def use_method_config(union: type) -> None:
+    """``cfg.method`` becomes ``union``: the method union grown by a plugin's schema
+    (``sdsweep.config.methods.register_method``). The annotation is a string resolved in this module, so
+    rebinding the name and the field's default is what the schema and OmegaConf read."""
+    global MethodConfig
+    MethodConfig = union
+    Config.__dataclass_fields__["method"].default_factory = union
+
+
 def register_configs() -> None:
+    load_plugins()  # plugin methods register their schema and their method=<name> entry first
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for name, schema in METHOD_SCHEMAS.items():  # conf/method/<name>.yaml sets only these options

@@ -9,7 +9,7 @@ from typing import Any
 
 from sdsweep.config import constraints
 from sdsweep.config.features import check_optimizer_available
-from sdsweep.config.methods import check_method_options
+from sdsweep.config.methods import check_method_options, method_names, method_spec
 from sdsweep.config.resolve import get_key, sweep_params
 from sdsweep.config.schema import Config, ParamSpec, SweepConfig
 from sdsweep.config.shapes_ids import check_shapes_clip
@@ -17,7 +17,6 @@ from sdsweep.errors import ConfigError
 
 ALLOWED = {
     "model.prediction_type": {"auto", "epsilon", "v_prediction"},
-    "method.name": {"full", "dreambooth", "textual_inversion", "lora"},
     "method.template": {"object", "style", "none"},
     "data.kind": {"demo", "imagefolder", "instances", "hf"},
     "train.lr_scheduler": {"constant", "constant_with_warmup", "cosine", "linear"},
@@ -71,6 +70,9 @@ def validate(cfg: Config) -> Config:
         value = get_key(cfg, key)
         if value not in allowed:
             _fail(key, value, f"allowed values are {sorted(allowed)}.")
+    spec = method_spec(cfg.method.name)
+    if spec is None:  # the registered methods, plugins included
+        _fail("method.name", cfg.method.name, f"allowed values are {sorted(method_names())}.")
     for key in POSITIVE:
         value = get_key(cfg, key)
         if value is None or not value > 0:
@@ -109,8 +111,8 @@ def validate(cfg: Config) -> Config:
         _fail("data.path", None, f"data={cfg.data.kind} needs data.path=<folder of images>.")
     swept = (sweep_params(cfg.sweep).get("method") or ParamSpec()) if cfg.sweep else ParamSpec()
     check_method_options(cfg.method, [str(m) for m in swept.choices or []])
-    if cfg.method.name == "dreambooth":
-        check_dreambooth_prompts(cfg)
+    if spec.check is not None:
+        spec.check(cfg)
     if not 0.0 < cfg.method.ema_decay < 1.0:
         _fail("method.ema_decay", cfg.method.ema_decay, "it must lie strictly between 0 and 1.")
     _validate_recipes(cfg)
@@ -144,7 +146,8 @@ def check_prior_prompts(cfg: Config) -> None:
             f"{shared} is also in eval.prompts; a prompt is either what the fine-tune should learn "
             "(eval.prompts) or what it must keep (eval.prior_prompts), not both.",
         )
-    placeholder = cfg.method.placeholder_token if cfg.method.name == "textual_inversion" else None
+    spec = method_spec(cfg.method.name)
+    placeholder = spec.concept_token(cfg.method) if spec else None
     concept_words = {w for w in (cfg.data.trigger_word, placeholder) if w}
     for prompt in prior:
         named = concept_words & set(prompt.replace(",", " ").split())
@@ -156,40 +159,6 @@ def check_prior_prompts(cfg: Config) -> None:
                 "drift on what the base model already draws, so name the class instead (e.g. 'a photo of "
                 "a dog' beside eval.prompts='[a photo of sks dog]').",
             )
-
-
-def check_dreambooth_prompts(cfg: Config) -> None:
-    """The one DreamBooth rule set: ``validate`` runs it, and so does the method before it trains."""
-    method = cfg.method
-    if not cfg.data.instance_prompt:
-        _fail(
-            "data.instance_prompt",
-            None,
-            "DreamBooth needs the one prompt every instance image is trained with; it should contain a "
-            "rare identifier bound to the subject, e.g. data.instance_prompt='a photo of sks dog'.",
-        )
-    if not method.with_prior_preservation:
-        return
-    if not method.class_prompt:
-        _fail(
-            "method.class_prompt",
-            None,
-            "prior preservation needs a class prompt for the subject's class without the identifier, "
-            "e.g. method.class_prompt='a photo of a dog' (or set method.with_prior_preservation=false).",
-        )
-    if method.num_class_images < 1:
-        _fail(
-            "method.num_class_images",
-            method.num_class_images,
-            "prior preservation needs class images; use 50-200 (or set method.with_prior_preservation=false).",
-        )
-    if cfg.train.bucketing:
-        _fail(
-            "train.bucketing",
-            True,
-            "DreamBooth prior preservation trains square class images in the same batch; set "
-            "method.with_prior_preservation=false or train.bucketing=false.",
-        )
 
 
 def _validate_recipes(cfg: Config) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sdsweep.config.methods import method_spec
 from sdsweep.config.schema import Config, ModelConfig
 from sdsweep.models import shapes, shapes_build, tiny
 
@@ -124,12 +125,11 @@ def unavailable_features(cfg: Config, device: torch.device) -> list[str]:
                 "train.compile=true needs a C compiler on CPU for torch.compile's inductor backend "
                 "(apt-get install gcc), or train.compile=false"
             )
-    wants_8bit = cfg.method.use_8bit_adam or getattr(cfg.train, "optimizer", "adamw") == "adamw8bit"
-    if wants_8bit:
+    if cfg.train.optimizer == "adamw8bit":  # method.use_8bit_adam=true was translated into it (normalise)
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(
                 "8-bit AdamW needs the bitsandbytes package (pip install 'sdsweep[gpu]'); "
-                "or set method.use_8bit_adam=false"
+                "or set train.optimizer=adamw"
             )
         elif device.type != "cuda":
             problems.append(f"8-bit AdamW (bitsandbytes) needs a CUDA device; this run is on {device}")
@@ -291,7 +291,8 @@ def load_components(
 
 
 def trains_text_encoder(cfg: Config) -> bool:
-    return cfg.method.name == "textual_inversion" or cfg.method.train_text_encoder
+    spec = method_spec(cfg.method.name)
+    return spec.trains_text_encoder(cfg.method) if spec else bool(cfg.method.train_text_encoder)
 
 
 def zero_terminal_snr_scheduler(noise_scheduler, prediction_type: str):

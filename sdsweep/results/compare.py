@@ -12,13 +12,11 @@ from typing import Any
 import pandas as pd
 
 from sdsweep import io
-from sdsweep.metric_names import fmt_number, fmt_sci, label
+from sdsweep.metric_names import LR_KEY, STEP_KEY, fmt_number, fmt_sci, label
 from sdsweep.results.study_folder import StudyData, best_trial, first_sample_name
 from sdsweep.results.table import is_feasible, pareto_front
 from sdsweep.study.record import TrialState
 
-LR_KEY = "method.learning_rate"
-STEP_KEY = "train.max_train_steps"
 # Columns a trial may record for its peak accelerator memory (the first present wins).
 PEAK_MEMORY_COLUMNS = ("peak_memory_gb", "train/peak_memory_gb", "peak_memory_mb", "train/peak_memory_mb")
 MAX_SHEET_COLUMNS = 6

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import io
-from sdsweep.config.methods import EMBEDS_FILE, METHOD_SPECS
+from sdsweep.config.methods import METHOD_SPECS, PIPELINE_FORMAT, method_spec
 from sdsweep.metric_names import fmt_param
 from sdsweep.results import export_card
 from sdsweep.results.study_folder import StudyData, StudyFolderError, best_trial, is_feasible, load_study
@@ -113,7 +113,8 @@ def weights_dir(data: StudyData, selected: SelectedTrial) -> Path:
 def weights_format(folder: Path, method: str | None = None) -> str:
     """``pipeline`` | ``lora`` | ``textual_inversion``: the trial's method says (``MethodSpec``), and the
     file that method saves must be there; a record without a method is matched against every spec."""
-    specs = [METHOD_SPECS[method]] if method in METHOD_SPECS else list(METHOD_SPECS.values())
+    spec = method_spec(str(method)) if method else None
+    specs = [spec] if spec is not None else list(METHOD_SPECS.values())
     for spec in specs:
         if (folder / spec.weights_file).is_file():
             return spec.weights_format
@@ -133,10 +134,12 @@ def _trial_config(selected: SelectedTrial) -> dict[str, Any]:
 
 
 def trigger_of(data: StudyData, config: dict[str, Any]) -> str | None:
-    """The word that calls up the learned concept: TI placeholder token, else the data's trigger word."""
+    """The word that calls up the learned concept: the method's own token (textual inversion's placeholder,
+    ``MethodSpec.concept_token_option``), else the data's trigger word."""
     method = config.get("method") or {}
-    if (data.info.get("method") or method.get("name")) == "textual_inversion":
-        return data.info.get("placeholder_token") or method.get("placeholder_token")
+    spec = method_spec(str(data.info.get("method") or method.get("name")))
+    if spec is not None and spec.concept_token_option:
+        return data.info.get("placeholder_token") or method.get(spec.concept_token_option)
     return data.info.get("trigger_word") or (config.get("data") or {}).get("trigger_word")
 
 
@@ -158,51 +161,11 @@ def hyperparameters(record: TrialRecord, config: dict[str, Any]) -> dict[str, An
     ):
         if key in train:
             values.setdefault(f"train.{key}", train[key])
-    per_method = {
-        "lora": ("rank", "alpha", "target_modules"),
-        "textual_inversion": ("placeholder_token", "initializer_token", "num_vectors", "template"),
-        "dreambooth": ("with_prior_preservation", "prior_loss_weight", "class_prompt", "train_text_encoder"),
-        "full": ("use_ema", "train_text_encoder"),
-    }
-    for key in per_method.get(method.get("name", record.method), ()):
+    spec = method_spec(str(method.get("name", record.method)))
+    for key in spec.card_options if spec else ():
         if key in method:
             values.setdefault(f"method.{key}", method[key])
     return values
-
-
-def usage_snippet(
-    fmt_name: str,
-    base_model: str,
-    trigger: str | None,
-    prompt: str,
-    scheduler: str | None = None,
-    steps: int = 25,
-    guidance: float = 7.5,
-) -> str:
-    """Python that loads the exported folder with diffusers' own loaders (matches the weights format)."""
-    prompt_literal = json.dumps(prompt)
-    if fmt_name == "pipeline":
-        load = (
-            'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder", torch_dtype=torch.float16)'
-        )
-    elif fmt_name == "lora":
-        load = (
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
-            'pipe.load_lora_weights("path/to/this/folder")'
-        )
-    else:
-        token = f', token="{trigger}"' if trigger else ""
-        load = (
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
-            f'pipe.load_textual_inversion("path/to/this/folder/{EMBEDS_FILE}"{token})'
-        )
-    return (
-        "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
-        f"{load}\n{export_card.scheduler_lines(scheduler, fmt_name)}"
-        'pipe = pipe.to("cuda")\n'
-        f"image = pipe({prompt_literal}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n"
-        'image.save("sample.png")\n'
-    )
 
 
 def model_card(
@@ -279,7 +242,7 @@ def model_card(
     warnings = export_card.warning_lines(record)
     if warnings:
         lines += ["", "## Warnings", ""] + warnings
-    snippet = usage_snippet(
+    snippet = export_card.usage_snippet(
         fmt_name,
         base_model,
         trigger,
@@ -349,7 +312,7 @@ def export_trial(
     staging = io.staging_dir(to)
     try:
         config = _trial_config(selected)
-        spec = METHOD_SPECS.get(str(selected.record.method))
+        spec = method_spec(str(selected.record.method))
         converted = export_formats.convert(
             source,
             fmt_name,
@@ -361,7 +324,7 @@ def export_trial(
         if converted is None:
             shutil.copytree(source, staging, dirs_exist_ok=True)
         if (
-            fmt_name == "pipeline" and converted is None
+            fmt_name == PIPELINE_FORMAT and converted is None
         ):  # load with the sampler the metrics were measured with, not PNDM
             export_card.set_pipeline_scheduler(staging, (data.info.get("eval") or {}).get("scheduler"))
         if (selected.trial_dir / io.TRIAL_CONFIG).is_file():  # generate and the app load the export with it

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import io
+from sdsweep.config.methods import EMBEDDINGS_FORMAT, EMBEDS_FILE, LORA_FORMAT, PIPELINE_FORMAT
 from sdsweep.metric_names import direction_arrow, direction_words, fmt_number, warnings_for
 from sdsweep.study.record import TrialRecord
 
@@ -50,7 +51,7 @@ def set_pipeline_scheduler(folder: Path, name: str | None) -> str:
 def scheduler_lines(name: str | None, fmt_name: str) -> str:
     """Python that puts the judged scheduler on a pipeline (LoRA / embeddings load onto the base model)."""
     cls, extra = scheduler_class(name)
-    if fmt_name == "pipeline":
+    if fmt_name == PIPELINE_FORMAT:
         return ""  # already in the exported folder's scheduler/
     args = "".join(f", {k}={json.dumps(v) if isinstance(v, str) else v!r}" for k, v in extra.items())
     return f"from diffusers import {cls}\npipe.scheduler = {cls}.from_config(pipe.scheduler.config{args})\n"
@@ -130,22 +131,59 @@ def format_lines(converted: str | None, weights_format: str) -> str:
     if converted is None:
         return "\n".join(lines) + "\n"
     lines += ["", f"This folder holds `{converted}` (format for AUTOMATIC1111 / ComfyUI / diffusers):", ""]
-    if weights_format == "pipeline":
+    if weights_format == PIPELINE_FORMAT:
         lines += [
             "- AUTOMATIC1111: copy it to `models/Stable-diffusion/`; ComfyUI: `models/checkpoints/`.",
             "- diffusers: `StableDiffusionPipeline.from_single_file("
             f'"{converted}", config="<base model folder or id>")`',
         ]
-    elif weights_format == "lora":
+    elif weights_format == LORA_FORMAT:
         lines += [
             "- AUTOMATIC1111: copy it to `models/Lora/` and add `<lora:lora_kohya:1>` to the prompt; "
             "ComfyUI: `models/loras/`.",
             f'- diffusers: `pipe.load_lora_weights("path/to/this/folder", weight_name="{converted}")`',
         ]
-    else:
+    elif weights_format == EMBEDDINGS_FORMAT:
         lines += [
             "- AUTOMATIC1111: copy it to `embeddings/` and write its file name (`embedding`) in the prompt; "
             "ComfyUI: `models/embeddings/`, prompt `embedding:embedding`.",
             f'- diffusers: `pipe.load_textual_inversion("path/to/this/folder/{converted}", token="<token>")`',
         ]
     return "\n".join(lines) + "\n"
+
+
+def usage_snippet(
+    fmt_name: str,
+    base_model: str,
+    trigger: str | None,
+    prompt: str,
+    scheduler: str | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+) -> str:
+    """Python that loads the exported folder with diffusers' own loaders (matches the weights format)."""
+    prompt_literal = json.dumps(prompt)
+    if fmt_name == PIPELINE_FORMAT:
+        load = (
+            'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder", torch_dtype=torch.float16)'
+        )
+    elif fmt_name == LORA_FORMAT:
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            'pipe.load_lora_weights("path/to/this/folder")'
+        )
+    elif fmt_name == EMBEDDINGS_FORMAT:
+        token = f', token="{trigger}"' if trigger else ""
+        load = (
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            f'pipe.load_textual_inversion("path/to/this/folder/{EMBEDS_FILE}"{token})'
+        )
+    else:  # register_method admits no other format; say so rather than guess one
+        raise ValueError(f"No usage snippet for weights format {fmt_name!r}.")
+    return (
+        "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f"{load}\n{scheduler_lines(scheduler, fmt_name)}"
+        'pipe = pipe.to("cuda")\n'
+        f"image = pipe({prompt_literal}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n"
+        'image.save("sample.png")\n'
+    )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdsweep.config.methods import EMBEDDINGS_FORMAT, LORA_FORMAT, PIPELINE_FORMAT, method_spec
+
 FORMATS = ("diffusers", "single_file", "a1111")
 SINGLE_FILE = "model.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
@@ -42,8 +44,9 @@ def load_exported_pipeline(folder: Path, cfg, device, scheduler: str):
         if (folder / KOHYA_LORA_FILE).is_file():
             pipe.load_lora_weights(str(folder), weight_name=KOHYA_LORA_FILE)
         else:
+            spec = method_spec(cfg.method.name)
             pipe.load_textual_inversion(
-                str(folder / A1111_EMBEDDING_FILE), token=cfg.method.placeholder_token
+                str(folder / A1111_EMBEDDING_FILE), token=spec.concept_token(cfg.method) if spec else None
             )
         return pipe
     from sdsweep.training.methods import load_trained_pipeline
@@ -61,20 +64,21 @@ def output_file(fmt: str, weights_format: str) -> str | None:
         raise FormatError(f"Unknown --format {fmt}; choose one of {', '.join(FORMATS)}.")
     if fmt == "diffusers":
         return None
-    if weights_format == "pipeline":
+    if weights_format == PIPELINE_FORMAT:
         return SINGLE_FILE
     if fmt == "single_file":
         raise FormatError(
             f"--format single_file is a full Stable Diffusion checkpoint; this trial's weights are a {weights_format} "
             "adapter. Use --format a1111 (the file AUTOMATIC1111 and ComfyUI load) or --format diffusers."
         )
-    return KOHYA_LORA_FILE if weights_format == "lora" else A1111_EMBEDDING_FILE
+    return {LORA_FORMAT: KOHYA_LORA_FILE, EMBEDDINGS_FORMAT: A1111_EMBEDDING_FILE}[weights_format]
 
 
 def lora_alphas(config: dict) -> dict[str, float]:
     """The trained lora_alpha per component (from the trial's config), for the kohya file's ``alpha``."""
     method = config.get("method") or {}
-    if method.get("name") != "lora":
+    spec = method_spec(str(method.get("name")))
+    if spec is None or spec.weights_format != LORA_FORMAT:
         return {}
     rank = method.get("rank") or 4
     return {
@@ -151,12 +155,12 @@ def convert(
     if name is None:
         return None
     target = Path(target_dir) / name
-    if weights_format == "pipeline":
+    if weights_format == PIPELINE_FORMAT:
         from sdsweep.results.single_file import write_single_file
 
         write_single_file(source, target)
-    elif weights_format == "lora":
+    elif weights_format == LORA_FORMAT:
         kohya_lora(source / weights_file, target, lora_alphas)
-    else:
+    else:  # EMBEDDINGS_FORMAT (output_file refused any other)
         a1111_embedding(source / weights_file, target)
     return name

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sdsweep.config.schema import Config, ParamSpec
+from sdsweep.metric_names import LR_KEY, STEP_KEY
 
 if TYPE_CHECKING:
     import optuna
 
-STEP_KEY = "train.max_train_steps"
-LR_KEY = "method.learning_rate"
 # Config groups that a sweep may switch (e.g. model: [sd15, sd21]); everything else is a dotted key.
 GROUP_KEYS = ("model", "method", "data", "eval", "tracking")
 # With these schedules the lr at step s is the same whatever the total, so a long run's prefix

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsweep import io
+from sdsweep.config.methods import method_spec
 from sdsweep.config.resolve import flatten
 from sdsweep.config.schema import Config
 from sdsweep.content import CONTENT_PREFIX, file_hashes, folder_identity
@@ -260,6 +261,7 @@ def study_description(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -
     from sdsweep.study.store import single_run_sweep
 
     sweep = cfg.sweep or single_run_sweep()
+    spec = method_spec(cfg.method.name)
     return {
         "study": cfg.study,
         # null: the study's own study.db, wherever the folder is now. A shared storage is named without
@@ -274,7 +276,7 @@ def study_description(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -
         "pretrained": cfg.model.path or cfg.model.pretrained,
         "method": cfg.method.name,
         "trigger_word": cfg.data.trigger_word,
-        "placeholder_token": cfg.method.placeholder_token if cfg.method.name == "textual_inversion" else None,
+        "placeholder_token": spec.concept_token(cfg.method) if spec else None,
         "eval": {
             "prompts": list(cfg.eval.prompts),
             "seeds": [cfg.eval.seed + i for i in range(cfg.eval.num_images_per_prompt)],

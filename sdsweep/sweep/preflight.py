@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from sdsweep import io
 from sdsweep.config.compose import CONF_DIR
-from sdsweep.config.methods import MethodConfig
+from sdsweep.config.methods import MethodConfig, method_spec
 from sdsweep.config.schema import Config, ModelConfig, ParamSpec
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -171,6 +171,8 @@ def reference_dir_problem(cfg: Config) -> str | None:
 def _group_choice_reason(cfg: Config, key: str, value: Any) -> str | None:
     from sdsweep.models.loading import is_hub_id, model_unavailable_reason
 
+    if key == "method" and method_spec(str(value)) is not None:
+        return None  # registered: a plugin stores its method=<name> entry in Hydra's ConfigStore, not conf/
     option = CONF_DIR / key / f"{value}.yaml"
     if not option.is_file():
         known = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))

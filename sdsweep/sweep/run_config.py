@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+from sdsweep.config.methods import method_spec
 from sdsweep.config.schema import Config
 from sdsweep.study.store import single_run_sweep
 
@@ -42,14 +43,12 @@ def fix_up(cfg: Config) -> Config:
     """The post-compose fix-ups, in one place: what a run needs that conf/ cannot say by itself.
 
     - Without +sweep, a single training run is a one-point study, so it lands in the same layout.
-    - Textual inversion learns a new token: evaluation prompts must use it instead of the trigger word.
+    - A method that learns a new token (textual inversion): evaluation prompts must use it instead of the
+      trigger word (``MethodSpec.rewrite_prompts``).
     """
     if cfg.sweep is None:
         cfg.sweep = single_run_sweep()
-    trigger, placeholder = cfg.data.trigger_word, cfg.method.placeholder_token
-    if cfg.method.name == "textual_inversion" and trigger and trigger != placeholder:
-        cfg.eval.prompts = [
-            " ".join(placeholder if word == trigger else word for word in prompt.split())
-            for prompt in cfg.eval.prompts
-        ]
+    spec = method_spec(cfg.method.name)
+    if spec is not None:
+        cfg.eval.prompts = spec.rewrite_prompts(cfg.eval.prompts, cfg.data.trigger_word, cfg.method)
     return cfg

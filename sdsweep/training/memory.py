@@ -33,6 +33,7 @@ from sdsweep.training.memory_trace import (
     any_trainable,
     build_on_meta,
     mark_trainable,
+    spec_of,
     trace_text_encoder_activations,
     trace_unet_activations,
 )
@@ -100,7 +101,7 @@ def footprint_from_config(cfg: Config, device: torch.device) -> TrainingFootprin
         use_ema=method.use_ema,
         lora_rank=method.rank,
         lora_targets=tuple(method.target_modules),
-        prior_preservation=method.name == "dreambooth" and method.with_prior_preservation,
+        prior_preservation=spec_of(method.name).doubles_batch(method),
     )
 
 
@@ -185,7 +186,7 @@ def alternatives(
         options.append(("train.gradient_checkpointing=true", replace(footprint, gradient_checkpointing=True)))
     if footprint.optimizer == "adamw":
         options.append(
-            ("method.use_8bit_adam=true (needs bitsandbytes)", replace(footprint, optimizer="adamw8bit"))
+            ("train.optimizer=adamw8bit (needs bitsandbytes)", replace(footprint, optimizer="adamw8bit"))
         )
     if footprint.batch_size > 1:
         smaller = replace(footprint, batch_size=max(1, footprint.batch_size // 2))
@@ -201,12 +202,13 @@ def alternatives(
         optimizer="adamw8bit" if footprint.optimizer == "adamw" else footprint.optimizer,
     )
     if both != footprint:
-        options.append(("train.gradient_checkpointing=true and method.use_8bit_adam=true", both))
-    if footprint.method in ("full", "dreambooth"):
+        options.append(("train.gradient_checkpointing=true and train.optimizer=adamw8bit", both))
+    lighter = spec_of(footprint.method).lighter_method
+    if lighter:
         options.append(
             (
-                "method=lora",
-                replace(footprint, method="lora", train_text_encoder=False, prior_preservation=False),
+                f"method={lighter}",
+                replace(footprint, method=lighter, train_text_encoder=False, prior_preservation=False),
             )
         )
     fitting = []

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from sdsweep.config.methods import MethodSpec, method_spec
+from sdsweep.errors import ConfigError
+
 TOKENS = 77  # every SD prompt is padded to the CLIP context length
 CHECKPOINTED_MODULES = {"ResnetBlock2D", "Transformer2DModel"}
 
@@ -40,6 +43,14 @@ class TrainingFootprint:
         return self.batch_size * (2 if self.prior_preservation else 1)
 
 
+def spec_of(method: str) -> MethodSpec:
+    """The registered description of ``method`` (a ConfigError for a name nothing registered)."""
+    spec = method_spec(method)
+    if spec is None:
+        raise ConfigError(f"Unknown fine-tuning method {method!r}: no registered method has that name.")
+    return spec
+
+
 def build_on_meta(configs: dict[str, dict[str, Any]]):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -54,25 +65,9 @@ def build_on_meta(configs: dict[str, dict[str, Any]]):
 
 
 def mark_trainable(unet, text_encoder, footprint: TrainingFootprint) -> list[torch.nn.Parameter]:
-    """Set requires_grad the way the method's ``prepare()`` does, so the trace keeps what it keeps."""
-    if footprint.method == "lora":
-        from peft import LoraConfig
-
-        with torch.device("meta"):
-            unet.add_adapter(
-                LoraConfig(
-                    r=footprint.lora_rank,
-                    lora_alpha=footprint.lora_rank,
-                    target_modules=list(footprint.lora_targets),
-                )
-            )
-    elif footprint.method == "textual_inversion":
-        # The whole embedding table gets gradients; the method restores the old rows after each step.
-        text_encoder.get_input_embeddings().weight.requires_grad_(True)
-    else:  # full fine-tune and DreamBooth
-        unet.requires_grad_(True)
-        if footprint.train_text_encoder:
-            text_encoder.requires_grad_(True)
+    """Set requires_grad the way the method's ``prepare()`` does (its ``mark_trainable``), so the trace
+    keeps what it keeps."""
+    spec_of(footprint.method).trainer_class().mark_trainable(unet, text_encoder, footprint)
     return [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
 
 
@@ -92,7 +87,7 @@ def trace_unet_activations(
     # nn.Module.to, not diffusers' override: on an empty meta model it only warns that "modules should be
     # kept in float32: []" on every run's memory prediction, which says nothing to the user.
     torch.nn.Module.to(unet, dtype)
-    text_grad = footprint.method == "textual_inversion" or footprint.train_text_encoder
+    text_grad = spec_of(footprint.method).trains_text_encoder(footprint)
     sample = torch.empty(batch, config["in_channels"], side, side, device="meta", dtype=dtype)
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
     context = torch.empty(batch, TOKENS, config["cross_attention_dim"], device="meta", dtype=dtype)

@@ -16,7 +16,7 @@ import logging
 import torch
 
 from sdsweep.config.features import check_optimizer_available, optimizer_name
-from sdsweep.config.methods import METHOD_SPECS
+from sdsweep.config.methods import method_spec
 from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def weight_decay_of(cfg: Config) -> float:
     """train.adam_weight_decay, or 0 for a method that must not decay (``MethodSpec.decays_weights``)."""
-    spec = METHOD_SPECS.get(cfg.method.name)
+    spec = method_spec(cfg.method.name)
     return cfg.train.adam_weight_decay if spec is None or spec.decays_weights else 0.0
 
 
@@ -49,9 +49,8 @@ def make_optimizer(
     weight_decay = weight_decay_of(cfg)
     if name == "adamw8bit":
         if device.type != "cuda":
-            key = "method.use_8bit_adam" if cfg.method.use_8bit_adam else "train.optimizer=adamw8bit"
             raise ConfigError(
-                f"Invalid config value {key}: bitsandbytes' 8-bit AdamW runs on CUDA only and the device "
+                "Invalid config value train.optimizer=adamw8bit: bitsandbytes' 8-bit AdamW runs on CUDA only and the device "
                 f"is {device}; use train.optimizer=adamw on this machine."
             )
         import bitsandbytes as bnb

@@ -1,4 +1,5 @@
-"""Fine-tuning methods behind one interface; the registry maps config names to them."""
+"""Fine-tuning methods behind one interface; the method registry (``sdsweep.config.methods``) maps config
+names to them through each spec's ``trainer``, so a plugin's method trains like a built-in one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sdsweep.config.methods import method_names, method_spec
 from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
 from sdsweep.training.methods.base import FineTuneMethod
@@ -14,20 +16,21 @@ from sdsweep.training.methods.full import FullFineTune
 from sdsweep.training.methods.lora import LoRA
 from sdsweep.training.methods.textual_inversion import TextualInversion
 
+# The built-in classes by name (their specs name them too); get_method serves plugins as well.
 METHODS: dict[str, type[FineTuneMethod]] = {
     method.name: method for method in (FullFineTune, DreamBooth, TextualInversion, LoRA)
 }
 
 
 def get_method(name: str) -> type[FineTuneMethod]:
-    """The method class for ``cfg.method.name``."""
-    try:
-        return METHODS[name]
-    except KeyError:
+    """The method class for ``cfg.method.name``: the registered spec's ``trainer``."""
+    spec = method_spec(name)
+    if spec is None:
         raise ConfigError(
-            f"Unknown fine-tuning method {name!r}. Choose one of {sorted(METHODS)} "
+            f"Unknown fine-tuning method {name!r}. Choose one of {sorted(method_names())} "
             "(e.g. method=lora on the command line)."
-        ) from None
+        )
+    return spec.trainer_class()
 
 
 def load_trained_pipeline(

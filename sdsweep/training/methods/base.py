@@ -1,7 +1,8 @@
 """The interface every fine-tuning method implements, and the mechanics they share.
 
-The training loop, the evaluator and the latent cache only talk to a method through this class, so a
-new method is one subclass plus one line in ``sdsweep.training.methods.METHODS``.
+The training loop, the evaluator and the latent cache only talk to a method through this class; the
+layers above ask the method's ``MethodSpec`` (``sdsweep.config.methods``), whose ``trainer`` names the
+subclass. docs/architecture.md "Adding a method" lists what a new method takes.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ class FineTuneMethod(ABC):
     def load_trained(cls, cfg: Config, weights_dir: Path, device: Any, scheduler: str):
         """A pipeline with the weights this method saved, loaded through diffusers' own loaders."""
         raise NotImplementedError(f"{cls.__name__} does not say how its saved weights load")
+
+    @classmethod
+    def mark_trainable(cls, unet: torch.nn.Module, text_encoder: torch.nn.Module, footprint: Any) -> None:
+        """Set requires_grad on the memory estimate's meta-device modules the way ``prepare()`` does (no
+        weights, no data); ``footprint`` is the run's ``TrainingFootprint``. The default trains the UNet,
+        and the text encoder with ``method.train_text_encoder``."""
+        unet.requires_grad_(True)
+        if footprint.train_text_encoder:
+            text_encoder.requires_grad_(True)
 
     # ---- setup -----------------------------------------------------------------------------------
     @abstractmethod

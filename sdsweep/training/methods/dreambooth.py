@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from sdsweep import io
+from sdsweep.config.methods import check_dreambooth_prompts
 from sdsweep.config.resolve import resolved_resolution
-from sdsweep.config.validate import check_dreambooth_prompts
 from sdsweep.data.images import open_rgb
 from sdsweep.data.latent_cache import model_content
 from sdsweep.models.loading import sampling_precision

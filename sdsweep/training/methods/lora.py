@@ -29,6 +29,19 @@ class LoRA(FineTuneMethod):
         pipe.load_lora_weights(str(weights_dir), weight_name=WEIGHTS_NAME)
         return pipe
 
+    @classmethod
+    def mark_trainable(cls, unet, text_encoder, footprint) -> None:
+        from peft import LoraConfig
+
+        with torch.device("meta"):
+            unet.add_adapter(
+                LoraConfig(
+                    r=footprint.lora_rank,
+                    lora_alpha=footprint.lora_rank,
+                    target_modules=list(footprint.lora_targets),
+                )
+            )
+
     def prepare(self) -> None:
         unet, text_encoder = self.components.unet, self.components.text_encoder
         unet.requires_grad_(False)

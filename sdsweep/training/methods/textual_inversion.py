@@ -56,6 +56,11 @@ class TextualInversion(FineTuneMethod):
         pipe.load_textual_inversion(str(weights_dir / WEIGHTS_NAME))
         return pipe
 
+    @classmethod
+    def mark_trainable(cls, unet, text_encoder, footprint) -> None:
+        # The whole embedding table gets gradients; the method restores the old rows after each step.
+        text_encoder.get_input_embeddings().weight.requires_grad_(True)
+
     def placeholder_tokens(self) -> list[str]:
         base = self.cfg.method.placeholder_token
         return [base] + [f"{base}_{i}" for i in range(1, self.cfg.method.num_vectors)]
