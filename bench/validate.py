@@ -83,11 +83,17 @@ def demo_command(build: int, eval_seed: int, root: Path) -> list[str]:
 
 
 def finished(study_dir: Path) -> bool:
-    results = study_dir / "results.csv"
-    if not results.is_file():
+    """The sweep ended (results.csv) and its confirmation stopped (confirm/state.json says why). Trial states
+    are not the test: a pruned or failed trial is a result too, and re-running its study would cost minutes."""
+    import json
+
+    state = study_dir / "confirm" / "state.json"
+    if not (study_dir / "results.csv").is_file() or not state.is_file():
         return False
-    frame = pd.read_csv(results)
-    return len(frame) > 0 and (frame["state"] == "COMPLETE").all()
+    try:
+        return bool(json.loads(state.read_text()).get("stopped"))
+    except (OSError, ValueError):
+        return False
 
 
 def run_study(build: int, eval_seed: int, root: Path, rerun: bool) -> tuple[Path, float | None]:

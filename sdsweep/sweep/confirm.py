@@ -378,6 +378,7 @@ class Race:
             verdict.uncertain
         )
         if lone_and_settled and not (self.folder / "r1" / "contenders.json").exists():
+            self.finish("nothing to confirm: the best is separated and no contender is uncertain")
             self.say("nothing to confirm")
             return 0
         r = 1
