@@ -29,13 +29,13 @@ from sdsweep.evaluation import dino, metrics
 from sdsweep.evaluation.generation import Generated, SampleSpec, generate, sample_plan
 from sdsweep.evaluation.heldout import heldout_plan, write_heldout_table
 from sdsweep.evaluation.judge import judge_units
+from sdsweep.evaluation.measure_table import build_measures
 from sdsweep.evaluation.measures import (
     CONCEPT_IMAGES,
     EVERY_IMAGE,
     NO_IMAGES,
     Inputs,
     Measurement,
-    build_measures,
     reason_of,
 )
 from sdsweep.evaluation.outputs import EvalResult, make_grid, save_outputs

@@ -6,7 +6,7 @@ training loss) and turns them into a ``Measurement``: metric values (a set stati
 metrics and their intervals), the held-out protocol's per-image columns, and warnings. Nothing is passed
 in to be mutated, so a measure reads top to bottom and can be tested alone.
 
-``Evaluator`` (evaluate.py) loads the models once and builds the table with ``build_measures``; a measure
+``Evaluator`` (evaluate.py) loads the models once and builds the table (measure_table.py); a measure
 that cannot work in this run (no LPIPS network, no feature extractor) is still in the table, and says why
 at every evaluation, so the record's ``missing`` names the reason rather than the metric vanishing.
 The embedding measures (CLIP-I, DINO, CMMD) live in embedding_metrics.py.
@@ -214,22 +214,3 @@ class ValLoss(Measure):
             inputs.method, inputs.heldout_batch, ev.seed, ev.val_loss_timesteps, ev.val_loss_bands
         )
         return Measurement(values={"eval/val_loss": loss, **by_band})
-
-
-def measure_classes() -> dict[str, type[Measure]]:
-    """Every measure by its ``eval.metrics`` name."""
-    from sdsweep.evaluation.embedding_metrics import ClipI, Cmmd, Dino
-
-    found = (ClipScore, Fid, Kid, Lpips, ClipI, Dino, Cmmd, AppropriateRate, ValLoss)
-    return {cls.name: cls for cls in found}
-
-
-def build_measures(evaluator: Evaluator, names: list[str]) -> list[Measure]:
-    """The table of measures for ``eval.metrics`` (in its order); those that cannot work say why."""
-    classes = measure_classes()
-    table: list[Measure] = []
-    for name in names:
-        measure = classes[name](evaluator)
-        reason = evaluator.unavailable_reason(name)
-        table.append(Unavailable(evaluator, measure, reason) if reason else measure)
-    return table
