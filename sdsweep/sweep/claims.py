@@ -123,7 +123,11 @@ class Claims:
 
     # ---- claiming ---------------------------------------------------------------------------------
     def create_ticket(
-        self, params: dict[str, Any], distributions: dict[str, Any], attrs: dict[str, Any]
+        self,
+        params: dict[str, Any],
+        distributions: dict[str, Any],
+        attrs: dict[str, Any],
+        system_attrs: dict[str, Any] | None = None,
     ) -> int:
         """A RUNNING trial with its identity in one storage call; returns its number."""
         template = optuna.trial.create_trial(
@@ -131,6 +135,7 @@ class Claims:
             params=params,
             distributions=distributions,
             user_attrs={**attrs, **self.identity()},
+            system_attrs=system_attrs,
         )
         trial_id = self.handle.storage.create_new_trial(self.handle.study_id, template_trial=template)
         return self.handle.storage.get_trial_number_from_id(trial_id)

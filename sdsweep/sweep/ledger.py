@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from sdsweep.config.schema import SweepConfig
 from sdsweep.study.plan import point_key
-from sdsweep.study.store import FAIL_REASON, GRID_POINT, SUPERSEDED, StudyHandle
-from sdsweep.sweep.claims import Claims, wall_clock
+from sdsweep.study.store import CLAIM_LOST, FAIL_REASON, GRID_POINT, SUPERSEDED, StudyHandle
+from sdsweep.sweep.claims import CRASHED, HANDED_BACK, Claims, wall_clock
 
 # Exceptions that say the configuration is wrong, not the trial: K of them in a row stop the sweep.
 CONFIG_ERRORS = ("ConfigError", "ModelUnavailableError", "DataError", "UserError")
@@ -66,6 +66,24 @@ class StudyLedger:
             for t in self.handle.trials(states=(TrialState.RUNNING,))
             if self.claims.is_live(t, now)
         }
+
+    def interrupted_points(self) -> list[optuna.trial.FrozenTrial]:
+        """Search trials whose run was interrupted (its worker died, or it was handed back) and whose point
+        has no outcome yet and nobody trains: one trial per point, the first attempt. A search retries
+        these configurations before it draws new ones, as a grid plans an interrupted point again."""
+        decided = self.decided_points()
+        live = self.live_points()
+        due: dict[str, optuna.trial.FrozenTrial] = {}
+        for frozen in self.handle.trials(states=(TrialState.FAIL,)):
+            attrs = frozen.user_attrs
+            if not attrs.get(SUPERSEDED) or attrs.get(CLAIM_LOST) or not frozen.params:
+                continue
+            if not (attrs.get(CRASHED) or attrs.get(HANDED_BACK)):
+                continue
+            key = attrs.get(GRID_POINT) or point_key(frozen.params)
+            if key not in decided and key not in live:
+                due.setdefault(key, frozen)
+        return list(due.values())
 
     def config_failure(self) -> str | None:
         """The shared reason when the first K finished trials all failed on the configuration."""
