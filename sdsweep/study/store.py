@@ -15,23 +15,9 @@ import optuna
 from optuna.trial import TrialState
 
 from sdsweep.config.schema import Config
+from sdsweep.study.trial_tags import VIOLATIONS, Fate, TrialTags, ending
 
-# User attributes the sweep records on every trial.
-FAIL_REASON = "fail_reason"
-VIOLATIONS = "constraint_violations"
-INTERRUPTED = "interrupted"
-SUPERSEDED = "superseded"  # an interrupted trial whose grid point was queued again
-# A ticket that lost the claim race (sdsweep/sweep/claims.py): nothing ran and nothing failed. Optuna has no
-# state for that and no public way to delete a trial, and PRUNED would feed TPE a bad result at a point
-# nobody judged, so it ends FAIL with this attribute; every sdsweep view leaves it out and counts it apart.
-CLAIM_LOST = "claim_lost"
-TICKET = "ticket"  # this trial was its run's claim ticket (the run's first point)
-RETRY_OF = "retry_of"  # the interrupted search trial whose configuration this trial runs again
-GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_key)
-RUN_KEY = "run_key"
-TRIAL_DIR = "trial_dir"  # where the trial's files are (trials/NNNN, relative to the study folder), for optuna-dashboard
-WANDB_RUN_ID = "wandb_run_id"
-INTERVALS = "intervals"  # {metric: [lo, hi]}: the 95% intervals of the trial's headline metrics
+# The user attributes a trial carries are named, read and written in one place: study/trial_tags.py.
 
 
 def single_run_sweep():
@@ -185,6 +171,10 @@ class StudyHandle:
             return False
         return True
 
+    def set_tags(self, number: int, tags: TrialTags) -> bool:
+        """Write a trial's tags (the fields that are set); False when the trial has already finished."""
+        return all(self.set_attr(number, key, value) for key, value in tags.attrs().items())
+
 
 def open_study(cfg: Config, url: str, study_name: str) -> optuna.Study:
     return StudyHandle(cfg, url, study_name).study
@@ -216,6 +206,10 @@ class TrialLink:
     def set_attr(self, key: str, value: Any) -> None:
         self.trial.set_user_attr(key, value)
 
+    def set_tags(self, tags: TrialTags) -> None:
+        for key, value in tags.attrs().items():
+            self.trial.set_user_attr(key, value)
+
     def report(self, value: float, step: int) -> None:
         if len(self.study.directions) == 1 and math.isfinite(value):
             self.trial.report(value, step)
@@ -233,10 +227,10 @@ class TrialLink:
             )
         self.study.tell(self.number, values=values if len(values) > 1 else values[0])
 
-    def fail(self, reason: str) -> None:
-        self.set_attr(FAIL_REASON, reason[:2000])
+    def fail(self, reason: str, fate: Fate = Fate.ERROR, error_type: str | None = None) -> None:
+        self.set_tags(ending(fate, reason, error_type=error_type))
         self.study.tell(self.number, state=TrialState.FAIL)
 
     def prune(self, reason: str) -> None:
-        self.set_attr(FAIL_REASON, reason[:2000])
+        self.set_tags(ending(Fate.PRUNED, reason))
         self.study.tell(self.number, state=TrialState.PRUNED)

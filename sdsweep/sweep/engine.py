@@ -35,7 +35,8 @@ from sdsweep.study.plan import (
     point_key,
     short_params,
 )
-from sdsweep.study.store import GRID_POINT, RUN_KEY, TICKET, StudyHandle, storage_url
+from sdsweep.study.store import StudyHandle, storage_url
+from sdsweep.study.trial_tags import TrialTags
 from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
 from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, is_location_only
@@ -84,7 +85,7 @@ class SweepEngine:
         self.study = self.handle.study
         self.label = label
         self.token = token or uuid.uuid4().hex[:8]
-        self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]")
+        self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]", self.token)
         self.heartbeat: Heartbeat | None = None
         self.caches = RunCaches()  # evaluator and memory estimates, reused by this process's next runs
         self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
@@ -187,8 +188,8 @@ class SweepEngine:
 
     def new_trial(self, point: dict[str, Any], run: RunPlan, ticket: bool) -> TrialSlot:
         params, distributions = self.params_of(point)
-        attrs = {GRID_POINT: self.key_of(point), RUN_KEY: run.key, TICKET: ticket}
-        number = self.claims.create_ticket(params, distributions, attrs)
+        tags = TrialTags(grid_point=self.key_of(point), run_key=run.key, ticket=ticket)
+        number = self.claims.create_ticket(params, distributions, tags)
         step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
         shown = point or self.single_params  # a single run plans no point; record what set it apart
         return TrialSlot(number=number, trial_id=self.handle.trial_id(number), step=step, params=shown)

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from sdsweep import io, signals
 from sdsweep.errors import SweepStopped
-from sdsweep.study.store import CLAIM_LOST
+from sdsweep.study.trial_tags import Fate, TrialTags
 from sdsweep.sweep import allocation
-from sdsweep.sweep.claims import OWNER
 
 _HOST = re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname()) or "host"
 BASELINE_FAILED = 3  # a worker's exit code: the baseline evaluation failed, nothing can run
@@ -326,12 +325,13 @@ class WorkerPool:
     def launched(self) -> tuple[int, int]:
         """(runs, trials) this driver's workers trained, from the storage."""
         runs = trials = 0
+        tokens = set(self.tokens)
         for frozen in self.engine.handle.trials():
-            owner = str(frozen.user_attrs.get(OWNER, ""))
-            if not any(f"[{token}]" in owner for token in self.tokens):
+            tags = TrialTags.of(frozen)
+            if tags.token not in tokens:
                 continue
-            if frozen.user_attrs.get(CLAIM_LOST):
+            if tags.fate == Fate.CLAIM_LOST:
                 continue  # a lost claim race: nothing was trained
             trials += 1
-            runs += bool(frozen.user_attrs.get("ticket"))
+            runs += tags.ticket
         return runs, trials

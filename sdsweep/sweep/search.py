@@ -23,7 +23,8 @@ from optuna.trial import FrozenTrial
 from sdsweep import signals
 from sdsweep.config.schema import Config
 from sdsweep.study.plan import LR_KEY, STEP_KEY, RunPlan, point_key, short_params, suggest
-from sdsweep.study.store import GRID_POINT, RETRY_OF, RUN_KEY, TICKET, StudyHandle, make_sampler, trial_seed
+from sdsweep.study.store import StudyHandle, make_sampler, trial_seed
+from sdsweep.study.trial_tags import TrialTags
 from sdsweep.sweep.claims import Claims
 from sdsweep.sweep.ledger import StudyLedger
 from sdsweep.sweep.run_spec import TrialSlot
@@ -78,7 +79,7 @@ class SearchClaims:
             trial = self.study.ask()  # a new trial per call: nothing to race for
             # Optuna samples at the first suggest, not in ask(): reseeding now seeds this trial's draw.
             self.study.sampler = make_sampler(self.cfg, seed=trial_seed(self.sweep.seed, trial.number))
-            for key, value in self.claims.identity().items():
+            for key, value in self.claims.identity().attrs().items():  # ours, before anything else
                 trial.set_user_attr(key, value)
             point: dict[str, Any] = {}
             for key, spec in sorted(self.sweep.params.items()):
@@ -89,9 +90,9 @@ class SearchClaims:
                 spec = self.sweep.learning_rate_by_method[method]
                 point[LR_KEY] = suggest(trial, method_lr_param(method), spec)
             run = RunPlan(base=point, points=[point], shared=False)
-            trial.set_user_attr(GRID_POINT, point_key(point))
-            trial.set_user_attr(RUN_KEY, run.key)
-            trial.set_user_attr(TICKET, True)
+            tags = TrialTags(grid_point=point_key(point), run_key=run.key, ticket=True)
+            for key, value in tags.attrs().items():
+                trial.set_user_attr(key, value)
             slot = self.slot(trial.number, point)
         self.say(f"trial {slot.number} ({count}): {short_params(point)}")
         return run, [slot]
@@ -108,13 +109,14 @@ class SearchClaims:
         """The interrupted trial's configuration as a new trial (not enqueue_trial + ask, which can hand one
         queued trial to two workers on SQLite: optuna#4002)."""
         point = self.point_of(interrupted.params)
-        key = str(interrupted.user_attrs.get(GRID_POINT) or point_key(point))
+        was = TrialTags.of(interrupted)
+        key = was.grid_point or point_key(point)
         run = RunPlan(base=point, points=[point], shared=False)
-        run.key = str(interrupted.user_attrs.get(RUN_KEY) or run.key)
+        run.key = was.run_key or run.key
         with signals.critical():
-            attrs = {GRID_POINT: key, RUN_KEY: run.key, TICKET: True, RETRY_OF: interrupted.number}
+            tags = TrialTags(grid_point=key, run_key=run.key, ticket=True, retry_of=interrupted.number)
             number = self.claims.create_ticket(
-                interrupted.params, interrupted.distributions, attrs, system_attrs=interrupted.system_attrs
+                interrupted.params, interrupted.distributions, tags, system_attrs=interrupted.system_attrs
             )
             if not self.claims.won(number, run.key, {key}, set(self.ledger.decided_points())):
                 self.claims.lose(number)
