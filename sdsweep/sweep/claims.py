@@ -39,7 +39,6 @@ stops at its next step (``RunTakenOver``) instead of training on beside its new 
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -48,20 +47,21 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sdsweep import faults
 from sdsweep.config.schema import SweepConfig
 from sdsweep.study.store import StudyHandle
 from sdsweep.study.trial_tags import HEARTBEAT, Fate, TrialTags, ending
 
 
 def host_name() -> str:
-    """The host an sdsweep process reports; SDSWEEP_HOST overrides it (tests simulate a second machine)."""
-    return os.environ.get("SDSWEEP_HOST") or socket.gethostname()
+    """The host an sdsweep process reports (tests simulate a second machine: sdsweep/faults.py)."""
+    return faults.host_override() or socket.gethostname()
 
 
 def wall_clock() -> float:
-    """This machine's unix time. SDSWEEP_CLOCK_OFFSET (seconds, tests only) simulates a machine whose
-    clock is off, to show that liveness never compares clocks across machines."""
-    return time.time() + float(os.environ.get("SDSWEEP_CLOCK_OFFSET") or 0.0)
+    """This machine's unix time (tests simulate a machine whose clock is off, sdsweep/faults.py, to show
+    that liveness never compares clocks across machines)."""
+    return time.time() + faults.clock_offset()
 
 
 class Claims:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import optuna
 
-from sdsweep import io
+from sdsweep import faults, io
 from sdsweep.config.constraints import parse_constraint
 from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config
@@ -24,9 +22,6 @@ from sdsweep.study.store import StudyHandle, TrialLink, objective_values
 from sdsweep.study.trial_tags import INTERVALS, VIOLATIONS, Fate, TrialTags
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
 
-# Test-only fault injection: SDSWEEP_FAULT=after_record makes the process SIGKILL itself right after a
-# trial's metrics.json is written and before Optuna is told (tests/test_parallel.py checks that
-# keep_best_k and resume handle that window). Never set it outside tests.
 # Errors from telling a trial that someone else already finished (it was taken over as stale).
 TAKEN_OVER = (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError)
 
@@ -115,8 +110,7 @@ class TrialRecorder:
         record.state = TrialState.COMPLETE
         record.objective = values[0]
         record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
-        if os.environ.get("SDSWEEP_FAULT") == "after_record":  # read now: a forked worker sets its env late
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.kill_at("after_record")  # tests: a crash between the record and telling Optuna
         for name, value in metrics.items():  # every metric readable per trial in the dashboard
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tell(slot, lambda n=name, v=value: link.set_attr(n, float(v)))
