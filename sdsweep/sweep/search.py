@@ -66,9 +66,8 @@ class SearchClaims:
         if done + running >= target:
             return WAIT
         count = f"{done + running + 1}/{target}"
-        for interrupted in self.ledger.interrupted_points():  # the oldest first
-            return self.retry(interrupted, count)
-        return self.draw(count)
+        due = self.ledger.interrupted_points()  # the oldest first
+        return self.retry(due[0], count) if due else self.draw(count)
 
     def slot(self, number: int, point: dict[str, Any]) -> TrialSlot:
         step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
