@@ -61,6 +61,38 @@ def test_cmaes_with_constraints_or_two_objectives_is_a_config_error_naming_the_a
     compose(sampler_overrides(tmp_path, "gp", two))  # GP takes constraints and several objectives
 
 
+@pytest.mark.parametrize("sampler", ["gp", "tpe", "random"])
+def test_a_second_process_retries_the_interrupted_configuration_and_draws_new_ones(tmp_path, sampler):
+    """Storage-level, no training: what a process that joins a search study (a re-run after a kill, another
+    worker) claims. A sampler seeded once per process replayed the first process's draws."""
+    from sdsweep.study.store import StudyHandle, trial_seed
+    from sdsweep.sweep.claims import Claims
+    from sdsweep.sweep.ledger import StudyLedger
+    from sdsweep.sweep.search import SearchClaims
+
+    extra = ["sweep.n_trials=8"] + ([] if sampler == "gp" else ["sweep.constraints=[]"])
+    cfg = compose(sampler_overrides(tmp_path, sampler, *extra))
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+
+    def process(token: str) -> tuple[Claims, SearchClaims]:
+        handle = StudyHandle(cfg, url, "search")
+        claims = Claims(handle, cfg.sweep, f"host driver [{token}]", token)
+        ledger = StudyLedger(handle, cfg.sweep, claims, retry_below=0)
+        return claims, SearchClaims(cfg, handle, claims, ledger, say=lambda _: None)
+
+    first_claims, first = process("first")
+    (_, [a]), (_, [b]) = first.next_claim(), first.next_claim()
+    first_claims.hand_back([b.number], "SIGTERM received")  # b was interrupted; a still runs
+    _, second = process("second")
+    (_, [retry]), (_, [c]) = second.next_claim(), second.next_claim()
+    assert retry.params == b.params and retry.number > b.number  # the interrupted configuration again
+    assert second.handle.get_trial(retry.number).user_attrs["retry_of"] == b.number
+    lrs = [s.params["method.learning_rate"] for s in (a, b, c)]
+    assert len(set(lrs)) == 3, lrs  # the new draw repeats neither earlier one
+    assert trial_seed(0, 1) != trial_seed(0, 2) and trial_seed(0, 1) == trial_seed(0, 1)
+    assert trial_seed(None, 3) is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler, extra", [("gp", []), ("cmaes", ["sweep.constraints=[]"])])
 def test_a_sampler_study_resumes_after_a_kill(tmp_path, sampler, extra):
