@@ -7,8 +7,8 @@ grid point, created RUNNING with its run key, owner and first heartbeat as user 
 ``storage.create_new_trial`` call. It then re-reads the study. It has won the run when no other
 live (RUNNING, heart-beating, not superseded) trial of the same run key has a lower trial number
 and none of the run's points has meanwhile been decided. A loser marks its ticket superseded and
-fails it with ``claim_lost`` set (bookkeeping: it never counts as a result, and no sdsweep view
-calls it a failure) and plans again.
+fails it with the fate ``Fate.CLAIM_LOST`` (study/trial_tags.py; bookkeeping: it never counts as a
+result, and no sdsweep view calls it a failure) and plans again.
 
 Why this is atomic on each backend (read in Optuna 5's source):
 - RDB (PostgreSQL, MySQL): ``_create_new_trial`` first takes ``SELECT ... FOR UPDATE`` on the
