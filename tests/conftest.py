@@ -25,6 +25,7 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("SDSWEEP_CACHE") == str(_SESSION_CACHE):
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 

@@ -150,6 +150,7 @@ def test_help_teaches_the_commands_from_any_folder(tmp_path):
     ):
         assert command in out
     assert re.search(r"sweep: .*lr_steps.*methods.*tpe", out) and "model: sd15" in out  # the config groups
+    assert "method: dreambooth, full, lora, textual_inversion\n" in out  # no internal *_schema entry
     assert "powered by Hydra" not in out
 
 

@@ -390,7 +390,8 @@ def test_a_run_whose_data_changed_before_it_loaded_it_is_handed_back_not_failed(
     """The window the busy-machine flake fell into, made deterministic: the run is claimed (the study
     matched), then an image changes before the run loads its data. The run raises the study change, its
     trial is handed back (no record, not a result) and never FAIL in results; nothing trained on the edit."""
-    from sdsweep.sweep.claims import HANDED_BACK, Heartbeat
+    from sdsweep.study.trial_tags import HANDED_BACK
+    from sdsweep.sweep.claims import Heartbeat
     from sdsweep.sweep.driver import SweepDriver
     from sdsweep.sweep.fingerprint import StudyMismatchError, ensure_study_identity
 

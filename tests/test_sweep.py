@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 
-from sdsweep.study.store import FAIL_REASON, GRID_POINT, SUPERSEDED
+from sdsweep.study.trial_tags import FAIL_REASON, GRID_POINT, SUPERSEDED
 from sdsweep.sweep.driver import run_sweep
 
 # Cheap evaluation: these tests are about the engine, the metrics have their own tests.
@@ -171,7 +171,8 @@ def test_keep_best_k_with_two_objectives_keeps_the_whole_pareto_front(tmp_path):
     from sdsweep import io
     from sdsweep.study.record import TrialRecord
     from sdsweep.study.record import TrialState as RecordState
-    from sdsweep.study.store import VIOLATIONS, StudyHandle
+    from sdsweep.study.store import StudyHandle
+    from sdsweep.study.trial_tags import VIOLATIONS
     from sdsweep.sweep.recorder import enforce_keep_best_k
     from tests.conftest import compose
 

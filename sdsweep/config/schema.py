@@ -274,6 +274,8 @@ def register_configs() -> None:
     load_plugins()  # plugin methods register their schema and their method=<name> entry first
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for name, schema in METHOD_SCHEMAS.items():  # conf/method/<name>.yaml sets only these options
-        cs.store(group="method", name=f"{name}_schema", node=schema)
+    # One schema per method (conf/method/<name>.yaml sets only its options), stored outside the method
+    # group: a group's entries are choices (`method=...`, listed by --help), and a schema is not a method.
+    for name, schema in METHOD_SCHEMAS.items():
+        cs.store(name=f"method_schema_{name}", node=schema)
     OmegaConf.register_new_resolver("data_tag", data_tag, replace=True)

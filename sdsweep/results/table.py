@@ -23,7 +23,7 @@ def trial_rows(
     paths: io.StudyPaths, optuna_trials: list[Any] | None = None, superseded: set[int] | None = None
 ) -> list[dict[str, Any]]:
     """Rows from each trial's metrics.json; Optuna's view fills in trials that never wrote one."""
-    from sdsweep.study.store import FAIL_REASON
+    from sdsweep.study.trial_tags import TrialTags
 
     rows: dict[int, dict[str, Any]] = {}
     for trial_dir in paths.trial_dirs():
@@ -54,8 +54,9 @@ def trial_rows(
             row["state"] = frozen.state.name
         for key, value in frozen.params.items():
             row.setdefault(key, value)
-        if frozen.user_attrs.get(FAIL_REASON) and not row.get("fail_reason"):
-            row["fail_reason"] = frozen.user_attrs[FAIL_REASON]
+        reason = TrialTags.of(frozen).fail_reason
+        if reason and not row.get("fail_reason"):
+            row["fail_reason"] = reason
     return [rows[k] for k in sorted(rows) if k not in superseded]
 
 

@@ -6,6 +6,7 @@ results reach the storage even when the driver is killed.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -14,21 +15,9 @@ import optuna
 from optuna.trial import TrialState
 
 from sdsweep.config.schema import Config
+from sdsweep.study.trial_tags import VIOLATIONS, Fate, TrialTags, ending
 
-# User attributes the sweep records on every trial.
-FAIL_REASON = "fail_reason"
-VIOLATIONS = "constraint_violations"
-INTERRUPTED = "interrupted"
-SUPERSEDED = "superseded"  # an interrupted trial whose grid point was queued again
-# A ticket that lost the claim race (sdsweep/sweep/claims.py): nothing ran and nothing failed. Optuna has no
-# state for that and no public way to delete a trial, and PRUNED would feed TPE a bad result at a point
-# nobody judged, so it ends FAIL with this attribute; every sdsweep view leaves it out and counts it apart.
-CLAIM_LOST = "claim_lost"
-GRID_POINT = "grid_point"  # canonical JSON of the point's params (plan.point_key)
-RUN_KEY = "run_key"
-TRIAL_DIR = "trial_dir"  # where the trial's files are (trials/NNNN, relative to the study folder), for optuna-dashboard
-WANDB_RUN_ID = "wandb_run_id"
-INTERVALS = "intervals"  # {metric: [lo, hi]}: the 95% intervals of the trial's headline metrics
+# The user attributes a trial carries are named, read and written in one place: study/trial_tags.py.
 
 
 def single_run_sweep():
@@ -89,21 +78,38 @@ def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], attempts: int =
     raise AssertionError("unreachable")
 
 
-def make_sampler(cfg: Config):
+def make_sampler(cfg: Config, seed: int | None = None):
+    """The study's sampler, seeded with ``seed`` (default: sweep.seed; see ``trial_seed`` for draws)."""
     sweep = cfg.sweep
     assert sweep is not None
+    seed = sweep.seed if seed is None else seed
     if sweep.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=sweep.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     # GP and TPE read each trial's constraints (Trial.set_constraint) themselves; CMA-ES cannot, so a
     # constrained CMA-ES study is refused at validation. Few startup trials: a sweep has few trials at all.
     startup = min(10, max(2, (sweep.n_trials or 10) // 4))
     if sweep.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=sweep.seed, n_startup_trials=startup)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if sweep.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=sweep.seed, n_startup_trials=startup)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
     # Grid studies enqueue every point, so the sampler never samples. Feasibility reaches TPE through
     # Trial.set_constraint (Optuna 5), recorded when the trial is told.
-    return optuna.samplers.TPESampler(seed=sweep.seed, multivariate=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+def trial_seed(sweep_seed: int | None, number: int) -> int | None:
+    """The seed of the sampler that draws trial ``number`` of a search study: sweep.seed and the trial's number.
+
+    A sampler seeded once per process replays its draws in every process: a study resumed after a kill
+    drew its first startup point again (a repeated learning rate), and two workers of a pool drew the same
+    one. Trial numbers are unique in a study, and the number is what the storage held before the trial,
+    so a draw depends on the sweep's seed and the study's history only, not on which process makes it.
+    None (an unseeded sampler) stays None.
+    """
+    if sweep_seed is None:
+        return None
+    digest = hashlib.sha256(f"{sweep_seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def make_pruner(cfg: Config):
@@ -165,6 +171,10 @@ class StudyHandle:
             return False
         return True
 
+    def set_tags(self, number: int, tags: TrialTags) -> bool:
+        """Write a trial's tags (the fields that are set); False when the trial has already finished."""
+        return all(self.set_attr(number, key, value) for key, value in tags.attrs().items())
+
 
 def open_study(cfg: Config, url: str, study_name: str) -> optuna.Study:
     return StudyHandle(cfg, url, study_name).study
@@ -196,6 +206,10 @@ class TrialLink:
     def set_attr(self, key: str, value: Any) -> None:
         self.trial.set_user_attr(key, value)
 
+    def set_tags(self, tags: TrialTags) -> None:
+        for key, value in tags.attrs().items():
+            self.trial.set_user_attr(key, value)
+
     def report(self, value: float, step: int) -> None:
         if len(self.study.directions) == 1 and math.isfinite(value):
             self.trial.report(value, step)
@@ -213,10 +227,10 @@ class TrialLink:
             )
         self.study.tell(self.number, values=values if len(values) > 1 else values[0])
 
-    def fail(self, reason: str) -> None:
-        self.set_attr(FAIL_REASON, reason[:2000])
+    def fail(self, reason: str, fate: Fate = Fate.ERROR, error_type: str | None = None) -> None:
+        self.set_tags(ending(fate, reason, error_type=error_type))
         self.study.tell(self.number, state=TrialState.FAIL)
 
     def prune(self, reason: str) -> None:
-        self.set_attr(FAIL_REASON, reason[:2000])
+        self.set_tags(ending(Fate.PRUNED, reason))
         self.study.tell(self.number, state=TrialState.PRUNED)

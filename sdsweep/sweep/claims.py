@@ -7,8 +7,8 @@ grid point, created RUNNING with its run key, owner and first heartbeat as user 
 ``storage.create_new_trial`` call. It then re-reads the study. It has won the run when no other
 live (RUNNING, heart-beating, not superseded) trial of the same run key has a lower trial number
 and none of the run's points has meanwhile been decided. A loser marks its ticket superseded and
-fails it with ``claim_lost`` set (bookkeeping: it never counts as a result, and no sdsweep view
-calls it a failure) and plans again.
+fails it with the fate ``Fate.CLAIM_LOST`` (study/trial_tags.py; bookkeeping: it never counts as a
+result, and no sdsweep view calls it a failure) and plans again.
 
 Why this is atomic on each backend (read in Optuna 5's source):
 - RDB (PostgreSQL, MySQL): ``_create_new_trial`` first takes ``SELECT ... FOR UPDATE`` on the
@@ -39,7 +39,6 @@ stops at its next step (``RunTakenOver``) instead of training on beside its new 
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -48,63 +47,50 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sdsweep import faults
 from sdsweep.config.schema import SweepConfig
-from sdsweep.study.store import (
-    CLAIM_LOST,
-    FAIL_REASON,
-    GRID_POINT,
-    INTERRUPTED,
-    RUN_KEY,
-    SUPERSEDED,
-    StudyHandle,
-)
-
-OWNER = "owner"  # "<host> worker <n> <token>": who runs the trial (for people)
-HOST = "host"  # the owner's host: whose clock wrote the heartbeat (see the module docstring)
-HEARTBEAT = "heartbeat"  # unix time of the owner's last sign of life, by the owner's clock
-CRASHED = "crashed"  # the owner died during this trial: counts against sweep.max_retries
-HANDED_BACK = "handed_back"  # stopped by Ctrl-C/SIGTERM: queued again, costs no retry
-
-
-def is_superseded(frozen: FrozenTrial) -> bool:
-    return bool(frozen.user_attrs.get(SUPERSEDED))
+from sdsweep.study.store import StudyHandle
+from sdsweep.study.trial_tags import HEARTBEAT, Fate, TrialTags, ending
 
 
 def host_name() -> str:
-    """The host an sdsweep process reports; SDSWEEP_HOST overrides it (tests simulate a second machine)."""
-    return os.environ.get("SDSWEEP_HOST") or socket.gethostname()
+    """The host an sdsweep process reports (tests simulate a second machine: sdsweep/faults.py)."""
+    return faults.host_override() or socket.gethostname()
 
 
 def wall_clock() -> float:
-    """This machine's unix time. SDSWEEP_CLOCK_OFFSET (seconds, tests only) simulates a machine whose
-    clock is off, to show that liveness never compares clocks across machines."""
-    return time.time() + float(os.environ.get("SDSWEEP_CLOCK_OFFSET") or 0.0)
+    """This machine's unix time (tests simulate a machine whose clock is off, sdsweep/faults.py, to show
+    that liveness never compares clocks across machines)."""
+    return time.time() + faults.clock_offset()
 
 
 class Claims:
-    def __init__(self, handle: StudyHandle, sweep: SweepConfig, owner: str, host: str | None = None):
+    def __init__(
+        self, handle: StudyHandle, sweep: SweepConfig, owner: str, token: str, host: str | None = None
+    ):
         self.handle = handle
         self.sweep = sweep
         self.owner = owner
+        self.token = token
         self.host = host or host_name()
         # Beats written on other machines: trial number -> (beat, monotonic time we first saw that beat).
         self._watched: dict[int, tuple[float, float]] = {}
 
-    def identity(self) -> dict[str, Any]:
-        """The attributes that make a trial ours: owner, host and a first heartbeat."""
-        return {OWNER: self.owner, HOST: self.host, HEARTBEAT: wall_clock()}
+    def identity(self) -> TrialTags:
+        """The tags that make a trial ours: owner, token, host and a first heartbeat."""
+        return TrialTags(owner=self.owner, token=self.token, host=self.host, heartbeat=wall_clock())
 
     # ---- liveness ---------------------------------------------------------------------------------
     def last_beat(self, frozen: FrozenTrial) -> float:
-        beat = frozen.user_attrs.get(HEARTBEAT)
-        if isinstance(beat, (int, float)):
-            return float(beat)
+        beat = TrialTags.of(frozen).heartbeat
+        if beat is not None:
+            return beat
         start = frozen.datetime_start
         return start.timestamp() if start else 0.0
 
     def is_stale(self, frozen: FrozenTrial, now: float | None = None) -> bool:
         beat = self.last_beat(frozen)
-        if frozen.user_attrs.get(HOST) == self.host:  # our own clock wrote it: its age is meaningful
+        if TrialTags.of(frozen).host == self.host:  # our own clock wrote it: its age is meaningful
             return (now or wall_clock()) - beat > self.sweep.grace_period
         # Another machine's clock: stale only once we have watched this beat stand still long enough.
         seen_now = time.monotonic()
@@ -117,20 +103,25 @@ class Claims:
     def is_live(self, frozen: FrozenTrial, now: float | None = None) -> bool:
         return (
             frozen.state == TrialState.RUNNING
-            and not is_superseded(frozen)
+            and not TrialTags.of(frozen).superseded
             and not self.is_stale(frozen, now)
         )
 
     # ---- claiming ---------------------------------------------------------------------------------
     def create_ticket(
-        self, params: dict[str, Any], distributions: dict[str, Any], attrs: dict[str, Any]
+        self,
+        params: dict[str, Any],
+        distributions: dict[str, Any],
+        tags: TrialTags,
+        system_attrs: dict[str, Any] | None = None,
     ) -> int:
-        """A RUNNING trial with its identity in one storage call; returns its number."""
+        """A RUNNING trial with its tags and identity in one storage call; returns its number."""
         template = optuna.trial.create_trial(
             state=TrialState.RUNNING,
             params=params,
             distributions=distributions,
-            user_attrs={**attrs, **self.identity()},
+            user_attrs={**tags.attrs(), **self.identity().attrs()},
+            system_attrs=system_attrs,
         )
         trial_id = self.handle.storage.create_new_trial(self.handle.study_id, template_trial=template)
         return self.handle.storage.get_trial_number_from_id(trial_id)
@@ -143,15 +134,15 @@ class Claims:
         for frozen in self.handle.trials(states=(TrialState.RUNNING,)):
             if frozen.number >= ticket or not self.is_live(frozen, now):
                 continue
-            if frozen.user_attrs.get(RUN_KEY) == run_key or frozen.user_attrs.get(GRID_POINT) in point_keys:
+            tags = TrialTags.of(frozen)
+            if tags.run_key == run_key or tags.grid_point in point_keys:
                 return False
         return True
 
-    def retire(self, number: int, reason: str, **attrs: Any) -> bool:
-        """Attributes first (a finished trial can no longer change), then FAIL. False if already finished."""
-        for key, value in {**attrs, FAIL_REASON: reason[:2000]}.items():
-            if not self.handle.set_attr(number, key, value):
-                return False
+    def retire(self, number: int, tags: TrialTags) -> bool:
+        """Tags first (a finished trial can no longer change), then FAIL. False if already finished."""
+        if not self.handle.set_tags(number, tags):
+            return False
         try:
             self.handle.study.tell(number, state=TrialState.FAIL)
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
@@ -160,32 +151,28 @@ class Claims:
 
     def lose(self, ticket: int) -> None:
         reason = "claim lost (bookkeeping, not a failure): another worker claimed this run first"
-        self.retire(ticket, reason, **{SUPERSEDED: True, CLAIM_LOST: True})
+        self.retire(ticket, ending(Fate.CLAIM_LOST, reason, superseded=True))
 
     def hand_back(self, numbers: list[int], why: str) -> int:
         handed = 0
         for number in numbers:
             reason = f"handed back ({why}); the next claimant resumes from the last checkpoint"
-            handed += self.retire(number, reason, **{HANDED_BACK: True, SUPERSEDED: True})
+            handed += self.retire(number, ending(Fate.HANDED_BACK, reason, superseded=True))
         return handed
 
-    def crashed(self, frozen: FrozenTrial, reason: str) -> bool:
+    def crashed(self, frozen: FrozenTrial, reason: str, fate: Fate = Fate.CRASHED) -> bool:
         """The owner died: FAIL with the reason; superseded (so retried) while retries are left."""
-        point = frozen.user_attrs.get(GRID_POINT)
-        earlier = sum(
-            1
-            for t in self.handle.trials(states=(TrialState.FAIL,))
-            if t.user_attrs.get(CRASHED)
-            and t.user_attrs.get(GRID_POINT) == point
-            and t.number != frozen.number
-        )
+        point = TrialTags.of(frozen).grid_point
+        earlier = 0
+        for t in self.handle.trials(states=(TrialState.FAIL,)):
+            tags = TrialTags.of(t)
+            earlier += bool(
+                tags.fate and tags.fate.died and tags.grid_point == point and t.number != frozen.number
+            )
         retry = earlier < self.sweep.max_retries
         if retry:
             reason += f" (retry {earlier + 1} of {self.sweep.max_retries})"
-        attrs = {CRASHED: True, INTERRUPTED: True}
-        if retry:
-            attrs[SUPERSEDED] = True
-        return self.retire(frozen.number, reason, **attrs)
+        return self.retire(frozen.number, ending(fate, reason, superseded=retry))
 
     def reap_stale(self) -> int:
         """Take over trials whose heartbeat stopped, so their points are planned again."""
@@ -197,23 +184,23 @@ class Claims:
         for frozen in running:
             if not self.is_stale(frozen, now):
                 continue
-            if is_superseded(frozen):  # its owner died while retiring it: finish the job, no retry counted
-                self.retire(frozen.number, str(frozen.user_attrs.get(FAIL_REASON) or "superseded"))
+            tags = TrialTags.of(frozen)
+            if tags.superseded:  # its owner died while retiring it: finish the job, no retry counted
+                self.retire(
+                    frozen.number, ending(tags.fate or Fate.ERROR, tags.fail_reason or "superseded", True)
+                )
                 continue
-            owner = frozen.user_attrs.get(OWNER, "an earlier sweep process")
+            owner = tags.owner or "an earlier sweep process"
             reaped += self.crashed(
                 frozen,
                 f"interrupted: {owner} sent no heartbeat for over {self.sweep.grace_period:g}s (killed?)",
+                Fate.TAKEN_OVER,
             )
         return reaped
 
     def running_of_token(self, token: str) -> list[FrozenTrial]:
         """RUNNING trials of one worker process (the driver's own bookkeeping, not liveness)."""
-        return [
-            t
-            for t in self.handle.trials(states=(TrialState.RUNNING,))
-            if f"[{token}]" in str(t.user_attrs.get(OWNER))
-        ]
+        return [t for t in self.handle.trials(states=(TrialState.RUNNING,)) if TrialTags.of(t).token == token]
 
 
 class RunTakenOver(RuntimeError):
@@ -222,7 +209,8 @@ class RunTakenOver(RuntimeError):
 
 def taken_over(frozen: FrozenTrial) -> bool:
     """A trial of ours that someone else failed as crashed or stale while we were still running it."""
-    return frozen.state == TrialState.FAIL and bool(frozen.user_attrs.get(CRASHED))
+    fate = TrialTags.of(frozen).fate
+    return frozen.state == TrialState.FAIL and fate is not None and fate.died
 
 
 class Heartbeat:
@@ -259,7 +247,7 @@ class Heartbeat:
                 numbers = sorted(self.numbers)
             for number in numbers:
                 try:
-                    alive = self.handle.set_attr(number, HEARTBEAT, wall_clock())
+                    alive = self.handle.set_attr(number, HEARTBEAT, wall_clock())  # one key, every beat
                     lost = not alive and taken_over(self.handle.get_trial(number))
                 except Exception:  # a busy or unreachable database: try again next beat
                     continue

@@ -16,7 +16,7 @@ from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.errors import ConfigError, SweepStopped
 from sdsweep.results.study_folder import best_trial, study_verdict
 from sdsweep.results.verdict import Verdict
-from sdsweep.study.store import CLAIM_LOST
+from sdsweep.study.trial_tags import CLAIM_LOST, Fate, TrialTags
 from sdsweep.sweep.engine import SweepEngine, log
 from sdsweep.sweep.fingerprint import ensure_study_identity
 
@@ -111,7 +111,7 @@ class SweepDriver:
 
     def lost_claims_note(self) -> str:
         """Lost claim races are FAIL in Optuna (study/store.py, CLAIM_LOST) but failures of nothing: say so."""
-        lost = sum(1 for t in self.engine.handle.trials() if t.user_attrs.get(CLAIM_LOST))
+        lost = sum(1 for t in self.engine.handle.trials() if TrialTags.of(t).fate == Fate.CLAIM_LOST)
         if not lost:
             return ""
         return (

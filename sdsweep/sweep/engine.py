@@ -34,9 +34,9 @@ from sdsweep.study.plan import (
     plan_runs,
     point_key,
     short_params,
-    suggest,
 )
-from sdsweep.study.store import GRID_POINT, RUN_KEY, StudyHandle, storage_url
+from sdsweep.study.store import StudyHandle, storage_url
+from sdsweep.study.trial_tags import TrialTags
 from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
 from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, is_location_only
@@ -46,9 +46,8 @@ from sdsweep.sweep.run_config import compose_config
 from sdsweep.sweep.run_executor import execute_run
 from sdsweep.sweep.run_setup import RunCaches
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
+from sdsweep.sweep.search import AGAIN, DEFAULT_SEARCH_TRIALS, WAIT, SearchClaims
 
-TICKET = "ticket"  # user attr: this trial was its run's claim ticket (the run's first point)
-WAIT, AGAIN = "wait", "again"  # next_run's internal answers: others hold the rest / lost a race
 WAKE_FILE = ".wake"  # under runs/: touched when a run ends, so idle workers re-check at once
 
 
@@ -86,11 +85,12 @@ class SweepEngine:
         self.study = self.handle.study
         self.label = label
         self.token = token or uuid.uuid4().hex[:8]
-        self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]")
+        self.claims = Claims(self.handle, self.sweep, f"{host_name()} {label} [{self.token}]", self.token)
         self.heartbeat: Heartbeat | None = None
         self.caches = RunCaches()  # evaluator and memory estimates, reused by this process's next runs
         self.retry_below = len(self.handle.trials()) if retry_below is None else retry_below
         self.ledger = StudyLedger(self.handle, self.sweep, self.claims, self.retry_below)
+        self.search = SearchClaims(self.cfg, self.handle, self.claims, self.ledger, self.say)
         # When the sweep started (unix time): the driver's start, for its workers too, so sweep.timeout
         # bounds the whole sweep, not each worker (a replacement worker starts later).
         self.started_at = time.time() if started_at is None else started_at
@@ -188,8 +188,8 @@ class SweepEngine:
 
     def new_trial(self, point: dict[str, Any], run: RunPlan, ticket: bool) -> TrialSlot:
         params, distributions = self.params_of(point)
-        attrs = {GRID_POINT: self.key_of(point), RUN_KEY: run.key, TICKET: ticket}
-        number = self.claims.create_ticket(params, distributions, attrs)
+        tags = TrialTags(grid_point=self.key_of(point), run_key=run.key, ticket=ticket)
+        number = self.claims.create_ticket(params, distributions, tags)
         step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
         shown = point or self.single_params  # a single run plans no point; record what set it apart
         return TrialSlot(number=number, trial_id=self.handle.trial_id(number), step=step, params=shown)
@@ -251,36 +251,8 @@ class SweepEngine:
             return [first] + [self.new_trial(p, run, ticket=False) for p in run.points[1:]]
 
     def claim_search(self) -> RunSpec | str | None:
-        target = self.sweep.n_trials or 20
-        done = sum(len(v) for v in self.ledger.decided_points().values())
-        running = len(self.ledger.live_points())
-        if done >= target:
-            log(f"search finished: {done}/{target} trials have results")
-            return None
-        if done + running >= target:
-            return WAIT
-        with signals.critical():  # as claim(): made whole; a stop meanwhile is handed back by work()
-            trial = self.study.ask()  # a new trial per call: nothing to race for
-            for key, value in self.claims.identity().items():
-                trial.set_user_attr(key, value)
-            point: dict[str, Any] = {}
-            for key, spec in sorted(self.sweep.params.items()):
-                point[key] = suggest(trial, key, spec)
-            method = point.get("method")
-            if method in self.sweep.learning_rate_by_method:
-                # A separate Optuna parameter per method: each keeps its own distribution.
-                spec = self.sweep.learning_rate_by_method[method]
-                point["method.learning_rate"] = suggest(trial, f"method.learning_rate[{method}]", spec)
-            run = RunPlan(base=point, points=[point], shared=False)
-            trial.set_user_attr(GRID_POINT, point_key(point))
-            trial.set_user_attr(RUN_KEY, run.key)
-            trial.set_user_attr(TICKET, True)
-            step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))
-            slot = TrialSlot(
-                number=trial.number, trial_id=self.handle.trial_id(trial.number), step=step, params=point
-            )
-        self.say(f"trial {slot.number} ({done + running + 1}/{target}): {short_params(point)}")
-        return self.spec_for(run, [slot])
+        answer = self.search.next_claim()
+        return self.spec_for(*answer) if isinstance(answer, tuple) else answer
 
     def spec_for(self, run: RunPlan, slots: list[TrialSlot]) -> RunSpec:
         overrides = self.overrides + overrides_for(run.base if run.shared else run.points[0])
@@ -312,7 +284,7 @@ class SweepEngine:
             return False
         decided = self.ledger.decided_points()
         if self.sweep.sampler != "grid":
-            return sum(len(v) for v in decided.values()) >= (self.sweep.n_trials or 20)
+            return sum(len(v) for v in decided.values()) >= (self.sweep.n_trials or DEFAULT_SEARCH_TRIALS)
         points = grid_points(self.sweep.params) if self.sweep.params else [{}]
         done = sum(1 for p in points if self.key_of(p) in decided)
         return done >= min(len(points), self.sweep.n_trials or len(points))

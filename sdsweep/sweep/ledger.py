@@ -13,11 +13,9 @@ from optuna.trial import TrialState
 
 from sdsweep.config.schema import SweepConfig
 from sdsweep.study.plan import point_key
-from sdsweep.study.store import FAIL_REASON, GRID_POINT, SUPERSEDED, StudyHandle
+from sdsweep.study.store import StudyHandle
+from sdsweep.study.trial_tags import SUPERSEDED, Fate, TrialTags
 from sdsweep.sweep.claims import Claims, wall_clock
-
-# Exceptions that say the configuration is wrong, not the trial: K of them in a row stop the sweep.
-CONFIG_ERRORS = ("ConfigError", "ModelUnavailableError", "DataError", "UserError")
 
 
 class StudyLedger:
@@ -32,7 +30,7 @@ class StudyLedger:
 
     def superseded(self) -> set[int]:
         """Trials that are not results: lost claims, handed-back and retried attempts, retry_failed."""
-        marked = {t.number for t in self.handle.trials() if t.user_attrs.get(SUPERSEDED)}
+        marked = {t.number for t in self.handle.trials() if TrialTags.of(t).superseded}
         prefix = f"{SUPERSEDED}:"
         study_marks = {int(k[len(prefix) :]) for k in self.study.user_attrs if k.startswith(prefix)}
         return marked | study_marks | set(self.study.user_attrs.get(SUPERSEDED, []))
@@ -48,7 +46,7 @@ class StudyLedger:
         for frozen in self.handle.trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
             if frozen.number in superseded:
                 continue
-            key = frozen.user_attrs.get(GRID_POINT) or point_key(frozen.params)
+            key = TrialTags.of(frozen).grid_point or point_key(frozen.params)
             if (
                 frozen.state == TrialState.FAIL
                 and self.sweep.retry_failed
@@ -62,10 +60,26 @@ class StudyLedger:
     def live_points(self) -> set[str]:
         now = wall_clock()
         return {
-            t.user_attrs.get(GRID_POINT) or point_key(t.params)
+            TrialTags.of(t).grid_point or point_key(t.params)
             for t in self.handle.trials(states=(TrialState.RUNNING,))
             if self.claims.is_live(t, now)
         }
+
+    def interrupted_points(self) -> list[optuna.trial.FrozenTrial]:
+        """Search trials whose run was interrupted (its worker died, or it was handed back) and whose point
+        has no outcome yet and nobody trains: one trial per point, the first attempt. A search retries
+        these configurations before it draws new ones, as a grid plans an interrupted point again."""
+        decided = self.decided_points()
+        live = self.live_points()
+        due: dict[str, optuna.trial.FrozenTrial] = {}
+        for frozen in self.handle.trials(states=(TrialState.FAIL,)):
+            tags = TrialTags.of(frozen)
+            if not (tags.superseded and tags.fate and tags.fate.interrupted and frozen.params):
+                continue
+            key = tags.grid_point or point_key(frozen.params)
+            if key not in decided and key not in live:
+                due.setdefault(key, frozen)
+        return list(due.values())
 
     def config_failure(self) -> str | None:
         """The shared reason when the first K finished trials all failed on the configuration."""
@@ -78,7 +92,8 @@ class StudyLedger:
         ]
         if len(finished) < k or any(t.state != TrialState.FAIL for t in finished):
             return None
-        kinds = {str(t.user_attrs.get(FAIL_REASON, "")).split(":", 1)[0] for t in finished}
-        if len(kinds) == 1 and kinds & set(CONFIG_ERRORS):
-            return str(finished[0].user_attrs.get(FAIL_REASON))
+        tags = [TrialTags.of(t) for t in finished]
+        # One kind of configuration error throughout: the same exception class every time.
+        if all(t.fate == Fate.CONFIG_ERROR for t in tags) and len({t.error_type for t in tags}) == 1:
+            return tags[0].fail_reason or ""
         return None

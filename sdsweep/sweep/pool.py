@@ -24,15 +24,12 @@ from pathlib import Path
 
 from sdsweep import io, signals
 from sdsweep.errors import SweepStopped
-from sdsweep.study.store import CLAIM_LOST
+from sdsweep.exits import BASELINE_FAILED, ERROR_LINE, STUDY_CHANGED
+from sdsweep.study.trial_tags import Fate, TrialTags
 from sdsweep.sweep import allocation
-from sdsweep.sweep.claims import OWNER
 
 _HOST = re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname()) or "host"
-BASELINE_FAILED = 3  # a worker's exit code: the baseline evaluation failed, nothing can run
-STUDY_CHANGED = 4  # a worker's exit code: the study's data or settings changed under the sweep
 STOP_WAIT_SECONDS = 60  # how long a stopping worker may take to hand its run back before SIGKILL
-_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)|Killed)\b.*")
 
 
 def worker_devices(workers, devices: list[int] | None, per_worker: int = 1) -> list[str | None]:
@@ -243,7 +240,7 @@ class WorkerPool:
                     else:
                         print(line, end="", flush=True)
                 stripped = line.strip()
-                if _ERROR_LINE.match(stripped) or "out of memory" in stripped.lower():
+                if ERROR_LINE.match(stripped) or "out of memory" in stripped.lower():
                     worker.error_lines = (worker.error_lines + [stripped])[-5:]
         worker.proc.wait()  # EOF comes just before the exit status: wake the watch loop once it is there
         self.exited.set()
@@ -326,12 +323,13 @@ class WorkerPool:
     def launched(self) -> tuple[int, int]:
         """(runs, trials) this driver's workers trained, from the storage."""
         runs = trials = 0
+        tokens = set(self.tokens)
         for frozen in self.engine.handle.trials():
-            owner = str(frozen.user_attrs.get(OWNER, ""))
-            if not any(f"[{token}]" in owner for token in self.tokens):
+            tags = TrialTags.of(frozen)
+            if tags.token not in tokens:
                 continue
-            if frozen.user_attrs.get(CLAIM_LOST):
+            if tags.fate == Fate.CLAIM_LOST:
                 continue  # a lost claim race: nothing was trained
             trials += 1
-            runs += bool(frozen.user_attrs.get("ticket"))
+            runs += tags.ticket
         return runs, trials

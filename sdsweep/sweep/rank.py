@@ -6,7 +6,6 @@ written, no Optuna or W&B. Exits non-zero with the error on its last line when a
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ def main(argv: list[str]) -> int:
 
     signals.watch_parent()  # fallback for PR_SET_PDEATHSIG, set by rank 0 when it started us
     spec = RankSpec.from_json(Path(argv[0]).read_text())
-    from sdsweep import io, progress, warnings_filter
+    from sdsweep import faults, io, progress, warnings_filter
     from sdsweep.data.examples import load_examples, split_examples
     from sdsweep.data.latent_cache import build_training_dataset
     from sdsweep.models.loading import load_components, select_device
@@ -36,7 +35,7 @@ def main(argv: list[str]) -> int:
         method = get_method(cfg.method.name)(cfg, components, device, cache_dir=paths.cache)
         method.prepare()
         dataset = build_training_dataset(cfg, components, method, train_examples, paths.cache)
-        if os.environ.get("SDSWEEP_FAULT") == "rank_crash":  # tests only: a rank dies mid-run
+        if faults.fault("rank_crash"):  # tests: a rank dies mid-run
             raise RuntimeError("injected fault: this rank crashed")
         checkpoint_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
         try:

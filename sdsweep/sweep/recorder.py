@@ -8,33 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import optuna
 
-from sdsweep import io
+from sdsweep import faults, io
 from sdsweep.config.constraints import parse_constraint
 from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config
 from sdsweep.study.record import TrialRecord, TrialState, read_record, read_record_or_none
-from sdsweep.study.store import (
-    INTERVALS,
-    RUN_KEY,
-    TRIAL_DIR,
-    VIOLATIONS,
-    WANDB_RUN_ID,
-    StudyHandle,
-    TrialLink,
-    objective_values,
-)
+from sdsweep.study.store import StudyHandle, TrialLink, objective_values
+from sdsweep.study.trial_tags import INTERVALS, VIOLATIONS, Fate, TrialTags
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
 
-# Test-only fault injection: SDSWEEP_FAULT=after_record makes the process SIGKILL itself right after a
-# trial's metrics.json is written and before Optuna is told (tests/test_parallel.py checks that
-# keep_best_k and resume handle that window). Never set it outside tests.
 # Errors from telling a trial that someone else already finished (it was taken over as stale).
 TAKEN_OVER = (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError)
 
@@ -64,9 +51,10 @@ class TrialRecorder:
 
     def link(self, slot: TrialSlot) -> TrialLink:
         link = TrialLink(self.handle, slot.number)
-        link.set_attr(RUN_KEY, self.spec.run_key)
-        # Relative to the study folder: the storage outlives a move of the folder (or sees it mounted elsewhere).
-        link.set_attr(TRIAL_DIR, self.paths.trial(slot.number).relative_to(self.paths.root).as_posix())
+        # The trial's folder relative to the study folder: the storage outlives a move of the folder (or sees
+        # it mounted elsewhere).
+        trial_dir = self.paths.trial(slot.number).relative_to(self.paths.root).as_posix()
+        link.set_tags(TrialTags(run_key=self.spec.run_key, trial_dir=trial_dir))
         return link
 
     def tell(self, slot: TrialSlot, action) -> None:
@@ -117,13 +105,12 @@ class TrialRecorder:
             reason = f"{values}: {record.missing.get(self.cfg.sweep.objectives[0].metric.split('/', 1)[-1], '')}".rstrip(
                 ": "
             )
-            self.fail(slot, record, link, reason)
+            self.fail(slot, record, link, reason, fate=Fate.NO_OBJECTIVE)
             return
         record.state = TrialState.COMPLETE
         record.objective = values[0]
         record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
-        if os.environ.get("SDSWEEP_FAULT") == "after_record":  # read now: a forked worker sets its env late
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.kill_at("after_record")  # tests: a crash between the record and telling Optuna
         for name, value in metrics.items():  # every metric readable per trial in the dashboard
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tell(slot, lambda n=name, v=value: link.set_attr(n, float(v)))
@@ -180,11 +167,16 @@ class TrialRecorder:
         link: TrialLink,
         reason: str,
         state: TrialState = TrialState.FAIL,
+        fate: Fate = Fate.ERROR,
+        error_type: str | None = None,
     ) -> None:
         record.state = state
         record.fail_reason = reason
         record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
-        self.tell(slot, lambda: link.prune(reason) if state == TrialState.PRUNED else link.fail(reason))
+        if state == TrialState.PRUNED:
+            self.tell(slot, lambda: link.prune(reason))
+        else:
+            self.tell(slot, lambda: link.fail(reason, fate, error_type))
 
     def track(self, slot: TrialSlot, record: TrialRecord, images: dict) -> None:
         from sdsweep.sweep import tracking
@@ -195,7 +187,9 @@ class TrialRecorder:
         if run_id:
             record.wandb_run_id = run_id
             record.write(self.paths.trial(slot.number) / io.TRIAL_METRICS)
-            self.handle.set_attr(slot.number, WANDB_RUN_ID, run_id)  # False once finished: kept on disk
+            self.handle.set_tags(
+                slot.number, TrialTags(wandb_run_id=run_id)
+            )  # False once finished: kept on disk
 
 
 def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) -> None:

@@ -23,6 +23,7 @@ from sdsweep.metric_names import is_internal
 from sdsweep.progress import Progress
 from sdsweep.study.plan import short_params
 from sdsweep.study.record import TrialRecord, TrialState
+from sdsweep.study.trial_tags import Fate, fate_of_error
 from sdsweep.sweep.baseline import baseline_folder, baseline_metrics
 from sdsweep.sweep.claims import RunTakenOver
 from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, raise_if_data_changed
@@ -94,13 +95,13 @@ class RunExecutor:
             self.open_slots.clear()
             raise
         except TrainingDiverged as error:
-            self.fail_open(f"training diverged: {error}")
+            self.fail_open(f"training diverged: {error}", Fate.DIVERGED)
         except torch.OutOfMemoryError:
-            self.fail_open(OUT_OF_MEMORY)
+            self.fail_open(OUT_OF_MEMORY, Fate.OUT_OF_MEMORY)
         except Exception as error:  # a trial's bug must not stop the sweep
             for slot in self.open_slots:
                 io.atomic_write_text(self.paths.trial(slot.number) / "error.txt", traceback.format_exc())
-            self.fail_open(f"{type(error).__name__}: {error}")
+            self.fail_open(f"{type(error).__name__}: {error}", fate_of_error(error), type(error).__name__)
         finally:
             for slot in list(self.open_slots):  # the loop ended before this milestone (should not happen)
                 self.finish_slot(slot, TrialState.FAIL, f"training stopped before step {slot.step}")
@@ -223,7 +224,14 @@ class RunExecutor:
         return result.metrics
 
     # ---- recording the served trials --------------------------------------------------------------
-    def finish_slot(self, slot: TrialSlot, state: TrialState, reason: str | None = None) -> None:
+    def finish_slot(
+        self,
+        slot: TrialSlot,
+        state: TrialState,
+        reason: str | None = None,
+        fate: Fate = Fate.ERROR,
+        error_type: str | None = None,
+    ) -> None:
         """Record one slot with what the run produced up to its step, then close it."""
         record = self.records[slot.number]
         record.history = [h for h in self.history if h["step"] <= slot.step]
@@ -236,18 +244,20 @@ class RunExecutor:
         if state == TrialState.COMPLETE:
             self.recorder.complete(slot, record, link)
         else:
-            self.recorder.fail(slot, record, link, reason or "unknown", state=state)
+            self.recorder.fail(slot, record, link, reason or "unknown", state, fate, error_type)
         self.recorder.track(slot, record, {"eval/grid": [g for g in self.grids if g[0] <= slot.step]})
         enforce_keep_best_k(self.cfg, self.paths, self.recorder.handle)
         self.open_slots.remove(slot)
         self.say(trial_line(slot, record))  # as each milestone is recorded, not when the whole run ends
 
-    def stop_open(self, state: TrialState, reason: str) -> None:
+    def stop_open(
+        self, state: TrialState, reason: str, fate: Fate = Fate.ERROR, error_type: str | None = None
+    ) -> None:
         for slot in list(self.open_slots):
-            self.finish_slot(slot, state, reason)
+            self.finish_slot(slot, state, reason, fate, error_type)
 
-    def fail_open(self, reason: str) -> None:
-        self.stop_open(TrialState.FAIL, reason)
+    def fail_open(self, reason: str, fate: Fate = Fate.ERROR, error_type: str | None = None) -> None:
+        self.stop_open(TrialState.FAIL, reason, fate, error_type)
 
 
 def paired_prune_reason(cfg: Config, paths: io.StudyPaths, trial: int) -> str | None:

@@ -17,10 +17,7 @@ from pathlib import Path
 
 from sdsweep import signals
 from sdsweep.errors import ConfigError
-
-# Exit codes the pool reads (same values as in sdsweep.sweep.pool; not imported: keeps start-up small).
-BASELINE_FAILED = 3  # the baseline evaluation failed: nothing can run
-STUDY_CHANGED = 4  # the study's data or settings changed under the sweep: nothing more may run
+from sdsweep.exits import BASELINE_FAILED, STUDY_CHANGED  # a leaf module: start-up stays small
 
 
 class DriverPipe:

@@ -39,6 +39,7 @@ import torch
 from sdsweep import io, signals
 from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
+from sdsweep.exits import ERROR_LINE
 
 MASTER_ADDR = "127.0.0.1"  # one machine: the ranks of a run never span hosts
 ENV_KEYS = (
@@ -58,7 +59,6 @@ TIMEOUT = timedelta(hours=2)
 JOIN_TIMEOUT = timedelta(minutes=5)
 CHILD_EXIT_SECONDS = 120  # how long rank 0 waits for the other ranks to leave after the last step
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
-_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception)|Killed)\b.*")
 
 
 class RankFailed(RuntimeError):
@@ -358,7 +358,7 @@ class Ranks:
             lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
             # torch prefixes a distributed process's traceback lines with "[rankN]: "
             stripped = [_RANK_PREFIX.sub("", line).strip() for line in lines]
-            errors = [line for line in stripped if _ERROR_LINE.match(line)]
+            errors = [line for line in stripped if ERROR_LINE.match(line)]
             detail = errors[-1] if errors else f"exit code {code}"
             return f"rank {rank} of {self.world_size} failed: {detail} (log: {log_path})"
         return None
