@@ -33,14 +33,18 @@ from sdsweep.data.images import (
     CaptionTransform,
     ImageCaptionDataset,
     ItemKey,
+    crop_origin,
     dataset_for,
     draw_seed,
     open_rgb_bytes,
     resize_and_crop,
+    resize_shorter_side,
+    size_conditions,
     split_key,
     to_tensor,
     transformed_caption,
 )
+from sdsweep.errors import ConfigError
 from sdsweep.models.tokens import tokenize_prompts
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,9 @@ CACHE_VERSION = 2  # bump when the file layout or the encoding changes
 ENCODE_BATCH_SIZE = 8  # images per VAE call: bounded memory at 512-768 px on a GPU
 PLAIN, FLIPPED, TEXT = "latent_params", "latent_params_flipped", "text_embeddings"
 ROWS, BUCKET_SEP = "rows", "@"  # bucketed caches: "latent_params@24x40" holds the images in "rows@24x40"
+# Size-conditioned versions (SDXL) only: the pooled text embeddings [U, P] beside TEXT, and each image's
+# (original height, width, crop top, crop left) [N, 4], for the plain and the flipped latents.
+TEXT_POOLED, SIZES, SIZES_FLIPPED = "text_pooled", "size_conditions", "size_conditions_flipped"
 
 
 def model_content(cfg: Config, source: str, subfolders: tuple[str, ...]) -> str:
@@ -75,7 +82,8 @@ def cache_key(
 ) -> str:
     """The content hash naming a cache file; ``captions`` is None when no text is cached."""
     digest = hashlib.sha256()
-    parts = ("vae", "text_encoder", "tokenizer") if captions else ("vae",)
+    version = components.version
+    parts = ("vae", *version.text_encoder_parts, *version.tokenizer_parts) if captions else ("vae",)
     header = {
         "version": CACHE_VERSION,
         "model": model_content(cfg, components.source, parts),
@@ -88,6 +96,9 @@ def cache_key(
         "random_flip": cfg.data.random_flip,
         "captions": captions,
     }
+    if version.size_conditioned:  # only then, so that SD caches keep their names
+        header["size_conditions"] = True
+        header["vae_path"] = cfg.model.vae_path
     if cfg.train.bucketing:  # only then, so that square caches keep their names
         header["buckets"] = grid_for(cfg, components).buckets()
     digest.update(json.dumps(header, sort_keys=True).encode())
@@ -136,9 +147,12 @@ class LatentCache:
                 f"these settings; encoding them once ({path.name})",
                 flush=True,
             )
-        tensors = self._encode_images([open_rgb_bytes(blob) for blob in images])
+        decoded = [open_rgb_bytes(blob) for blob in images]
+        tensors = self._encode_images(decoded)
+        if self.components.version.size_conditioned:
+            tensors.update(self._size_conditions(decoded))
         if captions is not None:
-            tensors[TEXT] = self._encode_text(sorted(set(captions)))
+            tensors.update(self._encode_text(sorted(set(captions))))
         io.atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
         return tensors
 
@@ -148,6 +162,18 @@ class LatentCache:
             return self._encode_bucketed(images)
         resolution = resolved_resolution(self.cfg)
         return self._encode_pixels(torch.stack([to_tensor(resize_and_crop(im, resolution)) for im in images]))
+
+    def _size_conditions(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """Each image's original size and centre crop (the cache holds centre crops only), plain and flipped."""
+        resolution = resolved_resolution(self.cfg)
+        crop = (resolution, resolution)
+        out = {SIZES: [], SIZES_FLIPPED: []}
+        for image in images:
+            resized = resize_shorter_side(image, resolution).size
+            origin = crop_origin(resized, resolution, center=True)
+            out[SIZES].append(size_conditions(image.size, resized, crop, origin, flipped=False))
+            out[SIZES_FLIPPED].append(size_conditions(image.size, resized, crop, origin, flipped=True))
+        return {name: torch.stack(rows) for name, rows in out.items()}
 
     def _encode_pixels(self, pixels: torch.Tensor, suffix: str = "") -> dict[str, torch.Tensor]:
         vae = self.components.vae
@@ -177,14 +203,20 @@ class LatentCache:
         return out
 
     @torch.no_grad()
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
-        device = next(encoder.parameters()).device
-        outputs = []
+    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """``text_embeddings`` [U, 77, D] (+ ``text_pooled`` [U, P] where the version pools) for the captions."""
+        components = self.components
+        encoders, version = components.text_encoders, components.version
+        device = next(encoders[0].parameters()).device
+        hidden, pooled = [], []
         for start in range(0, len(captions), ENCODE_BATCH_SIZE):
-            ids = tokenize_prompts(tokenizer, captions[start : start + ENCODE_BATCH_SIZE]).to(device)
-            outputs.append(encoder(ids, return_dict=False)[0].float().cpu())
-        return torch.cat(outputs)
+            chunk = captions[start : start + ENCODE_BATCH_SIZE]
+            ids = [tokenize_prompts(tokenizer, chunk).to(device) for tokenizer in components.tokenizers]
+            text = version.encode(encoders, ids)
+            hidden.append(text.hidden_states.float().cpu())
+            if text.pooled is not None:
+                pooled.append(text.pooled.float().cpu())
+        return {TEXT: torch.cat(hidden), **({TEXT_POOLED: torch.cat(pooled)} if pooled else {})}
 
 
 def split_parameters(parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +255,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.caption_transform = caption_transform
         self.text_rows: list[int] | None = None
+        self.pooled = tensors.get(TEXT_POOLED)
+        self.sizes = {PLAIN: tensors.get(SIZES), FLIPPED: tensors.get(SIZES_FLIPPED)}
         if TEXT in tensors:
             # Rows of the stored embeddings follow the sorted unique captions (an instance set has one).
             row_of = {caption: row for row, caption in enumerate(sorted(set(self.captions)))}
@@ -262,8 +296,13 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         latents = self.sample_latents(index, flipped, torch.Generator().manual_seed(seed))
         caption = transformed_caption(self.caption_transform, self.captions[index], self.seed, index, draw)
         item = {"latents": latents, "caption": caption, "index": index}
+        sizes = self.sizes[FLIPPED if flipped else PLAIN]
+        if sizes is not None:
+            item["size_conditions"] = sizes[index]
         if self.text_rows is not None:
             item["encoder_hidden_states"] = self.text[self.text_rows[index]]
+            if self.pooled is not None:
+                item["pooled_text_embeds"] = self.pooled[self.text_rows[index]]
         return item
 
 
@@ -275,6 +314,12 @@ def build_training_dataset(
     Random crops differ every draw, and caching one crop would silently remove that augmentation, so
     ``data.center_crop=false`` also uses the pixel dataset (the VAE then encodes every step).
     """
+    if cfg.train.bucketing and components.version.size_conditioned:
+        raise ConfigError(
+            "train.bucketing=true is not supported yet for size-conditioned models (SDXL): a bucket's crop "
+            "would have to be recorded as each image's time_ids, which the bucketed datasets do not do yet. "
+            "Use train.bucketing=false (square centre crops, recorded per image)."
+        )
     if not cfg.train.use_latent_cache or cache_dir is None or not cfg.data.center_crop:
         if cfg.train.bucketing:
             return BucketedImageDataset(

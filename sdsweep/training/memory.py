@@ -20,6 +20,7 @@ checked on any GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from sdsweep.training.memory_trace import (
     any_trainable,
     build_on_meta,
     mark_trainable,
+    second_text_encoder_parameters,
     trace_text_encoder_activations,
     trace_unet_activations,
 )
@@ -116,11 +118,16 @@ def load_model_configs(source: str) -> dict[str, dict[str, Any]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    return {
+    configs = {
         "unet": dict(UNet2DConditionModel.load_config(source, subfolder="unet")),
         "vae": dict(AutoencoderKL.load_config(source, subfolder="vae")),
         "text_encoder": CLIPTextConfig.from_pretrained(source, subfolder="text_encoder").to_dict(),
     }
+    if (Path(source) / "text_encoder_2" / "config.json").exists():  # SDXL
+        configs["text_encoder_2"] = CLIPTextConfig.from_pretrained(
+            source, subfolder="text_encoder_2"
+        ).to_dict()
+    return configs
 
 
 # ---- the estimate ------------------------------------------------------------------------------------------------
@@ -134,6 +141,10 @@ def estimate_training_memory(
     weights += _bytes(vae.parameters(), footprint.frozen_dtype)
     text_dtype = torch.float32 if any_trainable(text_encoder) else footprint.frozen_dtype
     weights += _bytes(text_encoder.parameters(), text_dtype)
+    # SDXL's second encoder stays frozen (kept in the frozen dtype) for every method sdsweep runs on it.
+    weights += (
+        second_text_encoder_parameters(configs) * torch.empty((), dtype=footprint.frozen_dtype).element_size()
+    )
     gradients = 4 * trainable_count
     optimizer_state = OPTIMIZER_STATE_BYTES[footprint.optimizer] * trainable_count
     ema = 4 * trainable_count if footprint.use_ema else 0

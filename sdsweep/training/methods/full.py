@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from sdsweep.models.loading import SDComponents, build_pipeline
+from sdsweep.models.loading import build_pipeline
 from sdsweep.training.methods.base import FineTuneMethod, save_pipeline_folder
 
 
@@ -63,16 +64,7 @@ class FullFineTune(FineTuneMethod):
     def pipeline_for_eval(self, scheduler_name: str = "dpmsolver++"):
         if self.ema is None:
             return super().pipeline_for_eval(scheduler_name)
-        live = self.components
-        with_ema = SDComponents(
-            unet=self.evaluated_unet(),
-            vae=live.vae,
-            text_encoder=live.text_encoder,
-            tokenizer=live.tokenizer,
-            noise_scheduler=live.noise_scheduler,
-            source=live.source,
-            prediction_type=live.prediction_type,
-        )
+        with_ema = dataclasses.replace(self.components, unet=self.evaluated_unet())
         return build_pipeline(with_ema, scheduler_name, self.device)
 
     def save(self, out_dir: Path) -> Path:
