@@ -205,3 +205,251 @@ def test_model_vae_path_replaces_the_vae(tmp_path, tiny_model_dirs):
     assert load_components(sdxl_config(tmp_path), CPU).latent_scaling == pytest.approx(0.13025)
     with pytest.raises(ModelUnavailableError, match="model.vae_path"):
         load_components(sdxl_config(tmp_path, f"model.vae_path={tmp_path / 'missing'}"), CPU)
+
+
+# ---- every method on the tiny SDXL -------------------------------------------------------------------
+LEARNING_RATES = {"full": 1e-3, "dreambooth": 1e-3, "textual_inversion": 5e-2, "lora": 1e-2}
+METHOD_EXTRAS = {
+    "dreambooth": ["method.num_class_images=2", "eval.batch_size=2"],
+    "lora": ["method.train_text_encoder=true"],  # UNet and both text encoders
+    "textual_inversion": [],
+    "full": [],
+}
+
+
+def training_batch(method) -> dict:
+    """Two demo images through the real pixel dataset (captions transformed by the method, sizes recorded)."""
+    from sdsweep.data.examples import load_examples
+    from sdsweep.data.images import collate, dataset_for
+
+    dataset = dataset_for(method.cfg, load_examples(method.cfg)[:2], method.transform_caption)
+    return collate([dataset[(i, 0)] for i in range(2)])
+
+
+def snapshot(method) -> dict[str, torch.Tensor]:
+    parts = {"unet": method.components.unet, "text_encoder": method.components.text_encoder}
+    parts["text_encoder_2"] = method.components.text_encoder_2
+    return {f"{p}.{n}": t.detach().clone() for p, m in parts.items() for n, t in m.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def trained_sdxl(tmp_path_factory):
+    """method name -> a method trained 4 steps on the tiny SDXL (fresh components each), with its snapshot."""
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.methods import get_method
+
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            folder = tmp_path_factory.mktemp(f"sdxl-{name}")
+            cfg = sdxl_config(folder, f"method={name}", "eval.num_inference_steps=2", *METHOD_EXTRAS[name])
+            method = get_method(name)(cfg, load_components(cfg, CPU), CPU, cache_dir=folder / "cache")
+            method.prepare()
+            before = snapshot(method)
+            optimizer = torch.optim.AdamW(
+                method.trainable_parameters(), lr=LEARNING_RATES[name], weight_decay=0
+            )
+            method.set_train_mode(True)
+            for step in range(4):
+                batch = method.augment_batch(training_batch(method))
+                loss, logs = method.compute_loss(batch, torch.Generator().manual_seed(step))
+                assert torch.isfinite(loss) and "train/loss" in logs
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_optimizer_step()
+            method.set_train_mode(False)
+            after = snapshot(method)
+            changed = {k for k, v in before.items() if k in after and not torch.equal(v, after[k])}
+            runs[name] = (method, changed, logs)
+        return runs[name]
+
+    return get
+
+
+def generate(pipe, prompt: str) -> np.ndarray:
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+
+
+@pytest.mark.parametrize("name", ["dreambooth", "lora", "textual_inversion"])
+def test_sdxl_method_saves_and_reloads_in_the_sdxl_pipeline(trained_sdxl, tmp_path, name):
+    """Each method trains on the tiny SDXL, and what it saves loads back in StableDiffusionXLPipeline through
+    diffusers' own loaders, drawing the live model's image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdsweep.training.methods import load_trained_pipeline
+
+    method, changed, _ = trained_sdxl(name)
+    assert changed
+    written = method.save(tmp_path / "weights")
+    assert written.exists()
+    reloaded = load_trained_pipeline(method.cfg, tmp_path / "weights", CPU)
+    assert isinstance(reloaded, StableDiffusionXLPipeline)
+    prompt = "a photo of <sks>" if name == "textual_inversion" else "a photo of sks"
+    image = generate(reloaded, prompt)
+    assert np.isfinite(image).all()
+    np.testing.assert_allclose(image, generate(method.pipeline_for_eval("dpmsolver++"), prompt), atol=1e-4)
+
+
+def test_sdxl_lora_adapts_the_unet_and_both_text_encoders(trained_sdxl, tmp_path):
+    from safetensors.torch import load_file
+
+    method, changed, _ = trained_sdxl("lora")
+    assert changed and all("lora" in name for name in changed)
+    assert {name.split(".")[0] for name in changed} == {"unet", "text_encoder", "text_encoder_2"}
+    keys = load_file(str(method.save(tmp_path / "w"))).keys()
+    assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_sdxl_dreambooth_preserves_the_prior_with_class_images(trained_sdxl):
+    method, changed, logs = trained_sdxl("dreambooth")
+    assert {"train/instance_loss", "train/prior_loss"} <= set(logs)
+    assert len(list(method.class_images_dir().glob("*.png"))) == 2  # generated by the SDXL pipeline
+    assert {name.split(".")[0] for name in changed} == {"unet"}
+
+
+def test_sdxl_textual_inversion_learns_one_token_per_encoder(trained_sdxl, tmp_path):
+    """One new row in each encoder, nothing else; saved as clip_l / clip_g for load_textual_inversion."""
+    from safetensors.torch import load_file
+
+    method, changed, _ = trained_sdxl("textual_inversion")
+    assert {name.split(".")[0] for name in changed} == {"text_encoder", "text_encoder_2"}
+    assert all(name.endswith("token_embedding.weight") for name in changed)
+    for i, encoder in enumerate(method.components.text_encoders):
+        weight = encoder.get_input_embeddings().weight
+        rows = method.encoder_token_ids[i]
+        torch.testing.assert_close(
+            weight[method.frozen_rows[i]], method.original_embeddings[i][method.frozen_rows[i]]
+        )
+        assert not torch.equal(weight[rows], method.original_embeddings[i][rows])
+    saved = load_file(str(method.save(tmp_path / "w")))
+    assert set(saved) == {"clip_l", "clip_g"} and saved["clip_l"].shape == (1, 32)
+    torch.testing.assert_close(saved["clip_g"], method.learned_embeddings(1))
+    restored = method.state_dict()
+    assert set(restored) == {"textual_inversion.embeddings", "textual_inversion.embeddings_2"}
+
+
+# ---- resume after an interruption, through the real training loop and the latent cache ----------------
+def loop_setup(folder: Path, *extra: str):
+    """A fresh process's view: the tiny SDXL loaded anew, the method prepared, the study's cached dataset."""
+    from sdsweep.data.examples import load_examples, split_examples
+    from sdsweep.data.latent_cache import build_training_dataset
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.methods import get_method
+
+    cfg = sdxl_config(folder, "train.train_batch_size=2", *extra)
+    components = load_components(cfg, CPU)
+    torch.manual_seed(0)
+    method = get_method(cfg.method.name)(cfg, components, CPU, folder / "cache")
+    method.prepare()
+    examples, _ = split_examples(load_examples(cfg), cfg.data.num_heldout)
+    return cfg, method, build_training_dataset(cfg, components, method, examples, folder / "cache")
+
+
+RESUMED = {
+    # LoRA on the UNet and both encoders, from cached latents, pooled embeddings and sizes, half the
+    # captions dropped (the cached empty caption's pooled embedding too).
+    "lora": ["method=lora", "method.learning_rate=1e-2", "train.caption_dropout=0.5"],
+    # Both encoders' new rows checkpointed and restored (captions encoded per step: templates).
+    "textual_inversion": ["method=textual_inversion", "method.learning_rate=5e-2"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_sdxl_training_resumes_like_an_uninterrupted_run(tmp_path, name):
+    from sdsweep.training.train import TrainHooks, train
+
+    extra = RESUMED[name]
+    losses: list[float] = []
+    cfg, method, dataset = loop_setup(tmp_path, *extra)
+    if name == "lora":
+        assert {"pooled_text_embeds", "size_conditions", "latents"} <= set(dataset[(0, 0)])  # all cached
+    hooks = TrainHooks(on_step=lambda step, logs: losses.append(logs["train/loss"]))
+    train(cfg, method, dataset, [1, 2], hooks, tmp_path / "straight")
+    expected = [p.detach().clone() for p in method.trainable_parameters()]
+
+    resumed_losses: list[float] = []
+    hooks = TrainHooks(on_step=lambda step, logs: resumed_losses.append(logs["train/loss"]))
+    cfg, method, dataset = loop_setup(tmp_path, *extra)
+    train(cfg, method, dataset, [1], hooks, tmp_path / "resumed")
+    cfg, method, dataset = loop_setup(tmp_path, *extra)  # killed after step 1: a new process
+    train(cfg, method, dataset, [2], hooks, tmp_path / "resumed")
+    assert resumed_losses == losses and all(np.isfinite(losses))
+    for resumed, uninterrupted in zip(method.trainable_parameters(), expected, strict=True):
+        assert torch.equal(resumed.detach(), uninterrupted)
+
+
+# ---- memory prediction ----------------------------------------------------------------------------------
+def test_memory_prediction_traces_the_sdxl_unet_like_a_real_forward(components):
+    """The meta trace (with SDXL's added conditions) keeps what a real forward of the tiny SDXL UNet keeps,
+    within the tolerance the SD test allows; the second encoder's weights and trained rows are counted."""
+    import copy
+
+    from sdsweep.models import tiny
+    from sdsweep.training.memory import estimate_training_memory, load_model_configs
+    from sdsweep.training.memory_trace import SavedTensorCounter, TrainingFootprint
+
+    configs = load_model_configs(str(tiny.ensure_tiny_model("sdxl")))
+    assert "text_encoder_2" in configs
+    unet = copy.deepcopy(components.unet).requires_grad_(True).train()
+    counter = SavedTensorCounter(unet.parameters())
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    with counter:
+        unet(
+            torch.randn(2, 4, 16, 16),
+            torch.tensor([10, 500]),
+            torch.randn(2, 77, 64),
+            added_cond_kwargs=added,
+        )
+
+    def footprint(method: str) -> TrainingFootprint:
+        return TrainingFootprint(method, 2, 32, torch.float32, torch.float32)
+
+    full = estimate_training_memory(configs, footprint("full"))
+    assert counter.total <= full.activations <= 1.1 * counter.total
+    encoders = components.text_encoders
+    all_weights = sum(p.numel() for m in (components.unet, components.vae, *encoders) for p in m.parameters())
+    assert full.weights == 4 * all_weights  # fp32 on CPU: both encoders counted
+    inversion = estimate_training_memory(configs, footprint("textual_inversion"))
+    tables = sum(e.get_input_embeddings().weight.numel() for e in encoders)
+    assert inversion.trainable_parameters == tables  # one embedding table per encoder
+
+
+# ---- the model x method study ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_methods_sweep_spans_sd_and_sdxl_each_with_its_own_baseline(tmp_path):
+    from sdsweep.sweep.driver import run_sweep
+
+    outcome = run_sweep(
+        TINY_OVERRIDES
+        + [
+            "+sweep=methods",
+            "sweep.sampler=grid",
+            "sweep.isolation=inprocess",
+            "sweep.params.model.choices=[tiny,tiny_sdxl]",
+            "sweep.params.method.choices=[lora]",
+            "method.learning_rate=1e-3",
+            "sweep.steps=[2]",
+            "sweep.objectives=[{metric: eval/clip_score, direction: maximize}]",
+            "sweep.constraints=[]",
+            "eval.metrics=[clip_score,val_loss]",
+            f"paths.root={tmp_path}",
+            "study=models",
+        ]
+    )
+    assert outcome.finished
+    results = pd.read_csv(outcome.results_csv)
+    assert sorted(results["model"]) == ["tiny", "tiny_sdxl"] and (results["state"] == "COMPLETE").all()
+    for _, row in results.iterrows():
+        config = (outcome.study_dir / row["trial_dir"] / "config.yaml").read_text()
+        assert ("tiny:sdxl" in config) == (row["model"] == "tiny_sdxl")
+    for model in ("tiny", "tiny_sdxl"):  # each version against its own untuned self
+        assert any((outcome.study_dir / "baseline" / model).iterdir())

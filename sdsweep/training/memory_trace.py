@@ -132,15 +132,22 @@ def meta_added_conditions(config: dict[str, Any], batch: int, dtype: torch.dtype
     }
 
 
-def second_text_encoder_parameters(configs: dict[str, dict[str, Any]]) -> int:
-    """Parameters of SDXL's second (frozen) text encoder, from its config; 0 without one."""
+def build_second_text_encoder_on_meta(configs: dict[str, dict[str, Any]], footprint: TrainingFootprint):
+    """SDXL's second text encoder on the meta device, marked trainable as the method's ``prepare()`` marks
+    it (textual inversion: its embedding table; a full fine-tune with train_text_encoder: all of it); None
+    for a one-encoder model. (LoRA adapters on the text encoders are not modelled, for either encoder.)"""
     if "text_encoder_2" not in configs:
-        return 0
+        return None
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
-    return sum(p.numel() for p in encoder.parameters())
+    encoder.requires_grad_(False)
+    if footprint.method == "textual_inversion":
+        encoder.get_input_embeddings().weight.requires_grad_(True)
+    elif footprint.method != "lora" and footprint.train_text_encoder:
+        encoder.requires_grad_(True)
+    return encoder
 
 
 def trace_text_encoder_activations(text_encoder, footprint: TrainingFootprint) -> int:

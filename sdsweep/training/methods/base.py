@@ -40,9 +40,10 @@ class TrainedModules:
 
     unet: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second encoder (LoRA, textual inversion)
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.text_encoder) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 def _trains(module: torch.nn.Module) -> bool:
@@ -90,9 +91,11 @@ class FineTuneMethod(ABC):
         """The components holding ``trainable_parameters()`` (the UNet for full, DreamBooth and LoRA; the
         text encoder for textual inversion and with ``method.train_text_encoder``), unwrapped."""
         unet, text_encoder = self.components.unet, self.components.text_encoder
+        second = self.components.text_encoder_2
         return TrainedModules(
             unet=unet if _trains(unet) else None,
             text_encoder=text_encoder if _trains(text_encoder) else None,
+            text_encoder_2=second if second is not None and _trains(second) else None,
         )
 
     def uses_frozen_text_encoder(self) -> bool:
@@ -136,7 +139,8 @@ class FineTuneMethod(ABC):
         """Switch the trained modules between train and eval mode (the loop toggles it around evals)."""
         self.components.unet.train(training)
         if self.cfg.method.train_text_encoder:
-            self.components.text_encoder.train(training)
+            for encoder in self.components.text_encoders:
+                encoder.train(training)
 
     # ---- shared mechanics ------------------------------------------------------------------------
     def per_sample_loss(
@@ -223,8 +227,9 @@ class FineTuneMethod(ABC):
     def encode_prompts(self, captions: list[str], modules: TrainedModules | None = None) -> PromptEmbeddings:
         """Captions through the model's tokenizers and text encoders, as its pipeline encodes prompts."""
         encoders = self.components.text_encoders
-        if modules is not None and modules.text_encoder is not None:
-            encoders[0] = modules.text_encoder  # the prepared (DDP-wrapped) trained encoder
+        if modules is not None:  # the prepared (DDP-wrapped) trained encoders
+            prepared = [modules.text_encoder, modules.text_encoder_2][: len(encoders)]
+            encoders = [p if p is not None else e for p, e in zip(prepared, encoders)]
         ids = [tokenize_prompts(t, captions).to(self.device) for t in self.components.tokenizers]
         version = self.components.version
         if any(p.requires_grad for encoder in encoders for p in encoder.parameters()):

@@ -24,14 +24,15 @@ class FullFineTune(FineTuneMethod):
     ema = None  # a diffusers EMAModel once prepare() ran with method.use_ema
 
     def prepare(self) -> None:
-        unet, text_encoder = self.components.unet, self.components.text_encoder
+        unet = self.components.unet
         unet.requires_grad_(True)
         unet.train()
         if self.cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if self.cfg.method.train_text_encoder:
-            text_encoder.requires_grad_(True)
-            text_encoder.train()
+            for encoder in self.components.text_encoders:  # SDXL: both, as diffusers' SDXL script
+                encoder.requires_grad_(True)
+                encoder.train()
         self.ema = None
         if self.cfg.method.use_ema:
             from diffusers.training_utils import EMAModel
@@ -42,7 +43,7 @@ class FullFineTune(FineTuneMethod):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.components.unet]
         if self.cfg.method.train_text_encoder:
-            modules.append(self.components.text_encoder)
+            modules.extend(self.components.text_encoders)
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def after_optimizer_step(self) -> None:
