@@ -135,17 +135,40 @@ def test_latent_cache_holds_both_encoders_pooled_text_and_sizes(
     assert torch.isfinite(loss)
 
 
-def test_bucketing_on_sdxl_is_a_config_error_naming_why(tmp_path, components, full_method):
-    from dataclasses import replace
-
-    from sdsweep.data.examples import load_examples
+def test_bucketing_records_each_images_bucket_crop_cached_or_not(tmp_path, components, full_method):
+    """Aspect-ratio buckets on SDXL: each sample's time_ids say its original size and where its bucket crop
+    came from, the same from the latent cache as from the pixels, and the target is the bucket's size."""
+    from sdsweep.data.buckets import BucketedImageDataset, grid_for
+    from sdsweep.data.examples import Example
+    from sdsweep.data.images import collate
     from sdsweep.data.latent_cache import build_training_dataset
-    from sdsweep.errors import ConfigError
 
-    cfg = full_method.cfg
-    cfg = replace(cfg, train=replace(cfg.train, bucketing=True))
-    with pytest.raises(ConfigError, match="time_ids"):
-        build_training_dataset(cfg, components, full_method, load_examples(cfg)[:2], tmp_path)
+    examples = []
+    for number, (width, height) in enumerate([(90, 40), (40, 90), (50, 50)]):
+        Image.new("RGB", (width, height), (40 * number, 90, 200)).save(tmp_path / f"{number}.png")
+        examples.append(Example(tmp_path / f"{number}.png", f"gradient {number}"))
+    cfg = sdxl_config(tmp_path, "train.bucketing=true", "data.random_flip=true")
+    grid = grid_for(cfg, components)
+    pixels = BucketedImageDataset(examples, grid, center_crop=True, random_flip=True, seed=cfg.train.seed)
+    cached = build_training_dataset(cfg, components, full_method, examples, tmp_path / "cache")
+    for index in range(3):
+        bucket = pixels.image_buckets[index]
+        for draw in range(4):  # plain and flipped draws
+            item, from_cache = pixels[(index, draw)], cached[(index, draw)]
+            assert item["pixel_values"].shape[-2:] == (bucket[1], bucket[0])
+            assert item["size_conditions"].tolist() == from_cache["size_conditions"].tolist()
+            original = Image.open(examples[index].image_path).size
+            assert item["size_conditions"][:2].tolist() == [original[1], original[0]]
+    wide = pixels[(0, 0)]["size_conditions"].tolist()
+    assert wide[2] == 0 and wide[3] > 0  # a wide image loses its sides: a left crop, no top crop
+    batch = collate([pixels[(0, 0)]])
+    text = full_method.encode_prompts(batch["captions"])
+    latents = full_method.latents_of(batch)
+    added = full_method.added_conditions(text, batch["size_conditions"], latents)
+    bucket = pixels.image_buckets[0]
+    assert added["time_ids"][0, 4:].tolist() == [bucket[1], bucket[0]]  # target: the bucket, (h, w)
+    loss, _ = full_method.compute_loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
 
 
 def run_cli(*args: str, timeout: int = 600):

@@ -27,7 +27,7 @@ from sdsweep import io
 from sdsweep.config.resolve import resolved_resolution
 from sdsweep.config.schema import Config
 from sdsweep.content import folder_identity
-from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, fit_to_bucket, grid_for
+from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, bucket_crop, fit_to_bucket, grid_for
 from sdsweep.data.examples import Example
 from sdsweep.data.images import (
     CaptionTransform,
@@ -44,7 +44,6 @@ from sdsweep.data.images import (
     to_tensor,
     transformed_caption,
 )
-from sdsweep.errors import ConfigError
 from sdsweep.models.tokens import tokenize_prompts
 
 logger = logging.getLogger(__name__)
@@ -164,13 +163,21 @@ class LatentCache:
         return self._encode_pixels(torch.stack([to_tensor(resize_and_crop(im, resolution)) for im in images]))
 
     def _size_conditions(self, images: list[Any]) -> dict[str, torch.Tensor]:
-        """Each image's original size and centre crop (the cache holds centre crops only), plain and flipped."""
+        """Each image's original size and centre crop (the cache holds centre crops only: square, or of its
+        bucket), plain and flipped, by image index."""
         resolution = resolved_resolution(self.cfg)
-        crop = (resolution, resolution)
+        square = (resolution, resolution)
+        buckets = None
+        if self.cfg.train.bucketing:
+            buckets = assign_buckets(images, grid_for(self.cfg, self.components).buckets())
         out = {SIZES: [], SIZES_FLIPPED: []}
-        for image in images:
-            resized = resize_shorter_side(image, resolution).size
-            origin = crop_origin(resized, resolution, center=True)
+        for i, image in enumerate(images):
+            if buckets is None:
+                crop, resized = square, resize_shorter_side(image, resolution).size
+                origin = crop_origin(resized, resolution, center=True)
+            else:
+                crop = buckets[i]
+                resized, origin = bucket_crop(image.size, crop)
             out[SIZES].append(size_conditions(image.size, resized, crop, origin, flipped=False))
             out[SIZES_FLIPPED].append(size_conditions(image.size, resized, crop, origin, flipped=True))
         return {name: torch.stack(rows) for name, rows in out.items()}
@@ -314,12 +321,6 @@ def build_training_dataset(
     Random crops differ every draw, and caching one crop would silently remove that augmentation, so
     ``data.center_crop=false`` also uses the pixel dataset (the VAE then encodes every step).
     """
-    if cfg.train.bucketing and components.version.size_conditioned:
-        raise ConfigError(
-            "train.bucketing=true is not supported yet for size-conditioned models (SDXL): a bucket's crop "
-            "would have to be recorded as each image's time_ids, which the bucketed datasets do not do yet. "
-            "Use train.bucketing=false (square centre crops, recorded per image)."
-        )
     if not cfg.train.use_latent_cache or cache_dir is None or not cfg.data.center_crop:
         if cfg.train.bucketing:
             return BucketedImageDataset(
