@@ -476,3 +476,31 @@ def test_methods_sweep_spans_sd_and_sdxl_each_with_its_own_baseline(tmp_path):
         assert ("tiny:sdxl" in config) == (row["model"] == "tiny_sdxl")
     for model in ("tiny", "tiny_sdxl"):  # each version against its own untuned self
         assert any((outcome.study_dir / "baseline" / model).iterdir())
+
+
+# ---- recipe knobs ---------------------------------------------------------------------------------------
+def test_recipe_knobs_that_apply_change_the_sdxl_loss_and_zero_snr_is_refused(tmp_path, components):
+    """Noise offset, input perturbation and min-SNR act on SDXL's loss as on SD's; zero-terminal SNR on this
+    epsilon model is the ConfigError SD gives, naming why."""
+    from sdsweep.errors import ConfigError
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.methods import get_method
+
+    def loss_with(*extra: str) -> float:
+        cfg = sdxl_config(tmp_path, "method=full", *extra)
+        method = get_method("full")(cfg, components, CPU)
+        batch = {
+            "pixel_values": torch.zeros(2, 3, 32, 32),
+            "captions": ["a photo of sks", "red"],
+            "size_conditions": torch.tensor([[32, 32, 0, 0]] * 2),
+            "noise_seeds": torch.tensor([1, 2]),  # the training draw: augmentations apply
+        }
+        with torch.no_grad():
+            return float(method.compute_loss(batch)[0])
+
+    plain = loss_with()
+    # A gamma below every timestep's SNR, so that min-SNR changes the weight of whatever timestep is drawn.
+    for knob in ("train.noise_offset=0.1", "train.input_perturbation=0.1", "train.snr_gamma=0.0001"):
+        assert loss_with(knob) != plain, knob
+    with pytest.raises(ConfigError, match="epsilon"):
+        load_components(sdxl_config(tmp_path, "train.zero_terminal_snr=true"), CPU)
