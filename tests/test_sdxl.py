@@ -328,6 +328,10 @@ def test_sdxl_lora_adapts_the_unet_and_both_text_encoders(trained_sdxl, tmp_path
     method, changed, _ = trained_sdxl("lora")
     assert changed and all("lora" in name for name in changed)
     assert {name.split(".")[0] for name in changed} == {"unet", "text_encoder", "text_encoder_2"}
+    # SDXL reads the first encoder's penultimate layer: its last layer's adapters would never train (and DDP
+    # refuses parameters without a gradient), so they stay frozen; the second encoder's last layer trains.
+    assert not any(name.startswith("text_encoder.encoder.layers.1.") for name in changed)
+    assert any(name.startswith("text_encoder_2.") and ".encoder.layers.1." in name for name in changed)
     keys = load_file(str(method.save(tmp_path / "w"))).keys()
     assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder", "text_encoder_2"}
 
@@ -504,3 +508,38 @@ def test_recipe_knobs_that_apply_change_the_sdxl_loss_and_zero_snr_is_refused(tm
         assert loss_with(knob) != plain, knob
     with pytest.raises(ConfigError, match="epsilon"):
         load_components(sdxl_config(tmp_path, "train.zero_terminal_snr=true"), CPU)
+
+
+# ---- data parallel ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ranks_train_sdxl_lora_on_both_encoders_like_one_process(tmp_path):
+    """LoRA on the UNet and both text encoders on 2 gloo ranks (text_encoder_2 goes through DDP too) against one
+    process with the doubled batch: the same losses and the same saved adapters."""
+    from safetensors.torch import load_file
+    from test_ddp import rank_processes, single_run
+
+    options = [
+        "model=tiny_sdxl",
+        "method=lora",
+        "method.learning_rate=3e-3",
+        "method.train_text_encoder=true",
+    ]
+    _, one_dir, one = single_run(
+        tmp_path, "one", *options, "train.train_batch_size=2", "train.num_processes=1"
+    )
+    _, two_dir, two = single_run(
+        tmp_path, "two", *options, "train.train_batch_size=1", "train.num_processes=2"
+    )
+    assert one["state"] == two["state"] == "COMPLETE", (one["fail_reason"], two["fail_reason"])
+    one_losses = [h["train/loss"] for h in one["history"]]
+    two_losses = [h["train/loss"] for h in two["history"]]
+    assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
+    one_w = load_file(str(one_dir / "weights" / "pytorch_lora_weights.safetensors"))
+    two_w = load_file(str(two_dir / "weights" / "pytorch_lora_weights.safetensors"))
+    assert one_w.keys() == two_w.keys() and any(k.startswith("text_encoder_2.") for k in one_w)
+    # The up (B) matrices start at zero: their norm is the update, which both runs must agree on to 1 %.
+    up = [k for k in one_w if "lora_B" in k or "lora.up" in k]
+    update = sum(float(one_w[k].norm() ** 2) for k in up) ** 0.5
+    gap = sum(float((one_w[k] - two_w[k]).norm() ** 2) for k in up) ** 0.5
+    assert update > 0 and gap / update < 0.01, (gap, update)
+    assert rank_processes() == []

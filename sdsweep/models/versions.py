@@ -90,6 +90,16 @@ class ModelVersion:
             )
         return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
 
+    def unread_text_modules(self, encoders: list[Any]) -> list[torch.nn.Module]:
+        """Parts of the text encoders whose output the conditioning never reads, so that a method training
+        the encoders leaves them frozen (on N data-parallel ranks, DDP refuses trained parameters that get
+        no gradient). SDXL reads the penultimate hidden state of both encoders and the pooled output of
+        the second: the first encoder's last layer and final norm are never read."""
+        if not self.size_conditioned:
+            return []
+        text_model = getattr(encoders[0], "text_model", encoders[0])  # transformers 5 flattens it away
+        return [text_model.encoder.layers[-1], text_model.final_layer_norm]
+
     def added_conditions(
         self,
         text: PromptEmbeddings,

@@ -33,6 +33,8 @@ class FullFineTune(FineTuneMethod):
             for encoder in self.components.text_encoders:  # SDXL: both, as diffusers' SDXL script
                 encoder.requires_grad_(True)
                 encoder.train()
+            for unread in self.components.version.unread_text_modules(self.components.text_encoders):
+                unread.requires_grad_(False)
         self.ema = None
         if self.cfg.method.use_ema:
             from diffusers.training_utils import EMAModel

@@ -70,6 +70,9 @@ class LoRA(FineTuneMethod):
                     )
                 )
                 encoder.train()
+            # Adapters where the conditioning never reads (SDXL's first encoder's last layer) stay frozen.
+            for unread in self.components.version.unread_text_modules(self.components.text_encoders):
+                unread.requires_grad_(False)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.components.unet]
