@@ -543,3 +543,27 @@ def test_two_ranks_train_sdxl_lora_on_both_encoders_like_one_process(tmp_path):
     gap = sum(float((one_w[k] - two_w[k]).norm() ** 2) for k in up) ** 0.5
     assert update > 0 and gap / update < 0.01, (gap, update)
     assert rank_processes() == []
+
+
+def test_sdxl_full_with_text_encoders_trains_both_but_the_unread_layer(tmp_path):
+    """method.train_text_encoder=true on SDXL trains the UNet and both encoders (as diffusers' SDXL script),
+    except the first encoder's last layer and final norm, which SDXL never reads."""
+    from sdsweep.models.loading import load_components
+    from sdsweep.training.methods import get_method
+
+    cfg = sdxl_config(tmp_path, "method=full", "method.train_text_encoder=true")
+    method = get_method("full")(cfg, load_components(cfg, CPU), CPU)
+    method.prepare()
+    trained = {id(p) for p in method.trainable_parameters()}
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(method.components, part)
+        assert any(id(p) in trained for p in module.parameters()), part
+    unread = method.components.version.unread_text_modules(method.components.text_encoders)
+    assert unread and not any(id(p) in trained for m in unread for p in m.parameters())
+    before = snapshot(method)
+    loss, _ = method.compute_loss(training_batch(method), torch.Generator().manual_seed(0))
+    loss.backward()
+    torch.optim.SGD(method.trainable_parameters(), lr=1.0).step()
+    after = snapshot(method)
+    changed = {k.split(".")[0] for k, v in before.items() if not torch.equal(v, after[k])}
+    assert changed == {"unet", "text_encoder", "text_encoder_2"}
