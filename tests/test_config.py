@@ -11,7 +11,7 @@ from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
 
 GROUPS = {
-    "model": ["sd15", "sd21", "sd21_base", "shapes", "tiny", "tiny_sd21"],
+    "model": ["sd15", "sd21", "sd21_base", "sdxl", "shapes", "tiny", "tiny_sd21", "tiny_sdxl"],
     "method": ["full", "dreambooth", "textual_inversion", "lora"],
     "data": ["demo", "hf", "imagefolder", "instances", "shapes"],
     "eval": ["default", "shapes", "tiny"],
@@ -200,7 +200,7 @@ def test_a_recipe_composes_with_another_sweep_as_a_plain_override():
 
 def test_methods_sweep_composes_with_the_tiny_model():
     cfg = compose(TINY_OVERRIDES + ["+sweep=methods"])
-    assert cfg.sweep.params["model"].choices == ["sd15", "sd21"]
+    assert cfg.sweep.params["model"].choices == ["sd15", "sd21", "sdxl"]
     assert cfg.model.name == "tiny"
 
 

@@ -36,6 +36,9 @@ class ModelConfig:
     variant: Optional[str] = None
     resolution: int = 32  # the model's native training resolution
     prediction_type: str = "auto"  # auto (read from the scheduler) | epsilon | v_prediction
+    # A VAE folder (diffusers layout) or hub ID used instead of the model's own, e.g. the fp16-safe SDXL VAE
+    # madebyollin/sdxl-vae-fp16-fix (the stock SDXL VAE overflows to NaN in fp16).
+    vae_path: Optional[str] = None
 
 
 @dataclass

@@ -31,6 +31,7 @@ from sdsweep.data.images import (
     ItemKey,
     draw_seed,
     load_pil_images,
+    size_conditions,
     split_key,
     to_tensor,
     transformed_caption,
@@ -96,19 +97,35 @@ def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def bucket_crop(
+    size: tuple[int, int], bucket: Bucket, rng: random.Random | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where an image of ``size`` (width, height) goes in ``bucket``: its resized size, covering the
+    bucket, and the crop's (left, top) in it (centred, or from ``rng``)."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    extra_x, extra_y = resized[0] - width, resized[1] - height
+    if rng is None:
+        return resized, (extra_x // 2, extra_y // 2)
+    return resized, (rng.randint(0, extra_x), rng.randint(0, extra_y))
+
+
 def fit_to_bucket(image: Image.Image, bucket: Bucket, rng: random.Random | None = None) -> Image.Image:
     """Resize so the image covers the bucket, then crop it to the bucket (centred, or from ``rng``)."""
+    return crop_to_bucket(image, bucket, *bucket_crop(image.size, bucket, rng))
+
+
+def crop_to_bucket(
+    image: Image.Image, bucket: Bucket, size: tuple[int, int], origin: tuple[int, int]
+) -> Image.Image:
+    """``image`` resized to ``size`` and cropped to ``bucket`` at ``origin`` (from ``bucket_crop``)."""
     width, height = bucket
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if size != image.size:
+        scale = max(width / image.width, height / image.height)
         resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
         image = image.convert("RGB").resize(size, resample)
-    extra_x, extra_y = image.width - width, image.height - height
-    if rng is None:
-        left, top = extra_x // 2, extra_y // 2
-    else:
-        left, top = rng.randint(0, extra_x), rng.randint(0, extra_y)
+    left, top = origin
     return image.crop((left, top, left + width, top + height))
 
 
@@ -182,6 +199,7 @@ class BucketedImageDataset(torch.utils.data.Dataset):
         self.caption_transform = caption_transform
         self.buckets = grid.buckets()
         images = load_pil_images(self.examples)
+        self.original_sizes = [image.size for image in images]
         self.image_buckets = assign_buckets(images, self.buckets)
         self.bucket_ids = [self.buckets.index(b) for b in self.image_buckets]
         if center_crop:  # the crop never changes, so keep only the crop
@@ -195,13 +213,16 @@ class BucketedImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: ItemKey) -> dict[str, Any]:
         index, draw = split_key(key)
         rng = random.Random(draw_seed(self.seed, index, draw))
-        image = self._images[index]
+        image, bucket, original = self._images[index], self.image_buckets[index], self.original_sizes[index]
+        resized, origin = bucket_crop(original, bucket, None if self.center_crop else rng)
         if not self.center_crop:
-            image = fit_to_bucket(image, self.image_buckets[index], rng)
+            image = crop_to_bucket(image, bucket, resized, origin)
         pixels = to_tensor(image)
-        if self.random_flip and rng.random() < 0.5:
+        flipped = self.random_flip and rng.random() < 0.5
+        if flipped:
             pixels = pixels.flip(-1)
         caption = transformed_caption(
             self.caption_transform, self.examples[index].caption, self.seed, index, draw
         )
-        return {"pixel_values": pixels, "caption": caption, "index": index}
+        sizes = size_conditions(original, resized, bucket, origin, flipped)
+        return {"pixel_values": pixels, "caption": caption, "index": index, "size_conditions": sizes}

@@ -100,15 +100,40 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize(size, resample)
 
 
+def crop_origin(
+    size: tuple[int, int], resolution: int, center: bool, rng: random.Random | None = None
+) -> tuple[int, int]:
+    """(left, top) of a square crop of an image of ``size`` (width, height): centred, or from ``rng``."""
+    extra_x, extra_y = size[0] - resolution, size[1] - resolution
+    if center or rng is None:
+        return extra_x // 2, extra_y // 2
+    return rng.randint(0, extra_x), rng.randint(0, extra_y)
+
+
 def crop_square(
     image: Image.Image, resolution: int, center: bool, rng: random.Random | None = None
 ) -> Image.Image:
-    extra_x, extra_y = image.width - resolution, image.height - resolution
-    if center or rng is None:
-        left, top = extra_x // 2, extra_y // 2
-    else:
-        left, top = rng.randint(0, extra_x), rng.randint(0, extra_y)
+    left, top = crop_origin(image.size, resolution, center, rng)
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def size_conditions(
+    original: tuple[int, int],
+    resized: tuple[int, int],
+    crop: tuple[int, int],
+    origin: tuple[int, int],
+    flipped: bool,
+) -> torch.Tensor:
+    """One sample's (original height, original width, crop top, crop left), SDXL's size conditioning.
+
+    ``original`` and ``resized`` are (width, height) before and after resizing, ``crop`` the crop's (width,
+    height) and ``origin`` its (left, top) in the resized image. A flipped crop is the mirror image: its left
+    edge is measured from the other side.
+    """
+    left, top = origin
+    if flipped:
+        left = resized[0] - crop[0] - left
+    return torch.tensor([original[1], original[0], top, left], dtype=torch.int64)
 
 
 def resize_and_crop(
@@ -125,9 +150,10 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Items ``{"pixel_values": [3, R, R] in [-1, 1], "caption": str, "index": int}``.
+    """Items ``{"pixel_values": [3, R, R] in [-1, 1], "caption": str, "index": int, "size_conditions"}``.
 
     Index with ``(index, draw)`` for augmented training draws; a plain index gives draw 0.
+    ``size_conditions`` records each draw's original size and crop (what SDXL is conditioned on).
     """
 
     supports_draw_keys = True  # the training loader may pass (index, draw) keys
@@ -149,7 +175,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.caption_transform = caption_transform
         # Decoded and resized once: fine-tuning sets are tens to hundreds of images, and decoding
         # per step would dominate a small model's step time.
-        resized = [resize_shorter_side(image, resolution) for image in load_pil_images(self.examples)]
+        originals = load_pil_images(self.examples)
+        self._original_sizes = [image.size for image in originals]
+        resized = [resize_shorter_side(image, resolution) for image in originals]
+        del originals
+        self._resized_sizes = [image.size for image in resized]
         if center_crop:  # the crop never changes, so keep only the crop
             resized = [crop_square(image, resolution, center=True) for image in resized]
         self._images = resized
@@ -165,15 +195,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             else None
         )
         image = self._images[index]
+        resized = self._resized_sizes[index]
+        origin = crop_origin(resized, self.resolution, center=self.center_crop, rng=rng)
         if not self.center_crop:
-            image = crop_square(image, self.resolution, center=False, rng=rng)
+            image = image.crop(
+                (origin[0], origin[1], origin[0] + self.resolution, origin[1] + self.resolution)
+            )
         pixels = to_tensor(image)
-        if self.random_flip and rng is not None and rng.random() < 0.5:
+        flipped = self.random_flip and rng is not None and rng.random() < 0.5
+        if flipped:
             pixels = pixels.flip(-1)
         caption = transformed_caption(
             self.caption_transform, self.examples[index].caption, self.seed, index, draw
         )
-        return {"pixel_values": pixels, "caption": caption, "index": index}
+        sizes = size_conditions(self._original_sizes[index], resized, (self.resolution,) * 2, origin, flipped)
+        return {"pixel_values": pixels, "caption": caption, "index": index, "size_conditions": sizes}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

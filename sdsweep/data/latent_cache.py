@@ -27,16 +27,19 @@ from sdsweep import io
 from sdsweep.config.resolve import resolved_resolution
 from sdsweep.config.schema import Config
 from sdsweep.content import folder_identity
-from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, fit_to_bucket, grid_for
+from sdsweep.data.buckets import BucketedImageDataset, assign_buckets, bucket_crop, fit_to_bucket, grid_for
 from sdsweep.data.examples import Example
 from sdsweep.data.images import (
     CaptionTransform,
     ImageCaptionDataset,
     ItemKey,
+    crop_origin,
     dataset_for,
     draw_seed,
     open_rgb_bytes,
     resize_and_crop,
+    resize_shorter_side,
+    size_conditions,
     split_key,
     to_tensor,
     transformed_caption,
@@ -49,6 +52,9 @@ CACHE_VERSION = 2  # bump when the file layout or the encoding changes
 ENCODE_BATCH_SIZE = 8  # images per VAE call: bounded memory at 512-768 px on a GPU
 PLAIN, FLIPPED, TEXT = "latent_params", "latent_params_flipped", "text_embeddings"
 ROWS, BUCKET_SEP = "rows", "@"  # bucketed caches: "latent_params@24x40" holds the images in "rows@24x40"
+# Size-conditioned versions (SDXL) only: the pooled text embeddings [U, P] beside TEXT, and each image's
+# (original height, width, crop top, crop left) [N, 4], for the plain and the flipped latents.
+TEXT_POOLED, SIZES, SIZES_FLIPPED = "text_pooled", "size_conditions", "size_conditions_flipped"
 
 
 def model_content(cfg: Config, source: str, subfolders: tuple[str, ...]) -> str:
@@ -75,7 +81,8 @@ def cache_key(
 ) -> str:
     """The content hash naming a cache file; ``captions`` is None when no text is cached."""
     digest = hashlib.sha256()
-    parts = ("vae", "text_encoder", "tokenizer") if captions else ("vae",)
+    version = components.version
+    parts = ("vae", *version.text_encoder_parts, *version.tokenizer_parts) if captions else ("vae",)
     header = {
         "version": CACHE_VERSION,
         "model": model_content(cfg, components.source, parts),
@@ -88,6 +95,9 @@ def cache_key(
         "random_flip": cfg.data.random_flip,
         "captions": captions,
     }
+    if version.size_conditioned:  # only then, so that SD caches keep their names
+        header["size_conditions"] = True
+        header["vae_path"] = cfg.model.vae_path
     if cfg.train.bucketing:  # only then, so that square caches keep their names
         header["buckets"] = grid_for(cfg, components).buckets()
     digest.update(json.dumps(header, sort_keys=True).encode())
@@ -136,9 +146,12 @@ class LatentCache:
                 f"these settings; encoding them once ({path.name})",
                 flush=True,
             )
-        tensors = self._encode_images([open_rgb_bytes(blob) for blob in images])
+        decoded = [open_rgb_bytes(blob) for blob in images]
+        tensors = self._encode_images(decoded)
+        if self.components.version.size_conditioned:
+            tensors.update(self._size_conditions(decoded))
         if captions is not None:
-            tensors[TEXT] = self._encode_text(sorted(set(captions)))
+            tensors.update(self._encode_text(sorted(set(captions))))
         io.atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
         return tensors
 
@@ -148,6 +161,26 @@ class LatentCache:
             return self._encode_bucketed(images)
         resolution = resolved_resolution(self.cfg)
         return self._encode_pixels(torch.stack([to_tensor(resize_and_crop(im, resolution)) for im in images]))
+
+    def _size_conditions(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """Each image's original size and centre crop (the cache holds centre crops only: square, or of its
+        bucket), plain and flipped, by image index."""
+        resolution = resolved_resolution(self.cfg)
+        square = (resolution, resolution)
+        buckets = None
+        if self.cfg.train.bucketing:
+            buckets = assign_buckets(images, grid_for(self.cfg, self.components).buckets())
+        out = {SIZES: [], SIZES_FLIPPED: []}
+        for i, image in enumerate(images):
+            if buckets is None:
+                crop, resized = square, resize_shorter_side(image, resolution).size
+                origin = crop_origin(resized, resolution, center=True)
+            else:
+                crop = buckets[i]
+                resized, origin = bucket_crop(image.size, crop)
+            out[SIZES].append(size_conditions(image.size, resized, crop, origin, flipped=False))
+            out[SIZES_FLIPPED].append(size_conditions(image.size, resized, crop, origin, flipped=True))
+        return {name: torch.stack(rows) for name, rows in out.items()}
 
     def _encode_pixels(self, pixels: torch.Tensor, suffix: str = "") -> dict[str, torch.Tensor]:
         vae = self.components.vae
@@ -177,14 +210,20 @@ class LatentCache:
         return out
 
     @torch.no_grad()
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
-        device = next(encoder.parameters()).device
-        outputs = []
+    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """``text_embeddings`` [U, 77, D] (+ ``text_pooled`` [U, P] where the version pools) for the captions."""
+        components = self.components
+        encoders, version = components.text_encoders, components.version
+        device = next(encoders[0].parameters()).device
+        hidden, pooled = [], []
         for start in range(0, len(captions), ENCODE_BATCH_SIZE):
-            ids = tokenize_prompts(tokenizer, captions[start : start + ENCODE_BATCH_SIZE]).to(device)
-            outputs.append(encoder(ids, return_dict=False)[0].float().cpu())
-        return torch.cat(outputs)
+            chunk = captions[start : start + ENCODE_BATCH_SIZE]
+            ids = [tokenize_prompts(tokenizer, chunk).to(device) for tokenizer in components.tokenizers]
+            text = version.encode(encoders, ids)
+            hidden.append(text.hidden_states.float().cpu())
+            if text.pooled is not None:
+                pooled.append(text.pooled.float().cpu())
+        return {TEXT: torch.cat(hidden), **({TEXT_POOLED: torch.cat(pooled)} if pooled else {})}
 
 
 def split_parameters(parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +262,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.caption_transform = caption_transform
         self.text_rows: list[int] | None = None
+        self.pooled = tensors.get(TEXT_POOLED)
+        self.sizes = {PLAIN: tensors.get(SIZES), FLIPPED: tensors.get(SIZES_FLIPPED)}
         if TEXT in tensors:
             # Rows of the stored embeddings follow the sorted unique captions (an instance set has one).
             row_of = {caption: row for row, caption in enumerate(sorted(set(self.captions)))}
@@ -262,8 +303,13 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         latents = self.sample_latents(index, flipped, torch.Generator().manual_seed(seed))
         caption = transformed_caption(self.caption_transform, self.captions[index], self.seed, index, draw)
         item = {"latents": latents, "caption": caption, "index": index}
+        sizes = self.sizes[FLIPPED if flipped else PLAIN]
+        if sizes is not None:
+            item["size_conditions"] = sizes[index]
         if self.text_rows is not None:
             item["encoder_hidden_states"] = self.text[self.text_rows[index]]
+            if self.pooled is not None:
+                item["pooled_text_embeds"] = self.pooled[self.text_rows[index]]
         return item
 
 

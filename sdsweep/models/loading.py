@@ -12,6 +12,8 @@ import torch
 from sdsweep.config.methods import method_spec
 from sdsweep.config.schema import Config, ModelConfig
 from sdsweep.models import shapes, shapes_build, tiny
+from sdsweep.models.parts import VaeUnavailableError, load_second_text_encoder, load_vae
+from sdsweep.models.versions import ModelVersion, version_of_components, version_of_folder
 
 
 class ModelUnavailableError(RuntimeError):
@@ -27,6 +29,21 @@ class SDComponents:
     noise_scheduler: Any  # DDPMScheduler with the model's training betas and prediction type
     source: str  # the folder the weights came from
     prediction_type: str  # epsilon | v_prediction
+    text_encoder_2: Any = None  # SDXL's second (projected) text encoder and its tokenizer
+    tokenizer_2: Any = None
+
+    @property
+    def version(self) -> ModelVersion:
+        """How this model is conditioned and which pipeline holds it (sdsweep.models.versions)."""
+        return version_of_components(self)
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -57,8 +74,12 @@ MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "
 
 def missing_model_parts(folder: Path) -> list[str]:
     """The parts of a diffusers Stable Diffusion folder that are absent (weights found late otherwise)."""
-    missing = [part for part in MODEL_PARTS if not (folder / part).exists()]
-    for part in ("unet", "vae", "text_encoder"):
+    version = version_of_folder(folder)
+    parts = MODEL_PARTS + tuple(
+        p for p in version.text_encoder_parts + version.tokenizer_parts if p not in MODEL_PARTS
+    )
+    missing = [part for part in parts if not (folder / part).exists()]
+    for part in ("unet", "vae", *version.text_encoder_parts):
         sub = folder / part
         if sub.is_dir() and not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
             missing.append(f"{part}/ weights")
@@ -169,8 +190,11 @@ def resolve_model_source(model: ModelConfig, cache: str | None = None) -> str:
                 "model_index.json",
                 "scheduler/*",
                 "tokenizer/*",
+                "tokenizer_2/*",
                 "text_encoder/*.json",
                 "text_encoder/*.safetensors",
+                "text_encoder_2/*.json",
+                "text_encoder_2/*.safetensors",
                 "unet/*.json",
                 "unet/*.safetensors",
                 "vae/*.json",
@@ -252,7 +276,7 @@ def load_components(
     The frozen parts are kept in ``weight_dtype`` (default: ``frozen_weight_dtype``); a text encoder that
     trains (textual inversion's embedding table, ``method.train_text_encoder``) and the UNet stay fp32.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_model_source(cfg.model, cfg.paths.cache)
@@ -270,13 +294,18 @@ def load_components(
         noise_scheduler = zero_terminal_snr_scheduler(noise_scheduler, prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant)
+    second = load_second_text_encoder(source, variant)
+    try:
+        vae = load_vae(cfg.model, source)
+    except VaeUnavailableError as error:
+        raise ModelUnavailableError(str(error)) from None
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant)
-    for module in (vae, text_encoder):
+    frozen = [vae, text_encoder] + ([second[0]] if second else [])
+    for module in frozen:
         module.requires_grad_(False)
         module.eval()
     # Only cast what changes dtype: diffusers warns on every .to(dtype=...) of a loaded model.
-    for module, dtype in ((vae, weight_dtype), (text_encoder, text_dtype)):
+    for module, dtype in ((vae, weight_dtype), *((m, text_dtype) for m in frozen[1:])):
         module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
     unet.to(device)
     return SDComponents(
@@ -287,6 +316,8 @@ def load_components(
         noise_scheduler=noise_scheduler,
         source=source,
         prediction_type=prediction_type,
+        text_encoder_2=second[0] if second else None,
+        tokenizer_2=second[1] if second else None,
     )
 
 
@@ -344,18 +375,12 @@ def make_inference_scheduler(name: str, base_config: dict, zero_terminal_snr: bo
 def build_pipeline(
     components: SDComponents, scheduler: str = "dpmsolver++", device: torch.device | None = None
 ):
-    """A StableDiffusionPipeline sharing the (possibly training) modules, without a safety checker."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        unet=components.unet,
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
+    """The version's pipeline (StableDiffusionPipeline without a safety checker, or
+    StableDiffusionXLPipeline) sharing the (possibly training) modules."""
+    version = components.version
+    pipe = version.pipeline_cls()(
+        **version.pipeline_parts(components),
         scheduler=make_inference_scheduler(scheduler, components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
@@ -366,12 +391,10 @@ def build_pipeline(
 def load_pipeline(
     source: str, scheduler: str = "dpmsolver++", device: torch.device | None = None, dtype=None
 ):
-    """Load a saved pipeline folder (base model or a full/DreamBooth trial's weights)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        source, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=dtype
-    )
+    """Load a saved pipeline folder (base model or a full/DreamBooth trial's weights) with the pipeline
+    class of its version."""
+    version = version_of_folder(source)
+    pipe = version.pipeline_cls().from_pretrained(source, torch_dtype=dtype, **version.load_kwargs())
     pipe.scheduler = make_inference_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from sdsweep import io
 
 TINY_PREFIX = "tiny:"
-FLAVOURS = ("sd15", "sd21")
+FLAVOURS = ("sd15", "sd21", "sdxl")
 TINY_VERSION = "3"  # bump when the architecture below changes, so cached copies are rebuilt
 
 # Words the tiny tokenizer learns as whole tokens: prompts in conf/, tests and the demo captions.
@@ -116,6 +116,8 @@ def build_tiny_pipeline(flavour: str = "sd15", seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    if flavour == "sdxl":
+        return build_tiny_sdxl_pipeline(seed)
     if flavour not in FLAVOURS:
         raise ValueError(
             f"Unknown tiny flavour {flavour!r}; use one of {FLAVOURS} (e.g. model.pretrained=tiny:sd15)."
@@ -169,6 +171,79 @@ def build_tiny_pipeline(flavour: str = "sd15", seed: int = 0):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """A random-weight StableDiffusionXLPipeline (about 1.1 M parameters), SDXL's layout in miniature.
+
+    Two text encoders (the second with a projection, as OpenCLIP bigG in SDXL) whose hidden states
+    concatenate to the UNet's 64-wide cross-attention input; a UNet with ``addition_embed_type="text_time"``
+    taking the second encoder's pooled embedding (32) and the six size/crop numbers (8 each) as added
+    conditions; SDXL's linear projections; an Euler sampler, as SDXL ships with.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+    pooled_dim, time_dim = 32, 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # two 32-wide encoders, concatenated
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.13025,  # SDXL's VAE scale
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, projection_dim=pooled_dim))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        tiny_text_config(tokenizer_2, projection_dim=pooled_dim, hidden_act="gelu")
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
     )
 
 

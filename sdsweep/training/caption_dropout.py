@@ -29,9 +29,11 @@ class CaptionDropout(torch.utils.data.Dataset):
         probability: float,
         seed: int,
         empty_embedding: torch.Tensor | None = None,
+        empty_pooled: torch.Tensor | None = None,
     ):
         self.dataset, self.probability, self.seed = dataset, probability, seed
         self.empty_embedding = empty_embedding
+        self.empty_pooled = empty_pooled  # SDXL's pooled embedding of the empty caption
         self.supports_draw_keys = getattr(dataset, "supports_draw_keys", False)
         self.bucket_ids = getattr(dataset, "bucket_ids", None)
 
@@ -49,6 +51,8 @@ class CaptionDropout(torch.utils.data.Dataset):
         item = {**item, "caption": ""}
         if "encoder_hidden_states" in item:
             item["encoder_hidden_states"] = self.empty_embedding
+        if "pooled_text_embeds" in item:
+            item["pooled_text_embeds"] = self.empty_pooled
         return item
 
 
@@ -56,11 +60,14 @@ def with_caption_dropout(cfg: Config, method: Any, dataset: torch.utils.data.Dat
     """The dataset wrapped in ``CaptionDropout`` when ``train.caption_dropout`` > 0."""
     if not cfg.train.caption_dropout:
         return dataset
-    empty = None
+    empty = empty_pooled = None
     if getattr(dataset, "text_rows", None) is not None:  # cached text embeddings: encode "" once
         with torch.no_grad():
-            empty = method.encode_text([""])[0].detach().float().cpu()
-    return CaptionDropout(dataset, cfg.train.caption_dropout, cfg.train.seed, empty)
+            text = method.encode_prompts([""])
+        empty = text.hidden_states[0].detach().float().cpu()
+        if text.pooled is not None:
+            empty_pooled = text.pooled[0].detach().float().cpu()
+    return CaptionDropout(dataset, cfg.train.caption_dropout, cfg.train.seed, empty, empty_pooled)
 
 
 def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
@@ -93,6 +100,7 @@ class TagShuffle(torch.utils.data.Dataset):
         rng = random.Random(draw_seed(self.seed + self.SALT, index, draw))
         item["caption"] = shuffle_tags(item["caption"], self.keep_tokens, rng)
         item.pop("encoder_hidden_states", None)
+        item.pop("pooled_text_embeds", None)
         return item
 
 

@@ -148,6 +148,7 @@ def denoising_loss(
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
     unet: torch.nn.Module | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-sample loss of one denoising step from clean (scaled) latents and text embeddings.
 
@@ -157,6 +158,9 @@ def denoising_loss(
     ``input_perturbation`` (Ning et al. 2023) noises the UNet's input with ``noise + gamma * xi`` but
     keeps the target built from ``noise``, so the model learns to correct slightly wrong inputs, as it
     meets them when sampling (exposure bias).
+
+    ``added_cond_kwargs``: the UNet's added conditions where the model version has them (SDXL's pooled
+    text embedding and time_ids, from ``ModelVersion.added_conditions``); None for SD 1.x/2.x.
     """
     scheduler = components.noise_scheduler
     noise, timesteps = sample_noise_and_timesteps(
@@ -169,6 +173,12 @@ def denoising_loss(
         input_noise = noise + input_perturbation * xi.to(latents.device, latents.dtype)
     noisy_latents = scheduler.add_noise(latents, input_noise, timesteps)
     unet = components.unet if unet is None else unet
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states,
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )[0]
     target = diffusion_target(scheduler, latents, noise, timesteps)
     return diffusion_loss(model_pred, target, timesteps, scheduler, snr_gamma, reduction="none")

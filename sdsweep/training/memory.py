@@ -20,6 +20,7 @@ checked on any GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from sdsweep.training.memory_trace import (
     TrainingFootprint,
     any_trainable,
     build_on_meta,
+    build_second_text_encoder_on_meta,
     mark_trainable,
     spec_of,
     trace_text_encoder_activations,
@@ -117,11 +119,16 @@ def load_model_configs(source: str) -> dict[str, dict[str, Any]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    return {
+    configs = {
         "unet": dict(UNet2DConditionModel.load_config(source, subfolder="unet")),
         "vae": dict(AutoencoderKL.load_config(source, subfolder="vae")),
         "text_encoder": CLIPTextConfig.from_pretrained(source, subfolder="text_encoder").to_dict(),
     }
+    if (Path(source) / "text_encoder_2" / "config.json").exists():  # SDXL
+        configs["text_encoder_2"] = CLIPTextConfig.from_pretrained(
+            source, subfolder="text_encoder_2"
+        ).to_dict()
+    return configs
 
 
 # ---- the estimate ------------------------------------------------------------------------------------------------
@@ -130,11 +137,18 @@ def estimate_training_memory(
 ) -> MemoryEstimate:
     unet, vae, text_encoder = build_on_meta(configs)
     trainable = mark_trainable(unet, text_encoder, footprint)
+    second = build_second_text_encoder_on_meta(configs, footprint)  # SDXL's; None for SD 1.x/2.x
+    if second is not None:
+        trainable += [p for p in second.parameters() if p.requires_grad]
     trainable_count = sum(p.numel() for p in trainable)
     weights = _bytes(unet.parameters(), torch.float32)  # the UNet (and adapters) stay fp32 masters
     weights += _bytes(vae.parameters(), footprint.frozen_dtype)
     text_dtype = torch.float32 if any_trainable(text_encoder) else footprint.frozen_dtype
     weights += _bytes(text_encoder.parameters(), text_dtype)
+    if second is not None:
+        weights += _bytes(
+            second.parameters(), torch.float32 if any_trainable(second) else footprint.frozen_dtype
+        )
     gradients = 4 * trainable_count
     optimizer_state = OPTIMIZER_STATE_BYTES[footprint.optimizer] * trainable_count
     ema = 4 * trainable_count if footprint.use_ema else 0
@@ -144,6 +158,8 @@ def estimate_training_memory(
     autocast_copies = 2 * _count(unet) if low_precision and not footprint.gradient_checkpointing else 0
     saved, largest_block = trace_unet_activations(unet, configs, footprint)
     saved += trace_text_encoder_activations(text_encoder, footprint)
+    if second is not None:
+        saved += trace_text_encoder_activations(second, footprint)
     activations = saved + autocast_copies
     recompute = largest_block if footprint.gradient_checkpointing else 0
     subtotal = weights + gradients + optimizer_state + ema + activations + recompute

@@ -99,8 +99,9 @@ def trace_unet_activations(
     blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_MODULES]
     handles = [b.register_forward_pre_hook(counter.open_block) for b in blocks]
     handles += [b.register_forward_hook(counter.close_block) for b in blocks]
+    added = meta_added_conditions(config, batch, dtype)
     with counter, fused_attention_trace():
-        unet(sample, timesteps, context)
+        unet(sample, timesteps, context, added_cond_kwargs=added)
     for handle in handles:
         handle.remove()
     full, largest = counter.total, counter.largest_block
@@ -109,9 +110,39 @@ def trace_unet_activations(
     unet.enable_gradient_checkpointing()
     counter = SavedTensorCounter(unet.parameters())
     with counter, fused_attention_trace():
-        unet(sample, timesteps, context)
+        unet(sample, timesteps, context, added_cond_kwargs=added)
     unet.disable_gradient_checkpointing()
     return counter.total, largest
+
+
+def meta_added_conditions(config: dict[str, Any], batch: int, dtype: torch.dtype) -> dict[str, Any] | None:
+    """SDXL's added conditions (pooled text embedding and six time_ids) as meta tensors, for a UNet whose
+    config has ``addition_embed_type="text_time"``; None for SD 1.x/2.x UNets."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    return {
+        "text_embeds": torch.empty(batch, pooled, device="meta", dtype=dtype),
+        "time_ids": torch.empty(batch, 6, device="meta", dtype=dtype),
+    }
+
+
+def build_second_text_encoder_on_meta(configs: dict[str, dict[str, Any]], footprint: TrainingFootprint):
+    """SDXL's second text encoder on the meta device, marked trainable as the method's ``prepare()`` marks
+    it (textual inversion: its embedding table; a full fine-tune with train_text_encoder: all of it); None
+    for a one-encoder model. (LoRA adapters on the text encoders are not modelled, for either encoder.)"""
+    if "text_encoder_2" not in configs:
+        return None
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+    encoder.requires_grad_(False)
+    if footprint.method == "textual_inversion":
+        encoder.get_input_embeddings().weight.requires_grad_(True)
+    elif footprint.method != "lora" and footprint.train_text_encoder:
+        encoder.requires_grad_(True)
+    return encoder
 
 
 def trace_text_encoder_activations(text_encoder, footprint: TrainingFootprint) -> int:

@@ -132,7 +132,12 @@ def _prepare_trained(accelerator: Any, method: Any) -> TrainedModules:
     if not trained.modules():
         raise ValueError(f"method {method.name!r} has no trainable parameters; did prepare() run?")
     prepared = {}
-    for name, module in (("unet", trained.unet), ("text_encoder", trained.text_encoder)):
+    named = (
+        ("unet", trained.unet),
+        ("text_encoder", trained.text_encoder),
+        ("text_encoder_2", trained.text_encoder_2),
+    )
+    for name, module in named:
         if module is not None:
             prepared[name] = accelerator.prepare(module)
             inner = accelerator.unwrap_model(prepared[name], keep_fp32_wrapper=False)

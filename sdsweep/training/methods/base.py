@@ -18,6 +18,7 @@ import torch
 from sdsweep.config.schema import Config
 from sdsweep.models.loading import SDComponents, build_pipeline
 from sdsweep.models.tokens import tokenize_prompts
+from sdsweep.models.versions import POOLED, SIZE_CONDITIONS, PromptEmbeddings
 from sdsweep.training.loss import Generators, denoising_loss, randn
 
 Batch = dict[str, Any]
@@ -40,9 +41,10 @@ class TrainedModules:
 
     unet: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second encoder (LoRA, textual inversion)
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.text_encoder) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 def _trains(module: torch.nn.Module) -> bool:
@@ -99,9 +101,11 @@ class FineTuneMethod(ABC):
         """The components holding ``trainable_parameters()`` (the UNet for full, DreamBooth and LoRA; the
         text encoder for textual inversion and with ``method.train_text_encoder``), unwrapped."""
         unet, text_encoder = self.components.unet, self.components.text_encoder
+        second = self.components.text_encoder_2
         return TrainedModules(
             unet=unet if _trains(unet) else None,
             text_encoder=text_encoder if _trains(text_encoder) else None,
+            text_encoder_2=second if second is not None and _trains(second) else None,
         )
 
     def uses_frozen_text_encoder(self) -> bool:
@@ -131,8 +135,11 @@ class FineTuneMethod(ABC):
         None calls the components' own."""
         draws = generator if generator is not None else sample_generators(batch)
         latents = self.latents_of(batch, generator=draws)
-        text_embeddings = self.text_embeddings_of(batch, modules=modules)
-        loss = self.per_sample_loss(latents, text_embeddings, draws, modules=modules).mean()
+        text = self.prompt_embeddings_of(batch, modules=modules)
+        added = self.added_conditions(text, batch.get(SIZE_CONDITIONS), latents)
+        loss = self.per_sample_loss(
+            latents, text.hidden_states, draws, modules=modules, added_conditions=added
+        ).mean()
         return loss, {"train/loss": loss.detach()}
 
     def after_optimizer_step(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
@@ -142,7 +149,8 @@ class FineTuneMethod(ABC):
         """Switch the trained modules between train and eval mode (the loop toggles it around evals)."""
         self.components.unet.train(training)
         if self.cfg.method.train_text_encoder:
-            self.components.text_encoder.train(training)
+            for encoder in self.components.text_encoders:
+                encoder.train(training)
 
     # ---- shared mechanics ------------------------------------------------------------------------
     def per_sample_loss(
@@ -151,6 +159,7 @@ class FineTuneMethod(ABC):
         text_embeddings: torch.Tensor,
         generator: Generators = None,
         modules: TrainedModules | None = None,
+        added_conditions: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         # The noise offset (and input perturbation) are training augmentations: a fixed-seed validation
         # loss (one generator) leaves them out so trials with different offsets are scored on the same task.
@@ -164,7 +173,17 @@ class FineTuneMethod(ABC):
             snr_gamma=self.cfg.train.snr_gamma,
             noise_offset=0.0 if validation else self.cfg.train.noise_offset,
             input_perturbation=0.0 if validation else self.cfg.train.input_perturbation,
+            added_cond_kwargs=added_conditions,
         )
+
+    def added_conditions(
+        self, text: PromptEmbeddings, size_conditions: torch.Tensor | None, latents: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """The UNet's added conditions the model version asks for (SDXL: pooled text and time_ids from
+        each sample's recorded original size and crop, and the size the latents decode to); None for SD."""
+        scale = self.components.vae_scale_factor
+        target = (int(latents.shape[-2]) * scale, int(latents.shape[-1]) * scale)
+        return self.components.version.added_conditions(text, size_conditions, target)
 
     def latents_of(self, batch: Batch, prefix: str = "", generator: Generators = None) -> torch.Tensor:
         """Scaled latents: the batch's cached ``latents``, else the frozen VAE's encoding of its pixels."""
@@ -194,26 +213,42 @@ class FineTuneMethod(ABC):
         self, batch: Batch, prefix: str = "", modules: TrainedModules | None = None
     ) -> torch.Tensor:
         """The batch's cached ``encoder_hidden_states``, else the text encoder's output for its captions."""
+        return self.prompt_embeddings_of(batch, prefix, modules).hidden_states
+
+    def prompt_embeddings_of(
+        self, batch: Batch, prefix: str = "", modules: TrainedModules | None = None
+    ) -> PromptEmbeddings:
+        """The batch's cached embeddings (``encoder_hidden_states``, and ``pooled_text_embeds`` where the
+        model version has a pooled one), else the text encoders' output for its captions."""
         cached = batch.get(f"{prefix}encoder_hidden_states")
-        if cached is not None:
-            return cached.to(self.device)
+        pooled = batch.get(f"{prefix}{POOLED}")
+        if cached is not None and (pooled is not None or not self.components.version.has_pooled_text):
+            return PromptEmbeddings(cached, pooled).to(self.device)
         captions = batch.get(f"{prefix}captions")
         if captions is None:
             raise KeyError(
                 f"A batch needs '{prefix}captions' or '{prefix}encoder_hidden_states'; it has {sorted(batch)}."
             )
-        return self.encode_text(list(captions), modules)
+        return self.encode_prompts(list(captions), modules)
 
     def encode_text(self, captions: list[str], modules: TrainedModules | None = None) -> torch.Tensor:
-        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
-        if modules is not None and modules.text_encoder is not None:
-            encoder = modules.text_encoder  # the prepared (DDP-wrapped) trained encoder
-        ids = tokenize_prompts(tokenizer, captions).to(self.device)
-        if any(p.requires_grad for p in encoder.parameters()):  # trained (or its embedding table is)
-            return encoder(ids, return_dict=False)[0]
+        return self.encode_prompts(captions, modules).hidden_states
+
+    def encode_prompts(self, captions: list[str], modules: TrainedModules | None = None) -> PromptEmbeddings:
+        """Captions through the model's tokenizers and text encoders, as its pipeline encodes prompts."""
+        encoders = self.components.text_encoders
+        if modules is not None:  # the prepared (DDP-wrapped) trained encoders
+            prepared = [modules.text_encoder, modules.text_encoder_2][: len(encoders)]
+            encoders = [p if p is not None else e for p, e in zip(prepared, encoders)]
+        ids = [tokenize_prompts(t, captions).to(self.device) for t in self.components.tokenizers]
+        version = self.components.version
+        if any(p.requires_grad for encoder in encoders for p in encoder.parameters()):
+            return version.encode(encoders, ids)  # trained (or its embedding table is)
         # A frozen encoder needs no graph; no_grad (not set_grad_enabled) also respects a caller's no_grad.
         with torch.no_grad():
-            return encoder(ids, return_dict=False)[0].float()
+            text = version.encode(encoders, ids)
+        pooled = None if text.pooled is None else text.pooled.float()
+        return PromptEmbeddings(text.hidden_states.float(), pooled)
 
     @staticmethod
     def batch_size_of(batch: Batch) -> int:
@@ -244,21 +279,18 @@ class FineTuneMethod(ABC):
 def save_pipeline_folder(
     components: SDComponents, out_dir: Path, unet: torch.nn.Module | None = None
 ) -> Path:
-    """A folder that loads with ``StableDiffusionPipeline.from_pretrained`` (safetensors weights)."""
-    from diffusers import StableDiffusionPipeline
-
+    """A folder that loads with the version's pipeline ``from_pretrained`` (safetensors weights)."""
     from sdsweep.models.loading import make_inference_scheduler
 
-    pipe = StableDiffusionPipeline(
-        unet=unet if unet is not None else components.unet,
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        # Saved with the sampler SD checkpoints ship with (PNDM), not the 1000-step DDPM trainer.
-        scheduler=make_inference_scheduler("pndm", components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    version = components.version
+    parts = version.pipeline_parts(components)
+    if unet is not None:
+        parts["unet"] = unet
+    # Saved with the sampler the version's checkpoints ship with (PNDM for SD, Euler for SDXL), not the
+    # 1000-step DDPM trainer.
+    pipe = version.pipeline_cls()(
+        **parts,
+        scheduler=make_inference_scheduler(version.saved_scheduler, components.noise_scheduler.config),
     )
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)

@@ -23,6 +23,7 @@ from sdsweep.config.resolve import resolved_resolution
 from sdsweep.data.images import open_rgb
 from sdsweep.data.latent_cache import model_content
 from sdsweep.models.loading import sampling_precision
+from sdsweep.models.versions import POOLED, SIZE_CONDITIONS, PromptEmbeddings
 from sdsweep.training.distributed import process_rank
 from sdsweep.training.methods.base import Batch, TrainedModules
 from sdsweep.training.methods.full import FullFineTune
@@ -42,7 +43,9 @@ class DreamBooth(FullFineTune):
             # Data-parallel ranks draw different class images (rank 0 as a single process does).
             self.class_rng = torch.Generator().manual_seed(self.cfg.train.seed + 1_000_003 * process_rank())
             self.class_text_embedding = (
-                self.encode_text([self.cfg.method.class_prompt]) if self.uses_frozen_text_encoder() else None
+                self.encode_prompts([self.cfg.method.class_prompt])
+                if self.uses_frozen_text_encoder()
+                else None
             )
         super().prepare()
 
@@ -59,17 +62,22 @@ class DreamBooth(FullFineTune):
         eval_cfg = self.cfg.eval
         identity = {
             # What the model holds, not where it is: a moved cache or model reuses its class images.
-            "source": model_content(
-                self.cfg, self.components.source, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-            ),
+            "source": model_content(self.cfg, self.components.source, self._content_parts()),
             "class_prompt": self.cfg.method.class_prompt,
             "resolution": resolved_resolution(self.cfg),
             "seed": self.cfg.train.seed,
             "sampler": [eval_cfg.scheduler, eval_cfg.num_inference_steps, eval_cfg.guidance_scale],
         }
+        if self.cfg.model.vae_path:  # another VAE decodes other class images (absent otherwise: same keys)
+            identity["vae_path"] = self.cfg.model.vae_path
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         root = self.cache_dir or io.StudyPaths.of(self.cfg.paths.root, self.cfg.study).cache
         return root / "class_images" / key
+
+    def _content_parts(self) -> tuple[str, ...]:
+        """The model folders that shape the class images: every text encoder and tokenizer of the version."""
+        version = self.components.version
+        return ("unet", "vae", *version.text_encoder_parts, *version.tokenizer_parts, "scheduler")
 
     def _class_images(self) -> list[Image.Image]:
         folder = self.class_images_dir()
@@ -131,8 +139,15 @@ class DreamBooth(FullFineTune):
         mean, std = self.class_latent_mean[picks], self.class_latent_std[picks]
         noise = torch.randn(mean.shape, generator=self.class_rng).to(mean.device, mean.dtype)
         extra: Batch = {"class_latents": (mean + std * noise) * self.components.latent_scaling}
+        if self.components.version.size_conditioned:
+            # Class images were generated at the training resolution: original = target, no crop.
+            resolution = resolved_resolution(self.cfg)
+            extra[f"class_{SIZE_CONDITIONS}"] = torch.tensor([[resolution, resolution, 0, 0]] * size)
         if self.class_text_embedding is not None:
-            extra["class_encoder_hidden_states"] = self.class_text_embedding.expand(size, -1, -1)
+            text = self.class_text_embedding.expand(size)
+            extra["class_encoder_hidden_states"] = text.hidden_states
+            if text.pooled is not None:
+                extra[f"class_{POOLED}"] = text.pooled
         else:
             extra["class_captions"] = [self.cfg.method.class_prompt] * size
         return {**batch, **extra}
@@ -151,16 +166,20 @@ class DreamBooth(FullFineTune):
         # One UNet pass (and one text-encoder pass when it trains) over instance + class samples, then
         # the per-sample losses split in two: one forward per backward through a DDP-wrapped module.
         if batch.get("captions") is not None and batch.get("class_captions") is not None:
-            text = self.encode_text([*batch["captions"], *batch["class_captions"]], modules)
+            text = self.encode_prompts([*batch["captions"], *batch["class_captions"]], modules)
         else:
-            text = torch.cat(
+            text = PromptEmbeddings.cat(
                 [
-                    self.text_embeddings_of(batch, modules=modules),
-                    self.text_embeddings_of(batch, "class_", modules),
+                    self.prompt_embeddings_of(batch, modules=modules),
+                    self.prompt_embeddings_of(batch, "class_", modules),
                 ]
             )
+        latents = torch.cat([instance_latents, class_latents])
+        sizes = [batch.get(SIZE_CONDITIONS), batch.get(f"class_{SIZE_CONDITIONS}")]
+        sizes = None if any(s is None for s in sizes) else torch.cat([s.cpu() for s in sizes])
+        added = self.added_conditions(text, sizes, latents)
         per_sample = self.per_sample_loss(
-            torch.cat([instance_latents, class_latents]), text, generator, modules
+            latents, text.hidden_states, generator, modules, added_conditions=added
         )
         instance_count = instance_latents.shape[0]
         instance_loss = per_sample[:instance_count].mean()

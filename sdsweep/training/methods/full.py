@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from sdsweep.models.loading import SDComponents, build_pipeline
+from sdsweep.models.loading import build_pipeline
 from sdsweep.training.methods.base import FineTuneMethod, save_pipeline_folder
 
 
@@ -23,14 +24,17 @@ class FullFineTune(FineTuneMethod):
     ema = None  # a diffusers EMAModel once prepare() ran with method.use_ema
 
     def prepare(self) -> None:
-        unet, text_encoder = self.components.unet, self.components.text_encoder
+        unet = self.components.unet
         unet.requires_grad_(True)
         unet.train()
         if self.cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if self.cfg.method.train_text_encoder:
-            text_encoder.requires_grad_(True)
-            text_encoder.train()
+            for encoder in self.components.text_encoders:  # SDXL: both, as diffusers' SDXL script
+                encoder.requires_grad_(True)
+                encoder.train()
+            for unread in self.components.version.unread_text_modules(self.components.text_encoders):
+                unread.requires_grad_(False)
         self.ema = None
         if self.cfg.method.use_ema:
             from diffusers.training_utils import EMAModel
@@ -41,7 +45,7 @@ class FullFineTune(FineTuneMethod):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.components.unet]
         if self.cfg.method.train_text_encoder:
-            modules.append(self.components.text_encoder)
+            modules.extend(self.components.text_encoders)
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def after_optimizer_step(self) -> None:
@@ -63,16 +67,7 @@ class FullFineTune(FineTuneMethod):
     def pipeline_for_eval(self, scheduler_name: str = "dpmsolver++"):
         if self.ema is None:
             return super().pipeline_for_eval(scheduler_name)
-        live = self.components
-        with_ema = SDComponents(
-            unet=self.evaluated_unet(),
-            vae=live.vae,
-            text_encoder=live.text_encoder,
-            tokenizer=live.tokenizer,
-            noise_scheduler=live.noise_scheduler,
-            source=live.source,
-            prediction_type=live.prediction_type,
-        )
+        with_ema = dataclasses.replace(self.components, unet=self.evaluated_unet())
         return build_pipeline(with_ema, scheduler_name, self.device)
 
     def save(self, out_dir: Path) -> Path:

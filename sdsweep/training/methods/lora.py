@@ -45,7 +45,8 @@ class LoRA(FineTuneMethod):
     def prepare(self) -> None:
         unet, text_encoder = self.components.unet, self.components.text_encoder
         unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
+        for encoder in self.components.text_encoders:
+            encoder.requires_grad_(False)
         # The adapters' random init (lora_A; lora_B starts at zero) comes from train.seed, not from whatever
         # the global RNG holds: a rerun, and every data-parallel rank, starts from the same adapters.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -70,26 +71,29 @@ class LoRA(FineTuneMethod):
             )
         )
         if method.train_text_encoder:
-            text_encoder.add_adapter(
-                LoraConfig(
-                    r=method.text_encoder_rank,
-                    # alpha == rank keeps the text adapter's scale at 1, independent of its rank.
-                    lora_alpha=method.text_encoder_rank,
-                    lora_dropout=method.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=TEXT_ENCODER_TARGETS,
+            for encoder in self.components.text_encoders:  # SDXL: both encoders, as diffusers' SDXL script
+                encoder.add_adapter(
+                    LoraConfig(
+                        r=method.text_encoder_rank,
+                        # alpha == rank keeps the text adapter's scale at 1, independent of its rank.
+                        lora_alpha=method.text_encoder_rank,
+                        lora_dropout=method.dropout,
+                        init_lora_weights="gaussian",
+                        target_modules=TEXT_ENCODER_TARGETS,
+                    )
                 )
-            )
-            text_encoder.train()
+                encoder.train()
+            # Adapters where the conditioning never reads (SDXL's first encoder's last layer) stay frozen.
+            for unread in self.components.version.unread_text_modules(self.components.text_encoders):
+                unread.requires_grad_(False)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         modules = [self.components.unet]
         if self.cfg.method.train_text_encoder:
-            modules.append(self.components.text_encoder)
+            modules.extend(self.components.text_encoders)
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def save(self, out_dir: Path) -> Path:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -98,15 +102,13 @@ class LoRA(FineTuneMethod):
             adapter = get_peft_model_state_dict(module, save_embedding_layers=False)
             return convert_state_dict_to_diffusers(adapter)
 
-        text_encoder_layers = None
+        # The version's pipeline writes its own layout: SDXL's file also holds text_encoder_2's layers.
+        layers = {"unet_lora_layers": adapter_layers(self.components.unet)}
         if self.cfg.method.train_text_encoder:
-            text_encoder_layers = adapter_layers(self.components.text_encoder)
+            for part in self.components.version.text_encoder_parts:
+                layers[f"{part}_lora_layers"] = adapter_layers(getattr(self.components, part))
         out_dir = Path(out_dir)
-        StableDiffusionPipeline.save_lora_weights(
-            out_dir,
-            unet_lora_layers=adapter_layers(self.components.unet),
-            text_encoder_lora_layers=text_encoder_layers,
-            weight_name=WEIGHTS_NAME,
-            safe_serialization=True,
+        self.components.version.pipeline_cls().save_lora_weights(
+            out_dir, **layers, weight_name=WEIGHTS_NAME, safe_serialization=True
         )
         return out_dir / WEIGHTS_NAME

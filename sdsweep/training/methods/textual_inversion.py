@@ -19,6 +19,9 @@ from sdsweep.errors import ConfigError
 from sdsweep.training.methods.base import FineTuneMethod
 
 WEIGHTS_NAME = EMBEDS_FILE  # one name, in the method spec (export finds it there without torch)
+# A two-encoder model (SDXL) saves one tensor per encoder under these keys, the layout diffusers' SDXL
+# textual-inversion example writes and ``load_textual_inversion`` is called with, encoder by encoder.
+ENCODER_KEYS = ("clip_l", "clip_g")
 
 # Prompt templates of the original paper: the placeholder in varied contexts, so the embedding learns
 # the subject (object) or the look (style) rather than one caption.
@@ -53,7 +56,19 @@ class TextualInversion(FineTuneMethod):
         from sdsweep.models.loading import load_pipeline, resolve_model_source
 
         pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
-        pipe.load_textual_inversion(str(weights_dir / WEIGHTS_NAME))
+        path = weights_dir / WEIGHTS_NAME
+        if getattr(pipe, "text_encoder_2", None) is None:
+            pipe.load_textual_inversion(str(path))
+            return pipe
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        for key, encoder, tokenizer in zip(
+            ENCODER_KEYS, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
+        ):
+            pipe.load_textual_inversion(
+                state[key], token=cfg.method.placeholder_token, text_encoder=encoder, tokenizer=tokenizer
+            )
         return pipe
 
     @classmethod
@@ -70,27 +85,35 @@ class TextualInversion(FineTuneMethod):
         return " ".join(self.placeholder_tokens())
 
     def prepare(self) -> None:
-        initializer_id = self._validate_tokens()
-        tokenizer, text_encoder = self.components.tokenizer, self.components.text_encoder
+        """One new token (per vector) in every tokenizer, its row trained in every text encoder (SDXL: both,
+        together, from the same initializer word)."""
+        initializer_ids = [self._validate_tokens(tokenizer) for tokenizer in self.components.tokenizers]
         tokens = self.placeholder_tokens()
-        tokenizer.add_tokens(tokens)
-        self.token_ids = tokenizer.convert_tokens_to_ids(tokens)
-        text_encoder.resize_token_embeddings(len(tokenizer))
-        embeddings = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            embeddings[self.token_ids] = embeddings[initializer_id].clone()
+        self.encoder_token_ids, self.original_embeddings, self.frozen_rows = [], [], []
         self.components.unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
-        text_encoder.get_input_embeddings().requires_grad_(True)
-        text_encoder.train()
-        self.original_embeddings = embeddings.detach().clone()
-        self.frozen_rows = torch.ones(len(tokenizer), dtype=torch.bool, device=embeddings.device)
-        self.frozen_rows[self.token_ids] = False
+        for tokenizer, text_encoder, initializer_id in zip(
+            self.components.tokenizers, self.components.text_encoders, initializer_ids
+        ):
+            tokenizer.add_tokens(tokens)
+            token_ids = tokenizer.convert_tokens_to_ids(tokens)
+            text_encoder.resize_token_embeddings(len(tokenizer))
+            embeddings = text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                embeddings[token_ids] = embeddings[initializer_id].clone()
+            text_encoder.requires_grad_(False)
+            text_encoder.get_input_embeddings().requires_grad_(True)
+            text_encoder.train()
+            frozen = torch.ones(len(tokenizer), dtype=torch.bool, device=embeddings.device)
+            frozen[token_ids] = False
+            self.encoder_token_ids.append(token_ids)
+            self.original_embeddings.append(embeddings.detach().clone())
+            self.frozen_rows.append(frozen)
+        self.token_ids = self.encoder_token_ids[0]  # the first (SD's only) encoder's rows
         self.template_rng = random.Random(self.cfg.train.seed)
 
-    def _validate_tokens(self) -> int:
+    def _validate_tokens(self, tokenizer) -> int:
         """The initializer's token id; ConfigError for a taken placeholder or a multi-token initializer."""
-        method, tokenizer = self.cfg.method, self.components.tokenizer
+        method = self.cfg.method
         placeholder = method.placeholder_token
         if not placeholder or any(c.isspace() for c in placeholder):
             raise ConfigError(
@@ -114,13 +137,14 @@ class TextualInversion(FineTuneMethod):
         return initializer_ids[0]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.components.text_encoder.get_input_embeddings().weight]
+        return [encoder.get_input_embeddings().weight for encoder in self.components.text_encoders]
 
     def uses_frozen_text_encoder(self) -> bool:
         return False  # the learned rows change every step, so caption embeddings cannot be cached
 
     def set_train_mode(self, training: bool) -> None:
-        self.components.text_encoder.train(training)
+        for encoder in self.components.text_encoders:
+            encoder.train(training)
 
     def transform_caption(self, caption: str, rng: random.Random | None = None) -> str:
         template = self.cfg.method.template
@@ -138,32 +162,47 @@ class TextualInversion(FineTuneMethod):
         return f"{self.placeholder_text()} {caption}"
 
     def after_optimizer_step(self) -> None:
-        embeddings = self.components.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows]
+        for encoder, frozen, original in zip(
+            self.components.text_encoders, self.frozen_rows, self.original_embeddings
+        ):
+            embeddings = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                embeddings[frozen] = original[frozen]
 
-    def learned_embeddings(self) -> torch.Tensor:
-        """[num_vectors, dim]: the placeholder tokens' rows."""
-        weight = self.components.text_encoder.get_input_embeddings().weight
-        return weight[self.token_ids].detach().cpu().clone()
+    def learned_embeddings(self, encoder: int = 0) -> torch.Tensor:
+        """[num_vectors, dim]: the placeholder tokens' rows in text encoder ``encoder`` (0: the first)."""
+        weight = self.components.text_encoders[encoder].get_input_embeddings().weight
+        return weight[self.encoder_token_ids[encoder]].detach().cpu().clone()
 
     def save(self, out_dir: Path) -> Path:
+        """SD: ``{token: [num_vectors, dim]}``; SDXL: ``{"clip_l": ..., "clip_g": ...}``, one per encoder."""
         from safetensors.torch import save_file
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / WEIGHTS_NAME
-        save_file({self.cfg.method.placeholder_token: self.learned_embeddings().contiguous()}, str(path))
+        count = len(self.components.text_encoders)
+        if count == 1:
+            tensors = {self.cfg.method.placeholder_token: self.learned_embeddings()}
+        else:
+            tensors = {key: self.learned_embeddings(i) for i, key in enumerate(ENCODER_KEYS[:count])}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
         return path
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # Only the learned rows: the rest of the matrix is the base model's and is restored anyway.
-        return {"textual_inversion.embeddings": self.learned_embeddings()}
+        return {_state_key(i): self.learned_embeddings(i) for i in range(len(self.components.text_encoders))}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        weight = self.components.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[self.token_ids] = state["textual_inversion.embeddings"].to(weight.device, weight.dtype)
+        for i, encoder in enumerate(self.components.text_encoders):
+            weight = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[self.encoder_token_ids[i]] = state[_state_key(i)].to(weight.device, weight.dtype)
+
+
+def _state_key(encoder: int) -> str:
+    """``textual_inversion.embeddings`` (the first encoder, as before SDXL), ``..._2`` for the second."""
+    return "textual_inversion.embeddings" + (f"_{encoder + 1}" if encoder else "")
 
 
 def _is_known_word(tokenizer, token: str) -> bool:
