@@ -138,10 +138,7 @@ def build_second_text_encoder_on_meta(configs: dict[str, dict[str, Any]], footpr
     with torch.device("meta"):
         encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
     encoder.requires_grad_(False)
-    if footprint.method == "textual_inversion":
-        encoder.get_input_embeddings().weight.requires_grad_(True)
-    elif footprint.method != "lora" and footprint.train_text_encoder:
-        encoder.requires_grad_(True)
+    spec_of(footprint.method).trainer_class().mark_text_encoder(encoder, footprint)
     return encoder
 
 

@@ -85,6 +85,12 @@ class FineTuneMethod(ABC):
         weights, no data); ``footprint`` is the run's ``TrainingFootprint``. The default trains the UNet,
         and the text encoder with ``method.train_text_encoder``."""
         unet.requires_grad_(True)
+        cls.mark_text_encoder(text_encoder, footprint)
+
+    @classmethod
+    def mark_text_encoder(cls, text_encoder: torch.nn.Module, footprint: Any) -> None:
+        """Set requires_grad on one meta-device text encoder as ``prepare()`` does (SDXL's second encoder
+        too). The default trains it whole with ``method.train_text_encoder``."""
         if footprint.train_text_encoder:
             text_encoder.requires_grad_(True)
 

@@ -42,6 +42,10 @@ class LoRA(FineTuneMethod):
                 )
             )
 
+    @classmethod
+    def mark_text_encoder(cls, text_encoder, footprint) -> None:
+        """Adapters on a text encoder are not modelled by the memory estimate: the encoder stays frozen."""
+
     def prepare(self) -> None:
         unet, text_encoder = self.components.unet, self.components.text_encoder
         unet.requires_grad_(False)

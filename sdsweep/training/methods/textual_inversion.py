@@ -73,6 +73,10 @@ class TextualInversion(FineTuneMethod):
 
     @classmethod
     def mark_trainable(cls, unet, text_encoder, footprint) -> None:
+        cls.mark_text_encoder(text_encoder, footprint)
+
+    @classmethod
+    def mark_text_encoder(cls, text_encoder, footprint) -> None:
         # The whole embedding table gets gradients; the method restores the old rows after each step.
         text_encoder.get_input_embeddings().weight.requires_grad_(True)
 
