@@ -4,6 +4,8 @@ trained through the same loss and loop as SD, evaluated and saved through Stable
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +217,38 @@ def test_full_finetune_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    # Export as a user types it: the diffusers folder loads in StableDiffusionXLPipeline and its card says so;
+    # the original-layout formats are refused for SDXL with one clear error, and nothing is written.
+    exported = tmp_path / "export"
+    done = subprocess.run(
+        [sys.executable, "-m", "sdsweep.export", str(study), "--to", str(exported)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    card = (exported / "README.md").read_text()
+    assert (
+        "from diffusers import StableDiffusionXLPipeline" in card and "StableDiffusionPipeline." not in card
+    )
+    assert StableDiffusionXLPipeline.from_pretrained(exported).unet.state_dict().keys() == trained.keys()
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdsweep.export",
+            str(study),
+            "--to",
+            str(tmp_path / "single"),
+            "--format",
+            "single_file",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode != 0 and "not available for SDXL" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "single").exists()
 
 
 def test_model_vae_path_replaces_the_vae(tmp_path, tiny_model_dirs):

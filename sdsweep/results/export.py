@@ -169,7 +169,12 @@ def hyperparameters(record: TrialRecord, config: dict[str, Any]) -> dict[str, An
 
 
 def model_card(
-    data: StudyData, selected: SelectedTrial, fmt_name: str, config: dict[str, Any], has_grid: bool
+    data: StudyData,
+    selected: SelectedTrial,
+    fmt_name: str,
+    config: dict[str, Any],
+    has_grid: bool,
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> str:
     record = selected.record
     method = str(record.method or data.info.get("method"))
@@ -250,6 +255,7 @@ def model_card(
         scheduler=evaluation.get("scheduler"),
         steps=int(evaluation.get("num_inference_steps") or 25),
         guidance=float(evaluation.get("guidance_scale") or 7.5),
+        pipeline_class=pipeline_class,
     )
     lines += ["", "## Usage", "", "```python", snippet.rstrip(), "```", ""]
     if has_grid:
@@ -301,8 +307,11 @@ def export_trial(
     selected = select_trial(data, trial)
     source = weights_dir(data, selected)
     fmt_name = weights_format(source, selected.record.method)
+    config = _trial_config(selected)
+    version = export_formats.trained_version(source, fmt_name, config)
     try:
         export_formats.output_file(fmt, fmt_name)
+        export_formats.check_version(fmt, version.name)
     except export_formats.FormatError as error:
         raise ExportError(str(error)) from None
     to = Path(to)
@@ -311,7 +320,6 @@ def export_trial(
     # Copy into a staging folder and swap it in, so a failed export never leaves half a model.
     staging = io.staging_dir(to)
     try:
-        config = _trial_config(selected)
         spec = method_spec(str(selected.record.method))
         converted = export_formats.convert(
             source,
@@ -332,7 +340,7 @@ def export_trial(
         grid = selected.trial_dir / io.TRIAL_GRID
         if grid.is_file():
             shutil.copyfile(grid, staging / GRID_FILE)
-        card = model_card(data, selected, fmt_name, config, grid.is_file())
+        card = model_card(data, selected, fmt_name, config, grid.is_file(), version.pipeline_class)
         io.atomic_write_text(staging / "README.md", card + export_card.format_lines(converted, fmt_name))
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         io.atomic_write_json(

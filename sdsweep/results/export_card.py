@@ -160,28 +160,38 @@ def usage_snippet(
     scheduler: str | None = None,
     steps: int = 25,
     guidance: float = 7.5,
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> str:
-    """Python that loads the exported folder with diffusers' own loaders (matches the weights format)."""
+    """Python that loads the exported folder with diffusers' own loaders (matches the weights format and the
+    model version: ``StableDiffusionXLPipeline`` for SDXL)."""
     prompt_literal = json.dumps(prompt)
     if fmt_name == PIPELINE_FORMAT:
-        load = (
-            'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder", torch_dtype=torch.float16)'
-        )
+        load = f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder", torch_dtype=torch.float16)'
     elif fmt_name == LORA_FORMAT:
         load = (
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
             'pipe.load_lora_weights("path/to/this/folder")'
+        )
+    elif fmt_name == EMBEDDINGS_FORMAT and pipeline_class == "StableDiffusionXLPipeline":
+        # One embedding per text encoder ("clip_l", "clip_g"), loaded encoder by encoder.
+        load = (
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            f'state = safetensors.torch.load_file("path/to/this/folder/{EMBEDS_FILE}")\n'
+            'for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer), '
+            '("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):\n'
+            f'    pipe.load_textual_inversion(state[key], token="{trigger or "<token>"}", '
+            "text_encoder=encoder, tokenizer=tokenizer)"
         )
     elif fmt_name == EMBEDDINGS_FORMAT:
         token = f', token="{trigger}"' if trigger else ""
         load = (
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.float16)\n'
             f'pipe.load_textual_inversion("path/to/this/folder/{EMBEDS_FILE}"{token})'
         )
     else:  # register_method admits no other format; say so rather than guess one
         raise ValueError(f"No usage snippet for weights format {fmt_name!r}.")
     return (
-        "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f"import {'safetensors.torch, ' if 'safetensors' in load else ''}torch\nfrom diffusers import {pipeline_class}\n\n"
         f"{load}\n{scheduler_lines(scheduler, fmt_name)}"
         'pipe = pipe.to("cuda")\n'
         f"image = pipe({prompt_literal}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sdsweep.config.methods import EMBEDDINGS_FORMAT, LORA_FORMAT, PIPELINE_FORMAT, method_spec
@@ -56,6 +57,36 @@ def load_exported_pipeline(folder: Path, cfg, device, scheduler: str):
 
 class FormatError(ValueError):
     """The requested format does not exist for the trial's weights; the message names the ones that do."""
+
+
+def trained_version(weights: Path, weights_format: str, config: dict):
+    """The Stable Diffusion version the trial's weights belong to (sdsweep.models.versions), without any
+    download: a pipeline folder says it itself; an adapter's base model is read from its folder when it is
+    local (model.path, a tiny or shapes build, a local pretrained folder), else from its hub id."""
+    from sdsweep.models import versions
+
+    if weights_format == PIPELINE_FORMAT:
+        return versions.version_of_folder(weights)
+    model = config.get("model") or {}
+    for key in ("path", "pretrained"):
+        local = Path(os.path.expanduser(str(model.get(key) or "")))
+        if str(model.get(key) or "") and local.is_dir():
+            return versions.version_of_folder(local)
+    pretrained = str(model.get("pretrained") or "")
+    if pretrained.startswith("tiny:"):
+        return versions.SDXL if "xl" in pretrained else versions.SD
+    names = f"{model.get('name') or ''} {pretrained}".lower()
+    return versions.SDXL if "xl" in names else versions.SD
+
+
+def check_version(fmt: str, version_name: str) -> None:
+    """Refuse, before anything is copied, a format whose original layout sdsweep cannot write for this version."""
+    if version_name == "sdxl" and fmt != "diffusers":
+        raise FormatError(
+            f"--format {fmt} is not available for SDXL yet: the original SDXL layout stores the second text "
+            "encoder in OpenCLIP's format, which sdsweep does not write. Use --format diffusers (ComfyUI and "
+            "diffusers load it; StableDiffusionXLPipeline.from_pretrained)."
+        )
 
 
 def output_file(fmt: str, weights_format: str) -> str | None:
