@@ -7,6 +7,7 @@ constraints, rather than the objective, kept from being the pick. Used by the ve
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -48,9 +49,15 @@ def uncertain_constraints(
     return out
 
 
+def untuned_folders(paths: io.StudyPaths, model: str | None) -> list[Path]:
+    """Where the untuned model's results are, in the order to look: ``baseline/<model>/`` when the sweep
+    spans models, then ``baseline/``."""
+    return ([paths.baseline / str(model)] if model else []) + [paths.baseline]
+
+
 def untuned_metrics(paths: io.StudyPaths, model: str | None) -> dict[str, Any]:
-    """The untuned model's metrics: ``baseline/<model>/`` when the sweep spans models, else ``baseline/``."""
-    for folder in ([paths.baseline / str(model)] if model else []) + [paths.baseline]:
+    """The untuned model's metrics (the first of ``untuned_folders`` that has a record)."""
+    for folder in untuned_folders(paths, model):
         record = read_record_or_none(folder / io.TRIAL_METRICS)
         if record is not None:
             return record.metrics

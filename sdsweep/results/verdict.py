@@ -37,7 +37,7 @@ import pandas as pd
 
 from sdsweep import io
 from sdsweep.evaluation.units import lpips_key_of, metric_for, paired_frame, read_units
-from sdsweep.results.feasibility import ruled_out, truthy, uncertain_constraints
+from sdsweep.results.feasibility import ruled_out, truthy, uncertain_constraints, untuned_folders
 from sdsweep.study.record import TrialRecord, TrialState
 from sdsweep.uncertainty import (
     Difference,
@@ -255,8 +255,7 @@ def _candidates(results: pd.DataFrame, best: dict[str, Any]) -> list[int]:
 
 def _untuned_units(paths: io.StudyPaths, record: TrialRecord | None) -> pd.DataFrame | None:
     """The baseline's unit table for the pick's model (``baseline/<model>/`` when the sweep spans models)."""
-    model = record.model if record is not None else None
-    for folder in ([paths.baseline / str(model)] if model else []) + [paths.baseline]:
+    for folder in untuned_folders(paths, record.model if record is not None else None):
         try:
             table = read_units(folder)
         except io.DamagedFileError:
