@@ -111,9 +111,28 @@ def tiny_text_config(tokenizer, **extra):
     )
 
 
+def build_tiny_vae(seed: int, **extra):
+    """The tiny models' VAE (32 px images, 4 latent channels), its random weights drawn from ``seed``; ``extra``
+    overrides a config value (SDXL's latent scale)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        **extra,
+    )
+
+
 def build_tiny_pipeline(flavour: str = "sd15", seed: int = 0):
     """A random-weight StableDiffusionPipeline with SD-1.5 or SD-2.1 layout (about 1.7 M parameters)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     if flavour == "sdxl":
@@ -139,17 +158,7 @@ def build_tiny_pipeline(flavour: str = "sd15", seed: int = 0):
         use_linear_projection=sd21,
         upcast_attention=sd21,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = build_tiny_vae(seed + 1)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer, projection_dim=32))
     scheduler = PNDMScheduler(
@@ -183,7 +192,6 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     conditions; SDXL's linear projections; an Euler sampler, as SDXL ships with.
     """
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -209,18 +217,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.13025,  # SDXL's VAE scale
-    )
+    vae = build_tiny_vae(seed + 1, scaling_factor=0.13025)  # SDXL's VAE scale
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer, projection_dim=pooled_dim))
     torch.manual_seed(seed + 3)
