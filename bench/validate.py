@@ -20,6 +20,12 @@ Robust: the pick is in the region; or the verdict says it cannot tell the pick f
 own guard) and the pick kept the prior. The last case is a correct answer to the question the study asked,
 not a miss: a sweep that picks a drifted trial there has violated the user's constraint in truth.
 
+The truth is itself counted on a sample: the 32-80 images the pick received. A row that is not robust is a
+"miss beyond the truth's noise" only when the pick's own Wilson 95% interval (``rate_interval`` over its
+unit table's ``truth`` column) lies wholly outside the region: prior accuracy below the kept-at line, or
+(when some trial is in the region) concept accuracy below 3/16. Otherwise the miss is within what the truth
+can resolve on that many images, and the table says so with the interval.
+
 Beside the table it records, per run, the quantities ``tests/test_shapes.py`` thresholds (baseline truth,
 the accuracies per learning rate, Spearman correlations, drift-guard feasibility), so the tests' thresholds
 can be set from the spread over builds. A finished study is read again, not re-run (``--rerun`` re-runs it).
@@ -213,6 +219,7 @@ def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
     row["units_of_pick"] = verdict.units.get(row["pick_trial"]) if row["pick_trial"] is not None else None
     for suffix, kept_at in (("", prior_kept), ("_absolute", PRIOR_KEPT_ABSOLUTE)):
         row.update({f"{k}{suffix}": v for k, v in judged(results, best, verdict, kept_at).items()})
+    row.update(truth_noise(study_dir, row))
     row["measures"] = test_measures(study)
     return row
 
@@ -235,6 +242,36 @@ def judged(results: pd.DataFrame, best: dict[str, Any] | None, verdict, kept_at:
     }
 
 
+def truth_noise(study_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """The pick's truth accuracies with their Wilson intervals, and whether a miss lies beyond them."""
+    from sdsweep.evaluation.units import read_units_or_none
+    from sdsweep.uncertainty import rate_interval
+
+    units = None if row["pick_trial"] is None else read_units_or_none(
+        study_dir / "trials" / f"{row['pick_trial']:04d}"
+    )
+    if units is None or "truth" not in units:
+        return {"pick_concept_ci": None, "pick_prior_ci": None, "miss_beyond_truth_noise": None}
+    concept, prior = (rate_interval(units.loc[units["truth_group"] == g, "truth"]) for g in ("concept", "prior"))
+    below_guard = prior.hi is not None and prior.hi < row["prior_kept_at"]
+    no_star = bool(row["region"]) and concept.hi is not None and concept.hi < CONCEPT_LEARNED
+    return {
+        "pick_concept_ci": [concept.lo, concept.hi, concept.n],
+        "pick_prior_ci": [prior.lo, prior.hi, prior.n],
+        "miss_beyond_truth_noise": bool(not row["robust"] and (below_guard or no_star)),
+    }
+
+
+def _noise_cell(r: dict[str, Any]) -> str:
+    if r.get("miss_beyond_truth_noise") is None:
+        return "n/a"
+    if r["robust"]:
+        return "– (robust)"
+    (c_lo, c_hi, c_n), (p_lo, p_hi, p_n) = r["pick_concept_ci"], r["pick_prior_ci"]
+    verdict = "yes" if r["miss_beyond_truth_noise"] else "no"
+    return f"{verdict}: concept [{c_lo:.2f}, {c_hi:.2f}] of {c_n}, prior [{p_lo:.2f}, {p_hi:.2f}] of {p_n}"
+
+
 def _lr(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
@@ -243,8 +280,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| build | eval.seed | pick (trial: lr × steps) | pick concept / prior | truth's best (lr × steps) "
         "| its concept / prior | region (prior kept at) | pick = truth's best | pick in region | separated "
-        "| tied with the pick | units | beats untuned | robust | robust at prior >= 0.625 |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| tied with the pick | units | beats untuned | robust | robust at prior >= 0.625 "
+        "| miss beyond the truth's noise (pick's Wilson 95%) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -266,7 +304,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             + f" | {', '.join(map(str, r['region'])) or 'none'} ({r['prior_kept_at']:.2f})"
             + f" | {'yes' if r['pick_is_truth_best'] else 'no'} | {'yes' if r['pick_in_region'] else 'no'} "
             f"| {r['separated']} | {', '.join(map(str, r['tied'])) or '–'} | {r['units_of_pick']} "
-            f"| {_yes(r['beats_untuned'])} | {_yes(r['robust'])} | {_yes(r['robust_absolute'])} |"
+            f"| {_yes(r['beats_untuned'])} | {_yes(r['robust'])} | {_yes(r['robust_absolute'])} "
+            f"| {_noise_cell(r)} |"
         )
     return head + "\n".join(lines) + f"\n\nRule: {TRUTH_RULE}.\n"
 
@@ -303,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     in_region = sum(r["pick_in_region"] for r in rows)
     robust = sum(r["robust"] for r in rows)
     absolute = sum(r["robust_absolute"] for r in rows)
+    beyond = sum(bool(r["miss_beyond_truth_noise"]) for r in rows)
     log(
         f"{in_region} of {len(rows)} picks in the region, {robust} of {len(rows)} robust "
         f"({absolute} with the prior counted kept at an absolute {PRIOR_KEPT_ABSOLUTE}); "
+        f"{beyond} of {len(rows)} misses beyond the truth's own sampling noise; "
         f"JSON {args.out}, table {args.out.with_suffix('.md')}"
     )
     return 0

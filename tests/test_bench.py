@@ -119,3 +119,30 @@ def test_validate_runs_the_demo_as_a_user_types_it_per_build_and_eval_seed(tmp_p
         seeded
     )
     assert not validate.finished(tmp_path / "validate-b3-e4321")  # nothing there yet: it would run
+
+
+def test_validate_calls_a_miss_beyond_noise_only_when_the_picks_truth_interval_excludes_the_region(tmp_path):
+    """The ground truth is counted on the pick's own images: 22/32 seen shapes kept is not shown to be under
+    a 0.74 line (Wilson [0.52, 0.82]), 4/32 is ([0.05, 0.28])."""
+    import pandas as pd
+
+    from bench import validate
+
+    def study_with(kept: int, stars: int) -> tuple:
+        study = tmp_path / f"s{kept}-{stars}"
+        folder = study / "trials" / "0005"
+        folder.mkdir(parents=True, exist_ok=True)
+        truth = [1.0] * stars + [0.0] * (32 - stars) + [1.0] * kept + [0.0] * (32 - kept)
+        groups = ["concept"] * 32 + ["prior"] * 32
+        pd.DataFrame({"truth_group": groups, "truth": truth}).to_csv(folder / "units.csv", index=False)
+        return study
+
+    row = {"pick_trial": 5, "robust": False, "prior_kept_at": 0.74, "region": [7]}
+    within = validate.truth_noise(study_with(22, 10), row)
+    assert within["miss_beyond_truth_noise"] is False
+    assert within["pick_prior_ci"][0] < 0.74 < within["pick_prior_ci"][1] and within["pick_prior_ci"][2] == 32
+    assert validate.truth_noise(study_with(4, 10), row)["miss_beyond_truth_noise"] is True  # drifted, shown
+    assert validate.truth_noise(study_with(30, 0), row)["miss_beyond_truth_noise"] is True  # learned nothing
+    assert validate.truth_noise(study_with(4, 10), {**row, "robust": True})["miss_beyond_truth_noise"] is False
+    cell = validate._noise_cell({**row, **within})
+    assert cell.startswith("no: concept [") and "of 32" in cell
