@@ -61,9 +61,9 @@ def model_content(cfg: Config, source: str, subfolders: tuple[str, ...]) -> str:
     """What the model's parts that shape the cache hold (sdsweep/content.py): the same model reached through
     another path or mount point gives the same key, and a re-saved model at the same path a new one. Each
     weight file is read once per path, size and mtime (the hashes are cached by the machine's sdsweep cache)."""
-    from sdsweep.models.tiny import cache_root
+    from sdsweep.models.tiny import file_hash_cache
 
-    return folder_identity(source, cache_root(cfg.paths.cache) / "file-hashes.json", subfolders)
+    return folder_identity(source, file_hash_cache(cfg.paths.cache), subfolders)
 
 
 def read_images(examples: list[Example]) -> list[bytes]:

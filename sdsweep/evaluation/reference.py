@@ -51,9 +51,9 @@ def feature_identity(source: str, cache: str | None) -> str:
     if not Path(source).is_dir():
         return source
     from sdsweep.content import folder_identity
-    from sdsweep.models.tiny import cache_root
+    from sdsweep.models.tiny import file_hash_cache
 
-    return folder_identity(source, cache_root(cache) / "file-hashes.json")
+    return folder_identity(source, file_hash_cache(cache))
 
 
 def reference_key(images: Sequence[Image.Image], feature_id: str, resolution: int) -> str:

@@ -266,6 +266,12 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
     return Path(os.path.expanduser(str(cache or os.environ.get("SDSWEEP_CACHE", "~/.cache/sdsweep"))))
 
 
+def file_hash_cache(cache: str | os.PathLike | None = None) -> Path:
+    """The machine's one cache of file hashes (by resolved path, size and mtime), shared by the study
+    fingerprint, the latent cache and the evaluation's reference set, so each file is hashed once."""
+    return cache_root(cache) / "file-hashes.json"
+
+
 def ensure_tiny_model(flavour: str = "sd15", cache: str | os.PathLike | None = None) -> Path:
     """A saved diffusers folder for the tiny model, so it loads through ``from_pretrained`` like a real one."""
     target = cache_root(cache) / "tiny" / f"{flavour}-v{TINY_VERSION}"

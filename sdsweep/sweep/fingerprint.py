@@ -74,10 +74,10 @@ class StudyMismatchError(ConfigError):
 
 # ---- hashing ----------------------------------------------------------------------------------------
 def hash_cache_file(cfg: Config) -> Path:
-    """Where file hashes are cached (by resolved path, size and mtime): the machine's sdsweep cache."""
-    from sdsweep.models.tiny import cache_root
+    """Where file hashes are cached: the machine's one hash cache (``file_hash_cache``)."""
+    from sdsweep.models.tiny import file_hash_cache
 
-    return cache_root(cfg.paths.cache) / "file-hashes.json"
+    return file_hash_cache(cfg.paths.cache)
 
 
 def _local_model_folder(cfg: Config) -> Path | None:

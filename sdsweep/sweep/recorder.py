@@ -226,13 +226,16 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         scores[frozen.number] = (feasible, values)
     ranked.sort()
     keep = {number for _, _, number in ranked[:k]} | confirmation_contenders(paths)
+    # Only a trial that still has weights can lose them: the paired bootstraps below run for those alone,
+    # so a long study does not re-bootstrap every trial already pruned of its weights after each run.
+    holding = {n for _, _, n in ranked if n not in keep and _has_weights(paths.trial(n))}
     if ranked:  # a trial not separable from the best so far may be the best after confirmation: keep it
         best_infeasible, _, best = ranked[0]
-        rest = [n for infeasible, _, n in ranked if n not in keep and infeasible == best_infeasible]
+        rest = [n for infeasible, _, n in ranked if n in holding and infeasible == best_infeasible]
         keep |= tied_with(paths, best, rest, cfg.sweep.objectives[0].metric)
         # An infeasible trial that beats the best but only straddles a threshold may turn out feasible.
         better = [
-            n for infeasible, value, n in ranked if infeasible and value < ranked[0][1] and n not in keep
+            n for infeasible, value, n in ranked if infeasible and value < ranked[0][1] and n in holding - keep
         ]
         keep |= possibly_feasible(paths, better, cfg.sweep.constraints)
     if len(signs) > 1:
@@ -248,6 +251,11 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         record.weights_removed = why
         record.write(trial_dir / io.TRIAL_METRICS)
         shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+
+
+def _has_weights(trial_dir: Path) -> bool:
+    record = read_record(trial_dir / io.TRIAL_METRICS)
+    return bool(record and record.weights)
 
 
 def tied_with(paths: io.StudyPaths, best: int, others: list[int], metric: str) -> set[int]:
