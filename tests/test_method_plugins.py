@@ -183,7 +183,7 @@ def test_a_fifth_method_from_the_tests_folder_sweeps_estimates_exports_and_repor
 
     # Only biases trained: every other UNet tensor equals the base model's.
     base = UNet2DConditionModel.from_pretrained(tiny_model_dirs["sd15"], subfolder="unet")
-    trained_dir = study / results.sort_values("learning_rate")["trial_dir"].iloc[-1] / "weights"
+    trained_dir = study / results.sort_values("method.learning_rate")["trial_dir"].iloc[-1] / "weights"
     tuned = UNet2DConditionModel.from_pretrained(trained_dir, subfolder="unet")
     before, after = base.state_dict(), tuned.state_dict()
     changed = {name for name in before if not before[name].equal(after[name])}

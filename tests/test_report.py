@@ -397,3 +397,38 @@ def test_several_methods_get_their_own_lr_panels_rows_and_contact_sheets(finishe
     with Image.open(files / "lr_by_method.png") as panels:
         assert panels.width >= 1200
     assert "## Learning rate by method" in md and "## Contact sheet per method" in md
+
+
+def test_a_results_csv_from_before_wave_8_reads_with_one_name_per_quantity(tmp_path):
+    """Old tables had ``learning_rate``/``max_train_steps`` (beside the config keys when swept, alone when
+    not); readers see only ``method.learning_rate``/``train.max_train_steps``, filled from either."""
+    from sdsweep import io
+    from sdsweep.results.study_folder import read_results
+
+    paths = io.StudyPaths(tmp_path / "old")
+    paths.root.mkdir()
+    pd.DataFrame(
+        [
+            {"trial": -1, "state": "BASELINE", "learning_rate": None, "max_train_steps": 0},
+            {
+                "trial": 0,
+                "state": "COMPLETE",
+                "learning_rate": 1e-4,
+                "max_train_steps": 10,
+                "method.learning_rate": 1e-4,
+                "train.max_train_steps": 10,
+            },
+            {
+                "trial": 1,
+                "state": "COMPLETE",
+                "learning_rate": 3e-4,
+                "max_train_steps": 20,
+                "method.learning_rate": None,
+                "train.max_train_steps": None,
+            },
+        ]
+    ).to_csv(paths.results_csv, index=False)
+    frame = read_results(paths)
+    assert "learning_rate" not in frame and "max_train_steps" not in frame
+    assert frame["method.learning_rate"].tolist() == [1e-4, 3e-4]
+    assert frame["train.max_train_steps"].tolist() == [10, 20]

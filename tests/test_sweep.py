@@ -298,4 +298,4 @@ def test_tpe_search_switches_config_groups_with_per_method_learning_rates(tmp_pa
         expected = "tiny:sd21" if row["model"] == "tiny_sd21" else "tiny:sd15"
         assert expected in config  # the whole model group was switched, not just a name
         low, high = (1e-4, 5e-3) if row["method"] == "textual_inversion" else (3e-5, 1e-3)
-        assert low <= row["learning_rate"] <= high
+        assert low <= row["method.learning_rate"] <= high

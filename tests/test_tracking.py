@@ -278,13 +278,11 @@ def test_study_run_has_study_level_config_and_clean_table(wandb_cfg, tmp_path):
     wandb_cfg.sweep = compose(TINY_OVERRIDES + ["+sweep=lr_steps"]).sweep
     results = pd.DataFrame(
         [
-            {"trial": None, "state": "BASELINE", "learning_rate": None, "max_train_steps": 0},
+            {"trial": None, "state": "BASELINE", "method.learning_rate": None, "train.max_train_steps": 0},
             {
                 "trial": 0,
                 "state": "COMPLETE",
-                "learning_rate": 1e-4,
                 "method.learning_rate": 1e-4,
-                "max_train_steps": 10.0,
                 "train.max_train_steps": 10.0,
                 "eval/clip_score": 21.0,
             },
@@ -299,7 +297,10 @@ def test_study_run_has_study_level_config_and_clean_table(wandb_cfg, tmp_path):
     assert config["study"] == "my-study" and config["model.name"] == "tiny"
     assert config["sweep.swept"] == sorted(wandb_cfg.sweep.params)
     table = wandb_records.read_table(folder, run, "trials")
-    assert "learning_rate" not in table["columns"] and "max_train_steps" not in table["columns"]
+    assert [c for c in table["columns"] if "learning_rate" in c or "max_train_steps" in c] == [
+        "method.learning_rate",
+        "train.max_train_steps",
+    ]
     row = table["data"][1]
     steps = row[table["columns"].index("train.max_train_steps")]
     assert steps == 10 and isinstance(steps, int)

@@ -18,10 +18,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from sdsweep.metric_names import LR_KEY, STEP_KEY
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
 
 BASELINE = "baseline"
-LEADERBOARD_COLUMNS = ["trial", "state", "method", "learning_rate", "max_train_steps"]
+LEADERBOARD_COLUMNS = ["trial", "state", "method", LR_KEY, STEP_KEY]
 
 
 class StudyApp:

@@ -89,8 +89,8 @@ def comparison_table(data: StudyData, metrics: list[str]) -> ComparisonTable:
         if best is None:
             table.rows.append([model, method, str(len(group)), "none complete"] + ["–"] * (len(columns) - 4))
             continue
-        lr = best.get(LR_KEY, best.get("learning_rate"))
-        steps = best.get(STEP_KEY, best.get("max_train_steps"))
+        lr = best.get(LR_KEY)
+        steps = best.get(STEP_KEY)
         cells = [model, method, str(len(group)), f"{int(best['trial']):04d}"]
         cells += [fmt_sci(lr) if isinstance(lr, (int, float)) else "–", fmt_number(steps)]
         for metric in metrics:

@@ -165,11 +165,25 @@ def read_results(paths: io.StudyPaths) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame[frame["trial"] >= 0].copy()  # a baseline row (trial -1) is kept separately
+    frame = _translate_legacy_columns(frame)
     frame["trial"] = frame["trial"].astype(int)
     for column in ("trial_dir", "weights_dir"):  # older tables held them relative to the cwd or absolute
         if column in frame:
             frame[column] = frame[column].map(_relative_to_study)
     return frame.sort_values("trial").reset_index(drop=True)
+
+
+def _translate_legacy_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """A results.csv written before wave 8 held ``learning_rate``/``max_train_steps`` beside (or instead of)
+    the config keys; readers see only the config keys (``LEGACY_COLUMNS``), filled from the old names."""
+    from sdsweep.results.table import LEGACY_COLUMNS
+
+    for old, key in LEGACY_COLUMNS.items():
+        if old not in frame:
+            continue
+        frame[key] = frame[key].fillna(frame[old]) if key in frame else frame[old]
+        frame = frame.drop(columns=[old])
+    return frame
 
 
 def _relative_to_study(value: Any) -> Any:

@@ -10,10 +10,14 @@ from typing import Any, Union
 import pandas as pd
 
 from sdsweep import io
-from sdsweep.metric_names import INTERVAL_PARTS
+from sdsweep.metric_names import INTERVAL_PARTS, LR_KEY, STEP_KEY
 from sdsweep.study.record import TrialRecord, TrialState, read_record
 
-LEADING_COLUMNS = ["trial", "state", "model", "method", "learning_rate", "max_train_steps"]
+# The learning rate and step count go by their config keys in every table (results.csv, the report, W&B,
+# the app), swept or not: one name per quantity. Tables written before wave 8 also had ``learning_rate``
+# and ``max_train_steps``; ``LEGACY_COLUMNS`` translates them once, where an old table is read.
+LEADING_COLUMNS = ["trial", "state", "model", "method", LR_KEY, STEP_KEY]
+LEGACY_COLUMNS = {"learning_rate": LR_KEY, "max_train_steps": STEP_KEY}
 REPLICATE_KEY = "train.seed"  # sdsweep.config.resolve.REPLICATE_KEY: replicates differ only in it
 _NOT_PARAMS = ("eval/", "delta/", "human/", "truth/")
 DAMAGED = TrialState.DAMAGED.value  # the trial's metrics.json exists but cannot be read; fail_reason says why
@@ -71,8 +75,8 @@ def _row_from_record(record: TrialRecord, trial_dir: Path, paths: io.StudyPaths)
         "state": record.state.value,
         "model": record.model,
         "method": record.method,
-        "learning_rate": record.learning_rate,
-        "max_train_steps": record.max_train_steps,
+        LR_KEY: record.learning_rate,
+        STEP_KEY: record.max_train_steps,
     }
     row.update(record.params)
     row.update(record.metrics)
@@ -106,7 +110,7 @@ def baseline_row(paths: io.StudyPaths) -> dict[str, Any] | None:
         "model": record.model,
         "method": "baseline (untuned)",
     }
-    row["max_train_steps"] = 0
+    row[STEP_KEY] = 0
     row.update(record.metrics)
     row.update(interval_columns(record))
     return row

@@ -132,8 +132,6 @@ def trial_summary(record: TrialRecord | dict[str, Any]) -> dict[str, Any]:
 
 # Counts that pandas turns into floats when a row lacks them (the baseline has no trial number).
 _INTEGER_COLUMN = re.compile(r"(^|[._/])(trial|step|steps|seed|\w+_steps)$")
-# Columns that repeat a parameter column under a shorter name (results.csv keeps both for reading).
-_DUPLICATE_COLUMNS = {"learning_rate": "method.learning_rate", "max_train_steps": "train.max_train_steps"}
 
 
 def table_value(value: Any) -> Any:
@@ -150,8 +148,6 @@ def table_value(value: Any) -> Any:
 
 def results_table_data(results: Any) -> tuple[list[str], list[list[Any]]]:
     """Columns and JSON-safe rows of the results DataFrame (NaN -> None, numpy -> Python)."""
-    drop = [c for c, twin in _DUPLICATE_COLUMNS.items() if c in results.columns and twin in results.columns]
-    results = results.drop(columns=drop)
     columns = [str(c) for c in results.columns]
     rows = [[table_value(v) for v in row] for row in results.itertuples(index=False, name=None)]
     for index, column in enumerate(columns):
