@@ -140,7 +140,9 @@ def build_results(
     if frame.empty:
         return pd.DataFrame(columns=LEADING_COLUMNS)
     first = [c for c in LEADING_COLUMNS if c in frame.columns]
-    params = sorted(c for c in frame.columns if "." in c and not c.startswith(("eval/", "delta/")))
+    params = sorted(
+        c for c in frame.columns if "." in c and not c.startswith(("eval/", "delta/")) and c not in first
+    )
     metrics = sorted(c for c in frame.columns if c.startswith("eval/"))
     deltas = sorted(c for c in frame.columns if c.startswith("delta/"))
     rest = [c for c in frame.columns if c not in set(first + params + metrics + deltas)]
