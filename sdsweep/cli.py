@@ -97,22 +97,32 @@ def plan_text(cfg) -> str:
     Uses the typed config, so shorthands such as ``sweep.steps=[...]`` are already applied: this is
     the grid the sweep will run, not the YAML's choices. Pure: no storage, model or data is touched.
     """
-    from sdsweep.study.plan import STEP_KEY, grid_points, plan_runs, short_params
+    lines = [
+        f"study '{cfg.study}' -> {cfg.paths.root}/{cfg.study}",
+        f"model {cfg.model.name}, method {cfg.method.name}, data {cfg.data.kind}, device {cfg.device}",
+    ]
+    if cfg.sweep is None:
+        return "\n".join(lines + _single_run_plan(cfg))
+    lines += _search_space_lines(cfg.sweep)
+    if cfg.sweep.sampler != "grid":
+        return "\n".join(lines + _sampled_plan(cfg))
+    return "\n".join(lines + _grid_plan(cfg))
 
-    sweep = cfg.sweep
-    lines = [f"study '{cfg.study}' -> {cfg.paths.root}/{cfg.study}"]
-    lines.append(
-        f"model {cfg.model.name}, method {cfg.method.name}, data {cfg.data.kind}, device {cfg.device}"
-    )
-    if sweep is None:
-        steps = cfg.train.max_train_steps
-        lines.append(f"no +sweep: one training run of {steps} steps, evaluated once (plus the baseline)")
-        lines.append(f"estimated training steps: {steps}")
-        return "\n".join(lines)
+
+def _single_run_plan(cfg) -> list[str]:
+    """Without ``+sweep``: one training run and its evaluation."""
+    steps = cfg.train.max_train_steps
+    return [
+        f"no +sweep: one training run of {steps} steps, evaluated once (plus the baseline)",
+        f"estimated training steps: {steps}",
+    ]
+
+
+def _search_space_lines(sweep) -> list[str]:
+    """The sampler, objectives and constraints, then each searched parameter's choices or range."""
     objectives = ", ".join(f"{o.metric} ({o.direction})" for o in sweep.objectives)
-    lines.append(f"sweep {sweep.name}: {sweep.sampler} sampler, objective {objectives}")
-    for constraint in sweep.constraints:
-        lines.append(f"  constraint: {constraint}")
+    lines = [f"sweep {sweep.name}: {sweep.sampler} sampler, objective {objectives}"]
+    lines += [f"  constraint: {constraint}" for constraint in sweep.constraints]
     lines.append("search space:")
     for key, spec in sorted(sweep.params.items()):
         if spec.choices is not None:
@@ -121,28 +131,40 @@ def plan_text(cfg) -> str:
             scale = " (log)" if spec.log else ""
             low, high = (int(spec.low), int(spec.high)) if spec.type == "int" else (spec.low, spec.high)
             lines.append(f"  {key}: {low} .. {high}{scale}")
-    baseline = 1 if cfg.eval.baseline else 0
-    if sweep.sampler != "grid":
-        trials = sweep.n_trials or 20
-        step_spec = sweep.params.get(STEP_KEY)
-        if step_spec is not None and step_spec.choices is None:
-            mean_steps = (float(step_spec.low) + float(step_spec.high)) / 2
-        elif step_spec is not None:
-            mean_steps = sum(step_spec.choices) / len(step_spec.choices)
-        else:
-            mean_steps = cfg.train.max_train_steps
-        lines.append(f"run plan: {trials} sampled trials, one training run each (pruner {sweep.pruner})")
-        lines.append(
-            f"estimated training steps: about {int(trials * mean_steps)} (at most; pruning stops some early)"
-        )
-        lines.append(f"evaluations: {trials} + {baseline} baseline")
-        return "\n".join(lines)
+    return lines
+
+
+def _sampled_plan(cfg) -> list[str]:
+    """A sampled search: ``n_trials`` runs of the mean step count, at most (pruning stops some early)."""
+    from sdsweep.study.plan import STEP_KEY
+
+    sweep = cfg.sweep
+    trials = sweep.n_trials or 20
+    step_spec = sweep.params.get(STEP_KEY)
+    if step_spec is not None and step_spec.choices is None:
+        mean_steps = (float(step_spec.low) + float(step_spec.high)) / 2
+    elif step_spec is not None:
+        mean_steps = sum(step_spec.choices) / len(step_spec.choices)
+    else:
+        mean_steps = cfg.train.max_train_steps
+    return [
+        f"run plan: {trials} sampled trials, one training run each (pruner {sweep.pruner})",
+        f"estimated training steps: about {int(trials * mean_steps)} (at most; pruning stops some early)",
+        f"evaluations: {trials} + {_baseline_count(cfg)} baseline",
+    ]
+
+
+def _grid_plan(cfg) -> list[str]:
+    """A grid: its points grouped into training runs (milestone sharing), their steps and the noise floor."""
+    from sdsweep.study.plan import STEP_KEY, grid_points, plan_runs, short_params
+
+    sweep = cfg.sweep
     points = grid_points(sweep.params) if sweep.params else [{}]
     if sweep.n_trials is not None:
         points = points[: sweep.n_trials]
     runs = plan_runs(points, cfg, sweep.share_milestones)
     total_steps = 0
-    lines.append(f"grid: {len(points)} points in {len(runs)} training run(s)")
+    lines = [f"grid: {len(points)} points in {len(runs)} training run(s)"]
     for index, run in enumerate(runs, 1):
         steps = [int(p.get(STEP_KEY, cfg.train.max_train_steps)) for p in run.points]
         total_steps += max(steps)
@@ -151,10 +173,15 @@ def plan_text(cfg) -> str:
     unshared = sum(int(p.get(STEP_KEY, cfg.train.max_train_steps)) for p in points)
     saving = f" ({unshared} without milestone sharing)" if unshared != total_steps else ""
     lines.append(f"estimated training steps: {total_steps}{saving}")
-    lines.append(f"evaluations: {len(points)} + {baseline} baseline")
+    lines.append(f"evaluations: {len(points)} + {_baseline_count(cfg)} baseline")
     lines.append(noise_line(cfg))
     lines.append("already finished points are skipped when the study is resumed.")
-    return "\n".join(lines)
+    return lines
+
+
+def _baseline_count(cfg) -> int:
+    """1 when the untuned model is evaluated as the study's baseline, else 0."""
+    return 1 if cfg.eval.baseline else 0
 
 
 def noise_line(cfg) -> str:

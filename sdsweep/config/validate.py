@@ -218,34 +218,52 @@ def _validate_sweep(cfg: Config) -> None:
     if not params and sweep.name != "single":  # "single": the one-run sweep a saved trial config records
         _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
     for key, spec in params.items():
-        try:
-            get_key(cfg, key)
-        except (AttributeError, KeyError):
-            _fail(
-                f"sweep.params.{key}",
-                key,
-                "that config key does not exist; use dotted keys such as train.max_train_steps.",
-            )
-        if spec.choices is None and (spec.low is None or spec.high is None):
-            _fail(
-                f"sweep.params.{key}", dataclasses.asdict(spec), "give either choices: [...] or low and high."
-            )
-        if spec.choices is not None and not spec.choices:
-            _fail(f"sweep.params.{key}.choices", [], "give at least one choice.")
-        if spec.choices is None and sweep.sampler == "grid":
-            _fail(
-                f"sweep.params.{key}",
-                dataclasses.asdict(spec),
-                "the grid sampler needs choices: [...] for every parameter.",
-            )
-        if spec.low is not None and spec.high is not None and spec.low > spec.high:
-            _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "low must not exceed high.")
-        if spec.log and spec.low is not None and spec.low <= 0:
-            _fail(f"sweep.params.{key}.low", spec.low, "a log-scale range needs low > 0.")
-        if key in POSITIVE:
-            values = spec.choices if spec.choices is not None else [spec.low, spec.high]
-            if any(v is None or not isinstance(v, (int, float)) or v <= 0 for v in values):
-                _fail(f"sweep.params.{key}", values, "every value must be a number greater than zero.")
+        _validate_param(cfg, key, spec)
+    _validate_objectives(sweep)
+    for text in sweep.constraints:
+        constraints.parse_constraint(text)
+    constraints.check_metric_names(cfg)
+    _check_sampler(sweep)
+    _validate_trial_counts(sweep)
+    if not 0 < sweep.pruner_alpha < 1:
+        _fail(
+            "sweep.pruner_alpha", sweep.pruner_alpha, "give a significance level between 0 and 1, e.g. 0.05."
+        )
+    _validate_parallel(sweep)
+
+
+def _validate_param(cfg: Config, key: str, spec: ParamSpec) -> None:
+    """One searched parameter: an existing config key with choices (grid) or a valid low..high range."""
+    try:
+        get_key(cfg, key)
+    except (AttributeError, KeyError):
+        _fail(
+            f"sweep.params.{key}",
+            key,
+            "that config key does not exist; use dotted keys such as train.max_train_steps.",
+        )
+    if spec.choices is None and (spec.low is None or spec.high is None):
+        _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "give either choices: [...] or low and high.")
+    if spec.choices is not None and not spec.choices:
+        _fail(f"sweep.params.{key}.choices", [], "give at least one choice.")
+    if spec.choices is None and cfg.sweep.sampler == "grid":
+        _fail(
+            f"sweep.params.{key}",
+            dataclasses.asdict(spec),
+            "the grid sampler needs choices: [...] for every parameter.",
+        )
+    if spec.low is not None and spec.high is not None and spec.low > spec.high:
+        _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "low must not exceed high.")
+    if spec.log and spec.low is not None and spec.low <= 0:
+        _fail(f"sweep.params.{key}.low", spec.low, "a log-scale range needs low > 0.")
+    if key in POSITIVE:
+        values = spec.choices if spec.choices is not None else [spec.low, spec.high]
+        if any(v is None or not isinstance(v, (int, float)) or v <= 0 for v in values):
+            _fail(f"sweep.params.{key}", values, "every value must be a number greater than zero.")
+
+
+def _validate_objectives(sweep: SweepConfig) -> None:
+    """At least one objective, each a logged eval/ or train/ metric with a direction."""
     if not sweep.objectives:
         _fail(
             "sweep.objectives",
@@ -261,10 +279,10 @@ def _validate_sweep(cfg: Config) -> None:
                 obj.metric,
                 "name a logged metric such as eval/clip_score or eval/fd_clip.",
             )
-    for text in sweep.constraints:
-        constraints.parse_constraint(text)
-    constraints.check_metric_names(cfg)
-    _check_sampler(sweep)
+
+
+def _validate_trial_counts(sweep: SweepConfig) -> None:
+    """``n_trials`` positive (or null), and ``replicates`` only on a grid that does not also sweep the seed."""
     if sweep.n_trials is not None and sweep.n_trials <= 0:
         _fail("sweep.n_trials", sweep.n_trials, "it must be greater than zero (or null for the whole grid).")
     if sweep.replicates < 1:
@@ -280,11 +298,6 @@ def _validate_sweep(cfg: Config) -> None:
             "replicates retrain every grid point with training seeds 0..replicates-1: use sampler grid and "
             "do not also sweep train.seed.",
         )
-    if not 0 < sweep.pruner_alpha < 1:
-        _fail(
-            "sweep.pruner_alpha", sweep.pruner_alpha, "give a significance level between 0 and 1, e.g. 0.05."
-        )
-    _validate_parallel(sweep)
 
 
 def _check_sampler(sweep: SweepConfig) -> None:

@@ -257,8 +257,8 @@ def _skipped_files(folder: Path, listed: set[Path]) -> list[tuple[str, str]]:
     return skipped
 
 
-def _list_dataset(cfg: Config) -> _Listing:
-    notes: list[str] = []
+def _dataset_folder(cfg: Config) -> Path:
+    """The folder holding the images: the generated demo set for data=demo, else ``data.path``."""
     if cfg.data.kind == "demo":
         if cfg.data.path:
             raise DataError(
@@ -267,13 +267,18 @@ def _list_dataset(cfg: Config) -> _Listing:
             )
         from sdsweep.models import tiny
 
-        folder = tiny.ensure_demo_dataset(cfg.data.demo_num_images, cfg.paths.cache)
-    else:
-        folder = Path(str(cfg.data.path)).expanduser()
-        if not folder.is_dir():
-            raise DataError(
-                f"data.path={cfg.data.path} is not a folder. Point data.path at the folder holding your images."
-            )
+        return tiny.ensure_demo_dataset(cfg.data.demo_num_images, cfg.paths.cache)
+    folder = Path(str(cfg.data.path)).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"data.path={cfg.data.path} is not a folder. Point data.path at the folder holding your images."
+        )
+    return folder
+
+
+def _list_dataset(cfg: Config) -> _Listing:
+    notes: list[str] = []
+    folder = _dataset_folder(cfg)
     if cfg.data.kind == "instances":
         examples = _instance_examples(folder, cfg)
         source = "one instance prompt"

@@ -69,22 +69,7 @@ class Evaluator:
         """``heldout_captions`` (one per reference image, same order) drive eval.protocol=heldout_captions."""
         self.cfg, self.device = cfg, torch.device(device)
         ev = cfg.eval
-        self.heldout = ev.protocol == "heldout_captions"
-        if self.heldout:
-            concept_plan = heldout_plan(heldout_captions, len(reference_images), ev.seed)
-            self.prompts = [spec.prompt for spec in concept_plan]
-        else:
-            self.prompts = list(ev.prompts)
-            concept_plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
-        check_eval_prompts(self.prompts)
-        # Prior prompts come after the concept's, with the same seeds and their own rows (prompt indices).
-        self.prior_prompts = [str(p) for p in ev.prior_prompts or []]
-        prior_plan = [
-            SampleSpec(len(self.prompts) + spec.prompt_index, spec.prompt, spec.seed)
-            for spec in sample_plan(self.prior_prompts, ev.num_images_per_prompt, ev.seed)
-        ]
-        self.concept_count = len(concept_plan)
-        self.plan = concept_plan + prior_plan
+        self._plan_samples(heldout_captions, len(reference_images))
         self.wanted = list(dict.fromkeys(ev.metrics))
         self.resolution = ev.resolution or cfg.model.resolution
         self.fid_key, self.kid_key = distance_keys(ev.fid_features)
@@ -99,6 +84,35 @@ class Evaluator:
         self.reference_images = [metrics.square_resize(image, self.resolution) for image in references]
         self.instance_images = [metrics.square_resize(i, self.resolution) for i in instance_images or []]
 
+        self._load_judges()
+        self.measures = build_measures(self, self.wanted)
+
+    # -- construction helpers
+    def _plan_samples(self, heldout_captions: Sequence[str] | None, reference_count: int) -> None:
+        """The prompts and the (prompt, seed) samples: the concept's (the fixed prompts, or one held-out
+        caption per reference image), then the prior prompts'."""
+        ev = self.cfg.eval
+        self.heldout = ev.protocol == "heldout_captions"
+        if self.heldout:
+            concept_plan = heldout_plan(heldout_captions, reference_count, ev.seed)
+            self.prompts = [spec.prompt for spec in concept_plan]
+        else:
+            self.prompts = list(ev.prompts)
+            concept_plan = sample_plan(self.prompts, ev.num_images_per_prompt, ev.seed)
+        check_eval_prompts(self.prompts)
+        # Prior prompts come after the concept's, with the same seeds and their own rows (prompt indices).
+        self.prior_prompts = [str(p) for p in ev.prior_prompts or []]
+        prior_plan = [
+            SampleSpec(len(self.prompts) + spec.prompt_index, spec.prompt, spec.seed)
+            for spec in sample_plan(self.prior_prompts, ev.num_images_per_prompt, ev.seed)
+        ]
+        self.concept_count = len(concept_plan)
+        self.plan = concept_plan + prior_plan
+
+    def _load_judges(self) -> None:
+        """CLIP, the FID/KID feature extractor, DINO, the safety checker and LPIPS, each only when a wanted
+        metric needs it."""
+        ev = self.cfg.eval
         wants_features = bool({"fid", "kid"} & set(self.wanted))
         self.feature_kind = (
             choose_feature_kind(ev.fid_features, self.static_warnings) if wants_features else None
@@ -112,19 +126,19 @@ class Evaluator:
         self.clip_model, self.clip_processor = (None, None)
         if needs_clip:  # CLIPUnavailableError propagates: a config problem, reported before any generation
             self.clip_model, self.clip_processor = metrics.load_clip(
-                ev.clip_model, cfg.paths.cache, self.device
+                ev.clip_model, self.cfg.paths.cache, self.device
             )
         self.feature = self._build_feature_extractor() if wants_features else None
         self._cmmd_reference: torch.Tensor | None = None
         self.dino_model, self.dino_processor = (None, None)
         if "dino" in self.wanted:  # DINOUnavailableError propagates, like CLIP's
-            self.dino_model, self.dino_processor = dino.load_dino(ev.dino_model, cfg.paths.cache, self.device)
+            self.dino_model, self.dino_processor = dino.load_dino(
+                ev.dino_model, self.cfg.paths.cache, self.device
+            )
         self.safety_checker = self._load_safety_checker() if ev.safety_checker else None
         self._lpips_error: str | None = None
         self.lpips = self._build_lpips() if self.lpips_backbone else None
-        self.measures = build_measures(self, self.wanted)
 
-    # -- construction helpers
     def _build_feature_extractor(self) -> torch.nn.Module | None:
         try:
             if self.feature_kind == "inception":

@@ -176,18 +176,49 @@ def model_card(
     has_grid: bool,
     pipeline_class: str = "StableDiffusionPipeline",
 ) -> str:
+    """The export's README.md: Hub front matter, where the model comes from, data, hyperparameters, how it
+    was judged, metrics against the untuned base, warnings, usage and (when there is one) the samples grid."""
     record = selected.record
     method = str(record.method or data.info.get("method"))
     base_model = str(record.pretrained or data.info.get("pretrained") or data.info.get("model"))
     trigger = trigger_of(data, config)
-    evaluation = {**(config.get("eval") or {}), **(data.info.get("eval") or {})}
-    prompts = evaluation.get("prompts") or [f"a photo of {trigger or 'sks'}"]
-    objectives = ", ".join(f"{d} `{m}`" for m, d in data.objectives)
+    feasible = is_feasible(record.feasible)
+    lines = _provenance_lines(data, selected, base_model, method, feasible)
+    lines += export_card.base_model_note(base_model, record.model or data.info.get("model"))
+    lines += export_card.summary_lines(base_model, method, fmt_name, trigger)
+    lines += ["", "## Training data", ""] + export_card.data_lines(data.info, config)
+    lines += _hyperparameter_lines(record, config)
+    lines += ["", "## Evaluation", "", "Every trial and the untuned baseline were judged with:", ""]
+    lines += export_card.eval_lines(data.info, config)
+    constraints = data.info.get("constraints") or []
+    lines += export_card.metrics_section(record, data.baseline_metrics, constraints, feasible)
+    lines += export_card.warnings_section(record)
+    lines += _usage_lines(data, fmt_name, base_model, trigger, config, pipeline_class)
+    if has_grid:
+        lines += [
+            "## Samples",
+            "",
+            "Validation prompts (rows) × seeds (columns):",
+            "",
+            f"![samples]({GRID_FILE})",
+            "",
+        ]
+    return "\n".join(_front_matter(base_model, method) + lines)
+
+
+def _front_matter(base_model: str, method: str) -> list[str]:
+    """The YAML header the Hugging Face Hub reads: base model, library and tags."""
     front = ["---", f"base_model: {json.dumps(base_model)}", "library_name: diffusers", "tags:"]
     front += [f"- {t}" for t in CARD_TAGS + [method]]
-    front += ["---", ""]
+    return front + ["---", ""]
+
+
+def _provenance_lines(
+    data: StudyData, selected: SelectedTrial, base_model: str, method: str, feasible: bool
+) -> list[str]:
+    """The title, a warning when the trial violates the constraints, and which trial of which study it is."""
+    record = selected.record
     lines = [f"# {data.info.get('study', data.root.name)} · trial {selected.number:04d}", ""]
-    feasible = is_feasible(record.feasible)
     if not feasible:
         violated = "; ".join(record.failed_constraints()) or "see sdsweep_trial.json"
         lines += [
@@ -199,54 +230,33 @@ def model_card(
     how = "best trial" if feasible else "best (infeasible) trial"
     if len(data.objectives) > 1:
         how += ", the Pareto-front member closest to the utopia point,"
+    objectives = ", ".join(f"{d} `{m}`" for m, d in data.objectives)
     lines.append(
         f"Fine-tuned from `{base_model}` with **{method}** by sdsweep "
         f"({how} of study `{data.info.get('study')}`: {objectives})."
     )
-    if export_card.is_tiny(base_model, record.model or data.info.get("model")):
-        lines += [
-            "",
-            f"> **Test model.** `{base_model}` is a tiny, randomly initialised model built by `sdsweep.models.tiny` "
-            "for tests and demos, not a real Stable Diffusion checkpoint. Its images are noise and its "
-            "metrics say nothing about image quality.",
-        ]
-    elif export_card.is_shapes(base_model, record.model or data.info.get("model")):
-        lines += [
-            "",
-            f"> **Offline demo model.** `{base_model}` is the small shapes model sdsweep builds locally "
-            "(`python -m sdsweep.models.shapes_build`, cached under `$SDSWEEP_CACHE/shapes`), not a hub "
-            "checkpoint: load the base from that folder instead of the ID.",
-        ]
-    lines += ["", f"- Base model: `{base_model}`", f"- Method: `{method}` (weights format: {fmt_name})"]
-    lines.append(
-        f"- Trigger word / placeholder token: `{trigger}`"
-        if trigger
-        else "- Trigger word: none (style or general fine-tune)"
-    )
-    lines += ["", "## Training data", ""] + export_card.data_lines(data.info, config)
-    lines += ["", "## Hyperparameters", "", "| parameter | value |", "|---|---|"]
+    return lines
+
+
+def _hyperparameter_lines(record: TrialRecord, config: dict[str, Any]) -> list[str]:
+    """The "Hyperparameters" table (``hyperparameters``: swept params first)."""
+    lines = ["", "## Hyperparameters", "", "| parameter | value |", "|---|---|"]
     for key, value in hyperparameters(record, config).items():
         lines.append(f"| `{key}` | {fmt_param(key, value)} |")
-    lines += ["", "## Evaluation", "", "Every trial and the untuned baseline were judged with:", ""]
-    lines += export_card.eval_lines(data.info, config)
-    lines += [
-        "",
-        "## Metrics",
-        "",
-        "Deltas against the untuned base model; ↑ higher is better, ↓ lower is better; ⚠ see Warnings.",
-        "",
-    ]
-    lines += ["| metric | this model | baseline | delta | better |", "|---|---|---|---|---|"]
-    lines += export_card.metric_rows(record, data.baseline_metrics)
-    constraints = data.info.get("constraints") or []
-    if constraints:
-        lines += [
-            "",
-            "Constraints: " + ", ".join(f"`{c}`" for c in constraints) + f" (feasible: {feasible})",
-        ]
-    warnings = export_card.warning_lines(record)
-    if warnings:
-        lines += ["", "## Warnings", ""] + warnings
+    return lines
+
+
+def _usage_lines(
+    data: StudyData,
+    fmt_name: str,
+    base_model: str,
+    trigger: str | None,
+    config: dict[str, Any],
+    pipeline_class: str,
+) -> list[str]:
+    """The "Usage" section: loading code with the sampler, steps and guidance the metrics were measured with."""
+    evaluation = {**(config.get("eval") or {}), **(data.info.get("eval") or {})}
+    prompts = evaluation.get("prompts") or [f"a photo of {trigger or 'sks'}"]
     snippet = export_card.usage_snippet(
         fmt_name,
         base_model,
@@ -257,17 +267,7 @@ def model_card(
         guidance=float(evaluation.get("guidance_scale") or 7.5),
         pipeline_class=pipeline_class,
     )
-    lines += ["", "## Usage", "", "```python", snippet.rstrip(), "```", ""]
-    if has_grid:
-        lines += [
-            "## Samples",
-            "",
-            "Validation prompts (rows) × seeds (columns):",
-            "",
-            f"![samples]({GRID_FILE})",
-            "",
-        ]
-    return "\n".join(front + lines)
+    return ["", "## Usage", "", "```python", snippet.rstrip(), "```", ""]
 
 
 def trial_summary(

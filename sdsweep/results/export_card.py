@@ -120,6 +120,61 @@ def warning_lines(record: TrialRecord) -> list[str]:
     return [f"- ⚠ {w}" for w in record.warnings]
 
 
+def base_model_note(base_model: str, model: str | None) -> list[str]:
+    """A note when the base is not a hub checkpoint: the tiny test model or the offline shapes model."""
+    if is_tiny(base_model, model):
+        return [
+            "",
+            f"> **Test model.** `{base_model}` is a tiny, randomly initialised model built by `sdsweep.models.tiny` "
+            "for tests and demos, not a real Stable Diffusion checkpoint. Its images are noise and its "
+            "metrics say nothing about image quality.",
+        ]
+    if is_shapes(base_model, model):
+        return [
+            "",
+            f"> **Offline demo model.** `{base_model}` is the small shapes model sdsweep builds locally "
+            "(`python -m sdsweep.models.shapes_build`, cached under `$SDSWEEP_CACHE/shapes`), not a hub "
+            "checkpoint: load the base from that folder instead of the ID.",
+        ]
+    return []
+
+
+def summary_lines(base_model: str, method: str, fmt_name: str, trigger: str | None) -> list[str]:
+    """Base model, method with its weights format, and the trigger word (or that there is none)."""
+    return [
+        "",
+        f"- Base model: `{base_model}`",
+        f"- Method: `{method}` (weights format: {fmt_name})",
+        f"- Trigger word / placeholder token: `{trigger}`"
+        if trigger
+        else "- Trigger word: none (style or general fine-tune)",
+    ]
+
+
+def metrics_section(
+    record: TrialRecord, baseline: dict[str, float], constraints: list[str], feasible: bool
+) -> list[str]:
+    """The "Metrics" table against the untuned base model, then the study's constraints if it has any."""
+    lines = [
+        "",
+        "## Metrics",
+        "",
+        "Deltas against the untuned base model; ↑ higher is better, ↓ lower is better; ⚠ see Warnings.",
+        "",
+    ]
+    lines += ["| metric | this model | baseline | delta | better |", "|---|---|---|---|---|"]
+    lines += metric_rows(record, baseline)
+    if constraints:
+        lines += ["", "Constraints: " + ", ".join(f"`{c}`" for c in constraints) + f" (feasible: {feasible})"]
+    return lines
+
+
+def warnings_section(record: TrialRecord) -> list[str]:
+    """The "Warnings" section (metrics to distrust, and why), or nothing when there are none."""
+    warnings = warning_lines(record)
+    return ["", "## Warnings", ""] + warnings if warnings else []
+
+
 def format_lines(converted: str | None, weights_format: str) -> str:
     """The model card's "Formats" section: each export format and the lines that load it."""
     lines = ["", "## Formats", ""]

@@ -254,14 +254,6 @@ def run_preflight(overrides: list[str]):
     Returns the dataset's ``DataSummary`` (already printed).
     """
     from sdsweep.config.methods import check_method_overrides
-    from sdsweep.data.examples import DataError, list_examples, summarize_dataset
-    from sdsweep.models.loading import (
-        ModelUnavailableError,
-        resolve_model_source,
-        select_device,
-        unavailable_features,
-    )
-    from sdsweep.sweep.fingerprint import ensure_study_identity, reset_study_if_asked
     from sdsweep.sweep.run_config import compose_config  # the config exactly as the sweep driver composes it
     from sdsweep.training.memory import check_fits
 
@@ -271,19 +263,47 @@ def run_preflight(overrides: list[str]):
         cfg.method.name, overrides, [str(m) for m in getattr(swept, "choices", None) or []]
     )
     paths = io.StudyPaths.of(cfg.paths.root, cfg.study)
-    expected = (ModelUnavailableError, DataError, io.DamagedFileError, PreflightError)
-    problems: list[str] = []  # every problem the user must fix, listed in one message (#32)
+    problems, device, summary = _collect_problems(cfg, paths)
+    _raise_problems(problems)
+    from sdsweep.training.distributed import check_devices
 
-    def check(step: Callable[[], Any]) -> Any:
-        try:
-            return step()
-        except expected as error:
-            problems.append(str(error))
-            return None
+    check_devices(cfg, device)  # one GPU per rank of every worker
+    memory = check_fits(cfg, device)  # a ConfigError listing settings that fit, on a too-small GPU
+    _check_study_identity(cfg, paths, overrides)
+    _print_findings(cfg, summary, device, memory)
+    return summary
 
-    check(lambda: reset_study_if_asked(cfg, paths))
-    check(lambda: check_study_folder(cfg, paths))
-    source = check(lambda: resolve_model_source(cfg.model, cfg.paths.cache))
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """What a check raises for something the user must fix; any other exception is a bug and propagates."""
+    from sdsweep.data.examples import DataError
+    from sdsweep.models.loading import ModelUnavailableError
+
+    return (ModelUnavailableError, DataError, io.DamagedFileError, PreflightError)
+
+
+def _attempt(step: Callable[[], Any], problems: list[str]) -> Any:
+    """``step()``; when it fails for a reason the user can fix, its message goes to ``problems`` and None back."""
+    try:
+        return step()
+    except _expected_errors() as error:
+        problems.append(str(error))
+        return None
+
+
+def _collect_problems(cfg: Config, paths: io.StudyPaths) -> tuple[list[str], Any, Any]:
+    """Every cheap check, each run even when an earlier one failed, so one message lists all (#32).
+
+    Returns the problems, the selected device and the dataset's summary (None when it failed).
+    """
+    from sdsweep.data.examples import summarize_dataset
+    from sdsweep.models.loading import resolve_model_source, select_device, unavailable_features
+    from sdsweep.sweep.fingerprint import reset_study_if_asked
+
+    problems: list[str] = []
+    _attempt(lambda: reset_study_if_asked(cfg, paths), problems)
+    _attempt(lambda: check_study_folder(cfg, paths), problems)
+    source = _attempt(lambda: resolve_model_source(cfg.model, cfg.paths.cache), problems)
     evaluation = eval_model_problems(cfg)
     reference = reference_dir_problem(cfg)
     if reference:
@@ -294,25 +314,36 @@ def run_preflight(overrides: list[str]):
     unavailable = unavailable_features(cfg, device)
     if unavailable:
         problems.append("requested but unavailable here: " + "; ".join(unavailable) + ".")
-    summary = check(lambda: summarize_dataset(cfg, _token_counter(source) if source else None))
-    space = check(lambda: search_space_problem(cfg))
+    summary = _attempt(lambda: summarize_dataset(cfg, _token_counter(source) if source else None), problems)
+    space = _attempt(lambda: search_space_problem(cfg), problems)
     if space:
         problems.append(space)
+    return problems, device, summary
+
+
+def _raise_problems(problems: list[str]) -> None:
+    """One ``PreflightError`` naming the problem, or numbering them when there are several."""
     if len(problems) == 1:
         raise PreflightError(problems[0])
     if problems:
         listed = "".join(f"\n  {n}. {problem}" for n, problem in enumerate(problems, 1))
         raise PreflightError(f"{len(problems)} things to fix before the run can start:{listed}")
-    from sdsweep.training.distributed import check_devices
 
-    check_devices(cfg, device)  # one GPU per rank of every worker
-    memory = check_fits(cfg, device)  # a ConfigError listing settings that fit, on a too-small GPU
+
+def _check_study_identity(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -> None:
+    """The study folder belongs to this setup (sdsweep.sweep.fingerprint); the data was verified above."""
     from sdsweep.config.compose import user_overrides
+    from sdsweep.data.examples import list_examples
+    from sdsweep.sweep.fingerprint import ensure_study_identity
 
     try:
-        ensure_study_identity(cfg, paths, user_overrides(overrides), list_examples(cfg))  # verified above
-    except expected as error:
+        ensure_study_identity(cfg, paths, user_overrides(overrides), list_examples(cfg))
+    except _expected_errors() as error:
         raise PreflightError(str(error)) from None
+
+
+def _print_findings(cfg: Config, summary: Any, device: Any, memory: Any) -> None:
+    """The dataset summary, the predicted training memory and, for several ranks, the global batch."""
     print(f"[sdsweep] {summary.describe()}", flush=True)
     print(f"[sdsweep] training memory on {device}: {memory.describe()}", flush=True)
     if cfg.train.num_processes > 1:
@@ -323,4 +354,3 @@ def run_preflight(overrides: list[str]):
             " (train_batch_size x num_processes x gradient_accumulation_steps); memory above is per device",
             flush=True,
         )
-    return summary

@@ -158,6 +158,131 @@ def _check_loss(cfg: Config, value: float, step: int, loop: LoopState) -> None:
         )
 
 
+@dataclass
+class _Run:
+    """What one ``train`` call sets up and its steps share, passed explicitly instead of through closures."""
+
+    cfg: Config
+    method: Any
+    hooks: TrainHooks
+    device: torch.device
+    accelerator: Any
+    modules: TrainedModules
+    params: Any
+    optimizer: Any
+    lr_schedule: Any
+    loop: LoopState = field(default_factory=LoopState)
+    result: TrainResult = field(default_factory=lambda: TrainResult(final_step=0))
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+
+def _set_up(cfg: Config, method: Any, hooks: TrainHooks) -> _Run:
+    """Accelerator, UNet settings, the prepared trained modules, optimizer and lr schedule."""
+    device = torch.device(method.device)
+    accelerator = _make_accelerator(cfg, device)
+    _configure_unet(cfg, method, device)  # compiled in place before wrapping: DDP wraps the compiled UNet
+    modules = _prepare_trained(accelerator, method)
+    params = method.trainable_parameters()
+    # Prepared, the optimizer and schedule skip their step on accumulation micro-steps, and the fp16
+    # grad scaler unscales the gradients before clipping.
+    raw_optimizer = make_optimizer(cfg, params, device)
+    optimizer, lr_schedule = accelerator.prepare(raw_optimizer, make_lr_schedule(cfg, raw_optimizer))
+    return _Run(cfg, method, hooks, device, accelerator, modules, params, optimizer, lr_schedule)
+
+
+def _resume_or_seed(run: _Run, checkpoint_dir: Path | None, first_milestone: int) -> None:
+    """Load the newest checkpoint at or before the first milestone, or seed a fresh run."""
+    from accelerate.utils import set_seed
+
+    resume = latest_checkpoint(checkpoint_dir, at_most=first_milestone)
+    if resume is None:
+        # Python, numpy, torch and CUDA. Noise and timesteps come from per-sample seeds (NOISE_SEEDS);
+        # what still draws from the global RNG differs per rank, rank 0 matching a single process.
+        set_seed(run.cfg.train.seed + run.rank)
+    else:
+        logger.info("resuming from %s", resume[1])
+        check_resumable(resume[1], run.cfg)
+        run.loop = load_checkpoint(resume[1], run.method, run.optimizer, run.lr_schedule)
+    run.result = TrainResult(final_step=run.loop.step)
+
+
+def _batch_stream(run: _Run, dataset: torch.utils.data.Dataset) -> Any:
+    """The single-process stream at the global batch, resumed after the draws of all ranks so far."""
+    cfg = run.cfg
+    global_batch = cfg.train.train_batch_size * run.world_size
+    dataset = with_caption_dropout(cfg, run.method, with_tag_shuffle(cfg, dataset))
+    skip = run.loop.step * global_batch * cfg.train.gradient_accumulation_steps
+    return training_loader(dataset, global_batch, cfg.train.seed, skip=skip)
+
+
+def _reach_milestone(run: _Run, step: int, last: int, checkpoint_dir: Path | None) -> bool:
+    """Checkpoint into ``checkpoint_dir`` if given (before the caller's evaluation, which may be killed),
+    then call back; rank 0 only, the other ranks wait for its decision. True: stop now."""
+    stop = False
+    if run.rank == 0:
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, run.cfg, run.method, run.optimizer, run.lr_schedule, run.loop)
+        run.method.set_train_mode(False)
+        stop = run.hooks.on_milestone(step)
+        run.method.set_train_mode(True)
+    if run.world_size > 1:
+        stop = distributed.agree(stop, run.device)
+    if stop and step < last:
+        run.result.stopped_early = True
+        run.result.stop_reason = f"on_milestone asked to stop at step {step}"
+    return stop
+
+
+def _micro_step(run: _Run, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Forward and backward of one micro-batch; the optimizer steps on the last micro-step only."""
+    cfg, method, accelerator = run.cfg, run.method, run.accelerator
+    accumulation, batch_size = cfg.train.gradient_accumulation_steps, cfg.train.train_batch_size
+    first = ((run.loop.step * accumulation + micro) * run.world_size + run.rank) * batch_size
+    batch[NOISE_SEEDS] = noise_seeds(cfg.train.seed, run.loop.step, first, method.batch_size_of(batch))
+    batch = method.augment_batch(batch)
+    # Micro-steps run under DDP's no_sync: the all-reduce runs on the last one only.
+    with accelerator.accumulate(*run.modules.modules()):
+        with accelerator.autocast():
+            loss, logs = method.compute_loss(batch, modules=run.modules)
+        accelerator.backward(loss)  # divides by the accumulation steps
+        if accelerator.sync_gradients and cfg.train.max_grad_norm:
+            accelerator.clip_grad_norm_(run.params, cfg.train.max_grad_norm)
+        run.optimizer.step()  # prepared: a no-op on accumulation micro-steps
+        run.lr_schedule.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), logs
+
+
+def _optimizer_step(run: _Run, batches: Any) -> tuple[float, dict[str, Any]]:
+    """One optimizer step over the accumulation micro-steps; the global batch's loss and the last logs."""
+    accumulation = run.cfg.train.gradient_accumulation_steps
+    loss_sum = None
+    for micro in range(accumulation):
+        detached, logs = _micro_step(run, next(batches), micro)
+        loss_sum = detached if loss_sum is None else loss_sum + detached
+    run.method.after_optimizer_step()
+    run.loop.step += 1
+    # The global batch's loss, the same on every rank (so the divergence check agrees).
+    value = float(run.accelerator.reduce(loss_sum, reduction="mean")) / accumulation  # the one host sync
+    _check_loss(run.cfg, value, run.loop.step, run.loop)
+    return value, logs
+
+
+def _log_step(run: _Run, value: float, logs: dict[str, Any]) -> None:
+    """Every ``train.log_every`` steps, rank 0 reports the method's logs, the loss and the learning rate."""
+    if run.rank == 0 and run.loop.step % run.cfg.train.log_every == 0:
+        step_logs = {key: float(v) for key, v in logs.items()}
+        step_logs.update({"train/loss": value, "train/lr": run.lr_schedule.get_last_lr()[0]})
+        run.hooks.on_step(run.loop.step, step_logs)
+
+
 def train(
     cfg: Config,
     method: Any,
@@ -173,102 +298,24 @@ def train(
     its first milestone; a checkpoint exactly at a milestone re-runs that milestone's callback without
     training (a sweep killed during an evaluation).
     """
-    from accelerate.utils import set_seed
-
     started = time.perf_counter()
-    hooks = hooks or TrainHooks()
     milestones = check_milestones(cfg, milestones)
     last, milestone_set = milestones[-1], set(milestones)
-    device = torch.device(method.device)
-    accelerator = _make_accelerator(cfg, device)
-    rank, world_size = accelerator.process_index, accelerator.num_processes
-    is_main = rank == 0
-    _configure_unet(cfg, method, device)  # compiled in place before wrapping: DDP wraps the compiled UNet
-    modules = _prepare_trained(accelerator, method)
-    params = method.trainable_parameters()
-    # Prepared, the optimizer and schedule skip their step on accumulation micro-steps, and the fp16
-    # grad scaler unscales the gradients before clipping.
-    raw_optimizer = make_optimizer(cfg, params, device)
-    optimizer, lr_schedule = accelerator.prepare(raw_optimizer, make_lr_schedule(cfg, raw_optimizer))
-
-    loop = LoopState()
-    resume = latest_checkpoint(checkpoint_dir, at_most=milestones[0])
-    if resume is None:
-        # Python, numpy, torch and CUDA. Noise and timesteps come from per-sample seeds (NOISE_SEEDS);
-        # what still draws from the global RNG differs per rank, rank 0 matching a single process.
-        set_seed(cfg.train.seed + rank)
-    else:
-        logger.info("resuming from %s", resume[1])
-        check_resumable(resume[1], cfg)
-        loop = load_checkpoint(resume[1], method, optimizer, lr_schedule)
-    result = TrainResult(final_step=loop.step)
-    save_checkpoints = checkpoint_dir is not None and cfg.train.checkpoint_at_milestones
-
-    def reach_milestone(step: int, save: bool) -> bool:
-        """Checkpoint (before the caller's evaluation, which may be killed), then call back; rank 0
-        only, the other ranks wait for its decision."""
-        stop = False
-        if is_main:
-            if save:
-                save_checkpoint(checkpoint_dir, cfg, method, optimizer, lr_schedule, loop)
-            method.set_train_mode(False)
-            stop = hooks.on_milestone(step)
-            method.set_train_mode(True)
-        if world_size > 1:
-            stop = distributed.agree(stop, device)
-        if stop and step < last:
-            result.stopped_early = True
-            result.stop_reason = f"on_milestone asked to stop at step {step}"
-        return stop
-
-    accumulation = cfg.train.gradient_accumulation_steps
-    batch_size = cfg.train.train_batch_size
-    dataset = with_caption_dropout(cfg, method, with_tag_shuffle(cfg, dataset))
-    # The single-process stream at the global batch, resumed after the draws of all ranks so far.
-    loader = training_loader(
-        dataset,
-        batch_size * world_size,
-        cfg.train.seed,
-        skip=loop.step * batch_size * accumulation * world_size,
-    )
+    run = _set_up(cfg, method, hooks or TrainHooks())
+    _resume_or_seed(run, checkpoint_dir, milestones[0])
+    save_to = checkpoint_dir if cfg.train.checkpoint_at_milestones else None
+    loader = _batch_stream(run, dataset)
     method.set_train_mode(True)
     # A checkpoint at a milestone: the run was killed during that milestone's callback; redo it.
-    stop = loop.step in milestone_set and reach_milestone(loop.step, save=False)
-    with distributed.rank_batches(accelerator, loader) as batches:
-        while not stop and loop.step < last:
+    stop = run.loop.step in milestone_set and _reach_milestone(run, run.loop.step, last, None)
+    with distributed.rank_batches(run.accelerator, loader) as batches:
+        while not stop and run.loop.step < last:
             tick = time.perf_counter()
-            loss_sum = None
-            for micro in range(accumulation):
-                batch = next(batches)
-                first = ((loop.step * accumulation + micro) * world_size + rank) * batch_size
-                batch[NOISE_SEEDS] = noise_seeds(
-                    cfg.train.seed, loop.step, first, method.batch_size_of(batch)
-                )
-                batch = method.augment_batch(batch)
-                # Micro-steps run under DDP's no_sync: the all-reduce runs on the last one only.
-                with accelerator.accumulate(*modules.modules()):
-                    with accelerator.autocast():
-                        loss, logs = method.compute_loss(batch, modules=modules)
-                    accelerator.backward(loss)  # divides by the accumulation steps
-                    if accelerator.sync_gradients and cfg.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                    optimizer.step()  # prepared: a no-op on accumulation micro-steps
-                    lr_schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                detached = loss.detach()
-                loss_sum = detached if loss_sum is None else loss_sum + detached
-            method.after_optimizer_step()
-            loop.step += 1
-            # The global batch's loss, the same on every rank (so the divergence check agrees).
-            value = float(accelerator.reduce(loss_sum, reduction="mean")) / accumulation  # the one host sync
-            _check_loss(cfg, value, loop.step, loop)
-            result.step_seconds.append(time.perf_counter() - tick)
-            if is_main and loop.step % cfg.train.log_every == 0:
-                step_logs = {key: float(v) for key, v in logs.items()}
-                step_logs.update({"train/loss": value, "train/lr": lr_schedule.get_last_lr()[0]})
-                hooks.on_step(loop.step, step_logs)
-            if loop.step in milestone_set:
-                stop = reach_milestone(loop.step, save=save_checkpoints)
-    result.final_step = loop.step
-    result.seconds = time.perf_counter() - started
-    return result
+            value, logs = _optimizer_step(run, batches)
+            run.result.step_seconds.append(time.perf_counter() - tick)
+            _log_step(run, value, logs)
+            if run.loop.step in milestone_set:
+                stop = _reach_milestone(run, run.loop.step, last, save_to)
+    run.result.final_step = run.loop.step
+    run.result.seconds = time.perf_counter() - started
+    return run.result
