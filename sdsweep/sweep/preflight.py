@@ -284,6 +284,10 @@ def run_preflight(overrides: list[str]):
     check(lambda: reset_study_if_asked(cfg, paths))
     check(lambda: check_study_folder(cfg, paths))
     source = check(lambda: resolve_model_source(cfg.model, cfg.paths.cache))
+    from sdsweep.models.parts import vae_path_problem
+
+    if vae_path_problem(cfg.model):
+        problems.append(vae_path_problem(cfg.model))
     evaluation = eval_model_problems(cfg)
     reference = reference_dir_problem(cfg)
     if reference:
