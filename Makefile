@@ -43,7 +43,7 @@ demo-tiny: $(STAMP) ## The same machinery on the random-weight tiny model (CPU, 
 	$(PY) -m sdsweep +experiment=demo_tiny $(ARGS)
 	$(PY) -m sdsweep.report experiments/demo_tiny
 
-demo-methods: $(STAMP) ## Offline full/DreamBooth/TI/LoRA x v1.5/v2.1-flavoured comparison (CPU, minutes)
+demo-methods: $(STAMP) ## Offline full/DreamBooth/TI/LoRA x v1.5/v2.1/SDXL-flavoured comparison (CPU, minutes)
 	$(PY) -m sdsweep.models.shapes_build
 	$(PY) -m sdsweep +experiment=demo_methods $(ARGS)
 	$(PY) -m sdsweep.report experiments/demo_methods

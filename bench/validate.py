@@ -247,12 +247,16 @@ def truth_noise(study_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     from sdsweep.evaluation.units import read_units_or_none
     from sdsweep.uncertainty import rate_interval
 
-    units = None if row["pick_trial"] is None else read_units_or_none(
-        study_dir / "trials" / f"{row['pick_trial']:04d}"
+    units = (
+        None
+        if row["pick_trial"] is None
+        else read_units_or_none(study_dir / "trials" / f"{row['pick_trial']:04d}")
     )
     if units is None or "truth" not in units:
         return {"pick_concept_ci": None, "pick_prior_ci": None, "miss_beyond_truth_noise": None}
-    concept, prior = (rate_interval(units.loc[units["truth_group"] == g, "truth"]) for g in ("concept", "prior"))
+    concept, prior = (
+        rate_interval(units.loc[units["truth_group"] == g, "truth"]) for g in ("concept", "prior")
+    )
     below_guard = prior.hi is not None and prior.hi < row["prior_kept_at"]
     no_star = bool(row["region"]) and concept.hi is not None and concept.hi < CONCEPT_LEARNED
     return {

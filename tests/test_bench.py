@@ -143,6 +143,8 @@ def test_validate_calls_a_miss_beyond_noise_only_when_the_picks_truth_interval_e
     assert within["pick_prior_ci"][0] < 0.74 < within["pick_prior_ci"][1] and within["pick_prior_ci"][2] == 32
     assert validate.truth_noise(study_with(4, 10), row)["miss_beyond_truth_noise"] is True  # drifted, shown
     assert validate.truth_noise(study_with(30, 0), row)["miss_beyond_truth_noise"] is True  # learned nothing
-    assert validate.truth_noise(study_with(4, 10), {**row, "robust": True})["miss_beyond_truth_noise"] is False
+    assert (
+        validate.truth_noise(study_with(4, 10), {**row, "robust": True})["miss_beyond_truth_noise"] is False
+    )
     cell = validate._noise_cell({**row, **within})
     assert cell.startswith("no: concept [") and "of 32" in cell

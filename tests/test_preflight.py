@@ -45,6 +45,26 @@ def test_a_model_folder_without_weights_is_named(tmp_path, tiny_model_dirs):
         preflight(base(tmp_path, f"model.path={folder}"))
 
 
+def test_a_missing_vae_path_is_named_before_any_model_loads(tmp_path, tiny_model_dirs, monkeypatch):
+    """model.vae_path (SDXL's fp16-fix VAE): a missing or VAE-less local folder gets one error naming the key
+    and the fix, from the preflight, before a weight is read; a VAE folder, or one holding vae/, passes."""
+    from sdsweep.models import loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the preflight loaded a model")
+
+    monkeypatch.setattr(loading, "load_components", no_loading)
+    for bad, said in ((tmp_path / "missing", "does not exist"), (tmp_path, "holds no AutoencoderKL")):
+        with pytest.raises(
+            UserError, match=rf"model.vae_path='{bad}' {said}.*set model.vae_path to"
+        ) as error:
+            preflight(base(tmp_path, f"model.vae_path={bad}"))
+        assert str(error.value).count("model.vae_path=") == 1
+    assert not (tmp_path / "exp").exists()
+    for n, good in enumerate((tiny_model_dirs["sd15"], tiny_model_dirs["sd15"] / "vae")):
+        preflight(base(tmp_path, f"model.vae_path={good}", f"study=vae{n}"))
+
+
 def test_clip_model_missing_offline_is_named_before_any_model_loads(tmp_path):
     with pytest.raises(UserError, match=r"CLIP model 'openai/clip-vit-large-patch14' is not in the local"):
         preflight(base(tmp_path, "eval.clip_model=openai/clip-vit-large-patch14"))

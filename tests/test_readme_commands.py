@@ -282,9 +282,11 @@ def test_make_demo_methods_passes_its_preflight_and_fills_every_cell(clone, tmp_
     study = clone / "experiments" / "demo_methods"
     results = pd.read_csv(study / "results.csv")
     methods = {"full", "dreambooth", "textual_inversion", "lora"}
-    assert set(zip(results["model"], results["method"])) == {
-        (m, x) for m in ("shapes", "tiny_sd21") for x in methods
-    }
+    assert (
+        set(zip(results["model"], results["method"]))
+        == {(m, x) for m in ("shapes", "tiny_sd21", "tiny_sdxl") for x in methods}
+        and len(results) == 12
+    )
     assert (results["state"] == "COMPLETE").all()
     logs = "".join(p.read_text() for p in (study / "runs").glob("worker-*.log"))
     assert logs and "max_length" not in logs  # #32.5: no tokenizer warning per evaluation

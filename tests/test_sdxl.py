@@ -218,37 +218,39 @@ def test_full_finetune_through_the_cli_saves_an_sdxl_pipeline(tmp_path):
     ).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
     # Export as a user types it: the diffusers folder loads in StableDiffusionXLPipeline and its card says so;
-    # the original-layout formats are refused for SDXL with one clear error, and nothing is written.
-    exported = tmp_path / "export"
-    done = subprocess.run(
-        [sys.executable, "-m", "sdsweep.export", str(study), "--to", str(exported)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    card = (exported / "README.md").read_text()
+    # --format single_file writes the original SDXL checkpoint, whose card loads it with the SDXL pipeline.
+    for fmt in ("diffusers", "single_file"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sdsweep.export",
+                str(study),
+                "--to",
+                str(tmp_path / fmt),
+                "--format",
+                fmt,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    card = (tmp_path / "diffusers" / "README.md").read_text()
     assert (
         "from diffusers import StableDiffusionXLPipeline" in card and "StableDiffusionPipeline." not in card
     )
-    assert StableDiffusionXLPipeline.from_pretrained(exported).unet.state_dict().keys() == trained.keys()
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sdsweep.export",
-            str(study),
-            "--to",
-            str(tmp_path / "single"),
-            "--format",
-            "single_file",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    assert (
+        StableDiffusionXLPipeline.from_pretrained(tmp_path / "diffusers").unet.state_dict().keys()
+        == trained.keys()
     )
-    assert refused.returncode != 0 and "not available for SDXL" in refused.stdout + refused.stderr
-    assert "Traceback" not in refused.stderr and not (tmp_path / "single").exists()
+    from sdsweep.results.single_file import load_single_file
+
+    assert (
+        "StableDiffusionXLPipeline.from_single_file" in (tmp_path / "single_file" / "README.md").read_text()
+    )
+    single = load_single_file(tmp_path / "single_file" / "model.safetensors", tiny.ensure_tiny_model("sdxl"))
+    assert all(torch.equal(single.unet.state_dict()[k], v) for k, v in trained.items())
 
 
 def test_model_vae_path_replaces_the_vae(tmp_path, tiny_model_dirs):
@@ -268,7 +270,8 @@ def test_model_vae_path_replaces_the_vae(tmp_path, tiny_model_dirs):
 LEARNING_RATES = {"full": 1e-3, "dreambooth": 1e-3, "textual_inversion": 5e-2, "lora": 1e-2}
 METHOD_EXTRAS = {
     "dreambooth": ["method.num_class_images=2", "eval.batch_size=2"],
-    "lora": ["method.train_text_encoder=true"],  # UNet and both text encoders
+    # UNet and both text encoders; alpha != rank, so a reload that ignored the trained alpha would differ
+    "lora": ["method.train_text_encoder=true", "method.alpha=8"],
     "textual_inversion": [],
     "full": [],
 }
@@ -297,10 +300,11 @@ def trained_sdxl(tmp_path_factory):
 
     runs = {}
 
-    def get(name: str):
-        if name not in runs:
+    def get(name: str, *extra: str):
+        if (name, extra) not in runs:
             folder = tmp_path_factory.mktemp(f"sdxl-{name}")
-            cfg = sdxl_config(folder, f"method={name}", "eval.num_inference_steps=2", *METHOD_EXTRAS[name])
+            overrides = [f"method={name}", "eval.num_inference_steps=2", *METHOD_EXTRAS[name], *extra]
+            cfg = sdxl_config(folder, *overrides)
             method = get_method(name)(cfg, load_components(cfg, CPU), CPU, cache_dir=folder / "cache")
             method.prepare()
             before = snapshot(method)
@@ -319,8 +323,8 @@ def trained_sdxl(tmp_path_factory):
             method.set_train_mode(False)
             after = snapshot(method)
             changed = {k for k, v in before.items() if k in after and not torch.equal(v, after[k])}
-            runs[name] = (method, changed, logs)
-        return runs[name]
+            runs[(name, extra)] = (method, changed, logs)
+        return runs[(name, extra)]
 
     return get
 
@@ -396,6 +400,107 @@ def test_sdxl_textual_inversion_learns_one_token_per_encoder(trained_sdxl, tmp_p
     torch.testing.assert_close(saved["clip_g"], method.learned_embeddings(1))
     restored = method.state_dict()
     assert set(restored) == {"textual_inversion.embeddings", "textual_inversion.embeddings_2"}
+
+
+# ---- export in the formats AUTOMATIC1111 / ComfyUI load -------------------------------------------------
+def base_sdxl(device=CPU):
+    from sdsweep.models import tiny
+    from sdsweep.models.loading import load_pipeline
+
+    return load_pipeline(str(tiny.ensure_tiny_model("sdxl")), "dpmsolver++", device)
+
+
+def test_sdxl_lora_file_stores_alpha_and_exports_as_kohya_that_loads_back(trained_sdxl, tmp_path):
+    """The diffusers file carries each part's lora_alpha (8 on the UNet, rank 4), and the kohya file has
+    lora_unet_/lora_te1_/lora_te2_ modules with their alpha; both load with load_lora_weights onto the base
+    SDXL and draw the live model's image."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    from sdsweep.results import export_formats
+
+    method, _, _ = trained_sdxl("lora")
+    saved = method.save(tmp_path / "weights")
+    assert export_formats._lora_alphas(saved) == {"unet": 8.0, "text_encoder": 4.0, "text_encoder_2": 4.0}
+    config = {"method": asdict(method.cfg.method)}  # what export reads from the trial's config
+    (tmp_path / "kohya").mkdir()
+    kohya = export_formats.kohya_lora(saved, tmp_path / "kohya" / "lora.safetensors")  # alphas: from the file
+    state = load_file(str(kohya))
+    modules = {key.split(".")[0] for key in state}
+    assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
+    alphas = {m.split("_")[1]: float(state[f"{m}.alpha"]) for m in modules}
+    assert alphas == {"unet": 8.0, "te1": 4.0, "te2": 4.0}
+    assert export_formats.lora_alphas(config) == {"unet": 8.0, "text_encoder": 4.0, "text_encoder_2": 4.0}
+    expected = generate(method.pipeline_for_eval("dpmsolver++"), "a photo of sks")
+    for folder, name in ((saved.parent, saved.name), (kohya.parent, kohya.name)):
+        pipe = base_sdxl()
+        pipe.load_lora_weights(str(folder), weight_name=name)
+        np.testing.assert_allclose(generate(pipe, "a photo of sks"), expected, atol=1e-4)
+
+
+def test_sdxl_single_file_has_the_original_layout_and_loads_back_exactly(trained_sdxl, tmp_path):
+    """A trained SDXL pipeline as one checkpoint: UNet (label_emb: the added conditions), VAE, CLIP and OpenCLIP
+    encoders where A1111/ComfyUI read them; diffusers' from_single_file (and its OpenCLIP converter) gives
+    back every weight bit for bit and the same image."""
+    from safetensors.torch import load_file
+
+    from sdsweep.models import tiny
+    from sdsweep.results.single_file import load_single_file, write_single_file
+
+    method, _, _ = trained_sdxl("dreambooth")
+    method.save(tmp_path / "weights")
+    path = write_single_file(tmp_path / "weights", tmp_path / "model.safetensors")
+    keys = load_file(str(path)).keys()
+    assert {".".join(k.split(".")[:3]) for k in keys if k.startswith("conditioner.")} == {
+        "conditioner.embedders.0",
+        "conditioner.embedders.1",
+    }
+    assert {
+        "model.diffusion_model.label_emb.0.0.weight",
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+        "conditioner.embedders.1.model.positional_embedding",
+        "conditioner.embedders.1.model.text_projection",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+        "first_stage_model.decoder.mid.attn_1.q.weight",
+    } <= set(keys)
+    loaded = load_single_file(path, tiny.ensure_tiny_model("sdxl"))
+    reference = method.pipeline_for_eval("dpmsolver++")
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(reference, part).state_dict(), getattr(loaded, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    loaded.scheduler = reference.scheduler  # the file holds weights; the sampler comes with the config
+    np.testing.assert_allclose(
+        generate(loaded, "a photo of sks"), generate(reference, "a photo of sks"), atol=1e-5
+    )
+
+
+def test_sdxl_multi_vector_textual_inversion_trains_reloads_and_exports(trained_sdxl, tmp_path):
+    """num_vectors=3 on the tiny SDXL: three rows per encoder train, the file holds [3, dim] per encoder, and
+    the A1111 embedding (clip_l / clip_g) loads back into the base SDXL drawing the live model's image."""
+    from safetensors.torch import load_file
+
+    from sdsweep.results import export_formats
+    from sdsweep.training.methods.textual_inversion import load_embeddings
+
+    method, changed, _ = trained_sdxl("textual_inversion", "method.num_vectors=3")
+    assert {name.split(".")[0] for name in changed} == {"text_encoder", "text_encoder_2"}
+    for i, encoder in enumerate(method.components.text_encoders):
+        rows = method.encoder_token_ids[i]
+        assert len(rows) == 3
+        weight = encoder.get_input_embeddings().weight
+        assert all(not torch.equal(weight[r], method.original_embeddings[i][r]) for r in rows)
+    saved = method.save(tmp_path / "weights")
+    state = load_file(str(saved))
+    assert state["clip_l"].shape == (3, 32) and state["clip_g"].shape == (3, 32)
+    a1111 = export_formats.a1111_embedding(saved, tmp_path / "embedding.safetensors")
+    assert load_file(str(a1111)).keys() == {"clip_l", "clip_g"}
+    prompt = "a photo of <sks>"
+    expected = generate(method.pipeline_for_eval("dpmsolver++"), prompt)
+    for file in (saved, a1111):
+        pipe = base_sdxl()
+        load_embeddings(pipe, file, method.cfg.method.placeholder_token)
+        np.testing.assert_allclose(generate(pipe, prompt), expected, atol=1e-4)
 
 
 # ---- resume after an interruption, through the real training loop and the latent cache ----------------

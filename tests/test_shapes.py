@@ -92,7 +92,7 @@ def test_demo_recipes_compose_on_the_shapes_world():
     assert "eval/prior_clip_score >= 0.75x baseline" in cfg.sweep.constraints
     assert compose(["+experiment=demo_tiny"]).model.pretrained.startswith("tiny:")
     methods = compose(["+experiment=demo_methods"])
-    assert list(methods.sweep.params["model"].choices) == ["shapes", "tiny_sd21"]
+    assert list(methods.sweep.params["model"].choices) == ["shapes", "tiny_sd21", "tiny_sdxl"]
     assert len(methods.sweep.params["method"].choices) == 4
 
 
@@ -377,10 +377,11 @@ def test_every_method_learns_the_star_and_keeps_the_prior(method, shapes_model, 
 
 @pytest.mark.slow
 def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
-    """`make demo-methods`, shortened to 10 steps: all four methods on both offline models complete.
+    """`make demo-methods`, shortened to 10 steps: all four methods on the three offline models complete.
 
     It asserts that every cell runs and is compared with its own baseline, not what 10 steps learn (the
-    tiny_sd21 row is random weights, so its numbers mean nothing); 38 s in-process, one thread (world v2).
+    tiny_sd21 and tiny_sdxl rows are random weights, so their numbers mean nothing); 38 s in-process, one
+    thread (world v2, before tiny_sdxl joined).
     """
     from sdsweep.sweep.driver import run_sweep
 
@@ -397,11 +398,12 @@ def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
     results = pd.read_csv(outcome.study_dir / "results.csv")
     cells = set(zip(results["model"], results["method"]))
     methods = {"full", "dreambooth", "textual_inversion", "lora"}
-    assert cells == {(m, x) for m in ("shapes", "tiny_sd21") for x in methods}
+    models = ("shapes", "tiny_sd21", "tiny_sdxl")
+    assert cells == {(m, x) for m in models for x in methods} and len(results) == 12
     assert (results["state"] == "COMPLETE").all()
     assert results["truth/prior_accuracy"].notna().all()
     # Each model version is compared with its own untuned baseline, and the report has every cell.
-    for model in ("shapes", "tiny_sd21"):
+    for model in models:
         record = json.loads((outcome.study_dir / "baseline" / model / "metrics.json").read_text())
         assert record["state"] == "COMPLETE" and record["model"] == model
     markdown = (outcome.study_dir / "report.md").read_text()
@@ -409,7 +411,7 @@ def test_demo_methods_fills_every_model_method_cell(shapes_model, tmp_path):
     rows = {
         tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in comparison.splitlines()
     }
-    assert {(m, x) for m in ("shapes", "tiny_sd21") for x in methods} <= rows
+    assert {(m, x) for m in models for x in methods} <= rows
     assert "no baseline" not in comparison  # every row has its own model's deltas
 
 

@@ -24,6 +24,27 @@ def load_second_text_encoder(source: str, variant: str | None) -> tuple[Any, Any
     return encoder, CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
 
 
+def vae_path_problem(model: ModelConfig) -> str | None:
+    """Why ``model.vae_path`` cannot be loaded, told before any model loads; None when it can (or is unset).
+
+    Only a local path is checked (absolute, ``~``/``.``-relative, or an existing folder); anything else is a
+    hub ID, resolved by ``resolve_model_source``'s rules when the VAE loads."""
+    raw = str(model.vae_path or "")
+    if not raw:
+        return None
+    path = Path(os.path.expanduser(raw))
+    if not (path.is_absolute() or raw.startswith((".", "~")) or path.exists()):
+        return None
+    if (path / "config.json").is_file() or (path / "vae" / "config.json").is_file():
+        return None
+    found = "does not exist" if not path.exists() else "holds no AutoencoderKL (config.json in it or in vae/)"
+    return (
+        f"model.vae_path={raw!r} {found}. Download the VAE (`huggingface-cli download "
+        "madebyollin/sdxl-vae-fp16-fix --local-dir /models/sdxl-vae-fp16-fix`) and set model.vae_path to "
+        "that folder, or leave model.vae_path unset to use the model's own VAE."
+    )
+
+
 def load_vae(model: ModelConfig, source: str):
     """The model's VAE, or ``model.vae_path``'s (a folder or hub ID holding a diffusers AutoencoderKL)."""
     from diffusers import AutoencoderKL

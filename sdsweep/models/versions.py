@@ -65,6 +65,10 @@ class ModelVersion:
     saved_scheduler: str  # the sampler a saved pipeline folder carries (what the version ships with)
     # True: the UNet takes added conditions (pooled text + time_ids), and datasets record sizes and crops.
     size_conditioned: bool = False
+    # The original (single-file) checkpoint's place for each text encoder, in ``text_encoder_parts`` order:
+    # (key prefix, layout), the layout "clip" (transformers' CLIP keys) or "open_clip" (OpenCLIP's
+    # resblocks with fused q/k/v and a transposed projection, as SDXL's second encoder is stored there).
+    checkpoint_text_encoders: tuple[tuple[str, str], ...] = (("cond_stage_model.transformer.", "clip"),)
 
     @property
     def has_pooled_text(self) -> bool:
@@ -163,6 +167,10 @@ SDXL = ModelVersion(
     tokenizer_parts=("tokenizer", "tokenizer_2"),
     saved_scheduler="euler",
     size_conditioned=True,
+    checkpoint_text_encoders=(
+        ("conditioner.embedders.0.transformer.", "clip"),
+        ("conditioner.embedders.1.model.", "open_clip"),
+    ),
 )
 VERSIONS = {version.name: version for version in (SD, SDXL)}
 

@@ -311,7 +311,6 @@ def export_trial(
     version = export_formats.trained_version(source, fmt_name, config)
     try:
         export_formats.output_file(fmt, fmt_name)
-        export_formats.check_version(fmt, version.name)
     except export_formats.FormatError as error:
         raise ExportError(str(error)) from None
     to = Path(to)
@@ -341,7 +340,10 @@ def export_trial(
         if grid.is_file():
             shutil.copyfile(grid, staging / GRID_FILE)
         card = model_card(data, selected, fmt_name, config, grid.is_file(), version.pipeline_class)
-        io.atomic_write_text(staging / "README.md", card + export_card.format_lines(converted, fmt_name))
+        io.atomic_write_text(
+            staging / "README.md",
+            card + export_card.format_lines(converted, fmt_name, version.pipeline_class),
+        )
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         io.atomic_write_json(
             staging / TRIAL_FILE, trial_summary(data, selected, fmt_name, files + [TRIAL_FILE])

@@ -175,7 +175,9 @@ def warnings_section(record: TrialRecord) -> list[str]:
     return ["", "## Warnings", ""] + warnings if warnings else []
 
 
-def format_lines(converted: str | None, weights_format: str) -> str:
+def format_lines(
+    converted: str | None, weights_format: str, pipeline_class: str = "StableDiffusionPipeline"
+) -> str:
     """The model card's "Formats" section: each export format and the lines that load it."""
     lines = ["", "## Formats", ""]
     lines.append(
@@ -189,7 +191,7 @@ def format_lines(converted: str | None, weights_format: str) -> str:
     if weights_format == PIPELINE_FORMAT:
         lines += [
             "- AUTOMATIC1111: copy it to `models/Stable-diffusion/`; ComfyUI: `models/checkpoints/`.",
-            "- diffusers: `StableDiffusionPipeline.from_single_file("
+            f"- diffusers: `{pipeline_class}.from_single_file("
             f'"{converted}", config="<base model folder or id>")`',
         ]
     elif weights_format == LORA_FORMAT:
@@ -202,7 +204,9 @@ def format_lines(converted: str | None, weights_format: str) -> str:
         lines += [
             "- AUTOMATIC1111: copy it to `embeddings/` and write its file name (`embedding`) in the prompt; "
             "ComfyUI: `models/embeddings/`, prompt `embedding:embedding`.",
-            f'- diffusers: `pipe.load_textual_inversion("path/to/this/folder/{converted}", token="<token>")`',
+            f'- diffusers: `pipe.load_textual_inversion("path/to/this/folder/{converted}", token="<token>")`'
+            if pipeline_class != "StableDiffusionXLPipeline"
+            else "- diffusers: load `clip_l` into `text_encoder` and `clip_g` into `text_encoder_2`, as under Usage.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -3,10 +3,11 @@
 - ``diffusers`` (default): the trial's weights as the method saved them (a pipeline folder,
   ``pytorch_lora_weights.safetensors`` or ``learned_embeds.safetensors``).
 - ``single_file``: full fine-tune / DreamBooth as one ``model.safetensors`` in the original Stable Diffusion
-  key layout (AUTOMATIC1111, ComfyUI, diffusers ``from_single_file``).
+  key layout (AUTOMATIC1111, ComfyUI, diffusers ``from_single_file``); SD 1.x and SDXL.
 - ``a1111``: what AUTOMATIC1111 loads for the method: the single-file checkpoint for a pipeline, a kohya-format
-  LoRA (``lora_kohya.safetensors``, converted by diffusers' ``convert_state_dict_to_kohya``), or an
-  embedding with ``emb_params`` (``embedding.safetensors``) for textual inversion.
+  LoRA (``lora_kohya.safetensors``, converted by diffusers' ``convert_state_dict_to_kohya``: ``lora_unet_*``,
+  ``lora_te_*`` or SDXL's ``lora_te1_*``/``lora_te2_*``, each with its ``.alpha``), or an embedding
+  (``embedding.safetensors``: ``emb_params``, or SDXL's ``clip_l``/``clip_g``) for textual inversion.
 """
 
 from __future__ import annotations
@@ -29,15 +30,9 @@ def load_exported_pipeline(folder: Path, cfg, device, scheduler: str):
 
     folder = Path(folder)
     if (folder / SINGLE_FILE).is_file():
-        from diffusers import StableDiffusionPipeline
+        from sdsweep.results.single_file import load_single_file
 
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(folder / SINGLE_FILE),
-            config=resolve_model_source(cfg.model, cfg.paths.cache),
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        pipe = load_single_file(folder / SINGLE_FILE, resolve_model_source(cfg.model, cfg.paths.cache))
         pipe.scheduler = make_inference_scheduler(scheduler, pipe.scheduler.config)
         return pipe.to(device)
     if (folder / KOHYA_LORA_FILE).is_file() or (folder / A1111_EMBEDDING_FILE).is_file():
@@ -45,9 +40,11 @@ def load_exported_pipeline(folder: Path, cfg, device, scheduler: str):
         if (folder / KOHYA_LORA_FILE).is_file():
             pipe.load_lora_weights(str(folder), weight_name=KOHYA_LORA_FILE)
         else:
+            from sdsweep.training.methods.textual_inversion import load_embeddings
+
             spec = method_spec(cfg.method.name)
-            pipe.load_textual_inversion(
-                str(folder / A1111_EMBEDDING_FILE), token=spec.concept_token(cfg.method) if spec else None
+            load_embeddings(
+                pipe, folder / A1111_EMBEDDING_FILE, spec.concept_token(cfg.method) if spec else None
             )
         return pipe
     from sdsweep.training.methods import load_trained_pipeline
@@ -79,16 +76,6 @@ def trained_version(weights: Path, weights_format: str, config: dict):
     return versions.SDXL if "xl" in names else versions.SD
 
 
-def check_version(fmt: str, version_name: str) -> None:
-    """Refuse, before anything is copied, a format whose original layout sdsweep cannot write for this version."""
-    if version_name == "sdxl" and fmt != "diffusers":
-        raise FormatError(
-            f"--format {fmt} is not available for SDXL yet: the original SDXL layout stores the second text "
-            "encoder in OpenCLIP's format, which sdsweep does not write. Use --format diffusers (ComfyUI and "
-            "diffusers load it; StableDiffusionXLPipeline.from_pretrained)."
-        )
-
-
 def output_file(fmt: str, weights_format: str) -> str | None:
     """The file ``fmt`` writes for ``weights_format`` (None: the diffusers weights are copied as they are)."""
     if fmt not in FORMATS:
@@ -112,14 +99,13 @@ def lora_alphas(config: dict) -> dict[str, float]:
     if spec is None or spec.weights_format != LORA_FORMAT:
         return {}
     rank = method.get("rank") or 4
-    return {
-        "unet": float(method.get("alpha") or rank),
-        "text_encoder": float(method.get("text_encoder_rank") or 4),
-    }
+    text = float(method.get("text_encoder_rank") or 4)  # alpha == rank on every text encoder
+    return {"unet": float(method.get("alpha") or rank), "text_encoder": text, "text_encoder_2": text}
 
 
 def _lora_alphas(path: Path) -> dict[str, float]:
-    """lora_alpha per component ("unet", "text_encoder") from the metadata diffusers writes with the weights."""
+    """lora_alpha per component ("unet", "text_encoder", "text_encoder_2") from the metadata diffusers writes
+    with the weights."""
     import json
 
     from safetensors import safe_open
@@ -128,11 +114,16 @@ def _lora_alphas(path: Path) -> dict[str, float]:
         metadata = handle.metadata() or {}
     raw = metadata.get("lora_adapter_metadata")
     alphas = {}
-    for component, config in (json.loads(raw) if raw else {}).items():
-        prefix = component.split(".")[0]
-        if isinstance(config, dict) and config.get("lora_alpha") is not None:
-            alphas[prefix] = float(config["lora_alpha"])
+    # diffusers packs each part's LoraConfig flat: {"unet.lora_alpha": 8, "text_encoder_2.r": 4, ...}
+    for key, value in (json.loads(raw) if raw else {}).items():
+        component, _, option = key.rpartition(".")
+        if option == "lora_alpha" and value is not None:
+            alphas[component] = float(value)
     return alphas
+
+
+# kohya's prefix (lora_te1, lora_te2: SDXL's encoders; lora_te: SD's one) -> the diffusers component
+KOHYA_COMPONENTS = {"te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 
 def kohya_lora(path: Path, target: Path, alphas: dict[str, float] | None = None) -> Path:
@@ -148,7 +139,9 @@ def kohya_lora(path: Path, target: Path, alphas: dict[str, float] | None = None)
     peft = convert_state_dict(load_file(str(path)), {new: old for old, new in PEFT_TO_DIFFUSERS.items()})
     state = convert_state_dict_to_kohya(peft)
     for key in [k for k in state if k.endswith(".alpha")]:
-        component = "text_encoder" if key.startswith("lora_te") else "unet"
+        component = KOHYA_COMPONENTS.get(
+            key.split("_")[1], "unet"
+        )  # lora_te1_..., lora_te2_..., lora_unet_...
         if component in alphas:
             state[key] = torch.tensor(alphas[component])
     partial = target.with_name(target.name + ".partial")
@@ -159,16 +152,23 @@ def kohya_lora(path: Path, target: Path, alphas: dict[str, float] | None = None)
 
 def a1111_embedding(path: Path, target: Path) -> Path:
     """A textual-inversion file as an A1111 embedding: ``emb_params`` holding the vectors (the token is the
-    file name in A1111; diffusers' ``load_textual_inversion`` reads it with ``token=``)."""
+    file name in A1111; diffusers' ``load_textual_inversion`` reads it with ``token=``). An SDXL file
+    (``clip_l`` and ``clip_g``, one tensor per encoder) is already A1111's SDXL embedding layout."""
     from safetensors.torch import load_file, save_file
 
+    from sdsweep.training.methods.textual_inversion import ENCODER_KEYS
+
     learned = load_file(str(path))
-    if len(learned) != 1:
+    if set(learned) == set(ENCODER_KEYS):
+        state, metadata = learned, {}
+    elif len(learned) == 1:
+        ((token, vectors),) = learned.items()
+        state = {"emb_params": vectors if vectors.ndim == 2 else vectors.unsqueeze(0)}
+        metadata = {"token": token}
+    else:
         raise FormatError(f"{path} holds {len(learned)} tokens; an A1111 embedding holds one.")
-    ((token, vectors),) = learned.items()
-    vectors = vectors if vectors.ndim == 2 else vectors.unsqueeze(0)
     partial = target.with_name(target.name + ".partial")
-    save_file({"emb_params": vectors.contiguous()}, str(partial), metadata={"token": token})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(partial), metadata=metadata)
     partial.replace(target)
     return target
 

@@ -1,10 +1,12 @@
-"""A diffusers Stable Diffusion folder as one ``.safetensors`` checkpoint in the original (LDM) key layout,
+"""A diffusers Stable Diffusion folder as one ``.safetensors`` checkpoint in the original (LDM/SGM) key layout,
 which AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file`` load.
 
 The key mapping is the inverse of the one diffusers applies when it reads such a file
 (``diffusers.loaders.single_file_utils``: ``DIFFUSERS_TO_LDM_MAPPING``, ``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``), so the round trip is exact; the
-export tests load the file back with ``from_single_file`` and compare images.
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``), so the
+round trip is exact; the export tests load the file back with ``from_single_file`` and compare images.
+UNet and VAE keys are the same for every version (SDXL's added conditions are ``label_emb``); where each
+text encoder goes, and in which layout, is the model version's ``checkpoint_text_encoders``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any
 
 UNET_PREFIX = "model.diffusion_model."  # single_file_utils.LDM_UNET_KEY
 VAE_PREFIX = "first_stage_model."  # single_file_utils.LDM_VAE_KEYS[0]
-CLIP_PREFIX = "cond_stage_model.transformer."  # single_file_utils.LDM_CLIP_PREFIX_TO_REMOVE[0]
 # update_unet_resnet_ldm_to_diffusers, read right to left
 UNET_RESNET = [
     ("norm1", "in_layers.0"),
@@ -48,9 +49,10 @@ def _rename(rest: str, pairs: list[tuple[str, str]]) -> str:
 def _unet_key(key: str, layers_per_block: int, has_up_attention: dict[int, bool]) -> str:
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    layers = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
-    if key in layers:
-        return layers[key]
+    tables = DIFFUSERS_TO_LDM_MAPPING["unet"]
+    for table in ("layers", "addition_embed_type", "class_embed_type"):  # SDXL's add_embedding: label_emb
+        if key in tables[table]:
+            return tables[table][key]
     parts = key.split(".")
     step = layers_per_block + 1
     if parts[0] == "down_blocks":
@@ -121,11 +123,58 @@ def _load(folder: Path) -> dict[str, Any]:
     return state
 
 
+def _clip_state(state: dict[str, Any]) -> dict[str, Any]:
+    # The original layout nests CLIP under text_model. (transformers >= 5.6 saves CLIPTextModel flat)
+    return {
+        (key if key.startswith("text_model.") else "text_model." + key): value for key, value in state.items()
+    }
+
+
+def _open_clip_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A transformers CLIP text encoder with projection in OpenCLIP's layout: the inverse of diffusers'
+    ``convert_open_clip_checkpoint`` (q/k/v fused into ``in_proj``, the projection stored transposed)."""
+    import torch
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    layers = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    renames = DIFFUSERS_TO_LDM_MAPPING["openclip"]["transformer"]
+    out: dict[str, Any] = {}
+    fused: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        if not key.startswith(("text_model.", "text_projection.")):
+            key = "text_model." + key
+        if key in layers:
+            out[layers[key]] = value.T if key == "text_projection.weight" else value
+            continue
+        if not key.startswith("text_model.encoder.layers."):
+            raise SingleFileError(f"Text encoder weight {key} has no place in OpenCLIP's layout.")
+        for new, old in renames.items():
+            key = key.replace(new, old)
+        head, _, kind = key.rpartition(".")  # resblocks.N.attn.q_proj, weight
+        if head.endswith((".q_proj", ".k_proj", ".v_proj")):
+            fused.setdefault(f"{head[:-7]}.in_proj_{kind}", {})[head[-6]] = value
+        else:
+            out["transformer." + key] = value
+    for key, qkv in fused.items():
+        out["transformer." + key] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+    return out
+
+
+TEXT_LAYOUTS = {"clip": _clip_state, "open_clip": _open_clip_state}
+
+
 def original_state_dict(pipeline_dir: Path) -> dict[str, Any]:
-    """The UNet, VAE and CLIP text encoder of a diffusers SD 1.x/2.x folder, keyed as the original checkpoints."""
+    """The UNet, VAE and text encoders of a diffusers SD 1.x or SDXL folder, keyed as the original checkpoints."""
+    from sdsweep.models.versions import version_of_folder
+
     pipeline_dir = Path(pipeline_dir)
+    version = version_of_folder(pipeline_dir)
     text_config = json.loads((pipeline_dir / "text_encoder" / "config.json").read_text())
-    if text_config.get("hidden_act") == "gelu" and text_config.get("num_hidden_layers", 0) >= 23:
+    if (
+        not version.size_conditioned
+        and text_config.get("hidden_act") == "gelu"
+        and text_config.get("num_hidden_layers", 0) >= 23
+    ):
         raise SingleFileError(
             f"{pipeline_dir} has an OpenCLIP text encoder (SD 2.x); only CLIP (SD 1.x-style) text encoders "
             "are written as single files. Export with --format diffusers."
@@ -135,7 +184,7 @@ def original_state_dict(pipeline_dir: Path) -> dict[str, Any]:
     layers = unet_config["layers_per_block"]
     if not isinstance(layers, int):
         raise SingleFileError(
-            f"{pipeline_dir}/unet has per-block layer counts {layers}; not an SD 1.x/2.x UNet."
+            f"{pipeline_dir}/unet has per-block layer counts {layers}; not an SD 1.x/2.x or SDXL UNet."
         )
     up_attention = {i: "CrossAttn" in name for i, name in enumerate(unet_config["up_block_types"])}
     state: dict[str, Any] = {}
@@ -147,9 +196,9 @@ def original_state_dict(pipeline_dir: Path) -> dict[str, Any]:
         if ".mid.attn_1." in original and original.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # linear -> 1x1 conv, undone by conv_attn_to_linear on load
         state[VAE_PREFIX + original] = value
-    for key, value in _load(pipeline_dir / "text_encoder").items():
-        # The original layout nests CLIP under text_model. (transformers >= 5.6 saves CLIPTextModel flat)
-        state[CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    for part, (prefix, layout) in zip(version.text_encoder_parts, version.checkpoint_text_encoders):
+        for key, value in TEXT_LAYOUTS[layout](_load(pipeline_dir / part)).items():
+            state[prefix + key] = value
     return state
 
 
@@ -162,3 +211,31 @@ def write_single_file(pipeline_dir: Path, target: Path) -> Path:
     save_file(state, str(partial), metadata={"format": "pt", "written_by": "sdsweep"})
     partial.replace(target)
     return target
+
+
+def load_single_file(path: Path, config_dir: str | Path, **kwargs: Any):
+    """The version's pipeline from a single-file checkpoint, with the configs of ``config_dir`` (offline).
+
+    diffusers' ``from_single_file`` picks each text encoder's keys by the width of its position embedding,
+    so two encoders of equal width (the tiny SDXL) would both read the CLIP one: an OpenCLIP-layout encoder
+    is converted by diffusers' own ``convert_open_clip_checkpoint`` and handed in instead."""
+    from safetensors import safe_open
+
+    from sdsweep.models.versions import version_of_folder
+
+    version = version_of_folder(config_dir)
+    for part, (prefix, layout) in zip(version.text_encoder_parts, version.checkpoint_text_encoders):
+        if layout != "open_clip" or part in kwargs:
+            continue
+        from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(config_dir), subfolder=part))
+        with safe_open(str(path), "pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+        encoder.load_state_dict(convert_open_clip_checkpoint(encoder, state, prefix=prefix), strict=True)
+        kwargs[part] = encoder.eval()
+    options = {**version.load_kwargs(), **kwargs}
+    return version.pipeline_cls().from_single_file(
+        str(path), config=str(config_dir), local_files_only=True, **options
+    )

@@ -304,6 +304,11 @@ def _collect_problems(cfg: Config, paths: io.StudyPaths) -> tuple[list[str], Any
     _attempt(lambda: reset_study_if_asked(cfg, paths), problems)
     _attempt(lambda: check_study_folder(cfg, paths), problems)
     source = _attempt(lambda: resolve_model_source(cfg.model, cfg.paths.cache), problems)
+    from sdsweep.models.parts import vae_path_problem
+
+    vae_problem = vae_path_problem(cfg.model)
+    if vae_problem:
+        problems.append(vae_problem)
     evaluation = eval_model_problems(cfg)
     reference = reference_dir_problem(cfg)
     if reference:

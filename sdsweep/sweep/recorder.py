@@ -235,7 +235,9 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         keep |= tied_with(paths, best, rest, cfg.sweep.objectives[0].metric)
         # An infeasible trial that beats the best but only straddles a threshold may turn out feasible.
         better = [
-            n for infeasible, value, n in ranked if infeasible and value < ranked[0][1] and n in holding - keep
+            n
+            for infeasible, value, n in ranked
+            if infeasible and value < ranked[0][1] and n in holding - keep
         ]
         keep |= possibly_feasible(paths, better, cfg.sweep.constraints)
     if len(signs) > 1:
@@ -243,14 +245,18 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
     losers = [(n, f"not among the best {k} (sweep.keep_best_k)") for _, _, n in ranked if n not in keep]
     losers += [(number, "this attempt has no result in the study (sweep.keep_best_k)") for number in unranked]
     for number, why in losers:
-        trial_dir = paths.trial(number)
-        record = read_record(trial_dir / io.TRIAL_METRICS)
-        if not record or not record.weights:
-            continue
-        record.weights = None
-        record.weights_removed = why
-        record.write(trial_dir / io.TRIAL_METRICS)
-        shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
+        _remove_weights(paths.trial(number), why)
+
+
+def _remove_weights(trial_dir: Path, why: str) -> None:
+    """The record says why first, then the weights go: a kill in between leaves a record without weights."""
+    record = read_record(trial_dir / io.TRIAL_METRICS)
+    if not record or not record.weights:
+        return
+    record.weights = None
+    record.weights_removed = why
+    record.write(trial_dir / io.TRIAL_METRICS)
+    shutil.rmtree(trial_dir / io.TRIAL_WEIGHTS, ignore_errors=True)
 
 
 def _has_weights(trial_dir: Path) -> bool:

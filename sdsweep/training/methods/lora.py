@@ -107,10 +107,17 @@ class LoRA(FineTuneMethod):
             return convert_state_dict_to_diffusers(adapter)
 
         # The version's pipeline writes its own layout: SDXL's file also holds text_encoder_2's layers.
-        layers = {"unet_lora_layers": adapter_layers(self.components.unet)}
+        # Each part's LoraConfig goes into the file's metadata, so that load_lora_weights (and the kohya
+        # export) scale by the trained lora_alpha; without it diffusers assumes alpha == rank.
+        parts = {"unet": self.components.unet}
         if self.cfg.method.train_text_encoder:
-            for part in self.components.version.text_encoder_parts:
-                layers[f"{part}_lora_layers"] = adapter_layers(getattr(self.components, part))
+            parts.update(
+                {part: getattr(self.components, part) for part in self.components.version.text_encoder_parts}
+            )
+        layers = {}
+        for part, module in parts.items():
+            layers[f"{part}_lora_layers"] = adapter_layers(module)
+            layers[f"{part}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         out_dir = Path(out_dir)
         self.components.version.pipeline_cls().save_lora_weights(
             out_dir, **layers, weight_name=WEIGHTS_NAME, safe_serialization=True

@@ -48,6 +48,22 @@ STYLE_TEMPLATES = (
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
+def load_embeddings(pipe, path: Path, token: str | None) -> None:
+    """A saved embedding file into ``pipe`` through diffusers' ``load_textual_inversion``: SD's
+    ``{token: vectors}`` (or A1111's ``emb_params`` with ``token``), SDXL's ``clip_l`` / ``clip_g`` encoder by
+    encoder."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        pipe.load_textual_inversion(str(path), **({"token": token} if token else {}))
+        return
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    for key, encoder, tokenizer in zip(
+        ENCODER_KEYS, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
+    ):
+        pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
+
+
 class TextualInversion(FineTuneMethod):
     name = "textual_inversion"
 
@@ -56,19 +72,7 @@ class TextualInversion(FineTuneMethod):
         from sdsweep.models.loading import load_pipeline, resolve_model_source
 
         pipe = load_pipeline(resolve_model_source(cfg.model, cfg.paths.cache), scheduler, device)
-        path = weights_dir / WEIGHTS_NAME
-        if getattr(pipe, "text_encoder_2", None) is None:
-            pipe.load_textual_inversion(str(path))
-            return pipe
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        for key, encoder, tokenizer in zip(
-            ENCODER_KEYS, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
-        ):
-            pipe.load_textual_inversion(
-                state[key], token=cfg.method.placeholder_token, text_encoder=encoder, tokenizer=tokenizer
-            )
+        load_embeddings(pipe, weights_dir / WEIGHTS_NAME, cfg.method.placeholder_token)
         return pipe
 
     @classmethod
