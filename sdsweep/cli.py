@@ -20,12 +20,12 @@ class UserError(Exception):
     """Input the user can fix; printed without a traceback."""
 
 
-def preflight(overrides: list[str]) -> None:
+def preflight(overrides: list[str], requested=None) -> None:
     """Cheap checks that would otherwise fail after minutes of work (sdsweep.sweep.preflight)."""
     from sdsweep.sweep.preflight import PreflightError, run_preflight
 
     try:
-        run_preflight(overrides)
+        run_preflight(overrides, requested)
     except PreflightError as error:
         raise UserError(str(error)) from None
 
@@ -33,14 +33,18 @@ def preflight(overrides: list[str]) -> None:
 def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
     from sdsweep.sweep.driver import run_sweep
     from sdsweep.sweep.engine import log
+    from sdsweep.sweep.run_config import fix_up, settle
 
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task)
     try:
-        to_typed(raw)
-        preflight(overrides)
+        # The one build of the sweep's config (Hydra composed ``raw`` already): typed, normalised and
+        # validated, fixed up; the preflight judges it, then the sweep runs it (run_config.build_config).
+        requested = fix_up(to_typed(raw))
+        preflight(overrides, requested)
+        cfg = settle(requested)
     except (ConfigError, UserError) as error:
         print(f"sdsweep: error: {error}", file=sys.stderr)
         return 2
@@ -58,7 +62,7 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
 
     quiet_library_bars()  # our own progress lines instead of per-file weight-loading bars
     try:
-        outcome = run_sweep(overrides)
+        outcome = run_sweep(overrides, cfg)
     except ConfigError as error:  # e.g. the study's data changed while the sweep ran
         print(f"sdsweep: error: {error}", file=sys.stderr)
         return 2

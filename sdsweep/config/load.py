@@ -135,7 +135,18 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def config_from_yaml(text: str) -> Config:
+    """A built config's resolved YAML (``to_yaml``) -> the same typed ``Config``, without Hydra.
+
+    What a run's processes use: the config was composed, normalised, fixed up and validated once when the
+    run was claimed (``sdsweep.sweep.run_config.build_config``), so it is only typed again here."""
+    load_plugins()  # a plugin method's options are part of the schema the text is read against
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)
+
+
 def load_yaml(path: str) -> Config:
+    """A config file a person or an older sdsweep wrote: typed, normalised and validated."""
     load_plugins()  # a plugin method's options are part of the schema the file is read against
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
     return validate(normalise(OmegaConf.to_object(merged)))

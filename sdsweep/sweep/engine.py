@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from sdsweep import io, signals
 from sdsweep.config.compose import user_overrides
+from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.progress import Progress
 from sdsweep.results.table import write_results
@@ -41,8 +42,7 @@ from sdsweep.sweep.baseline import ensure_baseline
 from sdsweep.sweep.claims import Claims, Heartbeat, RunTakenOver, host_name
 from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, is_location_only
 from sdsweep.sweep.ledger import StudyLedger
-from sdsweep.sweep.preflight import available_search_space
-from sdsweep.sweep.run_config import compose_config
+from sdsweep.sweep.run_config import build_config
 from sdsweep.sweep.run_executor import execute_run
 from sdsweep.sweep.run_setup import RunCaches
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
@@ -68,16 +68,18 @@ class SweepEngine:
     def __init__(
         self,
         overrides: list[str],
+        cfg: Config | None = None,
         label: str = "driver",
         token: str | None = None,
         retry_below: int | None = None,
         started_at: float | None = None,
     ):
         self.overrides = user_overrides(list(overrides))
-        self.cfg: Config = compose_config(self.overrides)
+        # The sweep's own config, built once (run_config.build_config) by whoever starts the sweep and
+        # handed down (a pool worker reads it from the pool's job file); nothing changes it afterwards.
+        self.cfg: Config = build_config(self.overrides) if cfg is None else cfg
         self.sweep: SweepConfig = self.cfg.sweep
-        if self.sweep.skip_unavailable:  # the preflight named what is left out
-            self.sweep.params, _ = available_search_space(self.cfg)
+        self.config_yaml = to_yaml(self.cfg)
         self.paths = io.StudyPaths.of(self.cfg.paths.root, self.cfg.study)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.storage = storage_url(self.cfg, self.paths.root)
@@ -254,10 +256,21 @@ class SweepEngine:
         answer = self.search.next_claim()
         return self.spec_for(*answer) if isinstance(answer, tuple) else answer
 
-    def spec_for(self, run: RunPlan, slots: list[TrialSlot]) -> RunSpec:
+    def spec_for(self, run: RunPlan, slots: list[TrialSlot]) -> RunSpec | str:
+        """The claimed run's spec, with its config built here, once (AGAIN when the config is invalid: its
+        trials fail for good with the error, and the next claim is planned)."""
         overrides = self.overrides + overrides_for(run.base if run.shared else run.points[0])
         if run.shared:
             overrides.append(f"{STEP_KEY}={max(s.step for s in slots)}")
+        try:
+            # No override of its own (a single run, a grid of one point): the sweep's config is the run's.
+            config = self.config_yaml if overrides == self.overrides else to_yaml(build_config(overrides))
+        except Exception as error:  # a point whose values do not make a valid config
+            reason = f"{type(error).__name__}: {error}"
+            self.say(f"run {run.key}: its config is invalid, trials fail: {reason}")
+            self.claims.refuse([s.number for s in slots], reason, error)
+            self.nudge()
+            return AGAIN
         report_every = 0
         if self.sweep.pruner not in ("none", "wilcoxon") and not run.shared:  # wilcoxon judges evaluations
             report_every = max(1, max(s.step for s in slots) // 4)
@@ -267,6 +280,7 @@ class SweepEngine:
             study_root=str(self.paths.root.resolve()),
             storage=self.storage,
             overrides=overrides,
+            config=config,
             run_key=run.key,
             slots=slots,
             shared=run.shared,
@@ -336,7 +350,12 @@ class SweepEngine:
         self.heartbeat.watch(numbers)
         try:
             execute_run(
-                spec, self.caches, still_owned=self.heartbeat.check_owned, say=self.say, label=self.label
+                spec,
+                self.caches,
+                still_owned=self.heartbeat.check_owned,
+                say=self.say,
+                label=self.label,
+                handle=self.handle,
             )
         except (signals.HandBack, StudyMismatchError) as stop:
             # Uninterruptible: a second signal (the driver forwards the Ctrl-C the terminal already sent

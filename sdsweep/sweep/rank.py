@@ -17,17 +17,17 @@ def main(argv: list[str]) -> int:
     signals.watch_parent()  # fallback for PR_SET_PDEATHSIG, set by rank 0 when it started us
     spec = RankSpec.from_json(Path(argv[0]).read_text())
     from sdsweep import faults, io, progress, warnings_filter
+    from sdsweep.config.load import config_from_yaml
     from sdsweep.data.examples import load_examples, split_examples
     from sdsweep.data.latent_cache import build_training_dataset
     from sdsweep.models.loading import load_components, select_device
-    from sdsweep.sweep.run_config import compose_config
     from sdsweep.training.methods import get_method
     from sdsweep.training.train import TrainingDiverged, train
 
     warnings_filter.install()
     progress.quiet_library_bars()
     with joined(spec.rank, spec.world_size, spec.port, spec.threads, spec.cuda):
-        cfg = compose_config(spec.overrides)
+        cfg = config_from_yaml(spec.config)
         paths = io.StudyPaths(Path(spec.study_root))
         device = select_device(cfg.device)
         train_examples, _ = split_examples(load_examples(cfg), cfg.data.num_heldout)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from sdsweep import io, signals
+from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
 from sdsweep.exits import ERROR_LINE
@@ -72,7 +73,7 @@ class RankSpec:
     rank: int
     world_size: int
     port: int
-    overrides: list[str]
+    config: str  # the run's config, resolved YAML: the rank reads it back, never composes it
     study_root: str
     milestones: list[int]
     checkpoint_dir: str | None
@@ -226,14 +227,13 @@ class Ranks:
     def __init__(
         self,
         cfg: Config,
-        overrides: list[str],
         study_root: Path,
         log_dir: Path,
         milestones: list[int],
         checkpoint_dir: Path | None,
         label: str = "run",
     ):
-        self.cfg, self.overrides, self.study_root = cfg, overrides, study_root
+        self.cfg, self.study_root = cfg, study_root
         self.log_dir, self.milestones, self.checkpoint_dir, self.label = (
             log_dir,
             milestones,
@@ -265,7 +265,7 @@ class Ranks:
                 rank=rank,
                 world_size=self.world_size,
                 port=port,
-                overrides=list(self.overrides),
+                config=to_yaml(self.cfg),
                 study_root=str(self.study_root),
                 milestones=list(self.milestones),
                 checkpoint_dir=str(self.checkpoint_dir) if self.checkpoint_dir is not None else None,
@@ -273,7 +273,7 @@ class Ranks:
                 cuda=cuda,
             )
             log_path = self.log_dir / f"{self.label}-rank{rank}.log"
-            # A file, not argv: overrides may hold a storage URL with a password, and argv is public.
+            # A file, not argv: the config may hold a storage URL with a password, and argv is public.
             spec_path = io.atomic_write_text(self.log_dir / f"{self.label}-rank{rank}.json", spec.to_json())
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             if threads:
