@@ -30,7 +30,6 @@ def test_a_run_spec_round_trips_through_json_with_its_config(tmp_path):
     overrides = sweep_overrides(tmp_path, "json", "method=textual_inversion", "sweep.learning_rates=[1e-3]")
     cfg = build_config(overrides)
     spec = RunSpec(
-        kind="train",
         study=cfg.study,
         study_root=str(tmp_path / "json"),
         storage="sqlite:///x.db",
@@ -77,7 +76,9 @@ def test_an_invalid_point_fails_its_trials_at_claim_time(tmp_path):
     overrides = sweep_overrides(tmp_path, "bad", "sweep.learning_rates=[1e-3]", "sweep.steps=[2]")
     engine = SweepEngine(overrides)
     engine.overrides = engine.overrides + ["train.train_batch_size=0"]  # every run's build fails now
-    assert engine.claim_grid() == "again"
+    claim = engine.claimer.next_claim()
+    assert isinstance(claim, tuple)
+    assert engine.spec_for(*claim) == "again"
     [trial] = engine.handle.trials()
     assert trial.state == optuna.trial.TrialState.FAIL
     assert TrialTags.of(trial).fate == Fate.CONFIG_ERROR

@@ -116,6 +116,9 @@ def normalise(cfg: Config) -> Config:
         cfg.eval.metrics = [*cfg.eval.metrics, "lpips"]
     if cfg.sweep is not None:
         cfg.sweep.params = sweep_params(cfg.sweep)
+        if cfg.sweep.name == "single" and not cfg.sweep.params:
+            # A config saved before sweep.single_run existed: its one-run sweep was known by this name only.
+            cfg.sweep.single_run = True
     return cfg
 
 

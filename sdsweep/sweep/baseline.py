@@ -65,7 +65,6 @@ def ensure_baseline(
             # The sweep's config when no model is swept; else each model's, built once here.
             model_cfg = cfg if model_overrides == overrides else build_config(model_overrides)
             spec = RunSpec(
-                kind="baseline",
                 study=cfg.study,
                 study_root=str(paths.root.resolve()),
                 storage=storage,

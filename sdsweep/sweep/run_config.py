@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from sdsweep.config.compose import compose_typed
 from sdsweep.config.methods import method_spec
-from sdsweep.config.schema import Config
-from sdsweep.study.store import single_run_sweep
+from sdsweep.config.schema import Config, single_run_sweep
 from sdsweep.sweep.search_space import available_search_space
 
 

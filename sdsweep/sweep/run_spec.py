@@ -28,7 +28,6 @@ class TrialSlot:
 
 @dataclass
 class RunSpec:
-    kind: str  # "train" | "baseline"
     study: str
     study_root: str
     storage: str
