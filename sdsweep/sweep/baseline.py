@@ -82,7 +82,7 @@ def execute_baseline(spec: RunSpec, caches: RunCaches) -> TrialRecord:
     existing = read_record_or_none(folder / io.TRIAL_METRICS)
     if existing and existing.complete:
         return existing
-    setup = RunSetup(cfg, paths, caches)
+    setup = RunSetup(cfg, paths, caches, train=False)  # evaluated untuned: no training dataset
     pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
     result = setup.evaluator.evaluate(
         pipeline, setup.method, setup.heldout_batch, out_dir=folder, label=f"baseline {cfg.model.name}"
