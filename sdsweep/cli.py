@@ -20,27 +20,30 @@ class UserError(Exception):
     """Input the user can fix; printed without a traceback."""
 
 
-def preflight(overrides: list[str]) -> None:
+def preflight(overrides: list[str], requested=None) -> None:
     """Cheap checks that would otherwise fail after minutes of work (sdsweep.sweep.preflight)."""
     from sdsweep.sweep.preflight import PreflightError, run_preflight
 
     try:
-        run_preflight(overrides)
+        run_preflight(overrides, requested)
     except PreflightError as error:
         raise UserError(str(error)) from None
 
 
 def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
     from sdsweep.sweep.driver import run_sweep
-    from sdsweep.sweep.engine import log
+    from sdsweep.sweep.run_config import fix_up, settle
 
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task)
     try:
-        to_typed(raw)
-        preflight(overrides)
+        # The one build of the sweep's config (Hydra composed ``raw`` already): typed, normalised and
+        # validated, fixed up; the preflight judges it, then the sweep runs it (run_config.build_config).
+        requested = fix_up(to_typed(raw))
+        preflight(overrides, requested)
+        cfg = settle(requested)
     except (ConfigError, UserError) as error:
         print(f"sdsweep: error: {error}", file=sys.stderr)
         return 2
@@ -58,13 +61,21 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
 
     quiet_library_bars()  # our own progress lines instead of per-file weight-loading bars
     try:
-        outcome = run_sweep(overrides)
+        outcome = run_sweep(overrides, cfg)
     except ConfigError as error:  # e.g. the study's data changed while the sweep ran
         print(f"sdsweep: error: {error}", file=sys.stderr)
         return 2
     except SweepStopped as error:
         print(f"sdsweep: error: {error}", file=sys.stderr)
         return error.exit_code
+    _print_closing_lines(outcome)
+    return 0
+
+
+def _print_closing_lines(outcome) -> None:
+    """Where the results are, the trials' fates, the best trial and the verdict on it, as the sweep ends."""
+    from sdsweep.sweep.engine import log
+
     log(f"results: {outcome.results_csv}")
     log(f"study folder: {outcome.study_dir} (per-trial configs, metrics, samples and weights under trials/)")
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(outcome.states.items()))
@@ -88,7 +99,6 @@ def run_from_config(raw: DictConfig, overrides: list[str] | None = None) -> int:
         if outcome.verdict.separated is False:
             log(f"to separate them: python -m sdsweep.confirm {outcome.study_dir}")
     log(f"W&B (offline): wandb sync {outcome.study_dir}/wandb/wandb/offline-run-*")
-    return 0
 
 
 def plan_text(cfg) -> str:

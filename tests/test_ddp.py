@@ -50,7 +50,7 @@ def rank_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if "sdsweep.sweep.rank" in " ".join(proc.cmdline()):
+            if "sdsweep.training.rank" in " ".join(proc.cmdline()):
                 found.append(proc)
         except psutil.NoSuchProcess:
             pass
@@ -204,7 +204,7 @@ def test_the_pool_gives_each_worker_its_ranks_devices(monkeypatch):
 
 @pytest.mark.slow
 def test_a_crashed_rank_fails_the_trial_with_its_reason(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDSWEEP_FAULT", "rank_crash")  # read by sdsweep.sweep.rank only
+    monkeypatch.setenv("SDSWEEP_FAULT", "rank_crash")  # read by sdsweep.training.rank only
     outcome, _, record = single_run(
         tmp_path, "crash", "method=full", "train.train_batch_size=1", "train.num_processes=2"
     )
@@ -228,7 +228,7 @@ def test_the_other_ranks_die_with_rank_0(tmp_path):
         while time.monotonic() < deadline and driver.poll() is None:
             time.sleep(0.5)
             ranks = [
-                p for p in driver.children(recursive=True) if "sdsweep.sweep.rank" in " ".join(p.cmdline())
+                p for p in driver.children(recursive=True) if "sdsweep.training.rank" in " ".join(p.cmdline())
             ]
             if ranks and "predicted peak memory" in log.read_text():  # rank 0 joined and is loading
                 break
@@ -271,8 +271,8 @@ def test_prepared_modules_keep_their_own_precision_outside_the_training_autocast
     and saves runs in its own precision."""
     from accelerate import Accelerator
 
-    from sdsweep.training.distributed import reset_accelerate
     from sdsweep.training.methods.base import TrainedModules
+    from sdsweep.training.process_group import reset_accelerate
     from sdsweep.training.train import _prepare_trained
 
     class Method:

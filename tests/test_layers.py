@@ -3,7 +3,10 @@
 Layers, lowest first (a module may import its own layer and the ones below):
 leaves (errors, io, signals, progress, warnings_filter, metric_names, uncertainty) < config < models < data < training
 < evaluation < study (storage, plan, record) < results < sweep < entry modules (__main__, cli and the ``python -m sdsweep.<command>`` modules).
-Imports inside functions count too (they still run); imports under ``if TYPE_CHECKING:`` do not.
+Imports inside functions count too (they still run); imports under ``if TYPE_CHECKING:`` do not. A module
+started by name in another process counts as an import too: ``[sys.executable, "-m", "sdsweep.x.y"]``, or the
+name passed straight to a process-starting call (``subprocess.Popen("sdsweep.x.y", ...)``,
+``set_forkserver_preload(["sdsweep.x.y"])``).
 """
 
 from __future__ import annotations
@@ -49,14 +52,46 @@ def is_type_checking(node: ast.If) -> bool:
     )
 
 
+# Calls that start a process (or a fork server) running a module given by name.
+LAUNCHERS = {"Popen", "run", "call", "check_call", "check_output", "set_forkserver_preload", "run_module"}
+
+
+def _strings(node: ast.AST) -> list[str]:
+    """A constant string, or the constant strings of a list or tuple."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return []
+
+
+def launched_modules(node: ast.AST) -> list[str]:
+    """Module names this node starts in another process: the word after ``"-m"`` in a list or tuple, or a
+    constant (or constants in a list) passed to a launcher call."""
+    names: list[str] = []
+    if isinstance(node, (ast.List, ast.Tuple)):
+        for first, second in zip(node.elts, node.elts[1:]):
+            if _strings(first) == ["-m"]:
+                names += _strings(second)
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if name in LAUNCHERS:
+            for arg in [*node.args, *(k.value for k in node.keywords)]:
+                names += _strings(arg)
+    return [n for n in names if n.startswith("sdsweep.")]
+
+
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The sdsweep modules that ``path`` imports (``from sdsweep.x import y`` counts y when y is a module)."""
+    """The sdsweep modules that ``path`` imports (``from sdsweep.x import y`` counts y when y is a module),
+    or starts by name in another process (``launched_modules``)."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and is_type_checking(child):
                 continue
+            found.update(launched_modules(child))
             if isinstance(child, ast.Import):
                 found.update(alias.name for alias in child.names if alias.name.startswith("sdsweep"))
             elif isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("sdsweep"):
@@ -118,3 +153,16 @@ def test_no_module_is_over_about_400_lines():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     )
     assert long == []
+
+
+def test_a_module_started_by_name_counts_as_an_import():
+    """``python -m sdsweep.x.y`` from a subprocess call is a dependency the layer rules see."""
+    source = (
+        "import subprocess, sys\n"
+        "def start(spec):\n"
+        "    subprocess.Popen([sys.executable, '-m', 'sdsweep.sweep.worker', spec])\n"
+        "    subprocess.run('sdsweep.results.report')\n"
+    )
+    tree = ast.parse(source)
+    found = {name for node in ast.walk(tree) for name in launched_modules(node)}
+    assert found == {"sdsweep.sweep.worker", "sdsweep.results.report"}

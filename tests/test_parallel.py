@@ -442,18 +442,3 @@ def test_an_idle_worker_wakes_when_a_run_ends_not_after_its_poll_interval(tmp_pa
     started = time.monotonic()
     waiting.idle_wait(0.5)  # no run ended: it waits the whole interval
     assert time.monotonic() - started >= 0.5
-
-
-def test_memoised_configs_are_private_copies(tmp_path):
-    """A worker composes each run's config once per override list; a run that edits its config (as textual
-    inversion does with its prompts) must not change the next run's."""
-    from sdsweep.sweep.run_config import compose_config
-
-    overrides = sweep_args(tmp_path)
-    first = compose_config(overrides)
-    first.eval.prompts.append("edited by run 1")
-    first.method.learning_rate = 123.0
-    second = compose_config(overrides)
-    assert "edited by run 1" not in second.eval.prompts
-    assert second.method.learning_rate != 123.0
-    assert second == compose_config(overrides)

@@ -116,6 +116,9 @@ def normalise(cfg: Config) -> Config:
         cfg.eval.metrics = [*cfg.eval.metrics, "lpips"]
     if cfg.sweep is not None:
         cfg.sweep.params = sweep_params(cfg.sweep)
+        if cfg.sweep.name == "single" and not cfg.sweep.params:
+            # A config saved before sweep.single_run existed: its one-run sweep was known by this name only.
+            cfg.sweep.single_run = True
     return cfg
 
 
@@ -135,7 +138,18 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def config_from_yaml(text: str) -> Config:
+    """A built config's resolved YAML (``to_yaml``) -> the same typed ``Config``, without Hydra.
+
+    What a run's processes use: the config was composed, normalised, fixed up and validated once when the
+    run was claimed (``sdsweep.sweep.run_config.build_config``), so it is only typed again here."""
+    load_plugins()  # a plugin method's options are part of the schema the text is read against
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)
+
+
 def load_yaml(path: str) -> Config:
+    """A config file a person or an older sdsweep wrote: typed, normalised and validated."""
     load_plugins()  # a plugin method's options are part of the schema the file is read against
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
     return validate(normalise(OmegaConf.to_object(merged)))

@@ -230,6 +230,9 @@ class SweepConfig:
     retry_failed: bool = False  # re-run grid points that failed on a previous invocation
     build_report: bool = True  # write report.html/md when the sweep ends
     skip_unavailable: bool = False  # drop swept model/method/data values that are not available, with a note
+    # Set by the config build for a command without +sweep (``single_run_sweep``), not a setting: one
+    # training run, a grid of one empty point identified by its whole config.
+    single_run: bool = False
     seed: int = 0  # sampler seed
     # Command-line shortcuts for the common grid (dotted dict keys cannot be overridden from a shell):
     # sweep.learning_rates=[1e-5,1e-4] sweep.steps=[400,800] replace those two params' choices.
@@ -238,6 +241,13 @@ class SweepConfig:
     # (textual inversion wants ~100x the lr of a full fine-tune).
     learning_rate_by_method: dict[str, ParamSpec] = field(default_factory=dict)
     steps: Optional[list[int]] = None
+
+
+def single_run_sweep() -> SweepConfig:
+    """Without +sweep, a single training run is a one-point study, so it lands in the same layout."""
+    return SweepConfig(
+        name="single", sampler="grid", params={}, isolation="inprocess", keep_best_k=-1, single_run=True
+    )
 
 
 @dataclass

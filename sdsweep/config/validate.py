@@ -215,7 +215,7 @@ def _validate_sweep(cfg: Config) -> None:
     sweep = cfg.sweep
     assert sweep is not None
     params = sweep_params(sweep)  # what normalise() will store; validate() itself changes nothing
-    if not params and sweep.name != "single":  # "single": the one-run sweep a saved trial config records
+    if not params and not sweep.single_run:  # the one-run sweep a saved trial config records
         _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
     for key, spec in params.items():
         _validate_param(cfg, key, spec)

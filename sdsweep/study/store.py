@@ -20,13 +20,6 @@ from sdsweep.study.trial_tags import VIOLATIONS, Fate, TrialTags, ending
 # The user attributes a trial carries are named, read and written in one place: study/trial_tags.py.
 
 
-def single_run_sweep():
-    """Without +sweep, a single training run is a one-point study, so it lands in the same layout."""
-    from sdsweep.config.schema import SweepConfig
-
-    return SweepConfig(name="single", sampler="grid", params={}, isolation="inprocess", keep_best_k=-1)
-
-
 def storage_url(cfg: Config, study_root: Path) -> str:
     if cfg.sweep.storage:
         return cfg.sweep.storage

@@ -12,7 +12,7 @@ from sdsweep import io
 from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config, SweepConfig
 from sdsweep.study.record import TrialRecord, TrialState, read_record_or_none
-from sdsweep.sweep.run_config import compose_config
+from sdsweep.sweep.run_config import build_config
 from sdsweep.sweep.run_setup import RunCaches, RunSetup, release_memory
 from sdsweep.sweep.run_spec import RunSpec
 
@@ -62,12 +62,14 @@ def ensure_baseline(
             return
         say("evaluating the untuned base model once for this study (baseline)")
         for model_overrides in baseline_overrides(cfg.sweep, overrides):
+            # The sweep's config when no model is swept; else each model's, built once here.
+            model_cfg = cfg if model_overrides == overrides else build_config(model_overrides)
             spec = RunSpec(
-                kind="baseline",
                 study=cfg.study,
                 study_root=str(paths.root.resolve()),
                 storage=storage,
                 overrides=model_overrides,
+                config=to_yaml(model_cfg),
             )
             execute_baseline(spec, caches)  # returns at once for a model whose baseline exists
 
@@ -75,12 +77,12 @@ def ensure_baseline(
 def execute_baseline(spec: RunSpec, caches: RunCaches) -> TrialRecord:
     """Evaluate the untuned model once per study, with the trials' prompts, seeds and metrics."""
     paths = io.StudyPaths(Path(spec.study_root))
-    cfg = compose_config(spec.overrides)
+    cfg = spec.typed_config()
     folder = baseline_folder(paths, cfg)
     existing = read_record_or_none(folder / io.TRIAL_METRICS)
     if existing and existing.complete:
         return existing
-    setup = RunSetup(cfg, paths, caches)
+    setup = RunSetup(cfg, paths, caches, train=False)  # evaluated untuned: no training dataset
     pipeline = setup.method.pipeline_for_eval(cfg.eval.scheduler)
     result = setup.evaluator.evaluate(
         pipeline, setup.method, setup.heldout_batch, out_dir=folder, label=f"baseline {cfg.model.name}"

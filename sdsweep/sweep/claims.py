@@ -50,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sdsweep import faults
 from sdsweep.config.schema import SweepConfig
 from sdsweep.study.store import StudyHandle
-from sdsweep.study.trial_tags import HEARTBEAT, Fate, TrialTags, ending
+from sdsweep.study.trial_tags import HEARTBEAT, Fate, TrialTags, ending, fate_of_error
 
 
 def host_name() -> str:
@@ -159,6 +159,11 @@ class Claims:
             reason = f"handed back ({why}); the next claimant resumes from the last checkpoint"
             handed += self.retire(number, ending(Fate.HANDED_BACK, reason, superseded=True))
         return handed
+
+    def refuse(self, numbers: list[int], reason: str, error: BaseException) -> None:
+        """Trials whose run cannot be built (its config is invalid): FAIL for good, with the error's fate."""
+        for number in numbers:
+            self.retire(number, ending(fate_of_error(error), reason, error_type=type(error).__name__))
 
     def crashed(self, frozen: FrozenTrial, reason: str, fate: Fate = Fate.CRASHED) -> bool:
         """The owner died: FAIL with the reason; superseded (so retried) while retries are left."""

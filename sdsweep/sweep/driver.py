@@ -36,8 +36,9 @@ class SweepOutcome:
 class SweepDriver:
     """The command a user runs: joins the study, runs the pool (or one in-process loop), reports."""
 
-    def __init__(self, overrides: list[str]):
-        self.engine = SweepEngine(overrides, label="driver")
+    def __init__(self, overrides: list[str], cfg: Config | None = None):
+        # cfg: the sweep's config when the caller built it (run_config.build_config); else built here.
+        self.engine = SweepEngine(overrides, cfg, label="driver")
         self.overrides = self.engine.overrides
         self.cfg: Config = self.engine.cfg
         self.sweep: SweepConfig = self.engine.sweep
@@ -143,5 +144,5 @@ class SweepDriver:
             log(f"warning: study-level tracking failed ({error})")
 
 
-def run_sweep(overrides: list[str]) -> SweepOutcome:
-    return SweepDriver(overrides).run()
+def run_sweep(overrides: list[str], cfg: Config | None = None) -> SweepOutcome:
+    return SweepDriver(overrides, cfg).run()

@@ -114,7 +114,7 @@ def _content_setting(cfg: Config, value: Any) -> Any:
 
 
 def _is_single(cfg: Config) -> bool:
-    return cfg.sweep is None or cfg.sweep.name == "single"
+    return cfg.sweep is None or cfg.sweep.single_run
 
 
 def is_location(key: str) -> bool:
@@ -258,7 +258,7 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ---- study.json -------------------------------------------------------------------------------------
 def study_description(cfg: Config, paths: io.StudyPaths, overrides: list[str]) -> dict[str, Any]:
     """The descriptive study.json fields the report and export read (as SweepDriver wrote them)."""
-    from sdsweep.study.store import single_run_sweep
+    from sdsweep.config.schema import single_run_sweep
 
     sweep = cfg.sweep or single_run_sweep()
     spec = method_spec(cfg.method.name)

@@ -189,6 +189,7 @@ class WorkerPool:
             json.dumps(
                 {
                     "overrides": engine.overrides,
+                    "config": engine.config_yaml,  # built once by the driver: workers never compose it
                     "retry_below": engine.retry_below,
                     "started_at": engine.started_at,
                 }

@@ -10,30 +10,18 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from sdsweep import io
-from sdsweep.config.compose import CONF_DIR
-from sdsweep.config.methods import MethodConfig, method_spec
-from sdsweep.config.schema import Config, ModelConfig, ParamSpec
+from sdsweep.config.schema import Config
+from sdsweep.sweep.search_space import available_search_space
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-GROUP_SCHEMAS = {"model": ModelConfig, "method": MethodConfig}
 
 
 class PreflightError(Exception):
     """Something the user must fix before the sweep can start; the message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class MissingChoice:
-    key: str  # the swept group: model | method | data
-    value: str
-    reason: str
 
 
 # ---- the study folder -------------------------------------------------------------------------------
@@ -167,55 +155,7 @@ def reference_dir_problem(cfg: Config) -> str | None:
     return None
 
 
-# ---- the search space (#18) -------------------------------------------------------------------------
-def _group_choice_reason(cfg: Config, key: str, value: Any) -> str | None:
-    from sdsweep.models.loading import is_hub_id, model_unavailable_reason
-
-    if key == "method" and method_spec(str(value)) is not None:
-        return None  # registered: a plugin stores its method=<name> entry in Hydra's ConfigStore, not conf/
-    option = CONF_DIR / key / f"{value}.yaml"
-    if not option.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-        return f"there is no conf/{key}/{value}.yaml (known: {', '.join(known)})"
-    if key == "model":
-        node = OmegaConf.load(option)
-        node.pop("defaults", None)
-        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
-        reason = model_unavailable_reason(model, cfg.paths.cache)
-        if reason and is_hub_id(model):
-            return f"{reason}. Get it with `huggingface-cli download {model.pretrained} --local-dir /models/{value}`"
-        if reason:
-            return reason
-    if key == "data":
-        node = OmegaConf.load(option)
-        path = node.get("path") if not OmegaConf.is_missing(node, "path") else cfg.data.path
-        if path and not Path(str(path)).expanduser().is_dir():
-            return f"its data.path {path!r} is not a folder"
-    return None
-
-
-def available_search_space(cfg: Config) -> tuple[dict[str, ParamSpec], list[MissingChoice]]:
-    """The sweep's params with unavailable model/method/data choices removed, and what was removed.
-
-    Pure apart from reading conf/ and the local model cache; downloads nothing.
-    """
-    if cfg.sweep is None:
-        return {}, []
-    params: dict[str, ParamSpec] = {}
-    missing: list[MissingChoice] = []
-    for key, spec in cfg.sweep.params.items():
-        if key not in ("model", "method", "data") or spec.choices is None:
-            params[key] = spec
-            continue
-        kept = []
-        for value in spec.choices:
-            reason = _group_choice_reason(cfg, key, value)
-            if reason:
-                missing.append(MissingChoice(key, str(value), reason))
-            else:
-                kept.append(value)
-        params[key] = ParamSpec(**{**spec.__dict__, "choices": kept})
-    return params, missing
+# ---- the search space (#18): sdsweep/sweep/search_space.py decides what is available --------------
 
 
 def search_space_problem(cfg: Config) -> str | None:
@@ -248,16 +188,17 @@ def _token_counter(model_folder: str):
     return lambda text: len(tokenizer(text, truncation=False)["input_ids"])
 
 
-def run_preflight(overrides: list[str]):
+def run_preflight(overrides: list[str], requested: Config | None = None):
     """Every check, in order of cost; raises ``PreflightError`` or ``ConfigError`` (the user's to fix).
 
-    Returns the dataset's ``DataSummary`` (already printed).
+    ``requested``: the config the overrides ask for (``run_config.requested_config``), when the caller has
+    built it already. Returns the dataset's ``DataSummary`` (already printed).
     """
     from sdsweep.config.methods import check_method_overrides
-    from sdsweep.sweep.run_config import compose_config  # the config exactly as the sweep driver composes it
+    from sdsweep.sweep.run_config import requested_config  # what the sweep builds, before skip_unavailable
     from sdsweep.training.memory import check_fits
 
-    cfg = compose_config(overrides)
+    cfg = requested_config(overrides) if requested is None else requested
     swept = cfg.sweep.params.get("method") if cfg.sweep else None
     check_method_overrides(
         cfg.method.name, overrides, [str(m) for m in getattr(swept, "choices", None) or []]

@@ -36,6 +36,7 @@ class TrialRecorder:
         paths: io.StudyPaths,
         baseline: dict[str, float],
         baseline_dir: Path | None = None,
+        handle: StudyHandle | None = None,
     ):
         from sdsweep.sweep import tracking
 
@@ -45,7 +46,8 @@ class TrialRecorder:
         self.baseline = baseline
         self.baseline_dir = baseline_dir  # its units.csv pairs each delta with an interval
         self.constraints = [parse_constraint(c) for c in cfg.sweep.constraints]
-        self.handle = StudyHandle(cfg, spec.storage, spec.study)
+        # The claiming engine's handle when it runs in this process; a run on its own opens one.
+        self.handle = handle or StudyHandle(cfg, spec.storage, spec.study)
         self.study = self.handle.study
         self.live = tracking.LiveTrialRuns(cfg, spec.study, spec.slots, paths.wandb)  # W&B while training
 

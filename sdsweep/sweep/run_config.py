@@ -1,42 +1,38 @@
-"""The config a run trains with: composed from conf/ and the overrides, fixed up once, memoised per process.
+"""The config a run trains with, built once: composed from conf/ and the overrides, typed, normalised, fixed
+up and validated, then never changed.
 
-Every process that needs a run's config (the driver's preflight and engine, each worker, each extra
-rank of a data-parallel run) gets it from ``compose_config``, so the fix-ups Hydra cannot express are
-applied in one place (``fix_up``) and every process sees the same config.
+``build_config`` is the one step that writes a config. The engine calls it when it claims a run and puts
+the result, as resolved YAML, into the ``RunSpec``; the run's executor, its baseline and the extra ranks of
+a data-parallel run read that YAML back (``config.load.config_from_yaml``) and never compose with Hydra.
+The overrides travel beside it only to show and to reproduce the run.
 """
 
 from __future__ import annotations
 
-import copy
-
+from sdsweep.config.compose import compose_typed
 from sdsweep.config.methods import method_spec
-from sdsweep.config.schema import Config
-from sdsweep.study.store import single_run_sweep
-
-# Per-process memo of composed configs: the driver composes the same overrides for the preflight and again
-# for the sweep (Hydra takes ~0.5 s each on 2 cores, before any worker can start), a worker for its engine
-# and each baseline. Keyed by the overrides and the conf files' stamps, so an edited conf/ is composed
-# afresh; callers get a deep copy (a Config is mutable).
-_COMPOSED: dict[tuple, Config] = {}
-_MEMO_LIMIT = 64
+from sdsweep.config.schema import Config, single_run_sweep
+from sdsweep.sweep.search_space import available_search_space
 
 
-def _conf_stamp() -> tuple:
-    from sdsweep.config.compose import CONF_DIR
+def requested_config(overrides: list[str]) -> Config:
+    """What the user asked for: composed, typed, normalised and validated (``to_typed``), then fixed up.
 
-    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(CONF_DIR.rglob("*.yaml")))
+    The preflight judges this one, so it can name swept values that are not available here."""
+    return fix_up(compose_typed(overrides))
 
 
-def compose_config(overrides: list[str]) -> Config:
-    """The fixed-up config for these overrides; a private copy the caller may edit."""
-    from sdsweep.config.compose import compose_typed
+def build_config(overrides: list[str]) -> Config:
+    """The config a sweep or a run uses: ``requested_config`` without the unavailable swept values when
+    ``sweep.skip_unavailable`` (the preflight named what is left out)."""
+    return settle(requested_config(overrides))
 
-    key = (tuple(overrides), _conf_stamp())
-    if key not in _COMPOSED:
-        if len(_COMPOSED) > _MEMO_LIMIT:
-            _COMPOSED.clear()
-        _COMPOSED[key] = fix_up(compose_typed(overrides))
-    return copy.deepcopy(_COMPOSED[key])
+
+def settle(cfg: Config) -> Config:
+    """The last build stage: with ``sweep.skip_unavailable``, drop the swept values that are not available."""
+    if cfg.sweep is not None and cfg.sweep.skip_unavailable:
+        cfg.sweep.params, _ = available_search_space(cfg)
+    return cfg
 
 
 def fix_up(cfg: Config) -> Config:

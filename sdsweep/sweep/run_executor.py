@@ -23,12 +23,12 @@ from sdsweep.metric_names import is_internal
 from sdsweep.progress import Progress
 from sdsweep.study.plan import short_params
 from sdsweep.study.record import TrialRecord, TrialState
+from sdsweep.study.store import StudyHandle
 from sdsweep.study.trial_tags import Fate, fate_of_error
 from sdsweep.sweep.baseline import baseline_folder, baseline_metrics
 from sdsweep.sweep.claims import RunTakenOver
 from sdsweep.sweep.fingerprint import StudyMismatchError, check_study_unchanged, raise_if_data_changed
 from sdsweep.sweep.recorder import TrialRecorder, enforce_keep_best_k
-from sdsweep.sweep.run_config import compose_config
 from sdsweep.sweep.run_setup import RunCaches, RunSetup, release_memory
 from sdsweep.sweep.run_spec import RunSpec, TrialSlot
 from sdsweep.training import distributed
@@ -47,6 +47,7 @@ class RunExecutor:
         still_owned: Callable[[], None] | None = None,
         say: Callable[[str], None] | None = None,
         label: str = "driver",
+        handle: StudyHandle | None = None,
     ):
         self.spec = spec
         self.caches = caches
@@ -54,9 +55,9 @@ class RunExecutor:
         self.still_owned = still_owned or (lambda: None)
         self.say = say or (lambda message: print(f"[sdsweep] {message}", flush=True))
         self.paths = io.StudyPaths(Path(spec.study_root))
-        self.cfg = compose_config(spec.overrides)
+        self.cfg = spec.typed_config()
         base = baseline_folder(self.paths, self.cfg)
-        self.recorder = TrialRecorder(self.cfg, spec, self.paths, baseline_metrics(base), base)
+        self.recorder = TrialRecorder(self.cfg, spec, self.paths, baseline_metrics(base), base, handle)
         self.slots = sorted(spec.slots, key=lambda s: s.step)
         self.links = {s.number: self.recorder.link(s) for s in self.slots}
         self.records: dict[int, TrialRecord] = {s.number: self.recorder.base_record(s) for s in self.slots}
@@ -130,9 +131,7 @@ class RunExecutor:
         checkpoint_dir = self.checkpoint_dir()
         label = self.spec.run_key or f"t{self.slots[0].number}"
         # train.num_processes > 1: the other ranks start now and load their models alongside ours.
-        with distributed.Ranks(
-            self.cfg, self.spec.overrides, self.paths.root, self.paths.runs, milestones, checkpoint_dir, label
-        ):
+        with distributed.Ranks(self.cfg, self.paths.root, self.paths.runs, milestones, checkpoint_dir, label):
             try:
                 self.setup = RunSetup(self.cfg, self.paths, self.caches)
             except Exception as error:
@@ -314,7 +313,9 @@ def execute_run(
     still_owned: Callable[[], None] | None = None,
     say: Callable[[str], None] | None = None,
     label: str = "driver",
+    handle: StudyHandle | None = None,
 ) -> None:
     """Train once and record every trial slot of the run; failures are recorded, never raised (a stop
-    signal and a take-over by another process are, since then nothing may be recorded)."""
-    RunExecutor(spec, caches or RunCaches(), still_owned, say, label).run()
+    signal and a take-over by another process are, since then nothing may be recorded). ``handle``: the
+    claiming engine's study handle, so the run opens no second one."""
+    RunExecutor(spec, caches or RunCaches(), still_owned, say, label, handle).run()

@@ -86,15 +86,15 @@ class RunCaches:
 
 
 class RunSetup:
-    """Everything a run needs before its first step; built once per run."""
+    """Everything a run needs before its first step; built once per run. ``train=False`` (the untuned
+    baseline): the same model and prepared method, without the training dataset it would never use."""
 
-    def __init__(self, cfg: Config, paths: io.StudyPaths, caches: RunCaches):
+    def __init__(self, cfg: Config, paths: io.StudyPaths, caches: RunCaches, train: bool = True):
         from sdsweep.data.examples import load_examples, split_examples
         from sdsweep.data.images import ImageCaptionDataset, collate, load_pil_images
-        from sdsweep.data.latent_cache import build_training_dataset
         from sdsweep.evaluation.evaluate import Evaluator
-        from sdsweep.models.loading import load_components, select_device
-        from sdsweep.training.methods import get_method
+        from sdsweep.models.loading import select_device
+        from sdsweep.training.setup import build_training
 
         self.device = select_device(cfg.device)
         self.examples = examples = load_examples(cfg)
@@ -105,12 +105,8 @@ class RunSetup:
         print(f"memory: {self.memory.describe()}", flush=True)  # the preflight already told the user
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.components = load_components(cfg, self.device)
-        self.method = get_method(cfg.method.name)(cfg, self.components, self.device, cache_dir=paths.cache)
-        self.method.prepare()
-        self.dataset = build_training_dataset(
-            cfg, self.components, self.method, self.train_examples, paths.cache
-        )
+        training = build_training(cfg, paths.cache, self.device, self.train_examples, with_dataset=train)
+        self.components, self.method, self.dataset = training.components, training.method, training.dataset
         validation_examples = heldout or self.train_examples[:2]
         val_set = ImageCaptionDataset(
             validation_examples,
@@ -174,9 +170,7 @@ def evaluation_setup(cfg: Config, paths: io.StudyPaths, caches: RunCaches, devic
 def untuned_pipeline(cfg: Config, paths: io.StudyPaths, device: torch.device):
     """The baseline's pipeline: the base model prepared by the method (a textual-inversion token gets its
     initial embedding), untrained, exactly as ``execute_baseline`` evaluates it."""
-    from sdsweep.models.loading import load_components
-    from sdsweep.training.methods import get_method
+    from sdsweep.training.setup import build_training
 
-    method = get_method(cfg.method.name)(cfg, load_components(cfg, device), device, cache_dir=paths.cache)
-    method.prepare()
+    method = build_training(cfg, paths.cache, device, [], with_dataset=False).method
     return method.pipeline_for_eval(cfg.eval.scheduler)

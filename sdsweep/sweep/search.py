@@ -25,11 +25,11 @@ from sdsweep.config.schema import Config
 from sdsweep.study.plan import LR_KEY, STEP_KEY, RunPlan, point_key, short_params, suggest
 from sdsweep.study.store import StudyHandle, make_sampler, trial_seed
 from sdsweep.study.trial_tags import TrialTags
+from sdsweep.sweep.claimer import AGAIN, WAIT, Claim
 from sdsweep.sweep.claims import Claims
 from sdsweep.sweep.ledger import StudyLedger
 from sdsweep.sweep.run_spec import TrialSlot
 
-WAIT, AGAIN = "wait", "again"  # a claimer's answers: others hold the rest / lost a race, plan again
 DEFAULT_SEARCH_TRIALS = 20  # sweep.n_trials unset
 
 
@@ -55,7 +55,7 @@ class SearchClaims:
         self.ledger = ledger
         self.say = say
 
-    def next_claim(self) -> tuple[RunPlan, list[TrialSlot]] | str | None:
+    def next_claim(self) -> Claim | str | None:
         """The next trial of this process: a retry or a new draw; WAIT, AGAIN, or None when done."""
         target = self.sweep.n_trials or DEFAULT_SEARCH_TRIALS
         done = sum(len(v) for v in self.ledger.decided_points().values())
@@ -68,6 +68,13 @@ class SearchClaims:
         count = f"{done + running + 1}/{target}"
         due = self.ledger.interrupted_points()  # the oldest first
         return self.retry(due[0], count) if due else self.draw(count)
+
+    def finished(self) -> bool:
+        done = sum(len(v) for v in self.ledger.decided_points().values())
+        return done >= (self.sweep.n_trials or DEFAULT_SEARCH_TRIALS)
+
+    def ran(self, trials: int) -> None:
+        pass  # a search says each trial as it draws it (``draw``): no progress bar over a known total
 
     def slot(self, number: int, point: dict[str, Any]) -> TrialSlot:
         step = int(point.get(STEP_KEY, self.cfg.train.max_train_steps))

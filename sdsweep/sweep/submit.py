@@ -50,9 +50,9 @@ def gpus_per_task(sbatch_options: list[str], script: Path = SCRIPT) -> int:
 def size(overrides: list[str], sbatch_options: list[str], script: Path = SCRIPT) -> Sizing:
     """Tasks needed for the plan (sdsweep/study/plan.py, the grid `--plan` prints)."""
     from sdsweep.study.plan import grid_points, plan_runs
-    from sdsweep.sweep.run_config import compose_config
+    from sdsweep.sweep.run_config import build_config
 
-    cfg = compose_config(overrides)
+    cfg = build_config(overrides)
     sweep = cfg.sweep
     if sweep.sampler == "grid":
         points = grid_points(sweep.params) if sweep.params else [{}]
@@ -110,6 +110,6 @@ def submit(tasks: int, sbatch_options: list[str], overrides: list[str], script: 
 
 
 def study_name(overrides: list[str]) -> str:
-    from sdsweep.sweep.run_config import compose_config
+    from sdsweep.sweep.run_config import build_config
 
-    return compose_config(overrides).study
+    return build_config(overrides).study

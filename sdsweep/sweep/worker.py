@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
         import gc
 
+        from sdsweep.config.load import config_from_yaml
         from sdsweep.sweep.engine import SweepEngine
 
         gc.freeze()  # as the fork server does (preload.py): collections scan only what runs allocate
 
         engine = SweepEngine(
             job["overrides"],
+            config_from_yaml(job["config"]),
             label=label,
             token=token,
             retry_below=job.get("retry_below"),

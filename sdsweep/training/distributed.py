@@ -2,7 +2,7 @@
 
 The run's own process (the in-process driver or a pool worker) is rank 0: it evaluates, writes
 checkpoints, weights and metrics.json, and talks to Optuna and W&B. ``Ranks`` starts ranks 1..N-1 as
-child processes (``python -m sdsweep.sweep.rank``) that only train. Every rank joins a torch.distributed
+child processes (``python -m sdsweep.training.rank``) that only train. Every rank joins a torch.distributed
 group through accelerate's own environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT): accelerate then picks MULTI_GPU (nccl) on CUDA, one device per rank (the rank's index
 within CUDA_VISIBLE_DEVICES), or MULTI_CPU (gloo) on CPU, where the ranks split the cores.
@@ -19,7 +19,6 @@ fails the run with that rank's error (rank 0's collective errors out when a gloo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -28,63 +27,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from sdsweep import io, signals
+from sdsweep.config.load import to_yaml
 from sdsweep.config.schema import Config
 from sdsweep.errors import ConfigError
 from sdsweep.exits import ERROR_LINE
+from sdsweep.training.process_group import MASTER_ADDR, RankSpec, joined
 
-MASTER_ADDR = "127.0.0.1"  # one machine: the ranks of a run never span hosts
-ENV_KEYS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "OMP_NUM_THREADS",
-)
-# Ranks 1..N-1 wait in a collective while rank 0 evaluates a milestone; an evaluation longer than this
-# would time the group out.
-TIMEOUT = timedelta(hours=2)
-# Joining happens before any model loads (right after the imports), so a rank that never joins (it
-# crashed on start) fails the run after this long rather than after TIMEOUT.
-JOIN_TIMEOUT = timedelta(minutes=5)
 CHILD_EXIT_SECONDS = 120  # how long rank 0 waits for the other ranks to leave after the last step
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 
 
 class RankFailed(RuntimeError):
     """Another rank of this run crashed; the message is its reason."""
-
-
-@dataclass
-class RankSpec:
-    """What a child rank needs to build the same model and train the same steps as rank 0."""
-
-    rank: int
-    world_size: int
-    port: int
-    overrides: list[str]
-    study_root: str
-    milestones: list[int]
-    checkpoint_dir: str | None
-    threads: int | None
-    cuda: bool
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> RankSpec:
-        return cls(**json.loads(text))
 
 
 def visible_cuda_devices() -> int:
@@ -108,114 +67,10 @@ def check_devices(cfg: Config, device: torch.device) -> None:
         )
 
 
-def process_rank() -> int:
-    """This process's rank in the run's group (0 outside data-parallel runs)."""
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if initialized else 0
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((MASTER_ADDR, 0))
         return int(sock.getsockname()[1])
-
-
-def reset_accelerate() -> None:
-    """Accelerate keeps its process group state in singletons: a later run must not inherit it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@contextlib.contextmanager
-def joined(rank: int, world_size: int, port: int, threads: int | None, cuda: bool) -> Iterator[None]:
-    """This process as rank ``rank``: the environment accelerate reads, undone afterwards (an
-    in-process sweep runs its next, maybe single-process, run in the same process)."""
-    saved = {key: os.environ.get(key) for key in ENV_KEYS}
-    saved_threads = torch.get_num_threads()
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR=MASTER_ADDR,
-        MASTER_PORT=str(port),
-    )
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # accelerate would otherwise pick its own split
-        torch.set_num_threads(threads)
-    if cuda:
-        torch.cuda.set_device(rank)  # "cuda" now means this rank's GPU for every module and tensor
-    reset_accelerate()
-    try:
-        # Joined here, not lazily in Accelerator(): accelerate finds the group and adopts it.
-        torch.distributed.init_process_group(
-            backend="nccl" if cuda else "gloo",
-            init_method=f"tcp://{MASTER_ADDR}:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=JOIN_TIMEOUT,
-        )
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-
-        _set_pg_timeout(TIMEOUT)
-        yield
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        reset_accelerate()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        torch.set_num_threads(saved_threads)
-
-
-# ---- what the training loop asks of accelerate on N ranks ------------------------------------------------
-def ddp_options() -> Any:
-    """How ``accelerator.prepare`` wraps a trained module in torch DDP (ignored on one rank).
-
-    - ``find_unused_parameters=False``: every parameter that requires grad gets a gradient every step
-      in each method; frozen ones (LoRA's base weights, textual inversion's encoder layers, requires_grad
-      False) are not DDP's concern, it only hooks trainable parameters. True would traverse the autograd
-      graph after every forward.
-    - ``gradient_as_bucket_view=True``: the gradients are views into the all-reduce buckets instead of a
-      second copy (one gradient's worth of memory: 3.4 GB for an fp32 SD UNet).
-    - buffers: left to DDP's default (synced before each forward). The UNet has none and the text
-      encoder one constant (CLIP's position ids); torch 2.13 deprecates ``broadcast_buffers``.
-    - ``static_graph`` stays False: diffusers' gradient checkpointing is non-reentrant, which DDP handles
-      without it (only reentrant checkpointing needs it).
-    """
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    return DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True)
-
-
-@contextlib.contextmanager
-def rank_batches(accelerator: Any, loader: torch.utils.data.DataLoader) -> Iterator[Iterator[dict[str, Any]]]:
-    """This rank's slices of ``loader``'s global batches, through accelerate's prepared loader
-    (``split_batches``: rank r loads positions r*b .. (r+1)*b - 1 of each), while the block runs.
-
-    accelerate registers a prepared loader in its GradientState singleton until the loader runs out. An
-    endless one never does, so it is unregistered on leaving; otherwise every run of a long-lived worker
-    would keep its dataset alive there.
-    """
-    prepared = accelerator.prepare(loader)
-    stream = iter(prepared)
-    try:
-        yield stream
-    finally:
-        stream.close()
-        prepared.end()
-
-
-def agree(flag: bool, device: torch.device) -> bool:
-    """Rank 0's decision for every rank; the others wait here while rank 0 evaluates a milestone."""
-    tensor = torch.tensor([1 if flag else 0], device=device)
-    torch.distributed.broadcast(tensor, src=0)
-    return bool(tensor.item())
 
 
 # ---- rank 0: start and watch the others --------------------------------------------------------------------
@@ -226,14 +81,13 @@ class Ranks:
     def __init__(
         self,
         cfg: Config,
-        overrides: list[str],
         study_root: Path,
         log_dir: Path,
         milestones: list[int],
         checkpoint_dir: Path | None,
         label: str = "run",
     ):
-        self.cfg, self.overrides, self.study_root = cfg, overrides, study_root
+        self.cfg, self.study_root = cfg, study_root
         self.log_dir, self.milestones, self.checkpoint_dir, self.label = (
             log_dir,
             milestones,
@@ -265,7 +119,7 @@ class Ranks:
                 rank=rank,
                 world_size=self.world_size,
                 port=port,
-                overrides=list(self.overrides),
+                config=to_yaml(self.cfg),
                 study_root=str(self.study_root),
                 milestones=list(self.milestones),
                 checkpoint_dir=str(self.checkpoint_dir) if self.checkpoint_dir is not None else None,
@@ -273,14 +127,14 @@ class Ranks:
                 cuda=cuda,
             )
             log_path = self.log_dir / f"{self.label}-rank{rank}.log"
-            # A file, not argv: overrides may hold a storage URL with a password, and argv is public.
+            # A file, not argv: the config may hold a storage URL with a password, and argv is public.
             spec_path = io.atomic_write_text(self.log_dir / f"{self.label}-rank{rank}.json", spec.to_json())
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             if threads:
                 env["OMP_NUM_THREADS"] = env["SDSWEEP_TORCH_THREADS"] = str(threads)
             with open(log_path, "w", encoding="utf-8") as log_file:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "sdsweep.sweep.rank", str(spec_path)],
+                    [sys.executable, "-m", "sdsweep.training.rank", str(spec_path)],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     env=env,

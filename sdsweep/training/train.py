@@ -3,7 +3,7 @@
 Reads top to bottom: set up optimiser and schedule, resume if a checkpoint exists, then step until the
 last milestone, writing a checkpoint and calling back at every milestone (where the caller evaluates
 and may ask to stop). The pieces with their own job live beside it: the batch stream (batches), caption
-dropout, checkpoints, the lr schedule, the optimizer factory and the data-parallel glue (distributed).
+dropout, checkpoints, the lr schedule, the optimizer factory and the data-parallel glue (process_group).
 
 Data parallelism is accelerate's: the method's trained modules (``TrainedModules``) go through
 ``accelerator.prepare`` (a DDP wrapper on N ranks, whose gradient all-reduce runs in buckets while
@@ -29,7 +29,7 @@ import torch
 
 from sdsweep.config.schema import Config
 from sdsweep.models.loading import resolve_mixed_precision
-from sdsweep.training import distributed
+from sdsweep.training import process_group
 from sdsweep.training.batches import noise_seeds, training_loader
 from sdsweep.training.caption_dropout import with_caption_dropout, with_tag_shuffle
 from sdsweep.training.checkpoints import (
@@ -108,7 +108,7 @@ def _make_accelerator(cfg: Config, device: torch.device) -> Any:
         # One schedule step per optimizer step whatever the rank count (accelerate would otherwise step
         # the schedule num_processes times), and each rank takes a slice of every global batch.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=distributed.TIMEOUT), distributed.ddp_options()],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=process_group.TIMEOUT), process_group.ddp_options()],
     )
     world_size = accelerator.num_processes
     if world_size != cfg.train.num_processes:
@@ -233,7 +233,7 @@ def _reach_milestone(run: _Run, step: int, last: int, checkpoint_dir: Path | Non
         stop = run.hooks.on_milestone(step)
         run.method.set_train_mode(True)
     if run.world_size > 1:
-        stop = distributed.agree(stop, run.device)
+        stop = process_group.agree(stop, run.device)
     if stop and step < last:
         run.result.stopped_early = True
         run.result.stop_reason = f"on_milestone asked to stop at step {step}"
@@ -308,7 +308,7 @@ def train(
     method.set_train_mode(True)
     # A checkpoint at a milestone: the run was killed during that milestone's callback; redo it.
     stop = run.loop.step in milestone_set and _reach_milestone(run, run.loop.step, last, None)
-    with distributed.rank_batches(run.accelerator, loader) as batches:
+    with process_group.rank_batches(run.accelerator, loader) as batches:
         while not stop and run.loop.step < last:
             tick = time.perf_counter()
             value, logs = _optimizer_step(run, batches)

@@ -24,9 +24,9 @@ from sdsweep.data.images import open_rgb
 from sdsweep.data.latent_cache import model_content
 from sdsweep.models.loading import sampling_precision
 from sdsweep.models.versions import POOLED, SIZE_CONDITIONS, PromptEmbeddings
-from sdsweep.training.distributed import process_rank
 from sdsweep.training.methods.base import Batch, TrainedModules
 from sdsweep.training.methods.full import FullFineTune
+from sdsweep.training.process_group import process_rank
 
 
 class DreamBooth(FullFineTune):
