@@ -63,7 +63,8 @@ def _pyplot():
 def _grid_axes(data: StudyData) -> tuple[list[float], list[int]] | None:
     """The lr and step values of an lr x steps sweep, or None when the study is not such a grid."""
     frame = data.results
-    if frame.empty or LR_KEY not in frame or STEP_KEY not in frame:
+    # Every table has both columns (one name per quantity); a grid is a study that sweeps both.
+    if frame.empty or not {LR_KEY, STEP_KEY} <= set(data.params) or not {LR_KEY, STEP_KEY} <= set(frame):
         return None
     lrs = sorted({float(v) for v in frame[LR_KEY].dropna()})
     steps = sorted({int(v) for v in frame[STEP_KEY].dropna()})
