@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from sdsweep.config.load import to_typed
+from sdsweep.config.resolve import lr_ranges
 from sdsweep.errors import ConfigError, SweepStopped
 from sdsweep.results.study_folder import is_feasible
 
@@ -134,14 +135,21 @@ def _search_space_lines(sweep) -> list[str]:
     lines = [f"sweep {sweep.name}: {sweep.sampler} sampler, objective {objectives}"]
     lines += [f"  constraint: {constraint}" for constraint in sweep.constraints]
     lines.append("search space:")
-    for key, spec in sorted(sweep.params.items()):
-        if spec.choices is not None:
-            lines.append(f"  {key}: {', '.join(str(c) for c in spec.choices)}")
-        else:
-            scale = " (log)" if spec.log else ""
-            low, high = (int(spec.low), int(spec.high)) if spec.type == "int" else (spec.low, spec.high)
-            lines.append(f"  {key}: {low} .. {high}{scale}")
+    lines += [f"  {key}: {_range_text(spec)}" for key, spec in sorted(sweep.params.items())]
+    if sweep.sampler != "grid":  # a grid plans its points up front and draws no per-method range
+        ranges = lr_ranges(sweep)
+        if ranges:
+            lines.append("  own learning-rate ranges (a model/method pair's first, else the method's):")
+        lines += [f"    {name}: {_range_text(spec)}" for name, spec in sorted(ranges.items())]
     return lines
+
+
+def _range_text(spec) -> str:
+    """A searched parameter's choices (``a, b``) or range (``low .. high (log)``)."""
+    if spec.choices is not None:
+        return ", ".join(str(c) for c in spec.choices)
+    low, high = (int(spec.low), int(spec.high)) if spec.type == "int" else (spec.low, spec.high)
+    return f"{low} .. {high}{' (log)' if spec.log else ''}"
 
 
 def _sampled_plan(cfg) -> list[str]:

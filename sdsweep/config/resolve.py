@@ -1,5 +1,6 @@
 """Values derived from a ``Config`` without changing it: a dotted key's value, the sweep's parameters
-with the command-line shorthands applied, the resolution and guidance rescale in effect, a flat view."""
+with the command-line shorthands applied, its own learning-rate ranges, the resolution and guidance rescale
+in effect, a flat view."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sdsweep.config.schema import Config, ParamSpec, SweepConfig
+from sdsweep.metric_names import LR_KEY
 
 
 def get_key(cfg: Any, dotted: str) -> Any:
@@ -30,6 +32,28 @@ def sweep_params(sweep: SweepConfig) -> dict[str, ParamSpec]:
 
 
 REPLICATE_KEY = "train.seed"  # the parameter whose values are replicates of one configuration
+
+
+def lr_ranges(sweep: SweepConfig) -> dict[str, ParamSpec]:
+    """Each learning rate a search draws as its own Optuna parameter, by that parameter's name:
+    ``method.learning_rate[lora]`` (sweep.learning_rate_by_method) and ``method.learning_rate[sdxl/lora]``
+    (sweep.learning_rate_by_model_method). Separate names keep separate distributions for the sampler; the
+    drawn value is recorded as ``method.learning_rate`` either way. Ranges of methods that are not swept are
+    left out: nothing draws them."""
+    swept = {str(c) for c in (sweep.params.get("method") or ParamSpec()).choices or []}
+    by_method = sweep.learning_rate_by_method.items()
+    ranges = {f"{LR_KEY}[{method}]": spec for method, spec in by_method if str(method) in swept}
+    ranges.update({f"{LR_KEY}[{key}]": spec for key, spec in sweep.learning_rate_by_model_method.items()})
+    return ranges
+
+
+def lr_param_names(point: dict[str, Any]) -> list[str]:
+    """The names in ``lr_ranges`` that could hold a drawn point's learning rate, the most specific first:
+    its model and method, then its method alone (none when the method is not swept)."""
+    model, method = point.get("model"), point.get("method")
+    if method is None:
+        return []
+    return ([f"{LR_KEY}[{model}/{method}]"] if model is not None else []) + [f"{LR_KEY}[{method}]"]
 
 
 def resolved_resolution(cfg: Config) -> int:

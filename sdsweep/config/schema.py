@@ -240,6 +240,11 @@ class SweepConfig:
     # Search samplers: when the method itself is swept, each method samples its lr from its own range
     # (textual inversion wants ~100x the lr of a full fine-tune).
     learning_rate_by_method: dict[str, ParamSpec] = field(default_factory=dict)
+    # The same per model version, keyed <model>/<method> (sdxl/lora: SDXL LoRA wants a lower lr than SD 1.5
+    # LoRA); it takes precedence over learning_rate_by_method for that pair, and both must be swept values.
+    # One flat key rather than model -> method -> range: OmegaConf types a dict of dataclasses, not a dict of
+    # dicts of them, so a typo in a range (lwo:) fails at start-up only this way.
+    learning_rate_by_model_method: dict[str, ParamSpec] = field(default_factory=dict)
     steps: Optional[list[int]] = None
 
 

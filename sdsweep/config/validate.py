@@ -219,6 +219,7 @@ def _validate_sweep(cfg: Config) -> None:
         _fail("sweep.params", {}, "a sweep needs at least one parameter, e.g. method.learning_rate.")
     for key, spec in params.items():
         _validate_param(cfg, key, spec)
+    _validate_lr_ranges(sweep, params)
     _validate_objectives(sweep)
     for text in sweep.constraints:
         constraints.parse_constraint(text)
@@ -242,24 +243,56 @@ def _validate_param(cfg: Config, key: str, spec: ParamSpec) -> None:
             key,
             "that config key does not exist; use dotted keys such as train.max_train_steps.",
         )
-    if spec.choices is None and (spec.low is None or spec.high is None):
-        _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "give either choices: [...] or low and high.")
-    if spec.choices is not None and not spec.choices:
-        _fail(f"sweep.params.{key}.choices", [], "give at least one choice.")
-    if spec.choices is None and cfg.sweep.sampler == "grid":
+    ranged = spec.choices is None and spec.low is not None and spec.high is not None
+    if ranged and cfg.sweep.sampler == "grid":
         _fail(
             f"sweep.params.{key}",
             dataclasses.asdict(spec),
             "the grid sampler needs choices: [...] for every parameter.",
         )
+    _check_range(f"sweep.params.{key}", spec, positive=key in POSITIVE)
+
+
+def _check_range(name: str, spec: ParamSpec, positive: bool) -> None:
+    """A ParamSpec by itself: choices (at least one) or low..high (low <= high, log needs low > 0)."""
+    if spec.choices is None and (spec.low is None or spec.high is None):
+        _fail(name, dataclasses.asdict(spec), "give either choices: [...] or low and high.")
+    if spec.choices is not None and not spec.choices:
+        _fail(f"{name}.choices", [], "give at least one choice.")
     if spec.low is not None and spec.high is not None and spec.low > spec.high:
-        _fail(f"sweep.params.{key}", dataclasses.asdict(spec), "low must not exceed high.")
+        _fail(name, dataclasses.asdict(spec), "low must not exceed high.")
     if spec.log and spec.low is not None and spec.low <= 0:
-        _fail(f"sweep.params.{key}.low", spec.low, "a log-scale range needs low > 0.")
-    if key in POSITIVE:
+        _fail(f"{name}.low", spec.low, "a log-scale range needs low > 0.")
+    if positive:
         values = spec.choices if spec.choices is not None else [spec.low, spec.high]
         if any(v is None or not isinstance(v, (int, float)) or v <= 0 for v in values):
-            _fail(f"sweep.params.{key}", values, "every value must be a number greater than zero.")
+            _fail(name, values, "every value must be a number greater than zero.")
+
+
+def _validate_lr_ranges(sweep: SweepConfig, params: dict[str, ParamSpec]) -> None:
+    """Each method's and each model x method's own learning-rate range. A per-method range for a method
+    that is not swept is harmless (narrowing ``method`` on the command line keeps the recipe's ranges); a
+    per-model one names a pair, and a pair that is never drawn is a typo, so it must name swept values."""
+    for method, spec in sweep.learning_rate_by_method.items():
+        _check_range(f"sweep.learning_rate_by_method.{method}", spec, positive=True)
+    swept = {
+        part: [str(c) for c in (params.get(part) or ParamSpec()).choices or []]
+        for part in ("model", "method")
+    }
+    for key, spec in sweep.learning_rate_by_model_method.items():
+        name = f"sweep.learning_rate_by_model_method.{key}"
+        model, sep, method = str(key).partition("/")
+        if not sep:
+            _fail(name, key, "name a model and a method as <model>/<method>, e.g. sdxl/lora.")
+        for part, value in (("model", model), ("method", method)):
+            if value not in swept[part]:
+                _fail(
+                    name,
+                    key,
+                    f"{part} {value!r} is not among the swept {part} choices {swept[part]} "
+                    f"(sweep.params.{part}); a range for a pair that is never drawn would never be used.",
+                )
+        _check_range(name, spec, positive=True)
 
 
 def _validate_objectives(sweep: SweepConfig) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from sdsweep import signals
+from sdsweep.config.resolve import lr_param_names, lr_ranges
 from sdsweep.config.schema import Config
 from sdsweep.study.plan import LR_KEY, STEP_KEY, RunPlan, point_key, short_params, suggest
 from sdsweep.study.store import StudyHandle, make_sampler, trial_seed
@@ -31,11 +32,6 @@ from sdsweep.sweep.ledger import StudyLedger
 from sdsweep.sweep.run_spec import TrialSlot
 
 DEFAULT_SEARCH_TRIALS = 20  # sweep.n_trials unset
-
-
-def method_lr_param(method: Any) -> str:
-    """The Optuna parameter of a swept method's own learning rate (sweep.learning_rate_by_method)."""
-    return f"{LR_KEY}[{method}]"
 
 
 class SearchClaims:
@@ -90,11 +86,12 @@ class SearchClaims:
             point: dict[str, Any] = {}
             for key, spec in sorted(self.sweep.params.items()):
                 point[key] = suggest(trial, key, spec)
-            method = point.get("method")
-            if method in self.sweep.learning_rate_by_method:
-                # A separate Optuna parameter per method: each keeps its own distribution.
-                spec = self.sweep.learning_rate_by_method[method]
-                point[LR_KEY] = suggest(trial, method_lr_param(method), spec)
+            ranges = lr_ranges(self.sweep)
+            # The model x method range, else the method's: a separate Optuna parameter each, so each keeps
+            # its own distribution (an SDXL LoRA lr says nothing about an SD 1.5 full fine-tune's).
+            name = next((n for n in lr_param_names(point) if n in ranges), None)
+            if name is not None:
+                point[LR_KEY] = suggest(trial, name, ranges[name])
             run = RunPlan(base=point, points=[point], shared=False)
             tags = TrialTags(grid_point=point_key(point), run_key=run.key, ticket=True)
             for key, value in tags.attrs().items():
@@ -106,9 +103,9 @@ class SearchClaims:
     def point_of(self, params: dict[str, Any]) -> dict[str, Any]:
         """The point a search trial ran, from its Optuna params (the inverse of ``draw``)."""
         point = {key: params[key] for key in self.sweep.params if key in params}
-        per_method = method_lr_param(point.get("method"))
-        if per_method in params:
-            point[LR_KEY] = params[per_method]
+        name = next((n for n in lr_param_names(point) if n in params), None)
+        if name is not None:  # one name in the point and every table, whichever range drew it
+            point[LR_KEY] = params[name]
         return point
 
     def retry(self, interrupted: FrozenTrial, count: str) -> tuple[RunPlan, list[TrialSlot]] | str:
