@@ -112,6 +112,13 @@ def test_rating_in_headless_chromium_by_click_and_key_survives_a_reload(study, s
         assert browser.evaluate(rated) == 3 and browser.evaluate("state.index") == 3
         assert browser.evaluate("document.getElementById('progress').textContent").startswith("Image 4 of 6")
 
+        # A key whose target is the hidden name field (autofocus can leave the focus there) still rates.
+        browser.evaluate(
+            "document.getElementById('rater').dispatchEvent("
+            "new KeyboardEvent('keydown', {key: 'ArrowRight', bubbles: true}))"
+        )
+        assert browser.evaluate("state.index") == 4
+        browser.press("ArrowLeft")
         browser.press("ArrowLeft")  # back to image 3 and change the answer to yes
         assert browser.evaluate("state.index") == 2
         browser.press("y")

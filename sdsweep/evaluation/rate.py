@@ -90,7 +90,9 @@ async function start(rater) {
   state.rater = rater;
   const q = await (await fetch("/queue?rater=" + encodeURIComponent(rater))).json();
   state.images = q.images; state.answers = q.answers;
-  $("login").hidden = true; state.index = firstUnrated(); show();
+  // The name field has autofocus: hiding it does not move the focus at once, and keys typed into a hidden
+  // field would be dropped by the handler below (a rater resuming from the URL pressed "<-" in vain).
+  $("login").hidden = true; $("rater").blur(); state.index = firstUnrated(); show();
   history.replaceState(null, "", "/?rater=" + encodeURIComponent(rater));
 }
 $("login-form").onsubmit = (e) => { e.preventDefault(); const r = $("rater").value.trim(); if (r) start(r); };
@@ -99,7 +101,8 @@ $("no").onclick = () => answer("no");
 $("prev").onclick = () => { state.index -= 1; show(); };
 $("next").onclick = () => { state.index += 1; show(); };
 document.addEventListener("keydown", (e) => {
-  if (!state.rater || e.target.tagName === "INPUT") return;
+  const typingName = e.target.tagName === "INPUT" && !$("login").hidden;
+  if (!state.rater || typingName) return;
   if (e.key === "y") answer("yes");
   else if (e.key === "n") answer("no");
   else if ("12345".includes(e.key) && e.key.length === 1) setQuality(Number(e.key));
