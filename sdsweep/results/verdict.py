@@ -8,13 +8,17 @@ The rules, the same for the CLI's closing line, the report, W&B, export and conf
 - **The pick** is ``study_folder.best_trial``: the best point estimate among the trials whose point
   estimates meet every constraint (or, when none does, among all COMPLETE trials). Replicates of one
   configuration (``sweep.replicates``) are judged by the configuration's mean over its training seeds.
-- **Tied:** another candidate is *not separable* from the best when the 95% interval of its paired
-  difference to the best includes 0. With several objectives, a candidate is separated from the best
+- **Tied:** another candidate is *not separable* from the best unless its paired difference to the best is
+  told apart at a familywise 5% (``Difference.separates``): the 95% interval excludes 0 and the paired
+  signed-rank test, Bonferroni-corrected over every comparison the verdict makes, rejects. "Separated from
+  every other trial" is one claim about all of them, made after picking the best on the same units
+  (Hsu's multiple comparisons with the best). With several objectives, a candidate is separated from the best
   only when the paired comparison shows it worse on at least one objective and better on none; an
   objective without per-unit values (FD, KD) cannot separate anyone, and the verdict says so.
 - **Separated:** no candidate is tied with the best.
 - **Against the untuned model:** the pick's paired difference to the baseline (the untuned model on the
-  same units) on the first objective. When its interval includes 0, or lies on the wrong side, the
+  same units) on the first objective, told apart by the same rule (one comparison). When it is not, or lies
+  on the wrong side, the
   sentence says the pick is *not separable from the untuned model*: nothing the study tried beat not
   fine-tuning under its constraints, whatever the ranking among trials says.
 - **Ruled out by a constraint:** the infeasible trials whose objective beats the pick's are named with the
@@ -62,9 +66,11 @@ class Comparison:
             return f"trial {self.trial}"
         if difference.lo is None:
             return f"trial {self.trial}: Δ {metric} {difference.mean:+.3g}"
+        # The signed-rank p shows why an interval that excludes 0 can still be a tie (Difference.separates).
+        p_value = "" if difference.p_value is None else f", p {difference.p_value:.2g}"
         return (
             f"trial {self.trial}: Δ {metric} {difference.mean:+.3g} "
-            f"[{difference.lo:+.3g}, {difference.hi:+.3g}]"
+            f"[{difference.lo:+.3g}, {difference.hi:+.3g}]{p_value}"
         )
 
 
@@ -86,7 +92,7 @@ class Verdict:
         if self.untuned is None or self.untuned.lo is None:
             return None
         sign = 1.0 if self.objectives[0][1] == "maximize" else -1.0
-        return self.untuned.excludes_zero() and sign * self.untuned.mean > 0
+        return self.untuned.separates() and sign * self.untuned.mean > 0
 
     @property
     def tied(self) -> list[int]:
@@ -228,10 +234,10 @@ def judge_study(
             "ties cannot be judged; add a per-image objective (eval/clip_score) to compare paired"
         )
         return verdict
-    for trial in pool:
-        if units[trial] is None:
-            continue
-        comparison = _compare(trial, units[trial], best_units, objectives, per_unit)
+    compared = [trial for trial in pool if units[trial] is not None]
+    family = len(compared) * len(per_unit)  # every paired comparison the separation claim rests on
+    for trial in compared:
+        comparison = _compare(trial, units[trial], best_units, objectives, per_unit, family)
         verdict.comparisons.append(comparison)
     if not verdict.comparisons:
         verdict.note = "no other candidate to compare it with"
@@ -283,13 +289,14 @@ def _compare(
     best_units: pd.DataFrame,
     objectives: list[tuple[str, str]],
     per_unit: set[str],
+    family: int,
 ) -> Comparison:
     differences: dict[str, Difference | None] = {}
     worse = better = False
     for metric, direction in objectives:
         difference = paired_on(metric, units, best_units) if metric in per_unit else None
         differences[metric] = difference
-        if difference is not None and difference.excludes_zero():
+        if difference is not None and difference.separates(family):
             sign = 1.0 if direction == "maximize" else -1.0
             if sign * difference.mean < 0:
                 worse = True

@@ -267,8 +267,8 @@ def _has_weights(trial_dir: Path) -> bool:
 
 
 def tied_with(paths: io.StudyPaths, best: int, others: list[int], metric: str) -> set[int]:
-    """The trials among ``others`` whose paired difference to ``best`` on ``metric`` has an interval that
-    includes 0 (sdsweep.results.verdict's rule), judged on the units both were evaluated on."""
+    """The trials among ``others`` that ``best`` is not told apart from on ``metric`` (the verdict's rule,
+    ``Difference.separates`` over ``len(others)`` comparisons), judged on the units both were evaluated on."""
     from sdsweep.evaluation.units import read_units_or_none
     from sdsweep.results.verdict import paired_on
 
@@ -279,7 +279,7 @@ def tied_with(paths: io.StudyPaths, best: int, others: list[int], metric: str) -
     for number in others:
         units = read_units_or_none(paths.trial(number))
         difference = paired_on(metric, units, best_units) if units is not None else None
-        if difference is not None and not difference.excludes_zero():
+        if difference is not None and not difference.separates(len(others)):
             tied.add(number)
     return tied
 
