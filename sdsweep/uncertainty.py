@@ -88,11 +88,9 @@ class Difference:
         """The two trials are told apart, as one of ``family`` comparisons made at once: the shown interval
         excludes 0 *and* the rank test, Bonferroni-corrected (p x family), rejects at ``alpha``.
 
-        Why both: on 16 heavy-tailed CLIP units the bootstrap interval alone undercovers (a fresh build's
-        demo had a trial whose interval was [-39.8, -2.6] while its signed-rank p was 0.33), and "the best is
-        separated from every other trial" is one claim about all of them, made after picking the best from
-        the same units. Comparing with the picked best at the familywise level is Hsu's multiple comparisons
-        with the best; Bonferroni is its conservative form.
+        Why both: on 16 heavy-tailed CLIP units the bootstrap interval alone undercovers (a demo trial had
+        [-39.8, -2.6] and signed-rank p 0.33), and "separated from every other trial" is one claim about all
+        of them, made after picking the best on the same units (Hsu's comparisons with the best, Bonferroni).
         """
         if not self.excludes_zero() or self.p_value is None:
             return False

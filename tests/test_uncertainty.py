@@ -134,7 +134,9 @@ def _null_study(rng: np.random.Generator, trials: int = 8, units: int = 16) -> l
     best = int(np.argmax(scores.mean(axis=1)))
     strata = np.repeat(np.arange(units // 8), 8)
     return [
-        paired_difference(scores[t], scores[best], strata, n_resamples=999) for t in range(trials) if t != best
+        paired_difference(scores[t], scores[best], strata, n_resamples=999)
+        for t in range(trials)
+        if t != best
     ]
 
 
