@@ -61,6 +61,30 @@ def test_a_bad_lr_range_is_named_like_a_bad_sweep_param(override, says):
         compose(methods_sweep(override))
 
 
+def test_a_grid_refuses_per_method_ranges_it_would_ignore_as_typed(tmp_path):
+    """`+sweep=methods sweep.sampler=grid` used to train every method at the recipe's lr, silently."""
+    command = [
+        sys.executable,
+        "-m",
+        "sdsweep",
+        "+sweep=methods",
+        "sweep.sampler=grid",
+        f"paths.root={tmp_path}",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert (
+        "sweep.learning_rate_by_method.full=" in done.stderr and "sweep.sampler=tpe or random" in done.stderr
+    )
+    assert done.stderr.count("sdsweep: error") == 1
+    written = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == ["__main__.log"], written  # Hydra's log of the attempt; no study, no baseline
+    pair = "+sweep.learning_rate_by_model_method={tiny_sdxl/lora: {choices: [1e-5]}}"
+    grid = [*TINY_OVERRIDES, "+sweep=methods_shapes", "sweep.params.model.choices=[tiny,tiny_sdxl]", pair]
+    with pytest.raises(ConfigError, match=r"by_model_method\.tiny_sdxl/lora=.*draws only sweep\.params"):
+        compose(grid)
+
+
 def test_plan_lists_each_drawn_range_with_the_pairs_own(tmp_path):
     args = [*methods_sweep(SDXL_LORA), f"paths.root={tmp_path}", "--plan"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -293,6 +293,27 @@ def _validate_lr_ranges(sweep: SweepConfig, params: dict[str, ParamSpec]) -> Non
                     f"(sweep.params.{part}); a range for a pair that is never drawn would never be used.",
                 )
         _check_range(name, spec, positive=True)
+    _check_grid_lr_ranges(sweep, swept["method"])
+
+
+def _check_grid_lr_ranges(sweep: SweepConfig, swept_methods: list[str]) -> None:
+    """A grid is one rectangle of sweep.params: it never draws a per-method or per-model range, and running
+    every method at the recipe's lr instead would quietly answer another question."""
+    if sweep.sampler != "grid":
+        return
+    used = [
+        ("method", m, spec) for m, spec in sweep.learning_rate_by_method.items() if str(m) in swept_methods
+    ]
+    used += [("model_method", key, spec) for key, spec in sweep.learning_rate_by_model_method.items()]
+    if used:
+        kind, key, spec = used[0]
+        _fail(
+            f"sweep.learning_rate_by_{kind}.{key}",
+            dataclasses.asdict(spec),
+            "the grid sampler (sweep.sampler=grid) draws only sweep.params, so this range would be ignored: "
+            "use a search sampler (sweep.sampler=tpe or random), or a sweep file without per-method ranges "
+            "whose params list method.learning_rate choices (conf/sweep/methods_shapes.yaml is a grid like that).",
+        )
 
 
 def _validate_objectives(sweep: SweepConfig) -> None:
