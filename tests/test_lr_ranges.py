@@ -76,6 +76,7 @@ def test_a_grid_refuses_per_method_ranges_it_would_ignore_as_typed(tmp_path):
     assert (
         "sweep.learning_rate_by_method.full=" in done.stderr and "sweep.sampler=tpe or random" in done.stderr
     )
+    assert "'~sweep.learning_rate_by_method.lora'" in done.stderr  # each range's removal, ready to paste
     assert done.stderr.count("sdsweep: error") == 1
     written = [p.name for p in tmp_path.rglob("*") if p.is_file()]
     assert written == ["__main__.log"], written  # Hydra's log of the attempt; no study, no baseline

@@ -163,6 +163,33 @@ def test_caption_dropout_drops_the_expected_share_reproducibly(tmp_path):
     assert [key for key in keys if other_seed.dropped(key)] != dropped
 
 
+@pytest.mark.parametrize("model, zeros", [("tiny", False), ("tiny_sdxl", True)])
+def test_a_dropped_caption_conditions_on_the_branch_guidance_subtracts(tmp_path, model, zeros):
+    """SD encodes the empty prompt for it; SDXL's pipeline uses zeros (force_zeros_for_empty_prompt), so a
+    dropped caption trains zeros there, cached or encoded live, and an image's own empty caption does not."""
+    from sdsweep.training.caption_dropout import DroppedCaption
+
+    cfg, method, dataset = setup(tmp_path / "cache", f"model={model}", "train.caption_dropout=0.5")
+    assert method.components.version.dropped_caption_is_zeros is zeros
+    assert DroppedCaption() == "" and method.encode_text([DroppedCaption()]).shape[0] == 1
+    live = method.encode_prompts([DroppedCaption(), "", "a red square"])
+    empty = method.encode_prompts([""])
+    assert torch.equal(live.hidden_states[1], empty.hidden_states[0])  # a real empty caption is encoded
+    assert torch.count_nonzero(live.hidden_states[2]) > 0
+    dropped_row = live.hidden_states[0]
+    assert bool(torch.count_nonzero(dropped_row) == 0) is zeros
+    assert zeros or torch.equal(dropped_row, empty.hidden_states[0])
+    if zeros:
+        assert torch.count_nonzero(live.pooled[0]) == 0 and torch.count_nonzero(live.pooled[1]) > 0
+    wrapped = with_caption_dropout(cfg, method, dataset)
+    key = next(k for k in ((i, d) for d in range(20) for i in range(len(dataset))) if wrapped.dropped(k))
+    item = wrapped[key]
+    assert isinstance(item["caption"], DroppedCaption)
+    assert bool(torch.count_nonzero(item["encoder_hidden_states"]) == 0) is zeros  # the cached path agrees
+    if zeros:
+        assert torch.count_nonzero(item["pooled_text_embeds"]) == 0
+
+
 # ---- buckets ------------------------------------------------------------------------------------------
 def test_bucket_grid_keeps_aspect_ratio_and_area():
     sd = BucketGrid(resolution=512, step=64, min_side=256, max_side=1024, max_ratio=2.0)

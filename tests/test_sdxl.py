@@ -602,6 +602,7 @@ def test_methods_sweep_spans_sd_and_sdxl_each_with_its_own_baseline(tmp_path):
             "sweep.isolation=inprocess",
             "sweep.params.model.choices=[tiny,tiny_sdxl]",
             "sweep.params.method.choices=[lora]",
+            "~sweep.learning_rate_by_method.lora",  # a grid at one lr (the grid refuses a range it cannot draw)
             "method.learning_rate=1e-3",
             "sweep.steps=[2]",
             "sweep.objectives=[{metric: eval/clip_score, direction: maximize}]",

@@ -307,12 +307,13 @@ def _check_grid_lr_ranges(sweep: SweepConfig, swept_methods: list[str]) -> None:
     used += [("model_method", key, spec) for key, spec in sweep.learning_rate_by_model_method.items()]
     if used:
         kind, key, spec = used[0]
+        removals = " ".join(f"'~sweep.learning_rate_by_{k}.{name}'" for k, name, _ in used)
         _fail(
             f"sweep.learning_rate_by_{kind}.{key}",
             dataclasses.asdict(spec),
             "the grid sampler (sweep.sampler=grid) draws only sweep.params, so this range would be ignored: "
-            "use a search sampler (sweep.sampler=tpe or random), or a sweep file without per-method ranges "
-            "whose params list method.learning_rate choices (conf/sweep/methods_shapes.yaml is a grid like that).",
+            "use a search sampler (sweep.sampler=tpe or random), or drop the ranges to train every grid point "
+            f"at method.learning_rate (or at sweep.learning_rates): {removals}.",
         )
 
 

@@ -69,6 +69,10 @@ class ModelVersion:
     # (key prefix, layout), the layout "clip" (transformers' CLIP keys) or "open_clip" (OpenCLIP's
     # resblocks with fused q/k/v and a transposed projection, as SDXL's second encoder is stored there).
     checkpoint_text_encoders: tuple[tuple[str, str], ...] = (("cond_stage_model.transformer.", "clip"),)
+    # What a dropped caption (train.caption_dropout) conditions on: the branch classifier-free guidance
+    # subtracts at sampling. SD 1.x/2.x encode the empty prompt; SDXL's pipeline uses zeros for it
+    # (force_zeros_for_empty_prompt), as SDXL's own training zeroed a dropped condition.
+    dropped_caption_is_zeros: bool = False
 
     @property
     def has_pooled_text(self) -> bool:
@@ -167,6 +171,7 @@ SDXL = ModelVersion(
     tokenizer_parts=("tokenizer", "tokenizer_2"),
     saved_scheduler="euler",
     size_conditioned=True,
+    dropped_caption_is_zeros=True,
     checkpoint_text_encoders=(
         ("conditioner.embedders.0.transformer.", "clip"),
         ("conditioner.embedders.1.model.", "open_clip"),

@@ -9,6 +9,26 @@ import torch
 
 from sdsweep.config.schema import Config
 from sdsweep.data.images import draw_seed, split_key
+from sdsweep.models.versions import PromptEmbeddings
+
+
+class DroppedCaption(str):
+    """The empty caption of a dropped draw: equal to "" (and tokenized as "") but recognisable, so that the
+    text encoding can give a version whose unconditional branch is zeros (SDXL) zeros for exactly these rows,
+    and not for an image whose own caption is empty."""
+
+    def __new__(cls) -> DroppedCaption:
+        return super().__new__(cls, "")
+
+
+def zero_dropped(captions: list[str], text: PromptEmbeddings) -> PromptEmbeddings:
+    """``text`` with the rows of dropped captions set to zero (a mask product: the graph stays whole)."""
+    keep = torch.tensor([not isinstance(c, DroppedCaption) for c in captions], dtype=text.hidden_states.dtype)
+    if bool(keep.all()):
+        return text
+    keep = keep.to(text.hidden_states.device)
+    pooled = None if text.pooled is None else text.pooled * keep[:, None]
+    return PromptEmbeddings(text.hidden_states * keep[:, None, None], pooled)
 
 
 class CaptionDropout(torch.utils.data.Dataset):
@@ -18,7 +38,7 @@ class CaptionDropout(torch.utils.data.Dataset):
     subtracts in tune with the fine-tuned model (kohya, SimpleTuner and OneTrainer all offer it). The
     choice for draw ``(index, draw)`` comes from its own seeded stream, so it is reproducible and a
     resumed run drops exactly the captions an uninterrupted one would. Cached text embeddings of a
-    dropped sample become ``empty_embedding``.
+    dropped sample become ``empty_embedding`` (zeros on SDXL: ``ModelVersion.dropped_caption_is_zeros``).
     """
 
     SALT = 0x5EED_CA9  # keeps the dropout stream apart from the flip/crop stream of the same draw
@@ -48,7 +68,7 @@ class CaptionDropout(torch.utils.data.Dataset):
         item = self.dataset[key]
         if not self.dropped(key):
             return item
-        item = {**item, "caption": ""}
+        item = {**item, "caption": DroppedCaption()}
         if "encoder_hidden_states" in item:
             item["encoder_hidden_states"] = self.empty_embedding
         if "pooled_text_embeds" in item:
@@ -61,9 +81,9 @@ def with_caption_dropout(cfg: Config, method: Any, dataset: torch.utils.data.Dat
     if not cfg.train.caption_dropout:
         return dataset
     empty = empty_pooled = None
-    if getattr(dataset, "text_rows", None) is not None:  # cached text embeddings: encode "" once
+    if getattr(dataset, "text_rows", None) is not None:  # cached text embeddings: encode the dropped one once
         with torch.no_grad():
-            text = method.encode_prompts([""])
+            text = method.encode_prompts([DroppedCaption()])
         empty = text.hidden_states[0].detach().float().cpu()
         if text.pooled is not None:
             empty_pooled = text.pooled[0].detach().float().cpu()

@@ -19,6 +19,7 @@ from sdsweep.config.schema import Config
 from sdsweep.models.loading import SDComponents, build_pipeline
 from sdsweep.models.tokens import tokenize_prompts
 from sdsweep.models.versions import POOLED, SIZE_CONDITIONS, PromptEmbeddings
+from sdsweep.training.caption_dropout import zero_dropped
 from sdsweep.training.loss import Generators, denoising_loss, randn
 
 Batch = dict[str, Any]
@@ -249,12 +250,14 @@ class FineTuneMethod(ABC):
         ids = [tokenize_prompts(t, captions).to(self.device) for t in self.components.tokenizers]
         version = self.components.version
         if any(p.requires_grad for encoder in encoders for p in encoder.parameters()):
-            return version.encode(encoders, ids)  # trained (or its embedding table is)
-        # A frozen encoder needs no graph; no_grad (not set_grad_enabled) also respects a caller's no_grad.
-        with torch.no_grad():
-            text = version.encode(encoders, ids)
-        pooled = None if text.pooled is None else text.pooled.float()
-        return PromptEmbeddings(text.hidden_states.float(), pooled)
+            text = version.encode(encoders, ids)  # trained (or its embedding table is)
+        else:
+            # A frozen encoder needs no graph; no_grad (not set_grad_enabled) respects a caller's no_grad.
+            with torch.no_grad():
+                frozen = version.encode(encoders, ids)
+            pooled = None if frozen.pooled is None else frozen.pooled.float()
+            text = PromptEmbeddings(frozen.hidden_states.float(), pooled)
+        return zero_dropped(captions, text) if version.dropped_caption_is_zeros else text
 
     @staticmethod
     def batch_size_of(batch: Batch) -> int:
