@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,7 @@ def test_a_dropped_caption_conditions_on_the_branch_guidance_subtracts(tmp_path,
     cfg, method, dataset = setup(tmp_path / "cache", f"model={model}", "train.caption_dropout=0.5")
     assert method.components.version.dropped_caption_is_zeros is zeros
     assert DroppedCaption() == "" and method.encode_text([DroppedCaption()]).shape[0] == 1
+    assert isinstance(pickle.loads(pickle.dumps(DroppedCaption())), DroppedCaption)  # DataLoader workers
     live = method.encode_prompts([DroppedCaption(), "", "a red square"])
     empty = method.encode_prompts([""])
     assert torch.equal(live.hidden_states[1], empty.hidden_states[0])  # a real empty caption is encoded

@@ -17,7 +17,7 @@ class DroppedCaption(str):
     text encoding can give a version whose unconditional branch is zeros (SDXL) zeros for exactly these rows,
     and not for an image whose own caption is empty."""
 
-    def __new__(cls) -> DroppedCaption:
+    def __new__(cls, _unpickled: str = "") -> DroppedCaption:  # pickle passes the text back: always ""
         return super().__new__(cls, "")
 
 
