@@ -63,7 +63,7 @@ submit: $(STAMP) ## Submit the study as a SLURM array: make submit ARGS="--tasks
 	$(PY) -m sdsweep.submit $(ARGS)
 
 test: $(STAMP) browser ## Run the test suite (tiny models, offline)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=30 $(ARGS)
 
 # System packages the tests use, from Debian; best effort, so a machine without apt still runs the rest:
 # chromium renders report.html (that one test skips without it); postgresql's server binaries
