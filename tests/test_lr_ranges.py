@@ -131,3 +131,9 @@ def test_a_search_draws_the_pairs_range_else_the_methods_and_records_one_name(tm
         assert LR not in params and search.point_of(params) == slot.params  # ... recorded under one name
         drawn.add(pair)
     assert {"tiny_sdxl/lora", "tiny/lora", "tiny_sdxl/full", "tiny/full"} <= drawn
+    # No trial wrote a record (none ran): the result table fills them from Optuna, under the one name too.
+    from sdsweep import io
+    from sdsweep.results.table import trial_rows
+
+    rows = trial_rows(io.StudyPaths(tmp_path / "search"), handle.trials())
+    assert len(rows) == 16 and all(LR in row and not any("[" in key for key in row) for row in rows)

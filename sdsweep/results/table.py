@@ -57,7 +57,8 @@ def trial_rows(
         if row.get("state") != DAMAGED:  # the storage is the source of truth, except for a torn record
             row["state"] = frozen.state.name
         for key, value in frozen.params.items():
-            row.setdefault(key, value)
+            # A per-method range is its own Optuna parameter (method.learning_rate[lora]): one name here too.
+            row.setdefault(LR_KEY if key.startswith(f"{LR_KEY}[") else key, value)
         reason = TrialTags.of(frozen).fail_reason
         if reason and not row.get("fail_reason"):
             row["fail_reason"] = reason
