@@ -247,3 +247,32 @@ def test_a_contender_without_weights_is_skipped_and_racing_still_ends(tiny_study
     assert set(units_of(study, lost)["round"]) == {0}  # never raced
     state = json.loads((study / "confirm" / "state.json").read_text())
     assert len(state["rounds"]) <= 1, state  # one round takes every raceable contender to the budget
+
+
+def test_keep_best_k_keeps_feasible_trials_down_to_k_that_are_surely_feasible(tmp_path):
+    """A fresh shapes build lost its pick: the three trials keep_best_k kept were feasible only by their
+    point estimates, confirmation found them infeasible, and the next feasible trial (the new pick) had no
+    weights left to race. Now a feasible trial straddling a threshold does not count towards k."""
+    from sdsweep import io
+    from sdsweep.study.record import TrialRecord, TrialState
+    from sdsweep.sweep.recorder import feasible_until_k_sure, straddling
+
+    paths = io.StudyPaths(tmp_path)
+    rate = "eval/appropriate_rate"
+    for number, (value, lo, hi) in enumerate(
+        [(0.9, 0.6, 1.0), (0.88, 0.7, 0.95), (0.85, 0.8, 0.9), (0.8, 0.77, 0.83)]
+    ):
+        interval = {"value": value, "lo": lo, "hi": hi, "se": 0.05, "n": 16, "method": "wilson"}
+        record = TrialRecord(
+            trial=number, state=TrialState.COMPLETE, metrics={rate: value}, intervals={rate: interval}
+        )
+        paths.trial(number).mkdir(parents=True)
+        record.write(paths.trial(number) / io.TRIAL_METRICS)
+    order, constraints = [0, 1, 2, 3], [f"{rate} >= 0.75"]
+    assert straddling(paths, order, constraints) == {0, 1}  # their intervals reach below 0.75
+    assert feasible_until_k_sure(paths, order, 2, constraints) == {0, 1, 2, 3}
+    assert feasible_until_k_sure(paths, order, 1, constraints) == {0, 2}  # at most k in doubt on top
+    assert feasible_until_k_sure(paths, order, 1, []) == {0}  # no constraint: the plain top k
+    assert feasible_until_k_sure(paths, order, 0, constraints) == set()
+    del order[2]  # without trial 2, the first beyond doubt is 3
+    assert feasible_until_k_sure(paths, order, 1, constraints) == {0, 3}

@@ -204,8 +204,9 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
     objectives "best" is a Pareto-front member (sdsweep.results.table.best_trial), so the whole front
     keeps its weights even beyond k: a dominated trial stays dominated, so nothing deleted can become
     the best later. The trials verdict.json names as contenders keep theirs too (confirmation races
-    them), and so do the trials not separable from the best so far (paired interval includes 0), which
-    confirmation would race. The record says so before any file is deleted.
+    them), and so do the trials not separable from the best so far (Difference.separates), which
+    confirmation would race. A feasible trial whose interval straddles a constraint does not count towards
+    k (``feasible_until_k_sure``). The record says so before any file is deleted.
     """
     k = cfg.sweep.keep_best_k
     if k < 0:
@@ -228,6 +229,8 @@ def enforce_keep_best_k(cfg: Config, paths: io.StudyPaths, handle: StudyHandle) 
         scores[frozen.number] = (feasible, values)
     ranked.sort()
     keep = {number for _, _, number in ranked[:k]} | confirmation_contenders(paths)
+    feasible = [number for infeasible, _, number in ranked if not infeasible]
+    keep |= feasible_until_k_sure(paths, feasible, k, cfg.sweep.constraints)
     # Only a trial that still has weights can lose them: the paired bootstraps below run for those alone,
     # so a long study does not re-bootstrap every trial already pruned of its weights after each run.
     holding = {n for _, _, n in ranked if n not in keep and _has_weights(paths.trial(n))}
@@ -286,19 +289,57 @@ def tied_with(paths: io.StudyPaths, best: int, others: list[int], metric: str) -
 
 def possibly_feasible(paths: io.StudyPaths, trials: list[int], constraints: list[str]) -> set[int]:
     """The trials among ``trials`` that no constraint surely rejects (each is met or uncertain on its interval)."""
-    from sdsweep.results.feasibility import constraint_statuses, untuned_metrics
     from sdsweep.uncertainty import ConstraintStatus
 
+    return {
+        number
+        for number, statuses in _constraint_statuses(paths, trials, constraints).items()
+        if all(s != ConstraintStatus.VIOLATED for s in statuses)
+    }
+
+
+def straddling(paths: io.StudyPaths, trials: list[int], constraints: list[str]) -> set[int]:
+    """The trials among ``trials`` whose interval straddles some constraint's threshold."""
+    from sdsweep.uncertainty import ConstraintStatus
+
+    return {
+        number
+        for number, statuses in _constraint_statuses(paths, trials, constraints).items()
+        if ConstraintStatus.UNCERTAIN in statuses
+    }
+
+
+def _constraint_statuses(paths: io.StudyPaths, trials: list[int], constraints: list[str]) -> dict[int, list]:
+    """Each trial's status on each constraint, judged on its interval; trials without a record are left out."""
+    from sdsweep.results.feasibility import constraint_statuses, untuned_metrics
+
     parsed = [parse_constraint(c) for c in constraints]
-    found = set()
+    found = {}
     for number in trials:
         record = read_record_or_none(paths.trial(number) / io.TRIAL_METRICS)
         if record is None or not parsed:
             continue
-        statuses = constraint_statuses(record, parsed, untuned_metrics(paths, record.model))
-        if all(s != ConstraintStatus.VIOLATED for s in statuses.values()):
-            found.add(number)
+        found[number] = list(
+            constraint_statuses(record, parsed, untuned_metrics(paths, record.model)).values()
+        )
     return found
+
+
+def feasible_until_k_sure(
+    paths: io.StudyPaths, feasible: list[int], k: int, constraints: list[str]
+) -> set[int]:
+    """The best feasible trials (``feasible`` in rank order) down to the k-th that no interval leaves in
+    doubt, with at most k in doubt on top (a bound on the disk). A feasible trial whose interval straddles a
+    threshold may turn infeasible when confirmation evaluates it again, and then the next feasible trial is
+    the pick: its weights must still be there (a fresh shapes build lost its pick that way: the three kept
+    trials all turned infeasible, and the new pick had been deleted)."""
+    doubtful = straddling(paths, feasible, constraints)
+    kept: set[int] = set()
+    for number in feasible:
+        if len(kept - doubtful) >= k or (number in doubtful and len(kept & doubtful) >= k):
+            continue
+        kept.add(number)
+    return kept
 
 
 def confirmation_contenders(paths: io.StudyPaths) -> set[int]:
