@@ -18,9 +18,8 @@ The rules, the same for the CLI's closing line, the report, W&B, export and conf
 - **Separated:** no candidate is tied with the best.
 - **Against the untuned model:** the pick's paired difference to the baseline (the untuned model on the
   same units) on the first objective, told apart by the same rule (one comparison). When it is not, or lies
-  on the wrong side, the
-  sentence says the pick is *not separable from the untuned model*: nothing the study tried beat not
-  fine-tuning under its constraints, whatever the ranking among trials says.
+  on the wrong side, the sentence says the pick is *not separable from the untuned model*: nothing the study
+  tried beat not fine-tuning under its constraints, whatever the ranking among trials says.
 - **Ruled out by a constraint:** the infeasible trials whose objective beats the pick's are named with the
   constraints they fail: when the constraints, not the objective, decide the study, the sentence says so
   (e.g. a drift guard that rejects every trial that learned the concept).
