@@ -62,8 +62,13 @@ workers: $(STAMP) ## N local workers on one study: make workers N=4 ARGS="+exper
 submit: $(STAMP) ## Submit the study as a SLURM array: make submit ARGS="--tasks N [sbatch options] -- <overrides>"
 	$(PY) -m sdsweep.submit $(ARGS)
 
-test: $(STAMP) browser ## Run the test suite (tiny models, offline)
-	$(PY) -m pytest -q --durations=30 $(ARGS)
+# Two pytest-xdist worker processes, a test file each at a time (--dist loadfile keeps a file's session
+# fixtures, such as the shapes demo study, in one worker); the slowest files start first (tests/conftest.py).
+# Many tests wait on subprocesses, servers and signals, so two workers overlap that waiting on 2 cores.
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+test: $(STAMP) browser ## Run the test suite (tiny models, offline; TEST_WORKERS=0: in one process)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(ARGS)
 
 # System packages the tests use, from Debian; best effort, so a machine without apt still runs the rest:
 # chromium renders report.html (that one test skips without it); postgresql's server binaries

@@ -7,8 +7,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+
+def _session_cache() -> Path:
+    """One fresh model cache per test run. Under pytest-xdist (`make test` runs two worker processes) the
+    controller loads this file first and the workers inherit its folder, so each model is built once per
+    run (the build takes a lock), and the controller removes the folder when the run ends."""
+    inherited = os.environ.get("SDSWEEP_TEST_SESSION_CACHE")
+    if inherited and os.environ.get("PYTEST_XDIST_WORKER"):
+        return Path(inherited)
+    folder = Path(tempfile.mkdtemp(prefix="sdsweep-test-cache-"))
+    os.environ["SDSWEEP_TEST_SESSION_CACHE"] = str(folder)
+    return folder
+
+
 # Set before anything imports huggingface_hub / wandb: tests never touch the network.
-_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="sdsweep-test-cache-"))
+_SESSION_CACHE = _session_cache()
 os.environ.setdefault("SDSWEEP_CACHE", str(_SESSION_CACHE))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -21,9 +34,28 @@ import pytest  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The session's model cache goes with the session (a fresh build each run; 250 runs once left 3 GB)."""
-    if os.environ.get("SDSWEEP_CACHE") == str(_SESSION_CACHE):
+    """The session's model cache goes with the session (a fresh build each run; 250 runs once left 3 GB).
+    Under xdist the controller removes it, after every worker has finished with it."""
+    is_xdist_worker = hasattr(session.config, "workerinput")
+    if os.environ.get("SDSWEEP_CACHE") == str(_SESSION_CACHE) and not is_xdist_worker:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+# The files that take longest, measured (`make test` prints the 30 slowest tests), in that order. With two
+# xdist workers taking a file at a time, a long file started last would run alone at the end of the run.
+SLOWEST_FILES_FIRST = (
+    "test_shapes.py",
+    "test_parallel.py",
+    "test_slurm.py",
+    "test_readme_commands.py",
+    "test_integrity.py",
+    "test_sdxl.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -245,10 +245,20 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
 
 
 def _atomic_dir(target: Path, write) -> Path:
-    """Build a folder next to its final place and rename it in, so readers never see half of it."""
+    """Build a folder next to its final place and rename it in, so readers never see half of it.
+
+    Processes that want the same build at once (workers of one machine, test processes sharing a cache)
+    wait on a lock and reuse the first one's folder instead of each spending minutes on an identical build."""
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with io.file_lock(target.with_name(f".{target.name}.lock")):
+        if (target / ".complete").exists():
+            return target
+        return _build_dir(target, write)
+
+
+def _build_dir(target: Path, write) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     os.chmod(staging, io.DIR_MODE)  # mkdtemp makes it 0700; a shared $SDSWEEP_CACHE must stay readable
     write(staging)
