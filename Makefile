@@ -102,10 +102,13 @@ bench: $(STAMP) ## Benchmark sweep cost, step overhead and eval speed; writes be
 	$(PY) -m bench --out bench/results.json $(ARGS)
 
 # Not part of `make test`: the demo on every build x eval seed set (minutes each; the builds take minutes once).
+# DEEP=N: the pick's and the untuned model's ground truth counted again on N fresh images per prompt, so a
+# pick near the drift guard's line is decided by the truth, not left within its noise (0: the study's own).
 BUILDS ?= 0,1,2,3
 EVAL_SEEDS ?= 1234,4321
-validate: $(STAMP) ## Does the demo's pick hold across shapes builds and eval seeds? bench/validate.md (BUILDS=0,1,2,3 EVAL_SEEDS=1234,4321)
-	$(PY) -m bench.validate --builds $(BUILDS) --eval-seeds $(EVAL_SEEDS) --root experiments/validate --out bench/validate.json $(ARGS)
+DEEP ?= 64
+validate: $(STAMP) ## Does the demo's pick hold across shapes builds and eval seeds? bench/validate.md (BUILDS=0,1,2,3 EVAL_SEEDS=1234,4321 DEEP=64)
+	$(PY) -m bench.validate --builds $(BUILDS) --eval-seeds $(EVAL_SEEDS) --deep $(DEEP) --root experiments/validate --out bench/validate.json $(ARGS)
 
 report: $(STAMP) ## Build the HTML/markdown report: make report STUDY=demo
 	$(PY) -m sdsweep.report experiments/$(STUDY)

@@ -26,12 +26,18 @@ unit table's ``truth`` column) lies wholly outside the region: prior accuracy be
 (when some trial is in the region) concept accuracy below 3/16. Otherwise the miss is within what the truth
 can resolve on that many images, and the table says so with the interval.
 
+``--deep N`` counts the pick's truth and the untuned model's (so the kept-at line too) again on N fresh images
+per prompt (bench/deep_truth.py: the trial's weights, the study's sampler, seeds no evaluation used, the
+judge only). The study's own 16-96 images leave a pick near the line undecided; 64 per prompt (256 per
+group) narrow its Wilson interval to about +-0.06. The row then judges the pick on the deep sample; the other
+trials keep their study counts.
+
 Beside the table it records, per run, the quantities ``tests/test_shapes.py`` thresholds (baseline truth,
 the accuracies per learning rate, Spearman correlations, drift-guard feasibility), so the tests' thresholds
 can be set from the spread over builds. A finished study is read again, not re-run (``--rerun`` re-runs it).
 
 Usage: ``python -m bench.validate --builds 0,1,2,3 --eval-seeds 1234,4321 --root experiments/validate
---out bench/validate.json`` (writes the markdown table beside it, ``bench/validate.md``). Minutes per run.
+--out bench/validate.json [--deep 64]`` (writes the markdown table beside it, ``bench/validate.md``). Minutes per run.
 """
 
 from __future__ import annotations
@@ -182,14 +188,20 @@ def guard_factor(info: dict[str, Any]) -> float:
     return DEFAULT_GUARD_FACTOR
 
 
-def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
+def tabulate(study_dir: Path, build: int, eval_seed: int, deep: int = 0) -> dict[str, Any]:
+    """One row. ``deep`` > 0: the pick's truth and the untuned model's (hence the kept-at line) are counted
+    on ``deep`` fresh images per prompt (bench/deep_truth.py) instead of the study's own 16-96."""
     from sdsweep.results.study_folder import load_study
 
     study = load_study(study_dir)
     results = study.results
     best = study.best()
     factor = guard_factor(study.info)
-    prior_kept = factor * float(study.baseline_metrics[PRIOR])
+    baseline_prior = float(study.baseline_metrics[PRIOR])
+    deep_row: dict[str, Any] = {}
+    if deep and best is not None:
+        results, best, baseline_prior, deep_row = _with_deep_truth(study_dir, results, best, deep)
+    prior_kept = factor * baseline_prior
     kept = results[results[PRIOR] >= prior_kept - 1e-9]
     score = kept[CONCEPT] + kept[PRIOR]
     truth_best = kept[score >= score.max() - 1e-9] if len(kept) else kept
@@ -208,8 +220,9 @@ def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
         "truth_best_concept": None if truth_best.empty else float(truth_best[CONCEPT].iloc[0]),
         "truth_best_prior": None if truth_best.empty else float(truth_best[PRIOR].iloc[0]),
         "separated": _separated(study, best),
-        "baseline_prior": float(study.baseline_metrics[PRIOR]),
+        "baseline_prior": baseline_prior,
         "prior_kept_at": round(prior_kept, 4),
+        **deep_row,
     }
     row["pick_is_truth_best"] = row["pick_trial"] in row["truth_best_trials"]
     verdict = study.verdict()
@@ -222,6 +235,35 @@ def tabulate(study_dir: Path, build: int, eval_seed: int) -> dict[str, Any]:
     row.update(truth_noise(study_dir, row))
     row["measures"] = test_measures(study)
     return row
+
+
+def _with_deep_truth(
+    study_dir: Path, results: pd.DataFrame, best: dict[str, Any], per_prompt: int
+) -> tuple[pd.DataFrame, dict[str, Any], float, dict[str, Any]]:
+    """The pick's truth and the untuned model's prior on the deep sample, put where the table reads them."""
+    from bench.deep_truth import deep_truth
+
+    trial = int(best["trial"])
+    log(f"{study_dir.name}: deep truth, {per_prompt} images per prompt, trial {trial} and the untuned model")
+    pick, untuned = (
+        deep_truth(study_dir, str(trial), per_prompt),
+        deep_truth(study_dir, "baseline", per_prompt),
+    )
+    results = results.copy()
+    at = results["trial"] == trial
+    study_truth = {
+        "concept": float(results.loc[at, CONCEPT].iloc[0]),
+        "prior": float(results.loc[at, PRIOR].iloc[0]),
+    }
+    results.loc[at, CONCEPT], results.loc[at, PRIOR] = pick.concept[0], pick.prior[0]
+    best = {**best, CONCEPT: pick.concept[0], PRIOR: pick.prior[0]}
+    row = {
+        "deep_per_prompt": per_prompt,
+        "deep_pick": pick.to_json(),
+        "deep_untuned": untuned.to_json(),
+        "study_pick_truth": study_truth,  # what the study's own images said, for comparison
+    }
+    return results, best, float(untuned.prior[0]), row
 
 
 def judged(results: pd.DataFrame, best: dict[str, Any] | None, verdict, kept_at: float) -> dict[str, Any]:
@@ -247,21 +289,25 @@ def truth_noise(study_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     from sdsweep.evaluation.units import read_units_or_none
     from sdsweep.uncertainty import rate_interval
 
-    units = (
-        None
-        if row["pick_trial"] is None
-        else read_units_or_none(study_dir / "trials" / f"{row['pick_trial']:04d}")
-    )
-    if units is None or "truth" not in units:
-        return {"pick_concept_ci": None, "pick_prior_ci": None, "miss_beyond_truth_noise": None}
-    concept, prior = (
-        rate_interval(units.loc[units["truth_group"] == g, "truth"]) for g in ("concept", "prior")
-    )
-    below_guard = prior.hi is not None and prior.hi < row["prior_kept_at"]
-    no_star = bool(row["region"]) and concept.hi is not None and concept.hi < CONCEPT_LEARNED
+    if "deep_pick" in row:  # the deep sample's intervals: [mean, lo, hi, n] per group
+        concept_ci, prior_ci = (row["deep_pick"][g][1:] for g in ("concept", "prior"))
+    else:
+        units = (
+            None
+            if row["pick_trial"] is None
+            else read_units_or_none(study_dir / "trials" / f"{row['pick_trial']:04d}")
+        )
+        if units is None or "truth" not in units:
+            return {"pick_concept_ci": None, "pick_prior_ci": None, "miss_beyond_truth_noise": None}
+        concept, prior = (
+            rate_interval(units.loc[units["truth_group"] == g, "truth"]) for g in ("concept", "prior")
+        )
+        concept_ci, prior_ci = [concept.lo, concept.hi, concept.n], [prior.lo, prior.hi, prior.n]
+    below_guard = prior_ci[1] is not None and prior_ci[1] < row["prior_kept_at"]
+    no_star = bool(row["region"]) and concept_ci[1] is not None and concept_ci[1] < CONCEPT_LEARNED
     return {
-        "pick_concept_ci": [concept.lo, concept.hi, concept.n],
-        "pick_prior_ci": [prior.lo, prior.hi, prior.n],
+        "pick_concept_ci": concept_ci,
+        "pick_prior_ci": prior_ci,
         "miss_beyond_truth_noise": bool(not row["robust"] and (below_guard or no_star)),
     }
 
@@ -331,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("experiments/validate"), help="where studies go")
     parser.add_argument("--out", type=Path, default=Path("bench/validate.json"), help="JSON; .md beside it")
     parser.add_argument("--rerun", action="store_true", help="run finished studies again")
+    parser.add_argument(
+        "--deep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="count the pick's and the untuned model's truth on N fresh images per prompt (0: the study's own)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows, seconds = [], {}
@@ -338,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         for eval_seed in args.eval_seeds:
             study_dir, wall = run_study(build, eval_seed, args.root.resolve(), args.rerun)
             seconds[study_dir.name] = None if wall is None else round(wall, 1)
-            rows.append(tabulate(study_dir, build, eval_seed))
+            rows.append(tabulate(study_dir, build, eval_seed, args.deep))
             table = markdown(rows)
             io.atomic_write_json(args.out, {"rule": TRUTH_RULE, "runs": rows, "wall_seconds": seconds})
             io.atomic_write_text(args.out.with_suffix(".md"), table)

@@ -148,3 +148,23 @@ def test_validate_calls_a_miss_beyond_noise_only_when_the_picks_truth_interval_e
     )
     cell = validate._noise_cell({**row, **within})
     assert cell.startswith("no: concept [") and "of 32" in cell
+
+
+def test_deep_truth_judges_fresh_images_of_a_trial_and_of_the_untuned_model(finished_study, tmp_path):
+    """``make validate DEEP=N``: the second sample, on the tiny study: it loads the trial's own weights (or the
+    base model), draws N images per prompt on seeds no evaluation used, and counts the judge's verdicts per
+    group with Wilson intervals; the same call draws the same images."""
+    from bench import validate
+    from bench.deep_truth import deep_truth
+
+    prompts = ["a red star", "a blue circle", "a photo of sks"]  # concept, prior, and one outside the world
+    trial = deep_truth(finished_study, "0", per_prompt=3, prompts=prompts, batch_size=2)
+    assert trial.target == "t0000"
+    for group in (trial.concept, trial.prior):
+        mean, lo, hi, n = group
+        assert n == 3 and 0.0 <= lo <= mean <= hi <= 1.0  # the tiny model draws noise: no shape, rate 0
+    assert deep_truth(finished_study, "0", per_prompt=3, prompts=prompts, batch_size=3) == trial
+    untuned = deep_truth(finished_study, "baseline", per_prompt=2, prompts=prompts[:2])
+    assert untuned.target == "baseline" and untuned.prior[3] == 2
+    with pytest.raises(SystemExit):
+        validate.main(["--deep", "x"])  # not a number: argparse refuses before any study runs

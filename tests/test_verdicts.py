@@ -202,3 +202,34 @@ def test_the_verdict_names_better_trials_a_constraint_ruled_out_and_says_whether
     assert verdict.beats_untuned is False and "NOT separable from the untuned model" in verdict.sentence()
     minimize = Verdict([("eval/fd_clip", "minimize")], best=0, separated=None, untuned=small_gain)
     assert minimize.beats_untuned is False  # higher is worse when minimizing
+
+
+def test_the_headline_says_when_the_pick_itself_may_fail_a_constraint():
+    """Build 0 at eval.seed 1234 (make validate): the pick was separated on the objective, but after 80 units
+    its drift-guard interval still straddled the threshold; that doubt belongs in the sentence a user reads
+    first, not only in the list of uncertain trials."""
+    from sdsweep.results.verdict import Comparison, Verdict
+    from sdsweep.uncertainty import Difference
+
+    guard = "eval/prior_clip_score >= 0.75x baseline"
+    closest = Difference(mean=-11.9, lo=-18.1, hi=-7.5, se=2.7, n=64, p_value=2.4e-5, paired=True)
+    comparisons = [Comparison(trial=4, differences={"eval/clip_score": closest}, tied=False)]
+    verdict = Verdict(
+        [("eval/clip_score", "maximize")],
+        best=5,
+        separated=True,
+        comparisons=comparisons,
+        uncertain={5: [guard], 7: [guard]},
+        units={5: 80, 4: 64},
+    )
+    sentence = verdict.sentence()
+    assert sentence.startswith("best trial 5, separated from every other candidate")
+    assert f"but whether it meets {guard} is uncertain after 80 units" in sentence
+    surely_feasible = Verdict(
+        [("eval/clip_score", "maximize")],
+        best=5,
+        separated=True,
+        comparisons=comparisons,
+        uncertain={7: [guard]},
+    )
+    assert "whether it meets" not in surely_feasible.sentence()  # another trial's doubt is not the pick's

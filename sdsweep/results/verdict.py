@@ -25,7 +25,8 @@ The rules, the same for the CLI's closing line, the report, W&B, export and conf
   (e.g. a drift guard that rejects every trial that learned the concept).
 - **Constraints:** each trial meets, fails or is *uncertain* on each constraint (its interval straddles the
   threshold). Uncertainty does not change the pick; it names trials whose feasibility a confirmation
-  round should settle (``python -m sdsweep.confirm``).
+  round should settle (``python -m sdsweep.confirm``). When the pick itself is uncertain, the sentence
+  says so right after the pick ("but whether it meets ... is uncertain after N units").
 """
 
 from __future__ import annotations
@@ -109,7 +110,18 @@ class Verdict:
         """The verdict in one line, e.g. ``best trial 5; trials 4 and 7 are not separable from it (...)``."""
         if self.best is None:
             return "no best trial: no trial completed with every objective value"
-        return self._among_trials() + self._against_untuned() + self._ruled_out()
+        return self._among_trials() + self._pick_uncertain() + self._against_untuned() + self._ruled_out()
+
+    def _pick_uncertain(self) -> str:
+        """The pick's own feasibility, when its interval straddles a constraint: said in the headline, not
+        only in the list of uncertain trials, because "separated" is then a claim about a trial that may
+        break the constraint (the rule picks by point estimate; confirmation narrows the interval)."""
+        constraints = self.uncertain.get(self.best) if self.best is not None else None
+        if not constraints:
+            return ""
+        units = self.units.get(self.best)
+        after = f" after {units} units" if units else ""
+        return f"; but whether it meets {' and '.join(constraints)} is uncertain{after}"
 
     def _ruled_out(self) -> str:
         if not self.ruled_out:
