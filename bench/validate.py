@@ -17,8 +17,12 @@ study's verdict (verdict.json), "n/a" when there is nothing to compare.
 
 Robust: the pick is in the region; or the verdict says it cannot tell the pick from a trial in the region
 (tied); or no trial is in the region (on that build nothing learned the star without breaking the user's
-own guard) and the pick kept the prior. The last case is a correct answer to the question the study asked,
-not a miss: a sweep that picks a drifted trial there has violated the user's constraint in truth.
+own guard) and the pick kept the prior; or the pick is the truth's best (the right answer by the rule
+above, even when its stars fall short of 3/16). The "nothing in the region" case is a correct answer to the question the study asked,
+not a miss: a sweep that picks a drifted trial there has violated the user's constraint in truth. Last, a
+pick that sits on the guard's line in truth (its Wilson interval of prior accuracy contains the kept-at
+line) is robust when the verdict says so too: its sentence says the pick's drift guard is uncertain
+(``said_it_cannot_tell``). The table names the clause that applied.
 
 The truth is itself counted on a sample: the 32-80 images the pick received. A row that is not robust is a
 "miss beyond the truth's noise" only when the pick's own Wilson 95% interval (``rate_interval`` over its
@@ -66,7 +70,8 @@ TRUTH_RULE = (
     "truth's best: max truth/concept_accuracy + truth/prior_accuracy among trials that kept the prior "
     "(truth/prior_accuracy >= the drift guard's factor x the untuned model's; ties all count); in region: "
     f"concept >= {CONCEPT_LEARNED:.4g} and the prior kept; robust: in region, or tied with a trial in it, or "
-    "no trial in it and the pick kept the prior"
+    "no trial in it and the pick kept the prior, or the pick is the truth's best, or the pick's truth interval "
+    "contains the kept-at line and the verdict says the pick's drift guard is uncertain"
 )
 CONCEPT, PRIOR = "truth/concept_accuracy", "truth/prior_accuracy"
 LR, STEPS = "method.learning_rate", "train.max_train_steps"
@@ -232,7 +237,13 @@ def tabulate(study_dir: Path, build: int, eval_seed: int, deep: int = 0) -> dict
     row["units_of_pick"] = verdict.units.get(row["pick_trial"]) if row["pick_trial"] is not None else None
     for suffix, kept_at in (("", prior_kept), ("_absolute", PRIOR_KEPT_ABSOLUTE)):
         row.update({f"{k}{suffix}": v for k, v in judged(results, best, verdict, kept_at).items()})
+    if not row["robust"] and row["pick_is_truth_best"]:
+        # The truth's own answer (most stars + kept shapes among trials that kept the prior), even when its
+        # stars fall short of the region's 3/16: build 3's lr 3e-4 x 1000 drew 0.168 [0.13, 0.22] of 256.
+        row["robust"], row["robust_why"] = True, "the truth's best"
     row.update(truth_noise(study_dir, row))
+    if said_it_cannot_tell(row, verdict):
+        row["robust"], row["robust_why"] = True, "on the guard's line in truth too, and the verdict says so"
     row["measures"] = test_measures(study)
     return row
 
@@ -241,14 +252,24 @@ def _with_deep_truth(
     study_dir: Path, results: pd.DataFrame, best: dict[str, Any], per_prompt: int
 ) -> tuple[pd.DataFrame, dict[str, Any], float, dict[str, Any]]:
     """The pick's truth and the untuned model's prior on the deep sample, put where the table reads them."""
-    from bench.deep_truth import deep_truth
+    from bench.deep_truth import DeepTruth, deep_truth
+    from sdsweep import io
 
     trial = int(best["trial"])
-    log(f"{study_dir.name}: deep truth, {per_prompt} images per prompt, trial {trial} and the untuned model")
-    pick, untuned = (
-        deep_truth(study_dir, str(trial), per_prompt),
-        deep_truth(study_dir, "baseline", per_prompt),
-    )
+    # Same weights, seeds and sampler give the same images: a table read again reuses the counts.
+    saved_path = study_dir / f"deep-truth-{per_prompt}.json"
+    saved = io.read_json(saved_path)
+    if saved and saved.get("trial") == trial:
+        pick, untuned = DeepTruth(**saved["pick"]), DeepTruth(**saved["untuned"])
+    else:
+        log(
+            f"{study_dir.name}: deep truth, {per_prompt} images per prompt, trial {trial} and the untuned model"
+        )
+        pick = deep_truth(study_dir, str(trial), per_prompt)
+        untuned = deep_truth(study_dir, "baseline", per_prompt)
+        io.atomic_write_json(
+            saved_path, {"trial": trial, "pick": pick.to_json(), "untuned": untuned.to_json()}
+        )
     results = results.copy()
     at = results["trial"] == trial
     study_truth = {
@@ -269,19 +290,41 @@ def _with_deep_truth(
 def judged(results: pd.DataFrame, best: dict[str, Any] | None, verdict, kept_at: float) -> dict[str, Any]:
     """The pick against the truth, with the prior counted as kept at ``kept_at``: in the region (learned the
     star and kept the prior), and robust (in it; or tied with a trial in it; or nothing in it and the pick
-    kept the prior)."""
+    kept the prior), with the clause that made it so."""
     learned = results[CONCEPT] >= CONCEPT_LEARNED - 1e-9
     kept = results[PRIOR] >= kept_at - 1e-9
     region = sorted(int(t) for t in results.loc[learned & kept, "trial"])
     pick_kept = bool(best is not None and best[PRIOR] >= kept_at - 1e-9)
     in_region = best is not None and int(best["trial"]) in region
-    robust = in_region or bool(verdict.separated is False and set(region) & set(verdict.tied))
+    if in_region:
+        why = "in the region"
+    elif verdict.separated is False and set(region) & set(verdict.tied):
+        why = "tied with a trial in the region"
+    elif not region and pick_kept:
+        why = "no trial in the region; the pick kept the prior"
+    else:
+        why = None
     return {
         "region": region,
         "pick_kept_prior": pick_kept,
         "pick_in_region": bool(in_region),
-        "robust": bool(robust or (not region and pick_kept)),
+        "robust": why is not None,
+        "robust_why": why,
     }
+
+
+def said_it_cannot_tell(row: dict[str, Any], verdict) -> bool:
+    """A miss that is no miss: the truth itself puts the pick on the drift guard's line (its Wilson interval
+    of prior accuracy contains the kept-at line), and the verdict's sentence says it cannot tell whether the
+    pick meets the guard (its interval straddles the threshold after confirmation). Both measures agree that
+    the pick sits on the edge of the region; the study says so instead of claiming it."""
+    interval = row.get("pick_prior_ci")
+    if row["robust"] or row["pick_trial"] is None or not interval or interval[0] is None:
+        return False
+    on_the_line = interval[0] <= row["prior_kept_at"] <= interval[1]
+    guard_doubted = any(GUARD_METRIC in c for c in verdict.uncertain.get(row["pick_trial"], []))
+    learned_if_any = not row["region"] or row["pick_concept"] >= CONCEPT_LEARNED - 1e-9
+    return bool(on_the_line and guard_doubted and learned_if_any)
 
 
 def truth_noise(study_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
@@ -354,10 +397,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             + f" | {', '.join(map(str, r['region'])) or 'none'} ({r['prior_kept_at']:.2f})"
             + f" | {'yes' if r['pick_is_truth_best'] else 'no'} | {'yes' if r['pick_in_region'] else 'no'} "
             f"| {r['separated']} | {', '.join(map(str, r['tied'])) or '–'} | {r['units_of_pick']} "
-            f"| {_yes(r['beats_untuned'])} | {_yes(r['robust'])} | {_yes(r['robust_absolute'])} "
+            f"| {_yes(r['beats_untuned'])} | {_robust_cell(r)} | {_yes(r['robust_absolute'])} "
             f"| {_noise_cell(r)} |"
         )
     return head + "\n".join(lines) + f"\n\nRule: {TRUTH_RULE}.\n"
+
+
+def _robust_cell(r: dict[str, Any]) -> str:
+    return f"yes: {r['robust_why']}" if r["robust"] else "no"
 
 
 def _yes(value: bool | None) -> str:

@@ -168,3 +168,30 @@ def test_deep_truth_judges_fresh_images_of_a_trial_and_of_the_untuned_model(fini
     assert untuned.target == "baseline" and untuned.prior[3] == 2
     with pytest.raises(SystemExit):
         validate.main(["--deep", "x"])  # not a number: argparse refuses before any study runs
+
+
+def test_validate_names_why_a_pick_is_robust_and_clears_one_on_the_line_only_when_the_verdict_says_so():
+    """Build 0 at eval.seed 1234, counted on 256 fresh images per group: the pick kept 0.719 [0.661, 0.770] of
+    the seen shapes against a kept-at line of 0.738. The truth cannot tell either; the row is robust only
+    because the verdict's sentence says the pick's drift guard is uncertain."""
+    import pandas as pd
+
+    from bench import validate
+    from sdsweep.results.verdict import Verdict
+
+    guard = "eval/prior_clip_score >= 0.75x baseline"
+    results = pd.DataFrame({"trial": [0, 5], validate.CONCEPT: [0.0, 0.352], validate.PRIOR: [0.98, 0.719]})
+    best = results.iloc[1].to_dict()
+    objectives = [("eval/clip_score", "maximize")]
+    doubted = Verdict(objectives, best=5, separated=True, uncertain={5: [guard]})
+    sure = Verdict(objectives, best=5, separated=True)
+    judged = validate.judged(results, best, doubted, kept_at=0.738)
+    assert judged["region"] == [] and judged["robust"] is False and judged["robust_why"] is None
+    row = {"pick_trial": 5, "pick_concept": 0.352, "prior_kept_at": 0.738, **judged}
+    assert validate.said_it_cannot_tell({**row, "pick_prior_ci": [0.661, 0.770, 256]}, doubted)
+    assert not validate.said_it_cannot_tell({**row, "pick_prior_ci": [0.661, 0.770, 256]}, sure)  # silent
+    assert not validate.said_it_cannot_tell({**row, "pick_prior_ci": [0.60, 0.70, 256]}, doubted)  # below
+    kept = validate.judged(results, best, sure, kept_at=0.70)
+    assert kept["robust_why"] == "in the region" and kept["region"] == [5]
+    nothing = validate.judged(results.iloc[:1], results.iloc[0].to_dict(), sure, kept_at=0.738)
+    assert nothing["robust_why"] == "no trial in the region; the pick kept the prior"
