@@ -63,12 +63,13 @@ submit: $(STAMP) ## Submit the study as a SLURM array: make submit ARGS="--tasks
 	$(PY) -m sdsweep.submit $(ARGS)
 
 # Two pytest-xdist worker processes, a test file each at a time (--dist loadfile keeps a file's session
-# fixtures, such as the shapes demo study, in one worker); the slowest files start first (tests/conftest.py).
+# fixtures, such as the shapes demo study, in one worker); the slowest files start first (tests/conftest.py
+# orders them; --no-loadscope-reorder keeps that order instead of xdist's most-tests-first).
 # Many tests wait on subprocesses, servers and signals, so two workers overlap that waiting on 2 cores.
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser ## Run the test suite (tiny models, offline; TEST_WORKERS=0: in one process)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 $(ARGS)
 
 # System packages the tests use, from Debian; best effort, so a machine without apt still runs the rest:
 # chromium renders report.html (that one test skips without it); postgresql's server binaries
