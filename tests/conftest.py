@@ -20,6 +20,18 @@ def _session_cache() -> Path:
     return folder
 
 
+def _split_cores_between_workers() -> None:
+    """Under xdist, each worker's torch gets its share of the cores (set before torch is imported; its
+    subprocesses inherit it). Two workers with two threads each on 2 cores ran the shapes study about 3x
+    slower: a process with more threads than it gets cores waits on its own stalled threads (the shapes
+    build measured 7x). An OMP_NUM_THREADS the user exported wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+
+
+_split_cores_between_workers()
 # Set before anything imports huggingface_hub / wandb: tests never touch the network.
 _SESSION_CACHE = _session_cache()
 os.environ.setdefault("SDSWEEP_CACHE", str(_SESSION_CACHE))
